@@ -47,6 +47,41 @@ def tiny_variables(seed=0):
   return {'params': variables['params'], 'batch_stats': {'BatchNorm_0': stats}}
 
 
+def random_variables(arch, seed=0):
+  """Random EfficientNet variables with non-trivial BatchNorm statistics.
+
+  Shapes come from ``jax.eval_shape`` (no compilation), values from numpy.
+  """
+  from jax_gad.models import efficientnet  # pylint: disable=g-import-not-at-top
+  module = efficientnet.create(arch, depthwise='xla')
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 32, 32, 3), jnp.float32))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path[-1:])
+    shape = leaf.shape
+    if 'kernel' in name:
+      fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+      if len(shape) == 4 and shape[2] == 1:  # depthwise (kh, kw, 1, C)
+        fan_in = shape[0] * shape[1]
+      value = rng.normal(size=shape) * np.sqrt(2.0 / fan_in)
+    elif 'var' in name or 'scale' in name:
+      value = rng.uniform(0.5, 1.5, size=shape)
+    else:  # bias, mean
+      value = rng.normal(size=shape) * 0.1
+    return np.asarray(value, np.float32)
+
+  variables = jax.tree_util.tree_map_with_path(fill, shapes)
+  return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+
+
+def assert_close_relative(got, want, rtol=1e-5):
+  """Elementwise rtol, with atol scaled to the array's magnitude."""
+  scale = float(np.max(np.abs(want)))
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
+
+
 def simple_preprocess(image, size, mean, std):
   """Nearest-neighbour resize + normalise; independent of jax_gad.data."""
   h, w = image.shape[:2]
@@ -227,36 +262,51 @@ _FOUR_DEVICES = textwrap.dedent('''
     sys.path.insert(0, {tests!r})
     import test_features as t
     from jax_gad import features
+    from jax_gad.models import efficientnet
     assert jax.device_count() == 4, jax.devices()
-    source, variables = t.make_source(7), t.tiny_variables()
+    source = t.make_source(7)
+    variables = t.random_variables({arch!r})
+    module = efficientnet.create({arch!r})
     out = {{}}
     for name, devices in (('four', jax.devices()), ('one', jax.devices()[:1])):
-      mesh = features.make_mesh(devices)
-      feats = features.extract_features(
-          t.TinyNet(), variables, source, image_size=t.SIZE, mean=t.MEAN, std=t.STD,
-          batch_size=4, mesh=mesh, levels=(0, 1, 2), progress=False,
-          preprocess=t.simple_preprocess)
+      extractor = features.LevelExtractor(module, variables, image_size=32,
+                                          batch_size=4, mesh=features.make_mesh(devices))
+      assert extractor.batch_size == 4
+      # Default preprocessing: jax_gad.data.preprocess.prepare_image.
+      feats = extractor.extract(source, mean=t.MEAN, std=t.STD, progress=False)
       for i, f in enumerate(feats):
         out[f'{{name}}_{{i}}'] = f
     np.savez({out!r}, **out)
 ''')
 
+ARCH = 'efficientnet-b0'
+
 
 def test_four_device_mesh_equals_single_device(tmp_path):
+  """Acceptance 1: 4-device CPU mesh == 1 device, 7 images in batches of 4."""
+  from jax_gad.data.preprocess import prepare_image  # pylint: disable=g-import-not-at-top
+  from jax_gad.models import efficientnet  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / 'feats.npz')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
              JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
-  proc = subprocess.run(
-      [sys.executable, '-c', _FOUR_DEVICES.format(tests=os.path.join(REPO, 'tests'), out=out)],
-      env=env, capture_output=True, text=True, timeout=300)
+  script = _FOUR_DEVICES.format(tests=os.path.join(REPO, 'tests'), out=out, arch=ARCH)
+  proc = subprocess.run([sys.executable, '-c', script], env=env,
+                        capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = np.load(out)
-  here = _extract(make_source(7), tiny_variables())
-  for i in range(3):
+  # Independent reference in this (one-device) process: all 7 images in one
+  # plain apply call, pooled in numpy.
+  source = make_source(7)
+  x = np.stack([prepare_image(s['image'], 32, MEAN, STD) for s in source])
+  maps = jax.jit(efficientnet.create(ARCH).apply)(random_variables(ARCH), jnp.asarray(x))
+  widths = efficientnet.level_widths(ARCH)
+  for i in range(9):
     four, one = got[f'four_{i}'], got[f'one_{i}']
-    assert four.shape == one.shape == here[i].shape
-    np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(four, here[i], rtol=1e-5, atol=1e-7)
+    want = np.asarray(maps[i], np.float64).mean(axis=(1, 2))
+    assert four.shape == one.shape == (7, widths[i])
+    assert np.all(np.isfinite(four)) and np.std(four) > 0
+    assert_close_relative(four, one)
+    assert_close_relative(four, want)
 
 
 _PROCESS = textwrap.dedent('''
@@ -274,9 +324,10 @@ _PROCESS = textwrap.dedent('''
     def preprocess(image, size, mean, std):
       seen.append(int(image[0, 0, 0]))
       return t.simple_preprocess(image, size, mean, std)
+    from jax_gad.models import efficientnet
     feats = features.extract_features(
-        t.TinyNet(), t.tiny_variables(), t.make_source(7), image_size=t.SIZE,
-        mean=t.MEAN, std=t.STD, batch_size=4, levels=(0, 1, 2), progress=False,
+        efficientnet.create({arch!r}), t.random_variables({arch!r}), t.make_source(7),
+        image_size=32, mean=t.MEAN, std=t.STD, batch_size=4, progress=False,
         preprocess=preprocess)
     np.savez({out!r} + str(pid) + '.npz', seen=np.asarray(seen),
              **{{f'level_{{i}}': f for i, f in enumerate(feats)}})
@@ -289,9 +340,14 @@ def _free_port():
     return s.getsockname()[1]
 
 
+MULTIHOST_ARCH = 'efficientnet-lite0'
+
+
 def test_two_processes_on_localhost_return_full_features(tmp_path):
+  """jax.distributed on CPU (gloo): 2 processes x 2 devices, full arrays on both."""
+  from jax_gad.models import efficientnet  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / 'proc')
-  script = _PROCESS.format(tests=os.path.join(REPO, 'tests'),
+  script = _PROCESS.format(tests=os.path.join(REPO, 'tests'), arch=MULTIHOST_ARCH,
                            address=f'localhost:{_free_port()}', out=out)
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
   env.pop('XLA_FLAGS', None)
@@ -309,11 +365,14 @@ def test_two_processes_on_localhost_return_full_features(tmp_path):
     logs.append(err)
   assert all(p.returncode == 0 for p in procs), '\n'.join(l[-2000:] for l in logs)
   source = make_source(7)
-  want = reference_features(source, tiny_variables())
+  x = np.stack([simple_preprocess(s['image'], 32, MEAN, STD) for s in source])
+  maps = jax.jit(efficientnet.create(MULTIHOST_ARCH).apply)(
+      random_variables(MULTIHOST_ARCH), jnp.asarray(x))
   results = [np.load(f'{out}{pid}.npz') for pid in range(2)]
   for result in results:
-    for i, w in enumerate(want):
-      np.testing.assert_allclose(result[f'level_{i}'], w, rtol=1e-5, atol=1e-6)
+    for i in range(9):
+      want = np.asarray(maps[i], np.float64).mean(axis=(1, 2))
+      assert_close_relative(result[f'level_{i}'], want)
   # Global batch 4 over 4 devices (2 per process): process 0 decodes rows 0,1
   # of each batch, process 1 rows 2,3; image 7 does not exist (padding).
   first_pixel = [int(s['image'][0, 0, 0]) for s in source]
