@@ -1,0 +1,48 @@
+"""Small MVTec-AD-shaped folders written by the tests (no download)."""
+
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def _smooth_noise(rng, size, channels):
+  """A blurry texture: upsampled coarse noise, values in 60..200."""
+  coarse = rng.uniform(60, 200, size=(size // 4 + 1, size // 4 + 1, channels))
+  img = np.kron(coarse, np.ones((4, 4, 1)))[:size, :size]
+  return img.astype(np.uint8)
+
+
+def write_mvtec(root, categories=(("bottle", "rgb"), ("grid", "gray")), n_train=10, n_good_test=4,
+                defects=(("crack", 3), ("hole", 3)), size=32, seed=0):
+  """Writes ``root/<category>/{train/good, test/<defect>, ground_truth/<defect>}`` PNGs.
+
+  Defects are bright squares; their masks mark the square. Grayscale categories are
+  written as single-channel PNGs, as MVTec's grid, screw and zipper are.
+
+  Returns:
+    The root path, as a string.
+  """
+  rng = np.random.default_rng(seed)
+  for category, mode in categories:
+    channels = 3 if mode == "rgb" else 1
+
+    def save(rel, arr):
+      path = os.path.join(root, category, rel)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr).save(path)
+
+    for i in range(n_train):
+      save(f"train/good/{i:03d}.png", _smooth_noise(rng, size, channels))
+    for i in range(n_good_test):
+      save(f"test/good/{i:03d}.png", _smooth_noise(rng, size, channels))
+    for defect, count in defects:
+      for i in range(count):
+        img = _smooth_noise(rng, size, channels)
+        mask = np.zeros((size, size), np.uint8)
+        y, x = rng.integers(0, size - size // 4, 2)
+        img[y:y + size // 4, x:x + size // 4] = 255
+        mask[y:y + size // 4, x:x + size // 4] = 255
+        save(f"test/{defect}/{i:03d}.png", img)
+        save(f"ground_truth/{defect}/{i:03d}_mask.png", mask[..., None])
+  return str(root)
