@@ -370,11 +370,11 @@ def _plot_roc(result_by_category: dict, distances: Sequence[str]) -> dict[str, b
   for category, res in sorted(result_by_category.items()):
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
     for j, d in enumerate(distances):
+      mean = np.mean([auroc(sums[d], res.labels) for sums in res.scores])
       for fold, sums in enumerate(res.scores):
         fpr, tpr = roc_curve(sums[d], res.labels)
-        a = auroc(sums[d], res.labels)
         ax.plot(fpr, tpr, color=f"C{j}", alpha=0.6, lw=1.2,
-                label=f"{d} (fold AUROC {a:.3f})" if fold == 0 else None)
+                label=f"{d} (mean AUROC {mean:.3f})" if fold == 0 else None)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate",
            title=f"{category}: ROC of the Sum score, all folds", xlim=(0, 1), ylim=(0, 1.01))
