@@ -1,0 +1,986 @@
+"""Gaussian anomaly-detection kernels: moments, Ledoit-Wolf, distances, PCA/NPCA.
+
+Everything the method computes after feature extraction lives here, as pure
+functions over pytrees (``NamedTuple``):
+
+* :class:`Moments` are mergeable sufficient statistics of a set of feature
+  rows. :func:`moments`, :func:`accumulate`, :func:`merge` and
+  :func:`psum_moments` build them from batches, across batches and across
+  devices; :func:`fit_from_moments` turns them into a :class:`GaussianState`
+  equal (up to rounding) to :func:`fit_gaussian` on the concatenated rows.
+* :func:`ledoit_wolf` and :func:`fit_gaussian` follow scikit-learn's
+  ``ledoit_wolf`` / ``LedoitWolf`` (data not assumed centred, covariance
+  normalised by ``n``, pseudo-inverse precision).
+* :func:`mahalanobis`, :func:`l2` and :func:`sed` score rows against a fitted
+  state (design.md §2); :data:`DISTANCES` maps their names to them.
+* :func:`fit_pca`, :func:`select_components`, :func:`reduce` and
+  :func:`project` implement the PCA / NPCA reductions.
+* :func:`sigma_threshold` and :func:`tpr_fpr_at_sigmas` give the chi-squared
+  thresholds at n sigma (host-side, scipy).
+* :class:`DensityModel` is the seam for other density models; :data:`GAUSSIAN`
+  implements it.
+
+Public functions validate their inputs on the host (shapes always; NaN / inf
+only for concrete arrays, since traced values cannot be inspected) and then
+call jitted cores, so they can also be used inside a caller's ``jax.jit``.
+Features are computed in float32, or in float64 when the input is float64 and
+``jax_enable_x64`` is on; other dtypes are promoted to float32.
+
+Numerics of the statistics. The moments of a batch are taken about the
+batch's own mean, after first subtracting the batch's first row (a shift that
+is exact for constant columns, so their variance comes out exactly zero).
+Batches are combined with the parallel-moments update of Chan et al.: each
+side's moments are re-expressed about the combined mean, so every correction
+term is built from differences of means, never from a large raw sum minus a
+large squared mean. This avoids the cancellation of the one-pass formula
+``sum x x^T - n mu mu^T`` without a second pass over the data; float64
+accumulation is still available (enable x64 and pass float64 arrays) when
+batches are many and very large.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Callable, Iterable, NamedTuple, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.scipy.linalg import solve_triangular
+from scipy import special as _special
+from scipy import stats as _stats
+
+Array = jax.Array
+
+_HIGHEST = lax.Precision.HIGHEST
+_PCA_MODES = ('pca', 'npca')
+
+
+# ---------------------------------------------------------------------------
+# Pytrees
+# ---------------------------------------------------------------------------
+
+
+class Moments(NamedTuple):
+  """Mergeable sufficient statistics of ``n`` feature rows of width ``D``.
+
+  All sums are about ``mean``; with ``y = x - mean`` over the rows:
+
+  Attributes:
+    n: () float, number of rows (0 for :func:`empty_moments`).
+    mean: (D,) row mean.
+    scatter: (D, D) ``sum y y^T``; covariance and the Ledoit-Wolf ``delta``.
+    third: (D,) ``sum |y|^2 y``; needed only to re-centre ``fourth`` when
+      moments with different means are merged.
+    fourth: () ``sum |y|^4``; the Ledoit-Wolf ``beta`` term, since
+      ``sum_ij ((y^2)^T y^2)_ij = sum_k |y_k|^4``.
+  """
+  n: Array
+  mean: Array
+  scatter: Array
+  third: Array
+  fourth: Array
+
+
+class GaussianState(NamedTuple):
+  """A fitted Gaussian of width ``D``.
+
+  Attributes:
+    mean: (D,) mean of the training rows.
+    factor: (D, D) when ``pseudo`` is False, the lower Cholesky factor ``L``
+      of the (shrunk) covariance, ``cov = L L^T``; when ``pseudo`` is True
+      (covariance numerically singular), a whitening matrix ``W`` with
+      ``W W^T = pinv(cov)`` that drops the null-space directions.
+    std: (D,) per-dimension sample standard deviation (ddof=1), for SED.
+    shrinkage: () shrinkage coefficient used, in [0, 1].
+    n: () number of training rows.
+    pseudo: () bool, see ``factor``.
+  """
+  mean: Array
+  factor: Array
+  std: Array
+  shrinkage: Array
+  n: Array
+  pseudo: Array
+
+
+class PCAState(NamedTuple):
+  """Principal components of training rows, as scikit-learn's ``PCA()``.
+
+  Attributes:
+    mean: (D,) mean of the training rows.
+    components: (k, D) unit principal axes by decreasing variance, k =
+      min(n, D); the sign makes each row's largest-magnitude entry positive.
+    explained_variance: (k,) variance along each axis (ddof=1).
+    explained_variance_ratio: (k,) ``explained_variance`` over its sum.
+  """
+  mean: Array
+  components: Array
+  explained_variance: Array
+  explained_variance_ratio: Array
+
+
+class Projection(NamedTuple):
+  """Kept principal axes: :func:`project` maps x to ``(x - mean) @ components.T``.
+
+  Attributes:
+    mean: (D,) centring vector.
+    components: (m, D) kept axes.
+  """
+  mean: Array
+  components: Array
+
+
+class SigmaRates(NamedTuple):
+  """TPR and FPR at each sigma threshold, both (len(sigmas),) float64."""
+  tpr: np.ndarray
+  fpr: np.ndarray
+
+
+# ---------------------------------------------------------------------------
+# Input validation (host side)
+# ---------------------------------------------------------------------------
+
+
+def _is_traced(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def _float_dtype(dtype) -> np.dtype:
+  """float64 stays float64 (when x64 is on); everything else computes in float32."""
+  if np.dtype(dtype) == np.float64:
+    return jax.dtypes.canonicalize_dtype(np.float64)
+  return np.dtype(np.float32)
+
+
+def _check_finite(x, name: str) -> None:
+  """Raises ValueError naming the first NaN / inf entry of a concrete 2-D array."""
+  if _is_traced(x):
+    return
+  if isinstance(x, np.ndarray):
+    ok = bool(np.isfinite(x).all())
+  else:
+    ok = bool(jnp.isfinite(x).all())
+  if ok:
+    return
+  host = np.asarray(x)
+  bad = np.argwhere(~np.isfinite(host))
+  i, j = (int(v) for v in bad[0])
+  value = host[i, j]
+  kind = 'NaN' if np.isnan(value) else ('inf' if value > 0 else '-inf')
+  raise ValueError(f'{name} contains {kind} at row {i}, column {j} '
+                   f'({len(bad)} non-finite value(s) in total); features must be finite.')
+
+
+def check_features(x, name: str = 'x', *, min_samples: int = 1, width: int | None = None,
+                   dtype=None, owner: str = 'state was fitted on') -> Array:
+  """Validates a feature matrix and returns it as a float JAX array.
+
+  Args:
+    x: array-like (n_samples, n_features) of real numbers.
+    name: argument name used in error messages.
+    min_samples: smallest allowed n_samples.
+    width: if given, the required n_features (e.g. the width a state was
+      fitted on).
+    dtype: if given, the float dtype to cast to; otherwise float64 stays
+      float64 (under x64) and anything else becomes float32.
+    owner: start of the width-mismatch message, e.g. 'state was fitted on'.
+
+  Returns:
+    x as a JAX array of shape (n_samples, n_features).
+
+  Raises:
+    ValueError: wrong rank, too few rows, wrong width, non-real dtype, NaN or
+      inf (the last only for concrete, non-traced arrays).
+  """
+  if not hasattr(x, 'ndim') or not hasattr(x, 'dtype'):
+    x = np.asarray(x)
+  if x.ndim != 2:
+    raise ValueError(f'{name} must be 2-D (n_samples, n_features), got shape {tuple(x.shape)}.')
+  n, d = x.shape
+  kind = np.dtype(x.dtype).kind
+  if kind not in 'fiub' and np.dtype(x.dtype) != jnp.bfloat16:
+    raise ValueError(f'{name} must hold real numbers, got dtype {x.dtype}.')
+  if d < 1:
+    raise ValueError(f'{name} has 0 features; at least 1 is needed.')
+  if width is not None and d != width:
+    raise ValueError(f'{owner} D={width} features, got {name} with {d} features '
+                     f'(shape {tuple(x.shape)}).')
+  if n < min_samples:
+    raise ValueError(f'{name} has {n} sample(s); at least {min_samples} are needed.')
+  _check_finite(x, name)
+  return jnp.asarray(x, dtype=dtype if dtype is not None else _float_dtype(x.dtype))
+
+
+def _check_shrinkage(shrinkage) -> tuple[str, float]:
+  if isinstance(shrinkage, str):
+    if shrinkage != 'ledoit_wolf':
+      raise ValueError(f"shrinkage must be 'ledoit_wolf' or a number in [0, 1], got {shrinkage!r}.")
+    return 'ledoit_wolf', 0.0
+  if isinstance(shrinkage, bool) or not isinstance(shrinkage, numbers.Real):
+    raise ValueError(f"shrinkage must be 'ledoit_wolf' or a number in [0, 1], got {shrinkage!r}.")
+  if not 0.0 <= float(shrinkage) <= 1.0:
+    raise ValueError(f'shrinkage must lie in [0, 1], got {shrinkage!r}.')
+  return 'fixed', float(shrinkage)
+
+
+def _check_state(state) -> None:
+  if not isinstance(state, GaussianState):
+    raise ValueError(f'state must be a GaussianState, got {type(state).__name__}.')
+
+
+def _check_moments(m, name: str = 'moments') -> None:
+  if not isinstance(m, Moments):
+    raise ValueError(f'{name} must be a Moments, got {type(m).__name__}.')
+  d = m.mean.shape[-1] if m.mean.ndim == 1 else None
+  if d is None or m.scatter.shape != (d, d) or m.third.shape != (d,):
+    raise ValueError(f'{name} is inconsistent: mean {tuple(m.mean.shape)}, scatter '
+                     f'{tuple(m.scatter.shape)}, third {tuple(m.third.shape)}.')
+
+
+# ---------------------------------------------------------------------------
+# Moments: build, merge, reduce over devices
+# ---------------------------------------------------------------------------
+
+
+def _moments_impl(x: Array, mask: Array | None = None) -> Moments:
+  # Shift by a data row (exact for constant columns), then centre on the
+  # batch mean: the products below are of small, centred numbers.
+  if mask is None:
+    n = jnp.asarray(x.shape[0], x.dtype)
+    ref = x[0]
+    y = x - ref
+    offset = jnp.mean(y, axis=0)
+    y = y - offset
+  else:
+    keep = mask[:, None]
+    n = jnp.sum(mask).astype(x.dtype)
+    ref = x[jnp.argmax(mask)]
+    y = jnp.where(keep, x - ref, 0.0)
+    offset = jnp.sum(y, axis=0) / jnp.maximum(n, 1.0)
+    y = jnp.where(keep, y - offset, 0.0)
+  r = jnp.sum(y * y, axis=1)
+  return Moments(n=n,
+                 mean=ref + offset,
+                 scatter=jnp.matmul(y.T, y, precision=_HIGHEST),
+                 third=jnp.matmul(r, y, precision=_HIGHEST),
+                 fourth=jnp.sum(r * r))
+
+
+def _recentre(m: Moments, centre: Array) -> tuple[Array, Array, Array]:
+  """scatter, third, fourth of ``m`` taken about ``centre`` instead of ``m.mean``.
+
+  With y = x - m.mean (so sum y = 0), d = m.mean - centre and z = y + d:
+    sum z z^T  = S + n d d^T
+    sum|z|^2 z = t + 2 S d + tr(S) d + n |d|^2 d
+    sum|z|^4   = q + 4 d.t + 4 d^T S d + 2 |d|^2 tr(S) + n |d|^4
+  """
+  d = m.mean - centre
+  sd = jnp.matmul(m.scatter, d, precision=_HIGHEST)
+  tr = jnp.trace(m.scatter)
+  dd = jnp.dot(d, d)
+  scatter = m.scatter + m.n * jnp.outer(d, d)
+  third = m.third + 2.0 * sd + tr * d + (m.n * dd) * d
+  fourth = (m.fourth + 4.0 * jnp.dot(d, m.third) + 4.0 * jnp.dot(d, sd) + 2.0 * dd * tr
+            + m.n * dd * dd)
+  return scatter, third, fourth
+
+
+def _merge_impl(a: Moments, b: Moments) -> Moments:
+  n = a.n + b.n
+  # Exact when one side is empty, or when both means agree (constant columns).
+  w = b.n / jnp.maximum(n, 1.0)
+  mean = a.mean + w * (b.mean - a.mean)
+  sa, ta, qa = _recentre(a, mean)
+  sb, tb, qb = _recentre(b, mean)
+  return Moments(n=n, mean=mean, scatter=sa + sb, third=ta + tb, fourth=qa + qb)
+
+
+_moments_jit = jax.jit(_moments_impl)
+_merge_jit = jax.jit(_merge_impl)
+_accumulate_jit = jax.jit(lambda m, x, mask: _merge_impl(m, _moments_impl(x, mask)))
+
+
+def empty_moments(dim: int, dtype=jnp.float32) -> Moments:
+  """Moments of zero rows of width ``dim``: the identity of :func:`merge`.
+
+  Args:
+    dim: feature width D >= 1.
+    dtype: float dtype of the statistics.
+
+  Returns:
+    :class:`Moments` with n = 0 and all sums zero.
+  """
+  if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+    raise ValueError(f'dim must be a positive integer, got {dim!r}.')
+  dtype = _float_dtype(dtype)
+  z = lambda *s: jnp.zeros(s, dtype)
+  return Moments(n=z(), mean=z(dim), scatter=z(dim, dim), third=z(dim), fourth=z())
+
+
+def _check_mask(mask, n: int):
+  if mask is None:
+    return None
+  if not hasattr(mask, 'shape') or not hasattr(mask, 'dtype'):
+    mask = np.asarray(mask)
+  if mask.shape != (n,):
+    raise ValueError(f'mask must have shape ({n},) to match x, got {tuple(mask.shape)}.')
+  if np.dtype(mask.dtype) != np.bool_:
+    raise ValueError(f'mask must be boolean, got dtype {mask.dtype}.')
+  return jnp.asarray(mask)
+
+
+def moments(x, mask=None) -> Moments:
+  """Sufficient statistics of the rows of ``x``.
+
+  Args:
+    x: (n, D) features, n >= 1, finite (masked-out rows included).
+    mask: optional (n,) bool; rows where it is False are ignored, so a batch
+      padded to a fixed shape (for one compiled program, or an even split over
+      devices) gives the moments of its real rows only.
+
+  Returns:
+    :class:`Moments` of width D (n = number of rows kept).
+  """
+  x = check_features(x, 'x', min_samples=1)
+  return _moments_jit(x, _check_mask(mask, x.shape[0]))
+
+
+def accumulate(m: Moments, x, mask=None) -> Moments:
+  """Adds the rows of ``x`` to ``m``; equals ``merge(m, moments(x, mask))``.
+
+  Args:
+    m: :class:`Moments` of width D.
+    x: (n, D) features, n >= 1, finite; cast to ``m``'s dtype.
+    mask: optional (n,) bool, as in :func:`moments`.
+
+  Returns:
+    :class:`Moments` of all rows seen.
+  """
+  _check_moments(m, 'm')
+  x = check_features(x, 'x', min_samples=1, width=m.mean.shape[0], dtype=m.mean.dtype,
+                     owner='m (moments) holds')
+  return _accumulate_jit(m, x, _check_mask(mask, x.shape[0]))
+
+
+def merge(a: Moments, b: Moments) -> Moments:
+  """Moments of the union of the rows behind ``a`` and ``b`` (order-free).
+
+  Args:
+    a, b: :class:`Moments` of the same width D.
+
+  Returns:
+    :class:`Moments` with n = a.n + b.n.
+  """
+  _check_moments(a, 'a')
+  _check_moments(b, 'b')
+  if a.mean.shape != b.mean.shape:
+    raise ValueError(f'cannot merge moments of width {a.mean.shape[0]} and {b.mean.shape[0]}.')
+  return _merge_jit(a, b)
+
+
+def psum_moments(m: Moments, axis_name) -> Moments:
+  """All-reduces moments over a mapped axis (inside ``shard_map`` / ``pmap``).
+
+  Every device ends with the moments of all rows on all devices along
+  ``axis_name``. The global mean is found first (relative to device 0's mean,
+  which keeps constant columns exact), each device re-centres its moments on
+  it, and the re-centred sums are ``psum``-ed: the same update as
+  :func:`merge`, done for all devices at once.
+
+  Args:
+    m: this device's :class:`Moments`.
+    axis_name: the mapped axis name to reduce over.
+
+  Returns:
+    :class:`Moments` of the rows of every device along ``axis_name``.
+
+  Example (rows sharded over a 1-D mesh axis ``'d'``, padded rows masked)::
+
+    def local(x, mask):
+      return psum_moments(moments(x, mask), 'd')
+    m = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P('d'), P('d')),
+                              out_specs=P()))(x, mask)
+    state = fit_from_moments(m)
+  """
+  n = lax.psum(m.n, axis_name)
+  is_first = lax.axis_index(axis_name) == 0
+  ref = lax.psum(jnp.where(is_first, m.mean, jnp.zeros_like(m.mean)), axis_name)
+  mean = ref + lax.psum(m.n * (m.mean - ref), axis_name) / jnp.maximum(n, 1.0)
+  scatter, third, fourth = _recentre(m, mean)
+  scatter, third, fourth = lax.psum((scatter, third, fourth), axis_name)
+  return Moments(n=n, mean=mean, scatter=scatter, third=third, fourth=fourth)
+
+
+# ---------------------------------------------------------------------------
+# Ledoit-Wolf and the Gaussian fit
+# ---------------------------------------------------------------------------
+
+
+def _shrunk_covariance(m: Moments, mode: str, value) -> tuple[Array, Array, Array]:
+  """(covariance, shrinkage, ridge) from moments; scikit-learn's ledoit_wolf formula.
+
+  With C = scatter / n, mu = tr(C) / D:
+    beta  = (sum|y|^4 / n - |C|_F^2) / (D n)
+    delta = |C - mu I|_F^2 / D
+    shrinkage = min(beta, delta) / delta   (0 when delta == 0, e.g. D == 1)
+    covariance = (1 - shrinkage) C + ridge I,  ridge = shrinkage mu
+  ``beta`` is a variance (of the rank-one matrices y y^T), non-negative up to
+  rounding; it is clipped at 0.
+  """
+  dim = m.mean.shape[0]
+  emp = m.scatter / m.n
+  mu = jnp.trace(emp) / dim
+  eye = jnp.eye(dim, dtype=emp.dtype)
+  if mode == 'ledoit_wolf':
+    frob2 = jnp.sum(emp * emp)
+    beta = (m.fourth / m.n - frob2) / (dim * m.n)
+    delta = jnp.sum(jnp.square(emp - mu * eye)) / dim
+    beta = jnp.clip(beta, 0.0, delta)
+    shrinkage = jnp.where(delta > 0, beta / jnp.where(delta > 0, delta, 1.0), 0.0)
+  else:
+    shrinkage = jnp.asarray(value, emp.dtype)
+  shrinkage = shrinkage.astype(emp.dtype)
+  ridge = shrinkage * mu
+  return (1.0 - shrinkage) * emp + ridge * eye, shrinkage, ridge
+
+
+def _factorize(cov: Array, ridge: Array) -> tuple[Array, Array]:
+  """(factor, pseudo): Cholesky factor, or pseudo-inverse whitening if singular.
+
+  ``ridge`` is the shrinkage target's weight ``shrinkage * mu``. When it is
+  positive the covariance is positive definite by construction (smallest
+  eigenvalue >= ridge), and the Cholesky factor is used whenever it completes:
+  it is backward stable, so it is as good as the covariance itself. Without a
+  ridge (no shrinkage) rank deficiency is expected (n <= D, dead channels), and
+  the factor is accepted only if its smallest pivot^2 exceeds D * eps *
+  max(diag(cov)), the relative cut-off of scipy's ``pinvh``. Otherwise we use
+  the eigendecomposition, keep eigenvalues above that cut-off, and the
+  Mahalanobis distance ignores the null space, as scikit-learn's
+  pseudo-inverse precision does.
+  """
+  dim = cov.shape[0]
+  rtol = dim * jnp.finfo(cov.dtype).eps
+  chol = jnp.linalg.cholesky(cov)
+  floor = jnp.where(ridge > 0, 0.0, rtol * jnp.max(jnp.diagonal(cov)))
+  ok = jnp.all(jnp.isfinite(chol)) & (jnp.min(jnp.diagonal(chol)) ** 2 > floor)
+
+  def whitening():
+    w, v = jnp.linalg.eigh(cov)
+    keep = w > rtol * jnp.maximum(jnp.max(w), 0.0)
+    return v * jnp.where(keep, lax.rsqrt(jnp.where(keep, w, 1.0)), 0.0)
+
+  factor = lax.cond(ok, lambda: jnp.tril(chol), whitening)
+  return factor, jnp.logical_not(ok)
+
+
+def _fit_impl(m: Moments, mode: str, value) -> GaussianState:
+  cov, shrinkage, ridge = _shrunk_covariance(m, mode, value)
+  factor, pseudo = _factorize(cov, ridge)
+  var = jnp.maximum(jnp.diagonal(m.scatter), 0.0) / (m.n - 1.0)
+  return GaussianState(mean=m.mean, factor=factor, std=jnp.sqrt(var), shrinkage=shrinkage,
+                       n=m.n, pseudo=pseudo)
+
+
+_fit_moments_jit = jax.jit(_fit_impl, static_argnames='mode')
+_fit_x_jit = jax.jit(lambda x, mode, value: _fit_impl(_moments_impl(x), mode, value),
+                     static_argnames='mode')
+_ledoit_wolf_jit = jax.jit(lambda x: _shrunk_covariance(_moments_impl(x), 'ledoit_wolf', 0.0)[:2])
+
+
+def ledoit_wolf(x) -> tuple[Array, Array]:
+  """Ledoit-Wolf shrunk covariance, as scikit-learn's ``ledoit_wolf(x)``.
+
+  Args:
+    x: (n, D) features, n >= 2, finite. Not assumed centred.
+
+  Returns:
+    covariance: (D, D) ``(1 - s) C + s tr(C)/D I`` with C the covariance
+      normalised by n.
+    shrinkage: () the coefficient s in [0, 1].
+  """
+  return _ledoit_wolf_jit(check_features(x, 'x', min_samples=2))
+
+
+def fit_gaussian(x, shrinkage='ledoit_wolf') -> GaussianState:
+  """Fits a Gaussian to the rows of ``x``.
+
+  Args:
+    x: (n, D) training features, n >= 2, finite.
+    shrinkage: ``'ledoit_wolf'`` (default, scikit-learn's ``LedoitWolf``) or a
+      fixed coefficient in [0, 1]; 0 gives the plain (n-normalised) covariance.
+
+  Returns:
+    :class:`GaussianState`.
+  """
+  mode, value = _check_shrinkage(shrinkage)
+  return _fit_x_jit(check_features(x, 'x', min_samples=2), mode, value)
+
+
+def fit_from_moments(m: Moments, shrinkage='ledoit_wolf') -> GaussianState:
+  """Fits a Gaussian from accumulated :class:`Moments`.
+
+  Equals :func:`fit_gaussian` on the concatenation of the rows behind ``m``
+  up to rounding.
+
+  Args:
+    m: :class:`Moments` with n >= 2.
+    shrinkage: as in :func:`fit_gaussian`.
+
+  Returns:
+    :class:`GaussianState`.
+  """
+  _check_moments(m, 'm')
+  mode, value = _check_shrinkage(shrinkage)
+  if not _is_traced(m.n) and float(m.n) < 2:
+    raise ValueError(f'moments hold {float(m.n):g} sample(s); at least 2 are needed to fit.')
+  return _fit_moments_jit(m, mode, value)
+
+
+def precision(state: GaussianState) -> Array:
+  """(D, D) precision matrix of a fitted state (pseudo-inverse if singular)."""
+  _check_state(state)
+  return _precision_jit(state)
+
+
+@jax.jit
+def _precision_jit(state):
+  eye = jnp.eye(state.mean.shape[0], dtype=state.mean.dtype)
+
+  def from_cholesky():
+    inv = solve_triangular(state.factor, eye, lower=True)
+    return jnp.matmul(inv.T, inv, precision=_HIGHEST)
+
+  return lax.cond(state.pseudo,
+                  lambda: jnp.matmul(state.factor, state.factor.T, precision=_HIGHEST),
+                  from_cholesky)
+
+
+# ---------------------------------------------------------------------------
+# Distances
+# ---------------------------------------------------------------------------
+
+
+def _mahalanobis_impl(state: GaussianState, x: Array) -> Array:
+  z = x - state.mean
+
+  def cholesky_solve():
+    y = solve_triangular(state.factor, z.T, lower=True)
+    return jnp.sum(y * y, axis=0)
+
+  def whiten():
+    y = jnp.matmul(z, state.factor, precision=_HIGHEST)
+    return jnp.sum(y * y, axis=1)
+
+  # A sum of squares: never negative, so the square root cannot produce NaN.
+  return jnp.sqrt(lax.cond(state.pseudo, whiten, cholesky_solve))
+
+
+def _l2_impl(state: GaussianState, x: Array) -> Array:
+  z = x - state.mean
+  return jnp.sqrt(jnp.mean(z * z, axis=1))
+
+
+def _sed_impl(state: GaussianState, x: Array) -> Array:
+  # Zero-variance dimensions are left out of the mean (see `sed`).
+  valid = state.std > 0
+  z = jnp.where(valid, (x - state.mean) / jnp.where(valid, state.std, 1.0), 0.0)
+  count = jnp.maximum(jnp.sum(valid), 1).astype(z.dtype)
+  return jnp.sqrt(jnp.sum(z * z, axis=1) / count)
+
+
+_mahalanobis_jit = jax.jit(_mahalanobis_impl)
+_l2_jit = jax.jit(_l2_impl)
+_sed_jit = jax.jit(_sed_impl)
+
+
+def _score_input(state, x) -> Array:
+  _check_state(state)
+  return check_features(x, 'x', min_samples=0, width=state.mean.shape[0], dtype=state.mean.dtype)
+
+
+def mahalanobis(state: GaussianState, x) -> Array:
+  """Mahalanobis distance ``sqrt((x - mu)^T P (x - mu))`` (not squared).
+
+  Args:
+    state: fitted :class:`GaussianState` of width D.
+    x: (n, D) features.
+
+  Returns:
+    (n,) distances in the state's dtype.
+  """
+  return _mahalanobis_jit(state, _score_input(state, x))
+
+
+def l2(state: GaussianState, x) -> Array:
+  """Root-mean-square deviation from the mean, ``sqrt(mean((x - mu)^2))``.
+
+  Args:
+    state: fitted :class:`GaussianState` of width D.
+    x: (n, D) features.
+
+  Returns:
+    (n,) distances.
+  """
+  return _l2_jit(state, _score_input(state, x))
+
+
+def sed(state: GaussianState, x) -> Array:
+  """Standardised Euclidean distance ``sqrt(mean(((x - mu) / s)^2))``.
+
+  ``s`` is the training standard deviation (ddof=1). Dimensions whose
+  training variance is exactly zero (e.g. dead ReLU6 channels) are left out,
+  and the mean runs over the remaining D' dimensions (0 if D' = 0). Such a
+  dimension carries no scale to standardise by; dividing by an epsilon would
+  let any rounding-level deviation there swamp all informative dimensions,
+  and replacing s by 1 would mix raw units into a unitless score. Leaving it
+  out is what the pseudo-inverse does for Mahalanobis on a singular
+  covariance, and dividing by D' keeps SED about 1 for in-distribution rows
+  whatever the number of dead channels, so levels stay comparable when their
+  scores are averaged. Constant columns give exactly zero variance because
+  the moments are shifted by a data row first.
+
+  Args:
+    state: fitted :class:`GaussianState` of width D.
+    x: (n, D) features.
+
+  Returns:
+    (n,) finite distances.
+  """
+  return _sed_jit(state, _score_input(state, x))
+
+
+DISTANCES: dict[str, Callable[[GaussianState, Any], Array]] = {
+    'l2': l2,
+    'sed': sed,
+    'mahalanobis': mahalanobis,
+}
+
+
+def score(state: GaussianState, x, distance: str = 'mahalanobis') -> Array:
+  """Scores rows with the distance named ``distance`` (a key of :data:`DISTANCES`)."""
+  if distance not in DISTANCES:
+    raise ValueError(f'distance must be one of {sorted(DISTANCES)}, got {distance!r}.')
+  return DISTANCES[distance](state, x)
+
+
+# ---------------------------------------------------------------------------
+# PCA / NPCA
+# ---------------------------------------------------------------------------
+
+
+def _sign_fix(comps: Array) -> Array:
+  """Makes the largest-magnitude entry of each row positive (scikit-learn's rule)."""
+  pivot = jnp.argmax(jnp.abs(comps), axis=1)
+  return comps * jnp.sign(jnp.take_along_axis(comps, pivot[:, None], axis=1))
+
+
+def _pca_state(mean, comps, var) -> PCAState:
+  total = jnp.sum(var)
+  ratio = jnp.where(total > 0, var / jnp.where(total > 0, total, 1.0), 0.0)
+  return PCAState(mean=mean, components=_sign_fix(comps), explained_variance=var,
+                  explained_variance_ratio=ratio)
+
+
+def _pca_eigh_impl(m: Moments, k: int) -> PCAState:
+  w, v = jnp.linalg.eigh(m.scatter / (m.n - 1.0))
+  return _pca_state(m.mean, v[:, ::-1][:, :k].T, jnp.maximum(w[::-1][:k], 0.0))
+
+
+def _pca_svd_impl(x: Array) -> PCAState:
+  ref = x[0]
+  offset = jnp.mean(x - ref, axis=0)
+  y = (x - ref) - offset
+  _, s, vt = jnp.linalg.svd(y, full_matrices=False)
+  return _pca_state(ref + offset, vt, s * s / (x.shape[0] - 1.0))
+
+
+_pca_jit = jax.jit(_pca_eigh_impl, static_argnames='k')
+_pca_eigh_x_jit = jax.jit(lambda x, k: _pca_eigh_impl(_moments_impl(x), k), static_argnames='k')
+_pca_svd_jit = jax.jit(_pca_svd_impl)
+
+
+def fit_pca(x) -> PCAState:
+  """PCA of the rows of ``x``, as scikit-learn's ``PCA()`` (all min(n, D) components).
+
+  Like scikit-learn's default solver choice, tall data (n >= 10 D) goes
+  through the eigendecomposition of the D x D covariance (cost n D^2 + D^3);
+  otherwise the thin SVD of the centred rows is used (cost n D min(n, D)),
+  which is faster when n < D and resolves small variances to about
+  eps * sqrt(top variance) instead of eps * top variance. With the
+  covariance route, components whose variance is below roughly eps * top
+  are individually undetermined (only the subspace they span is), which
+  does not affect a Mahalanobis fit on the NPCA projections. When n <= D the
+  centred rows span at most n - 1 directions, so the last component has
+  zero variance and an arbitrary direction in the null space.
+
+  Args:
+    x: (n, D) features, n >= 2, finite.
+
+  Returns:
+    :class:`PCAState` with k = min(n, D) components.
+  """
+  x = check_features(x, 'x', min_samples=2)
+  n, d = x.shape
+  if n >= 10 * d:
+    return _pca_eigh_x_jit(x, k=d)
+  return _pca_svd_jit(x)
+
+
+def pca_from_moments(m: Moments, n_components: int | None = None) -> PCAState:
+  """PCA from accumulated :class:`Moments` (for training sets streamed in batches).
+
+  Args:
+    m: :class:`Moments` with n >= 2 (concrete when ``n_components`` is None).
+    n_components: number of leading components to keep; default min(n, D).
+
+  Returns:
+    :class:`PCAState`.
+  """
+  _check_moments(m, 'm')
+  dim = m.mean.shape[0]
+  if n_components is None:
+    if _is_traced(m.n):
+      raise ValueError('n_components is required when m.n is traced.')
+    n_components = min(int(m.n), dim)
+  if not _is_traced(m.n) and float(m.n) < 2:
+    raise ValueError(f'moments hold {float(m.n):g} sample(s); at least 2 are needed for PCA.')
+  if (isinstance(n_components, bool) or not isinstance(n_components, numbers.Integral)
+      or not 1 <= n_components <= dim):
+    raise ValueError(f'n_components must be an integer in [1, {dim}], got {n_components!r}.')
+  return _pca_jit(m, k=int(n_components))
+
+
+def _check_mode_threshold(mode, threshold) -> None:
+  if mode not in _PCA_MODES:
+    raise ValueError(f"mode must be 'pca' or 'npca', got {mode!r}.")
+  if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
+      or not 0.0 < float(threshold) < 1.0):
+    raise ValueError(f'threshold must be a number with 0 < threshold < 1, got {threshold!r}.')
+
+
+def select_components(explained_variance_ratio, mode: str, threshold: float) -> tuple[int, int]:
+  """Index range of the components that PCA / NPCA keep (design.md §2).
+
+  With c the cumulative sum of the ratios (in float64) and ``last`` the first
+  index with c > threshold: PCA keeps [0, last]; NPCA keeps [last - 1, k - 1],
+  one component of overlap by design, where k = len(ratios) = min(n, D) (so
+  with fewer samples than features, NPCA ends at the last component PCA can
+  estimate). ``last - 1`` is clipped at 0. If rounding keeps every c at or
+  below the threshold, ``last`` is k - 1.
+
+  Args:
+    explained_variance_ratio: (k,) ratios, non-increasing, summing to 1.
+    mode: ``'pca'`` or ``'npca'``.
+    threshold: t with 0 < t < 1.
+
+  Returns:
+    (start, stop), Python ints: keep components[start:stop].
+  """
+  _check_mode_threshold(mode, threshold)
+  ratio = np.asarray(explained_variance_ratio, dtype=np.float64)
+  if ratio.ndim != 1 or ratio.size == 0:
+    raise ValueError('explained_variance_ratio must be a non-empty 1-D array, got shape '
+                     f'{ratio.shape}.')
+  if not np.isfinite(ratio).all():
+    raise ValueError('explained_variance_ratio contains NaN or inf.')
+  above = np.flatnonzero(np.cumsum(ratio) > float(threshold))
+  last = int(above[0]) if above.size else ratio.size - 1
+  if mode == 'pca':
+    return 0, last + 1
+  return max(last - 1, 0), int(ratio.size)
+
+
+def reduce(pca_state: PCAState, mode: str, threshold: float) -> Projection:
+  """The :class:`Projection` onto the components PCA / NPCA keep.
+
+  Args:
+    pca_state: from :func:`fit_pca`.
+    mode: ``'pca'`` or ``'npca'``.
+    threshold: t with 0 < t < 1 (poster "PCA 99 %" and "NPCA 1 %" are 0.99).
+
+  Returns:
+    :class:`Projection` with the kept (m, D) components.
+  """
+  if not isinstance(pca_state, PCAState):
+    raise ValueError(f'pca_state must be a PCAState, got {type(pca_state).__name__}.')
+  start, stop = select_components(pca_state.explained_variance_ratio, mode, threshold)
+  return Projection(mean=pca_state.mean, components=pca_state.components[start:stop])
+
+
+@jax.jit
+def _project_jit(projection, x):
+  return jnp.matmul(x - projection.mean, projection.components.T, precision=_HIGHEST)
+
+
+def project(projection: Projection, x) -> Array:
+  """Projects rows onto kept components: ``(x - mean) @ components.T``.
+
+  Args:
+    projection: from :func:`reduce`.
+    x: (n, D) features.
+
+  Returns:
+    (n, m) projections.
+  """
+  if not isinstance(projection, Projection):
+    raise ValueError(f'projection must be a Projection, got {type(projection).__name__}.')
+  x = check_features(x, 'x', min_samples=0, width=projection.mean.shape[0],
+                     dtype=projection.mean.dtype, owner='projection was fitted on')
+  return _project_jit(projection, x)
+
+
+# ---------------------------------------------------------------------------
+# Chi-squared thresholds (host side)
+# ---------------------------------------------------------------------------
+
+
+def sigma_threshold(n_sigma, k: int):
+  """Mahalanobis distance at which a k-dim Gaussian has the n-sigma tail mass.
+
+  ``sqrt(chi2.ppf(erf(n / sqrt 2), k))``, computed as
+  ``sqrt(chi2.isf(erfc(n / sqrt 2), k))``, which is the same number but keeps
+  its precision at large n, where erf rounds to 1.
+
+  Args:
+    n_sigma: scalar or array of positive sigma multiples.
+    k: degrees of freedom (feature width), integer >= 1.
+
+  Returns:
+    float64 scalar or array shaped like ``n_sigma``.
+  """
+  if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+    raise ValueError(f'k must be a positive integer, got {k!r}.')
+  n = np.asarray(n_sigma, dtype=np.float64)
+  if not np.isfinite(n).all() or (n <= 0).any():
+    raise ValueError(f'n_sigma must be finite and positive, got {n_sigma!r}.')
+  out = np.sqrt(_stats.chi2.isf(_special.erfc(n / math.sqrt(2.0)), int(k)))
+  return float(out) if out.ndim == 0 else out
+
+
+def tpr_fpr_at_sigmas(distances, labels, k: int, sigmas=range(1, 9)) -> SigmaRates:
+  """True and false positive rates when flagging distances above n-sigma thresholds.
+
+  A row counts as flagged when its (non-squared) Mahalanobis distance is
+  strictly above :func:`sigma_threshold` (n, k).
+
+  Args:
+    distances: (n,) Mahalanobis distances, finite.
+    labels: (n,) 0 = normal, 1 = anomalous (bool accepted).
+    k: degrees of freedom (the feature width the Gaussian was fitted on).
+    sigmas: the sigma multiples, default 1..8.
+
+  Returns:
+    :class:`SigmaRates` (tpr, fpr), float64 arrays of len(sigmas). TPR is NaN
+    when there are no anomalous rows, FPR when there are no normal rows.
+  """
+  d = np.asarray(distances, dtype=np.float64)
+  y = np.asarray(labels)
+  if d.ndim != 1 or y.shape != d.shape:
+    raise ValueError(f'distances and labels must be 1-D of equal length, got shapes '
+                     f'{d.shape} and {y.shape}.')
+  if not np.isfinite(d).all():
+    raise ValueError('distances contain NaN or inf.')
+  if y.size and not np.isin(y, (0, 1)).all():
+    raise ValueError(f'labels must be 0 or 1, got values {np.unique(y)[:5].tolist()}.')
+  thresholds = np.atleast_1d(sigma_threshold(np.asarray(list(sigmas), dtype=np.float64), k))
+  flagged = d[None, :] > thresholds[:, None]
+  pos = y == 1
+  neg = ~pos
+  nan = np.full(thresholds.shape, np.nan)
+  tpr = flagged[:, pos].mean(axis=1) if pos.any() else nan
+  fpr = flagged[:, neg].mean(axis=1) if neg.any() else nan.copy()
+  return SigmaRates(tpr=tpr, fpr=fpr)
+
+
+# ---------------------------------------------------------------------------
+# Density-model seam
+# ---------------------------------------------------------------------------
+
+
+@runtime_checkable
+class DensityModel(Protocol):
+  """What the pipeline needs from a density model.
+
+  Statistics are a pytree accumulated over batches of training rows
+  (``init`` -> ``accumulate`` / ``merge`` / ``psum``), then turned into a
+  fitted state (``finalize``) that scores rows (``score``). A GMM or a
+  normalizing flow implements the same five methods; callers do not change.
+  """
+
+  def init(self, dim: int, dtype=jnp.float32) -> Any:
+    """Statistics of zero rows of width ``dim``."""
+
+  def accumulate(self, stats: Any, x) -> Any:
+    """Statistics after adding the (n, dim) rows ``x``."""
+
+  def merge(self, a: Any, b: Any) -> Any:
+    """Statistics of the union of two row sets."""
+
+  def psum(self, stats: Any, axis_name) -> Any:
+    """Statistics all-reduced over a mapped device axis."""
+
+  def finalize(self, stats: Any) -> Any:
+    """Fitted state from statistics."""
+
+  def score(self, state: Any, x, distance: str) -> Array:
+    """(n,) anomaly scores of rows ``x``, larger = more anomalous."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Gaussian:
+  """The Gaussian density model (:class:`DensityModel`) over :class:`Moments`.
+
+  Attributes:
+    shrinkage: as in :func:`fit_gaussian`.
+  """
+  shrinkage: str | float = 'ledoit_wolf'
+
+  def __post_init__(self):
+    _check_shrinkage(self.shrinkage)
+
+  def init(self, dim: int, dtype=jnp.float32) -> Moments:
+    return empty_moments(dim, dtype)
+
+  def accumulate(self, stats: Moments, x) -> Moments:
+    return accumulate(stats, x)
+
+  def merge(self, a: Moments, b: Moments) -> Moments:
+    return merge(a, b)
+
+  def psum(self, stats: Moments, axis_name) -> Moments:
+    return psum_moments(stats, axis_name)
+
+  def finalize(self, stats: Moments) -> GaussianState:
+    return fit_from_moments(stats, self.shrinkage)
+
+  def score(self, state: GaussianState, x, distance: str = 'mahalanobis') -> Array:
+    return score(state, x, distance)
+
+
+GAUSSIAN = Gaussian()
+
+
+def fit_batches(model: DensityModel, batches: Iterable) -> Any:
+  """Fits ``model`` by streaming batches of rows through its statistics.
+
+  Args:
+    model: a :class:`DensityModel`, e.g. :data:`GAUSSIAN`.
+    batches: iterable of (n_i, D) arrays with a common D; float64 batches
+      (under x64) accumulate in float64, anything else in float32.
+
+  Returns:
+    The model's fitted state.
+  """
+  stats = None
+  for i, batch in enumerate(batches):
+    if stats is None:
+      batch = check_features(batch, f'batches[{i}]', min_samples=1)
+      stats = model.init(batch.shape[1], batch.dtype)
+    stats = model.accumulate(stats, batch)
+  if stats is None:
+    raise ValueError('batches is empty; at least one batch of rows is needed.')
+  return model.finalize(stats)
