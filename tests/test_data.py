@@ -244,6 +244,10 @@ def test_not_mvtec_shaped(tmp_path):
   # A category folder given instead of the MVTec root.
   with pytest.raises(ValueError, match="pass its parent folder"):
     data.load("mvtec_ad", "grid", "train", data_dir=root / "grid", tfds_dir=tfds_dir)
+  # The MVTec root one level further down.
+  with pytest.raises(ValueError, match="one level down") as err:
+    data.load("mvtec_ad", "grid", "train", data_dir=tmp_path, tfds_dir=tfds_dir)
+  assert str(root) in str(err.value)
   # No train/good.
   (root / "grid" / "train" / "good").rename(root / "grid" / "train" / "ok")
   with pytest.raises(ValueError, match="no training images") as err:

@@ -37,10 +37,11 @@ def features() -> tfds.features.FeaturesDict:
   })
 
 
-def encode_png(array: np.ndarray) -> bytes:
-  """uint8 (H, W) or (H, W, 3) -> PNG bytes (PIL, default compression)."""
+def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
+  """uint8 (H, W) or (H, W, 3) -> PNG bytes (PIL; zlib level 0..9)."""
   buffer = io.BytesIO()
-  Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+  Image.fromarray(np.ascontiguousarray(array)).save(
+      buffer, format="PNG", compress_level=compress_level)
   return buffer.getvalue()
 
 

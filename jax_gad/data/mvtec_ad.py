@@ -123,9 +123,12 @@ def check_data_dir(data_dir, category: str) -> Path:
   if not cat_dir.is_dir():
     found = [c for c in MVTEC_CATEGORIES if (root / c).is_dir()]
     hint = ""
+    nested = sorted(d for d in root.iterdir() if d.is_dir() and (d / category).is_dir())
     if (root / "train" / "good").is_dir():
       hint = (" It looks like a single category folder; pass its parent folder "
               "as data_dir.")
+    elif nested:
+      hint = f" The category is one level down: pass {nested[0]} as data_dir."
     raise ValueError(
         f"MVTec AD data_dir {root} has no folder for category {category!r} "
         f"(expected {cat_dir}); categories found: {found or 'none'}.{hint}\n"
@@ -195,7 +198,9 @@ def _image_png(data: bytes, path: Path) -> tuple[bytes, tuple[int, int]]:
   size = (image.height, image.width)
   if image.mode == "RGB":
     return data, size  # stored unchanged
-  return common.encode_png(np.asarray(image.convert("RGB"))), size
+  # Re-encoded as RGB; zlib level 1 is about 3x faster than the default 6 for
+  # 1024x1024 images at roughly 30 % more bytes.
+  return common.encode_png(np.asarray(image.convert("RGB")), compress_level=1), size
 
 
 def _mask_png(data: bytes, path: Path, image_path: Path, size: tuple[int, int]) -> bytes:
