@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-import hashlib
 import json
 import os
-from typing import Optional
 
 import numpy as np
 from sklearn.model_selection import KFold
