@@ -1,0 +1,197 @@
+"""Tests for jax_gad.benchmark: tiny CLI run, JSON fields, estimate, references."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_gad import benchmark
+from jax_gad.models import efficientnet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ['--arch=efficientnet-b0', '--image_size=32', '--batch_sizes=3',
+        '--dtypes=float32', '--depthwise=shift,xla', '--num_batches=2',
+        '--torch_threads=1', '--kernel_n_fit=12', '--kernel_n_score=6',
+        '--kernel_widths=8,24,16', '--repeats=1',
+        '--sweep_d=8,16', '--sweep_d_n=10', '--sweep_n=10,30', '--sweep_n_d=6',
+        '--host_image_side=48']
+
+EXTRACTION_FIELDS = {'arch', 'image_size', 'batch_size', 'dtype', 'depthwise',
+                     'device_count', 'compile_s', 'step_s', 'step_s_all', 'images_per_s',
+                     'num_batches', 'compiled_memory', 'device_peak_bytes',
+                     'torch_images_per_s', 'speedup_vs_torch'}
+KERNEL_ROW_FIELDS = {'level', 'width', 'n', 'd', 'jax_compile_s', 'jax_fit_s', 'jax_score_s',
+                     'jax_score_total_s', 'sklearn_fit_s', 'numpy_score_total_s',
+                     'fit_speedup', 'score_speedup'}
+SWEEP_FIELDS = {'n', 'd', 'jax_compile_s', 'jax_fit_s', 'sklearn_fit_s', 'fit_speedup'}
+ESTIMATE_FIELDS = {'dataset', 'categories', 'folds', 'levels', 'distances', 'images', 'fits',
+                   'scorings', 'images_per_s', 'extraction_row', 'compile_s', 'extraction_s',
+                   'host_preprocess_s', 'fit_s', 'score_s', 'total_s', 'total_min',
+                   'assumptions'}
+
+
+def _positive(x):
+  return isinstance(x, (int, float)) and np.isfinite(x) and x > 0
+
+
+def test_import_does_not_import_torch_or_sklearn():
+  code = ('import sys, jax_gad.benchmark; '
+          'bad = [m for m in ("torch", "sklearn", "tensorflow", "efficientnet_pytorch") '
+          'if m in sys.modules]; assert not bad, bad')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_cli_tiny_configuration_writes_documented_json(tmp_path):
+  out = tmp_path / 'sub' / 'bench.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'jax_gad.benchmark', *TINY, f'--json={out}'],
+      capture_output=True, text=True, cwd=REPO, timeout=600,
+      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert not [p for p in os.listdir(out.parent) if p != 'bench.json']  # no temp left
+
+  assert result['schema'] == benchmark.SCHEMA
+  assert result['machine']['cpu_count'] == os.cpu_count()
+  assert result['machine']['device_count'] == jax.device_count()
+  assert result['config']['batch_sizes'] == [3]
+
+  rows = result['extraction']
+  assert [r['depthwise'] for r in rows] == ['shift', 'xla']
+  for r in rows:
+    assert set(r) == EXTRACTION_FIELDS
+    assert r['batch_size'] % r['device_count'] == 0 and r['batch_size'] >= 3
+    assert _positive(r['compile_s']) and _positive(r['step_s'])
+    assert len(r['step_s_all']) == 2
+    assert r['images_per_s'] == pytest.approx(r['batch_size'] / r['step_s'])
+  if benchmark.torch_available() is None:
+    assert result['torch_skipped'] is None
+    (t,) = result['torch']
+    assert t['threads'] == 1 and _positive(t['images_per_s'])
+    for r in rows:
+      assert r['speedup_vs_torch'] == pytest.approx(r['images_per_s'] / t['images_per_s'])
+  else:
+    assert result['torch'] == [] and result['torch_skipped']
+
+  kernel = result['kernel']
+  assert kernel['n_fit'] == 12 and kernel['n_score'] == 6
+  assert [r['width'] for r in kernel['levels']] == [8, 24, 16]
+  for r in kernel['levels']:
+    assert set(r) == KERNEL_ROW_FIELDS
+    assert set(r['jax_score_s']) == {'l2', 'sed', 'mahalanobis'}
+    assert _positive(r['jax_fit_s']) and _positive(r['sklearn_fit_s'])
+    assert r['fit_speedup'] == pytest.approx(r['sklearn_fit_s'] / r['jax_fit_s'])
+  assert kernel['total']['jax_fit_s'] == pytest.approx(
+      sum(r['jax_fit_s'] for r in kernel['levels']))
+
+  assert [(r['n'], r['d']) for r in result['sweep_d']] == [(10, 8), (10, 16)]
+  assert [(r['n'], r['d']) for r in result['sweep_n']] == [(10, 6), (30, 6)]
+  for r in result['sweep_d'] + result['sweep_n']:
+    assert set(r) == SWEEP_FIELDS
+
+  est = result['estimate']
+  assert set(est) == ESTIMATE_FIELDS
+  assert est['extraction_row']['dtype'] == 'float32'
+  assert est['total_s'] == pytest.approx(est['compile_s'] + est['extraction_s'] +
+                                         est['host_preprocess_s'] + est['fit_s'] +
+                                         est['score_s'])
+  assert _positive(result['host_preprocess_s_per_image'])
+  assert result['feature_diff'] is None
+  assert result['peak_host_memory_mb'] >= result['peak_host_memory_mb_after']['extraction'] > 0
+  assert _positive(result['wall_s'])
+
+  # The stdout table carries the same numbers.
+  assert '| jax_gad (Flax) | 3 | float32 | shift |' in proc.stdout
+  assert f'{rows[0]["images_per_s"]:.2f}' in proc.stdout
+  assert 'Full MVTec AD protocol estimate' in proc.stdout
+  assert benchmark.format_report(result).splitlines()[2] in proc.stdout
+
+
+def test_cli_rejects_bad_flags():
+  for args, code in ((['--dtypes=float16'], 1), (['--batch_sizes=a'], 1),
+                     (['--nonsense=1'], 2), (['--depthwise=fast'], 1)):
+    assert benchmark.main(['benchmark', *args, '--nokernel']) == code, args
+
+
+def test_estimate_protocol_arithmetic():
+  counts = {'a': (10, 4), 'b': (20, 6)}
+  kernel = {'n_fit': 8, 'n_score': 5, 'levels': [
+      {'jax_fit_s': 0.5, 'jax_score_total_s': 0.1},
+      {'jax_fit_s': 1.5, 'jax_score_total_s': 0.4}]}
+  row = {'arch': 'x', 'image_size': 4, 'batch_size': 2, 'dtype': 'float32',
+         'depthwise': 'shift', 'device_count': 1}
+  est = benchmark.estimate_protocol(images_per_s=4.0, compile_s=3.0, kernel=kernel,
+                                    host_s_per_image=0.25, extraction_row=row,
+                                    folds=5, counts=counts)
+  assert est['images'] == 40
+  assert est['fits'] == 2 * 5 * 2 and est['scorings'] == 2 * 5 * 2 * 3
+  assert est['extraction_s'] == pytest.approx(40 / 4.0)
+  assert est['host_preprocess_s'] == pytest.approx(40 * 0.25)
+  assert est['fit_s'] == pytest.approx(2 * 5 * (0.5 + 1.5))
+  # (0.1 + 0.4) s per 5 rows, 10 test rows, 5 folds.
+  assert est['score_s'] == pytest.approx(5 * 10 * 0.5 / 5)
+  assert est['total_min'] == pytest.approx((3 + 10 + 10 + 20 + 5) / 60)
+
+
+def test_numpy_reference_scores_match_jax_gaussian():
+  from jax_gad import gaussian
+  rng = np.random.default_rng(0)
+  x = benchmark._features(rng, 40, 12)  # pylint: disable=protected-access
+  x[:, 3] = 2.0  # a dead channel, as in ReLU6 Lite models
+  xs = benchmark._features(rng, 7, 12)  # pylint: disable=protected-access
+  ref = benchmark._numpy_scores(benchmark._sklearn_fit(x), xs)  # pylint: disable=protected-access
+  state = gaussian.fit_gaussian(x)
+  for name, want in zip(('l2', 'sed', 'mahalanobis'), ref):
+    np.testing.assert_allclose(np.asarray(gaussian.score(state, xs, name)), want,
+                               rtol=2e-4, err_msg=name)
+
+
+def test_random_variables_give_finite_varied_levels():
+  arch = 'efficientnet-lite0'
+  variables = benchmark.random_variables(arch, seed=1)
+  leaves = jax.tree_util.tree_leaves(variables)
+  assert all(l.dtype == np.float32 and np.all(np.isfinite(l)) for l in leaves)
+  again = benchmark.random_variables(arch, seed=1)
+  for a, b in zip(leaves, jax.tree_util.tree_leaves(again)):
+    np.testing.assert_array_equal(a, b)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+  maps = jax.jit(efficientnet.create(arch).apply)(variables, x)
+  assert [m.shape[-1] for m in maps] == list(efficientnet.level_widths(arch))
+  for m in maps:
+    assert np.all(np.isfinite(m)) and float(jnp.std(m)) > 0
+
+
+def test_feature_difference_bf16_vs_f32_on_real_lite0_weights(tmp_path):
+  result = benchmark.feature_difference('efficientnet-lite0', str(tmp_path), n_train=6,
+                                        n_test=4, batch_size=4, image_size=64, folds=2,
+                                        categories=('object',))
+  assert result['image_size'] == 64 and 'lite0' in result['checkpoint']
+  assert set(result['categories']) == {'object'}
+  for cat in result['categories'].values():
+    assert [r['level'] for r in cat['levels']] == list(range(9))
+    for r in cat['levels']:
+      # bfloat16 keeps 8 significand bits: differences are small but not zero.
+      assert 0 < r['rel_diff'] < 0.2 and 0 < r['max_abs_diff_rel'] < 0.5
+    for d in ('l2', 'sed', 'mahalanobis'):
+      a = cat['auroc'][d]
+      assert 0 <= a['float32'] <= 100 and 0 <= a['bfloat16'] <= 100
+      assert a['difference'] == pytest.approx(a['bfloat16'] - a['float32'])
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match='arch'):
+    benchmark.run_benchmark(benchmark.Config(arch='resnet'))
+  with pytest.raises(ValueError, match='batch_sizes'):
+    benchmark.run_benchmark(benchmark.Config(batch_sizes=(0,)))
+  with pytest.raises(ValueError, match='kernel_n_fit'):
+    benchmark.run_benchmark(benchmark.Config(kernel_n_fit=2))
+  with pytest.raises(ValueError, match='torch_reference'):
+    benchmark.run_benchmark(benchmark.Config(torch_reference='yes'))
