@@ -345,7 +345,7 @@ class LevelExtractor:
         out.append(np.asarray(level_rows, dtype=np.float32))
 
     bar = None
-    if progress:
+    if progress and jax.process_index() == 0:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
       bar = tqdm(total=n_images, desc=desc, unit='img')
     try:
