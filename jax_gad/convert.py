@@ -51,6 +51,7 @@ from jax_gad.models import efficientnet as effnet
 __all__ = [
     "FORMAT_VERSION",
     "UnsafeCheckpointError",
+    "convert_file",
     "ensure_checkpoint",
     "expected_shapes",
     "from_torch",
@@ -333,8 +334,11 @@ def _read_zip(zf: zipfile.ZipFile, path: str):
         name = f"{prefix}data/{key}"
         if name not in names:
             raise ValueError(f"{path}: storage record {name!r} is missing")
-        data = zf.read(name)
         nbytes = storage.numel * storage.dtype.itemsize
+        if zf.getinfo(name).file_size != nbytes:  # checked before inflating anything
+            raise ValueError(f"{path}: storage {name!r} has {zf.getinfo(name).file_size} "
+                             f"bytes, expected {nbytes}")
+        data = zf.read(name)
         if len(data) != nbytes:
             raise ValueError(f"{path}: storage {name!r} has {len(data)} bytes, expected {nbytes}")
         storage.array = np.frombuffer(data, storage.dtype.newbyteorder(order), storage.numel)
@@ -614,6 +618,9 @@ def save_checkpoint(path: str | os.PathLike, variables: Mapping, metadata: Mappi
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; use a normal mode
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
@@ -902,10 +909,14 @@ def main(argv: list[str] | None = None) -> int:
 
     fv = _make_flags()
     argv = list(sys.argv if argv is None else argv)
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+        print(__doc__)
+        print(fv.get_help())
+        return 0
     try:
         fv(argv)
     except flags.Error as e:
-        print(f"error: {e}\n\n{fv.main_module_help()}", file=sys.stderr)
+        print(f"error: {e}\n\n{fv.get_help()}", file=sys.stderr)
         return 2
     arch = fv.arch
     output = fv.output or os.path.join("checkpoints", f"{arch}.msgpack")

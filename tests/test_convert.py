@@ -263,6 +263,9 @@ def test_checkpoint_round_trip_is_exact(tmp_path, lite0_variables):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert os.listdir(path.parent) == ["lite0.msgpack"]  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_checkpoint_refuses_wrong_arch_and_corruption(tmp_path, lite0_variables):
