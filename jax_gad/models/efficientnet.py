@@ -43,6 +43,7 @@ __all__ = [
     "ArchSpec",
     "BlockSpec",
     "DEPTHWISE_IMPLS",
+    "NUM_LEVELS",
     "EfficientNet",
     "block_specs",
     "classify",
