@@ -10,6 +10,7 @@ import subprocess
 import sys
 import zipfile
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -257,8 +258,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path, lite0_variables):
     assert meta["format_version"] == convert.FORMAT_VERSION
     assert meta["arch"] == "efficientnet-lite0" and meta["resolution"] == 224
     np.testing.assert_allclose(meta["mean"], [127 / 255] * 3)
-    flat = lambda t: {k: v for k, v in convert._flatten(t).items()}  # noqa: E731
-    a, b = flat(variables), flat(lite0_variables)
+    a, b = convert._flatten(variables), convert._flatten(lite0_variables)
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
@@ -275,7 +275,7 @@ def test_checkpoint_refuses_wrong_arch_and_corruption(tmp_path, lite0_variables)
         convert.load_checkpoint(path, "efficientnet-b4")
     data = path.read_bytes()
     for name, content in [("cut.msgpack", data[: len(data) // 2]), ("junk.msgpack", b"\xc1" * 64),
-                          ("other.msgpack", __import__("msgpack").packb({"a": 1}))]:
+                          ("other.msgpack", msgpack.packb({"a": 1}))]:
         bad = tmp_path / name
         bad.write_bytes(content)
         with pytest.raises(ValueError, match=str(bad)):
