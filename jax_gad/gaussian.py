@@ -428,8 +428,11 @@ def _shrunk_covariance(m: Moments, mode: str, value) -> tuple[Array, Array, Arra
     delta = |C - mu I|_F^2 / D
     shrinkage = min(beta, delta) / delta   (0 when delta == 0, e.g. D == 1)
     covariance = (1 - shrinkage) C + ridge I,  ridge = shrinkage mu
-  ``beta`` is a variance (of the rank-one matrices y y^T), non-negative up to
-  rounding; it is clipped at 0.
+  ``beta`` is a variance (of the rank-one matrices y y^T, ``E|y|^4 - |E y y^T|_F^2``),
+  non-negative up to rounding; it is clipped at 0. Its two terms are of the
+  same size only for degenerate data (all |y| equal and y y^T nearly
+  constant), so the subtraction loses little even in float32; the same
+  formula is what scikit-learn evaluates.
   """
   dim = m.mean.shape[0]
   emp = m.scatter / m.n
@@ -464,16 +467,19 @@ def _factorize(cov: Array, ridge: Array) -> tuple[Array, Array]:
   """
   dim = cov.shape[0]
   rtol = dim * jnp.finfo(cov.dtype).eps
-  chol = jnp.linalg.cholesky(cov)
+  # LAPACK potrf reads the lower triangle only; on failure JAX returns NaNs,
+  # the diagonal included.
+  chol = jnp.linalg.cholesky(cov, symmetrize_input=False)
+  pivots = jnp.diagonal(chol)
   floor = jnp.where(ridge > 0, 0.0, rtol * jnp.max(jnp.diagonal(cov)))
-  ok = jnp.all(jnp.isfinite(chol)) & (jnp.min(jnp.diagonal(chol)) ** 2 > floor)
+  ok = jnp.all(jnp.isfinite(pivots)) & (jnp.min(pivots) ** 2 > floor)
 
   def whitening():
     w, v = jnp.linalg.eigh(cov)
     keep = w > rtol * jnp.maximum(jnp.max(w), 0.0)
     return v * jnp.where(keep, lax.rsqrt(jnp.where(keep, w, 1.0)), 0.0)
 
-  factor = lax.cond(ok, lambda: jnp.tril(chol), whitening)
+  factor = lax.cond(ok, lambda: chol, whitening)
   return factor, jnp.logical_not(ok)
 
 
