@@ -90,21 +90,23 @@ class GaussianState(NamedTuple):
 
   Attributes:
     mean: (D,) mean of the training rows.
-    factor: (D, D) when ``pseudo`` is False, the lower Cholesky factor ``L``
-      of the (shrunk) covariance, ``cov = L L^T``; when ``pseudo`` is True
-      (covariance numerically singular), a whitening matrix ``W`` with
-      ``W W^T = pinv(cov)`` that drops the null-space directions.
+    factor: (D, D) when ``whitening`` is False, the lower Cholesky factor
+      ``L`` of the (shrunk) covariance, ``cov = L L^T``; when True, a
+      whitening matrix ``W`` with ``W W^T`` = the precision (its
+      pseudo-inverse when the covariance is singular, dropping null-space
+      directions). Either way ``mahalanobis^2 = |L^-1 (x - mu)|^2`` or
+      ``|(x - mu) W|^2``.
     std: (D,) per-dimension sample standard deviation (ddof=1), for SED.
     shrinkage: () shrinkage coefficient used, in [0, 1].
     n: () number of training rows.
-    pseudo: () bool, see ``factor``.
+    whitening: () bool, see ``factor``.
   """
   mean: Array
   factor: Array
   std: Array
   shrinkage: Array
   n: Array
-  pseudo: Array
+  whitening: Array
 
 
 class PCAState(NamedTuple):
@@ -452,16 +454,18 @@ def _shrunk_covariance(m: Moments, mode: str, value) -> tuple[Array, Array, Arra
 
 
 def _factorize(cov: Array, ridge: Array) -> tuple[Array, Array]:
-  """(factor, pseudo): Cholesky factor, or pseudo-inverse whitening if singular.
+  """(factor, whitening): Cholesky factor, or pseudo-inverse whitening if singular.
 
-  ``ridge`` is the shrinkage target's weight ``shrinkage * mu``. When it is
-  positive the covariance is positive definite by construction (smallest
-  eigenvalue >= ridge), and the Cholesky factor is used whenever it completes:
-  it is backward stable, so it is as good as the covariance itself. Without a
-  ridge (no shrinkage) rank deficiency is expected (n <= D, dead channels), and
-  the factor is accepted only if its smallest pivot^2 exceeds D * eps *
-  max(diag(cov)), the relative cut-off of scipy's ``pinvh``. Otherwise we use
-  the eigendecomposition, keep eigenvalues above that cut-off, and the
+  ``ridge`` is the shrinkage target's weight ``shrinkage * mu``. Let
+  cutoff = D * eps * max(diag(cov)), the relative cut-off of scipy's
+  ``pinvh`` (with the largest diagonal entry standing in for the largest
+  eigenvalue). When ridge > cutoff the covariance is numerically positive
+  definite by construction (smallest eigenvalue >= ridge), and the Cholesky
+  factor is used whenever it completes: it is backward stable, so it is as
+  good as the covariance itself. Otherwise (no shrinkage, or a rounding-level
+  one) rank deficiency is expected (n <= D, dead channels), and the factor is
+  accepted only if its smallest pivot^2 exceeds the cut-off. If not, we use
+  the eigendecomposition, keep eigenvalues above the cut-off, and the
   Mahalanobis distance ignores the null space, as scikit-learn's
   pseudo-inverse precision does.
   """
@@ -471,7 +475,8 @@ def _factorize(cov: Array, ridge: Array) -> tuple[Array, Array]:
   # the diagonal included.
   chol = jnp.linalg.cholesky(cov, symmetrize_input=False)
   pivots = jnp.diagonal(chol)
-  floor = jnp.where(ridge > 0, 0.0, rtol * jnp.max(jnp.diagonal(cov)))
+  cutoff = rtol * jnp.max(jnp.diagonal(cov))
+  floor = jnp.where(ridge > cutoff, 0.0, cutoff)
   ok = jnp.all(jnp.isfinite(pivots)) & (jnp.min(pivots) ** 2 > floor)
 
   def whitening():
@@ -485,15 +490,75 @@ def _factorize(cov: Array, ridge: Array) -> tuple[Array, Array]:
 
 def _fit_impl(m: Moments, mode: str, value) -> GaussianState:
   cov, shrinkage, ridge = _shrunk_covariance(m, mode, value)
-  factor, pseudo = _factorize(cov, ridge)
+  factor, whitening = _factorize(cov, ridge)
   var = jnp.maximum(jnp.diagonal(m.scatter), 0.0) / (m.n - 1.0)
   return GaussianState(mean=m.mean, factor=factor, std=jnp.sqrt(var), shrinkage=shrinkage,
-                       n=m.n, pseudo=pseudo)
+                       n=m.n, whitening=whitening)
+
+
+def _fit_gram_impl(x: Array, mode: str, value) -> GaussianState:
+  """Fit through the n x n Gram matrix (for n << D); never forms a D x D covariance.
+
+  With y the centred rows and G = y y^T = U diag(lam) U^T, the covariance is
+  Sigma = (1 - s) y^T y / n + ridge I, whose eigenvalues are
+  ev = ridge + (1 - s) lam / n on span(y^T U) and ridge elsewhere. The
+  Ledoit-Wolf terms come from G alone: tr C = tr G / n, |C|_F = |G|_F / n,
+  sum |y|^4 = sum diag(G)^2. The symmetric whitening W = Sigma^(-1/2) is
+  ``ridge^(-1/2) I + B diag(k) B^T`` with B = y^T U and
+  k = (rsqrt(ev) - rsqrt(ridge)) / lam, evaluated in a form without
+  cancellation or division by lam (tiny or rounding-level lam contribute
+  almost nothing, as they should). Without a ridge the covariance is
+  singular and W is its pseudo-inverse square root, keeping ev above
+  D * eps * max(ev) as scipy's ``pinvh`` does. Cost O(n^2 D + n^3 + n D^2)
+  instead of O(n D^2 + D^3) for the Cholesky route.
+  """
+  n, dim = x.shape
+  ref = x[0]
+  y = x - ref
+  offset = jnp.mean(y, axis=0)
+  y = y - offset
+  gram = jnp.matmul(y, y.T, precision=_HIGHEST)
+  r = jnp.diagonal(gram)
+  mu = jnp.sum(r) / (n * dim)
+  if mode == 'ledoit_wolf':
+    frob2 = jnp.sum(gram * gram) / (n * n)
+    beta = (jnp.sum(r * r) / n - frob2) / (dim * n)
+    # |C - mu I|_F^2 = |C|_F^2 - D mu^2: no cancellation here, since with
+    # rank(C) < n < D, |C|_F^2 >= (tr C)^2 / n = D^2 mu^2 / n > D mu^2.
+    delta = jnp.maximum(frob2 - dim * mu * mu, 0.0) / dim
+    beta = jnp.clip(beta, 0.0, delta)
+    shrinkage = jnp.where(delta > 0, beta / jnp.where(delta > 0, delta, 1.0), 0.0)
+  else:
+    shrinkage = jnp.asarray(value, x.dtype)
+  shrinkage = shrinkage.astype(x.dtype)
+  ridge = shrinkage * mu
+  scale = (1.0 - shrinkage) / n
+  lam, u = jnp.linalg.eigh(gram)
+  lam = jnp.maximum(lam, 0.0)
+  ev = ridge + scale * lam
+  b = jnp.matmul(y.T, u, precision=_HIGHEST)  # (D, n), column norms^2 = lam
+  # Eigenvalues at or below pinvh's cut-off count as zero (see _factorize).
+  cutoff = dim * jnp.finfo(x.dtype).eps * jnp.maximum(jnp.max(ev), ridge)
+  use_ridge = ridge > cutoff
+  # With a ridge: (rsqrt(ev) - rsqrt(ridge)) / lam = -scale / (sr se (sr + se)).
+  se = jnp.sqrt(ev)
+  sr = jnp.sqrt(jnp.where(use_ridge, ridge, 1.0))
+  k_ridge = -scale / (sr * se * (sr + se))
+  # Without: pseudo-inverse square root, rsqrt(ev) / lam on kept directions.
+  keep = ev > cutoff
+  k_pinv = jnp.where(keep, lax.rsqrt(jnp.where(keep, ev, 1.0)) / jnp.where(keep, lam, 1.0), 0.0)
+  k = jnp.where(use_ridge, k_ridge, k_pinv)
+  diag = jnp.where(use_ridge, 1.0 / sr, 0.0)
+  factor = jnp.matmul(b * k, b.T, precision=_HIGHEST) + diag * jnp.eye(dim, dtype=x.dtype)
+  std = jnp.sqrt(jnp.sum(y * y, axis=0) / (n - 1.0))
+  return GaussianState(mean=ref + offset, factor=factor, std=std, shrinkage=shrinkage,
+                       n=jnp.asarray(n, x.dtype), whitening=jnp.asarray(True))
 
 
 _fit_moments_jit = jax.jit(_fit_impl, static_argnames='mode')
 _fit_x_jit = jax.jit(lambda x, mode, value: _fit_impl(_moments_impl(x), mode, value),
                      static_argnames='mode')
+_fit_gram_jit = jax.jit(_fit_gram_impl, static_argnames='mode')
 _ledoit_wolf_jit = jax.jit(lambda x: _shrunk_covariance(_moments_impl(x), 'ledoit_wolf', 0.0)[:2])
 
 
@@ -514,6 +579,12 @@ def ledoit_wolf(x) -> tuple[Array, Array]:
 def fit_gaussian(x, shrinkage='ledoit_wolf') -> GaussianState:
   """Fits a Gaussian to the rows of ``x``.
 
+  Usually the covariance is formed from :class:`Moments` and
+  Cholesky-factored (O(n D^2 + D^3)). With far fewer rows than features,
+  D >= 4 n (MVTec's train sets against the 1792-wide head level), the fit
+  goes through the n x n Gram matrix instead and returns a whitening factor
+  (O(n^2 D + n D^2)): the same Gaussian up to rounding, 2-5x faster there.
+
   Args:
     x: (n, D) training features, n >= 2, finite.
     shrinkage: ``'ledoit_wolf'`` (default, scikit-learn's ``LedoitWolf``) or a
@@ -523,14 +594,18 @@ def fit_gaussian(x, shrinkage='ledoit_wolf') -> GaussianState:
     :class:`GaussianState`.
   """
   mode, value = _check_shrinkage(shrinkage)
-  return _fit_x_jit(check_features(x, 'x', min_samples=2), mode, value)
+  x = check_features(x, 'x', min_samples=2)
+  if 4 * x.shape[0] <= x.shape[1]:  # measured crossover on CPU: D ~ 3.5 n
+    return _fit_gram_jit(x, mode, value)
+  return _fit_x_jit(x, mode, value)
 
 
 def fit_from_moments(m: Moments, shrinkage='ledoit_wolf') -> GaussianState:
   """Fits a Gaussian from accumulated :class:`Moments`.
 
   Equals :func:`fit_gaussian` on the concatenation of the rows behind ``m``
-  up to rounding.
+  up to rounding (the same mean, std, shrinkage, precision and distances;
+  the ``factor`` may be a Cholesky factor here and a whitening matrix there).
 
   Args:
     m: :class:`Moments` with n >= 2.
@@ -560,7 +635,7 @@ def _precision_jit(state):
     inv = solve_triangular(state.factor, eye, lower=True)
     return jnp.matmul(inv.T, inv, precision=_HIGHEST)
 
-  return lax.cond(state.pseudo,
+  return lax.cond(state.whitening,
                   lambda: jnp.matmul(state.factor, state.factor.T, precision=_HIGHEST),
                   from_cholesky)
 
@@ -582,7 +657,7 @@ def _mahalanobis_impl(state: GaussianState, x: Array) -> Array:
     return jnp.sum(y * y, axis=1)
 
   # A sum of squares: never negative, so the square root cannot produce NaN.
-  return jnp.sqrt(lax.cond(state.pseudo, whiten, cholesky_solve))
+  return jnp.sqrt(lax.cond(state.whitening, whiten, cholesky_solve))
 
 
 def _l2_impl(state: GaussianState, x: Array) -> Array:

@@ -87,12 +87,14 @@ def test_mahalanobis_matches_sklearn_float32(case):
   ref = LedoitWolf().fit(x.astype(np.float64)).mahalanobis(x_test.astype(np.float64))  # squared
   state = gaussian.fit_gaussian(x)
   dist = np.asarray(gaussian.mahalanobis(state, x_test), np.float64)
-  assert dist.shape == (30,) and not bool(state.pseudo)
+  assert dist.shape == (30,)
   np.testing.assert_allclose(dist ** 2, ref, rtol=1e-4)
 
 
-def test_fit_gaussian_state_matches_sklearn_float64():
-  x = _data((200, 448))
+@pytest.mark.parametrize('shape', [(48, 448), (200, 448), (500, 64)],
+                         ids=['gram_route', 'cholesky_n<D', 'cholesky_n>D'])
+def test_fit_gaussian_state_matches_sklearn_float64(shape):
+  x = _data(shape)
   lw = LedoitWolf().fit(x)
   with jax.enable_x64(True):
     state = gaussian.fit_gaussian(x)
@@ -101,39 +103,49 @@ def test_fit_gaussian_state_matches_sklearn_float64():
   np.testing.assert_allclose(state.mean, lw.location_, rtol=1e-12)
   np.testing.assert_allclose(state.std, x.std(axis=0, ddof=1), rtol=1e-10)
   assert float(state.shrinkage) == pytest.approx(lw.shrinkage_, rel=1e-10)
-  assert float(state.n) == 200
-  np.testing.assert_allclose(state.factor @ state.factor.T, lw.covariance_,
-                             atol=1e-10 * np.abs(lw.covariance_).max())
+  assert float(state.n) == shape[0]
+  f = state.factor
+  if 4 * shape[0] <= shape[1]:  # Gram route, whitening W: W W^T is the precision
+    assert bool(state.whitening)
+    np.testing.assert_allclose(f @ f.T, lw.precision_, atol=1e-9 * np.abs(lw.precision_).max())
+  else:                         # Cholesky L: L L^T is the covariance
+    assert not bool(state.whitening)
+    np.testing.assert_array_equal(f, np.tril(f))
+    np.testing.assert_allclose(f @ f.T, lw.covariance_, atol=1e-10 * np.abs(lw.covariance_).max())
   assert _rel(prec, lw.precision_) < 1e-8
 
 
 @pytest.mark.parametrize('dtype', [np.float64, np.float32])
 def test_singular_covariance_uses_pseudo_inverse_like_sklearn(dtype):
   # No shrinkage, fewer samples than features and a dead column: the covariance
-  # is singular, and scikit-learn's precision is its pseudo-inverse.
-  x = _data('constant_column')[:25]
+  # is singular, and scikit-learn's precision is its pseudo-inverse. Both
+  # routes: the Gram fit (D >= 4 n) and the moments fit (Cholesky fails -> eigh).
+  x = _data('constant_column')[:10]
   x_test = _data('constant_column', seed=3)[:10]
   ref = EmpiricalCovariance().fit(x).mahalanobis(x_test)
   with jax.enable_x64(dtype == np.float64):
-    state = gaussian.fit_gaussian(x.astype(dtype), shrinkage=0.0)
-    dist = np.asarray(gaussian.mahalanobis(state, x_test.astype(dtype)), np.float64)
-    assert bool(state.pseudo) and float(state.shrinkage) == 0.0
-  assert np.isfinite(dist).all()
-  np.testing.assert_allclose(dist ** 2, ref, rtol=1e-9 if dtype == np.float64 else 1e-4)
+    for state in (gaussian.fit_gaussian(x.astype(dtype), shrinkage=0.0),
+                  gaussian.fit_from_moments(gaussian.moments(x.astype(dtype)), shrinkage=0.0)):
+      dist = np.asarray(gaussian.mahalanobis(state, x_test.astype(dtype)), np.float64)
+      assert bool(state.whitening) and float(state.shrinkage) == 0.0
+      assert np.isfinite(dist).all()
+      np.testing.assert_allclose(dist ** 2, ref, rtol=1e-9 if dtype == np.float64 else 1e-4)
 
 
-def test_tiny_ridge_keeps_cholesky_like_sklearn():
+def test_tiny_ridge_counts_every_direction_like_sklearn():
   # Singular sample covariance plus a tiny positive ridge: positive definite,
   # so every direction counts (no pseudo-inverse), as in scikit-learn.
   from sklearn.covariance import ShrunkCovariance
-  x = _data('constant_column')[:25]
+  x = _data('constant_column')[:10]
   x_test = _data('constant_column', seed=3)[:10]
   ref = ShrunkCovariance(shrinkage=1e-7).fit(x).mahalanobis(x_test)
   with jax.enable_x64(True):
-    state = gaussian.fit_gaussian(x, shrinkage=1e-7)
-    dist = np.asarray(gaussian.mahalanobis(state, x_test))
-    assert not bool(state.pseudo)
-  np.testing.assert_allclose(dist ** 2, ref, rtol=1e-5)
+    gram = gaussian.fit_gaussian(x, shrinkage=1e-7)
+    chol = gaussian.fit_from_moments(gaussian.moments(x), shrinkage=1e-7)
+    assert not bool(chol.whitening)  # the Cholesky factor was accepted
+    for state in (gram, chol):
+      dist = np.asarray(gaussian.mahalanobis(state, x_test))
+      np.testing.assert_allclose(dist ** 2, ref, rtol=1e-5)
 
 
 def test_fixed_shrinkage_matches_sklearn_shrunk_covariance():
@@ -307,32 +319,40 @@ def test_select_components_edges_and_validation():
 # ---------------------------------------------------------------------------
 
 
-def _assert_states_close(a, b, rtol):
-  for name in ('mean', 'factor', 'std', 'shrinkage', 'n'):
+def _assert_states_close(a, b, rtol, x_test=None):
+  """Same Gaussian: equal fields, precision and distances (factors may differ in kind)."""
+  names = ['mean', 'std', 'shrinkage', 'n']
+  if not bool(a.whitening) and not bool(b.whitening):  # Cholesky factors are unique
+    names.append('factor')
+  for name in names:  # (shrinkage may be 0 in one and rounding noise in the other)
     x, y = np.asarray(getattr(a, name)), np.asarray(getattr(b, name))
-    assert np.linalg.norm(x - y) <= rtol * np.linalg.norm(y), name
-  assert bool(a.pseudo) == bool(b.pseudo)
+    assert np.linalg.norm(x - y) <= rtol * np.linalg.norm(y) + 1e-14, name
+  assert _rel(gaussian.precision(a), gaussian.precision(b)) <= rtol
+  if x_test is not None:
+    np.testing.assert_allclose(gaussian.mahalanobis(a, x_test), gaussian.mahalanobis(b, x_test),
+                               rtol=rtol)
 
 
-def test_streaming_seven_uneven_batches_equals_one_shot():
-  x = _data((300, 48)) + 1e3  # a large common offset: a naive one-pass formula would cancel
-  x_test = _data((300, 48), seed=7)[:20] + 1e3
-  cuts = [1, 3, 40, 41, 170, 260]  # 7 batches of 1, 2, 37, 1, 129, 90, 40 rows
+@pytest.mark.parametrize('shape', [(300, 48), (15, 64)], ids=['cholesky_route', 'gram_route'])
+def test_streaming_seven_uneven_batches_equals_one_shot(shape):
+  n, d = shape
+  x = _data(shape) + 1e3  # a large common offset: a naive one-pass formula would cancel
+  x_test = _data(shape, seed=7)[:20] + 1e3
+  cuts = {300: [1, 3, 40, 41, 170, 260], 15: [1, 3, 4, 8, 9, 12]}[n]  # 7 uneven batches
   with jax.enable_x64(True):
     one_shot = gaussian.fit_gaussian(x)
     parts = [gaussian.moments(b) for b in np.array_split(x, cuts)]
-    m = gaussian.empty_moments(48, jnp.float64)
+    assert len(parts) == 7 and len({int(p.n) for p in parts}) > 3
+    m = gaussian.empty_moments(d, jnp.float64)
     for part in parts:  # sequential, as a stream would arrive
       m = gaussian.merge(m, part)
     streamed = gaussian.fit_from_moments(m)
-    _assert_states_close(streamed, one_shot, 1e-6)
+    _assert_states_close(streamed, one_shot, 1e-6, x_test)
     # Merge order does not matter: a balanced tree of the same per-batch moments.
     while len(parts) > 1:
       parts = [gaussian.merge(*parts[i:i + 2]) if i + 1 < len(parts) else parts[i]
                for i in range(0, len(parts), 2)]
-    _assert_states_close(gaussian.fit_from_moments(parts[0]), one_shot, 1e-6)
-    np.testing.assert_allclose(gaussian.mahalanobis(streamed, x_test),
-                               gaussian.mahalanobis(one_shot, x_test), rtol=1e-6)
+    _assert_states_close(gaussian.fit_from_moments(parts[0]), one_shot, 1e-6, x_test)
     ref = LedoitWolf().fit(x)
     assert float(streamed.shrinkage) == pytest.approx(ref.shrinkage_, rel=1e-6)
 
@@ -495,6 +515,22 @@ def test_mahalanobis_invariant_under_affine_map_without_shrinkage(seed, d, n):
     d0 = np.asarray(gaussian.mahalanobis(gaussian.fit_gaussian(x, 0.0), t))
     d1 = np.asarray(gaussian.mahalanobis(gaussian.fit_gaussian(x @ a + b, 0.0), t @ a + b))
   np.testing.assert_allclose(d1, d0, rtol=1e-7)
+
+
+@HYPOTHESIS
+@given(seed=st.integers(0, 2**31 - 1), n=st.sampled_from([2, 3, 5]), d=st.sampled_from([20, 33]),
+       shrinkage=st.sampled_from(['ledoit_wolf', 0.0, 0.5]), dead=st.booleans())
+def test_gram_route_equals_moments_route(seed, n, d, shrinkage, dead):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, d)) * rng.uniform(0.1, 10.0, d) + rng.normal(0.0, 5.0, d)
+  if dead:
+    x[:, :3] = 0.0
+  t = rng.normal(size=(4, d)) * 3.0
+  with jax.enable_x64(True):
+    gram = gaussian.fit_gaussian(x, shrinkage)  # D >= 4 n: Gram route
+    dense = gaussian.fit_from_moments(gaussian.moments(x), shrinkage)
+    assert bool(gram.whitening)
+    _assert_states_close(gram, dense, 1e-7, t)
 
 
 @HYPOTHESIS
