@@ -11,7 +11,7 @@ and turns them into the rows of the paper's tables:
    :class:`Run` per (fold, level or ``"sum"``, distance) with its AUROC.
 2. :func:`summarize` aggregates runs into mean ± SEM over (category, fold):
    Table 1 (rows: levels and Sum; columns: distances) and a per-category table.
-3. :func:`write_reports` writes ``results.json``, ``table1.csv``, ``table1.md``,
+3. :func:`report` assembles the results.json document and :func:`write_reports` writes ``results.json``, ``table1.csv``, ``table1.md``,
    ``per_category.{csv,md}``, ``thresholds.{csv,md}`` and the ROC / level plots,
    every file atomically.
 
@@ -411,44 +411,54 @@ def _plot_levels(table1: list[dict], distances: Sequence[str]) -> bytes:
   return buf.getvalue()
 
 
-def write_reports(workdir: str, *, config: dict, results: dict, levels: Sequence[int],
-                  distances: Sequence[str], plots: bool = True) -> dict:
-  """Writes every output file of an experiment into ``workdir``.
+def report(*, config: dict, results: dict, levels: Sequence[int],
+           distances: Sequence[str]) -> dict:
+  """The results.json document of an experiment.
 
   Args:
-    workdir: existing folder.
-    config: the experiment's settings, stored verbatim in results.json.
+    config: the experiment's settings, stored verbatim.
     results: category -> :class:`CategoryResult`.
     levels, distances: as evaluated.
-    plots: also write the PNG plots.
 
   Returns:
-    The JSON document written to results.json.
+    ``{"config", "runs", "table1", "per_category", "thresholds"}``; plain JSON types.
   """
   runs = [r for res in results.values() for r in res.runs]
   table1, per_category = summarize(runs, levels, distances)
   thresholds = summarize_thresholds(row for res in results.values() for row in res.thresholds)
-  doc = {
+  return {
       "config": config,
       "runs": [r._asdict() for r in runs],
       "table1": table1,
       "per_category": per_category,
       "thresholds": thresholds,
   }
+
+
+def write_reports(workdir: str, doc: dict, results: dict, distances: Sequence[str],
+                  plots: bool = True) -> None:
+  """Writes results.json, the tables and (optionally) the plots into ``workdir``.
+
+  Args:
+    workdir: existing folder.
+    doc: the document made by :func:`report`.
+    results: category -> :class:`CategoryResult` (for the ROC plots).
+    distances: as evaluated.
+    plots: also write the PNG plots.
+  """
   files = {
-      "table1.csv": _csv(table1),
-      "table1.md": table1_markdown(table1, distances),
-      "per_category.csv": _csv(per_category),
-      "per_category.md": per_category_markdown(per_category, distances),
-      "thresholds.csv": _csv(thresholds),
-      "thresholds.md": thresholds_markdown(thresholds),
+      "table1.csv": _csv(doc["table1"]),
+      "table1.md": table1_markdown(doc["table1"], distances),
+      "per_category.csv": _csv(doc["per_category"]),
+      "per_category.md": per_category_markdown(doc["per_category"], distances),
+      "thresholds.csv": _csv(doc["thresholds"]),
+      "thresholds.md": thresholds_markdown(doc["thresholds"]),
   }
   if plots:
     files.update(_plot_roc(results, distances))
-    files["auroc_per_level.png"] = _plot_levels(table1, distances)
+    files["auroc_per_level.png"] = _plot_levels(doc["table1"], distances)
   for name, data in files.items():
     atomic_write(os.path.join(workdir, name), data)
   # results.json last: its presence means the run finished.
   atomic_write(os.path.join(workdir, "results.json"),
                json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n")
-  return doc

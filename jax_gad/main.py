@@ -14,7 +14,6 @@ workdir as it was.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -141,16 +140,9 @@ def _validate(cfg: Config):
   return reduction
 
 
-def _file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def run(cfg: Config) -> dict:
   """Runs the whole protocol for ``cfg`` and writes the reports. Returns results.json's content."""
+  import jax
   import jax.numpy as jnp
   from tqdm import tqdm
 
@@ -177,7 +169,7 @@ def run(cfg: Config) -> dict:
 
   mesh = features.make_mesh()
   cache = features.FeatureCache(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else None
-  checkpoint_id = _file_sha256(path)
+  checkpoint_id = features.file_sha256(path)
   levels = list(cfg.levels)
 
   def pooled(split, category, split_name):
@@ -214,10 +206,13 @@ def run(cfg: Config) -> dict:
                 checkpoint_meta={k: meta[k] for k in ("arch", "source", "resolution", "mean", "std")
                                  if k in meta},
                 reduction=reduction.name if reduction else None)
-  os.makedirs(cfg.workdir, exist_ok=True)
-  return evaluate.write_reports(cfg.workdir, config=json.loads(json.dumps(config)),
-                                results=results, levels=levels, distances=cfg.distances,
-                                plots=cfg.plots)
+  doc = evaluate.report(config=json.loads(json.dumps(config)), results=results, levels=levels,
+                        distances=cfg.distances)
+  # In a multi-host run every process holds the same results; process 0 writes them.
+  if jax.process_index() == 0:
+    os.makedirs(cfg.workdir, exist_ok=True)
+    evaluate.write_reports(cfg.workdir, doc, results, cfg.distances, plots=cfg.plots)
+  return doc
 
 
 def main(argv):

@@ -84,8 +84,9 @@ def test_write_reports(tmp_path):
   results = {c: evaluate.evaluate_category(c, train, test, labels, folds, levels=[0, 1, 2],
                                            distances=["l2", "mahalanobis"])
              for c in ("a", "b")}
-  doc = evaluate.write_reports(str(tmp_path), config={"x": 1}, results=results, levels=[0, 1, 2],
-                               distances=["l2", "mahalanobis"])
+  doc = evaluate.report(config={"x": 1}, results=results, levels=[0, 1, 2],
+                        distances=["l2", "mahalanobis"])
+  evaluate.write_reports(str(tmp_path), doc, results, ["l2", "mahalanobis"])
   names = set(os.listdir(tmp_path))
   assert {"results.json", "table1.csv", "table1.md", "per_category.csv", "per_category.md",
           "thresholds.csv", "thresholds.md", "roc_a.png", "roc_b.png",
