@@ -10,7 +10,10 @@ functions over pytrees (``NamedTuple``):
   equal (up to rounding) to :func:`fit_gaussian` on the concatenated rows.
 * :func:`ledoit_wolf` and :func:`fit_gaussian` follow scikit-learn's
   ``ledoit_wolf`` / ``LedoitWolf`` (data not assumed centred, covariance
-  normalised by ``n``, pseudo-inverse precision).
+  normalised by ``n``, pseudo-inverse precision). The state holds either the
+  Cholesky factor of the covariance or, for singular covariances and for
+  fits with D >= 4 n (done through the n x n Gram matrix), a whitening
+  matrix; no precision matrix is ever formed by inversion.
 * :func:`mahalanobis`, :func:`l2` and :func:`sed` score rows against a fitted
   state (design.md §2); :data:`DISTANCES` maps their names to them.
 * :func:`fit_pca`, :func:`select_components`, :func:`reduce` and
