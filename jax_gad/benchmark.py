@@ -30,7 +30,9 @@ JSON fields (``--json=FILE``, written atomically):
 ``machine``: ``hostname``, ``platform``, ``processor``, ``cpu_count``,
   ``python``, ``jax``, ``jaxlib``, ``backend``, ``device_kind``,
   ``device_count``, ``local_device_count``, ``process_count``, ``torch``
-  (version or null), ``sklearn`` (version or null).
+  (version or null), ``sklearn`` (version or null), ``load_average_start`` and
+  ``load_average_end`` (1, 5, 15 minute host load averages around the run;
+  other processes on the machine skew the timings).
 ``config``: the flag values used.
 ``extraction``: list of rows, one per (batch_size, dtype, depthwise):
   ``arch``, ``image_size``, ``batch_size``, ``dtype``, ``depthwise``,
@@ -39,19 +41,23 @@ JSON fields (``--json=FILE``, written atomically):
   ``images_per_s``, ``num_batches``, ``compiled_memory`` (XLA's
   ``memory_analysis``: ``argument_bytes``, ``output_bytes``, ``temp_bytes``,
   ``generated_code_bytes``, or null), ``device_peak_bytes`` (null on CPU),
+  ``other_cpu`` (share of all cores used by other processes during the timed
+  steps: 0 = otherwise idle machine; null off Linux or for intervals under
+  1 s),
   ``torch_images_per_s`` (the torch row at the same batch size, or null),
   ``speedup_vs_torch`` (``images_per_s / torch_images_per_s`` or null).
 ``torch``: list of rows ``arch``, ``image_size``, ``batch_size``, ``threads``,
-  ``step_s``, ``step_s_all``, ``images_per_s``, ``num_batches``; empty when
+  ``other_cpu``, ``step_s``, ``step_s_all``, ``images_per_s``, ``num_batches``; empty when
   skipped (``torch_skipped`` says why).
 ``kernel``: ``n_fit``, ``n_score``, ``levels`` (one row per width of
   ``--kernel_widths``, by default the 9 level widths of ``--arch``: ``level``,
   ``width``, ``jax_compile_s``, ``jax_fit_s``, ``jax_score_s`` (dict per
   distance), ``jax_score_total_s``, ``sklearn_fit_s``, ``numpy_score_total_s``,
-  ``fit_speedup``, ``score_speedup``), ``total`` (sums over levels and the
-  overall ratios); null when disabled.
-``sweep_d`` / ``sweep_n``: lists of rows ``n``, ``d``, ``jax_fit_s``,
-  ``sklearn_fit_s``, ``fit_speedup``.
+  ``fit_speedup``, ``score_speedup``), ``total`` (sums over levels, the
+  overall ratios and ``other_cpu``); null when disabled.
+``sweep_d`` / ``sweep_n``: lists of rows ``n``, ``d``, ``jax_compile_s``,
+  ``jax_fit_s``, ``sklearn_fit_s``, ``fit_speedup``; ``sweeps_other_cpu``
+  covers both sweeps.
 ``host_preprocess_s_per_image``: seconds to decode a PNG of side
   ``--host_image_side`` and resize + normalise it to the input size (one thread).
 ``estimate``: the full-protocol estimate: ``dataset``, ``categories``,
@@ -139,6 +145,38 @@ def peak_host_memory_mb() -> float:
   return rss / (1024.0 * 1024.0) if sys.platform == 'darwin' else rss / 1024.0
 
 
+def _cpu_snapshot():
+  """(wall s, machine busy CPU s, this process's CPU s); busy is None off Linux."""
+  wall = time.perf_counter()
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  busy = None
+  try:
+    with open('/proc/stat', encoding='ascii') as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    busy = (sum(fields[:8]) - idle) / os.sysconf('SC_CLK_TCK')
+  except (OSError, ValueError, IndexError):
+    pass
+  return wall, busy, usage.ru_utime + usage.ru_stime
+
+
+def other_cpu_fraction(before, after) -> float | None:
+  """Share of all cores used by other processes between two :func:`_cpu_snapshot`.
+
+  0 means the machine was otherwise idle; 0.5 on 2 cores means one core's
+  worth of foreign work ran alongside the measurement. None when not on Linux
+  or when the interval is under a second (``/proc/stat`` counts in clock
+  ticks, too coarse for shorter intervals).
+  """
+  if before[1] is None or after[1] is None:
+    return None
+  wall = after[0] - before[0]
+  if wall < 1.0:
+    return None
+  others = (after[1] - before[1]) - (after[2] - before[2])
+  return min(1.0, max(0.0, others / (wall * (os.cpu_count() or 1))))
+
+
 def _timed(fn: Callable[[], Any], repeats: int, budget_s: float) -> list[float]:
   """Runs ``fn`` at least once and up to ``repeats`` times within ``budget_s``."""
   times = []
@@ -168,6 +206,13 @@ def _optional_version(module_name: str):
     return None
 
 
+def _load_average():
+  try:
+    return [round(v, 2) for v in os.getloadavg()]
+  except OSError:
+    return None
+
+
 def machine_info() -> dict:
   """What ran the benchmark: host, CPU count, library versions, devices."""
   devices = jax.devices()
@@ -186,6 +231,7 @@ def machine_info() -> dict:
       'process_count': jax.process_count(),
       'torch': _optional_version('torch'),
       'sklearn': _optional_version('sklearn'),
+      'load_average_start': _load_average(),
   }
 
 
@@ -288,10 +334,13 @@ def bench_extraction(arch: str, image_size: int, batch_size: int, dtype: str,
     jax.device_get(extractor(extractor.device_batch(host)))
 
   step()  # warm-up (first execution, allocations)
+  before = _cpu_snapshot()
   times = [_timed(step, 1, 0.0)[0] for _ in range(max(1, num_batches))]
+  others = other_cpu_fraction(before, _cpu_snapshot())
   step_s = float(np.median(times))
   return {
       'arch': arch, 'image_size': image_size, 'batch_size': extractor.batch_size,
+      'other_cpu': others,
       'dtype': dtype, 'depthwise': depthwise, 'device_count': extractor.mesh.size,
       'compile_s': compile_s, 'step_s': step_s, 'step_s_all': times,
       'images_per_s': extractor.batch_size / step_s, 'num_batches': len(times),
@@ -334,10 +383,12 @@ def bench_torch(arch: str, image_size: int, batch_size: int, num_batches: int,
       model.extract_features(x)
 
   step()
+  before = _cpu_snapshot()
   times = [_timed(step, 1, 0.0)[0] for _ in range(max(1, num_batches))]
+  others = other_cpu_fraction(before, _cpu_snapshot())
   step_s = float(np.median(times))
   return {'arch': arch, 'image_size': image_size, 'batch_size': batch_size,
-          'threads': threads, 'step_s': step_s, 'step_s_all': times,
+          'threads': threads, 'other_cpu': others, 'step_s': step_s, 'step_s_all': times,
           'images_per_s': batch_size / step_s, 'num_batches': len(times)}
 
 
@@ -431,6 +482,7 @@ def bench_kernels(widths: Sequence[int], n_fit: int, n_score: int, *, repeats: i
                   budget_s: float, use_sklearn: bool, seed: int = 0) -> dict:
   """Fit + score at each level width (e.g. ``efficientnet.level_widths(arch)``)."""
   rows = []
+  before = _cpu_snapshot()
   for level, width in enumerate(widths):
     row = bench_fit(n_fit, width, repeats=repeats, budget_s=budget_s,
                     use_sklearn=use_sklearn, n_score=n_score, seed=seed)
@@ -444,6 +496,7 @@ def bench_kernels(widths: Sequence[int], n_fit: int, n_score: int, *, repeats: i
   }
   total['fit_speedup'] = _ratio(total['sklearn_fit_s'], total['jax_fit_s'])
   total['score_speedup'] = _ratio(total['numpy_score_total_s'], total['jax_score_total_s'])
+  total['other_cpu'] = other_cpu_fraction(before, _cpu_snapshot())
   return {'n_fit': n_fit, 'n_score': n_score, 'levels': rows, 'total': total}
 
 
@@ -651,7 +704,8 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
             'extraction': [], 'torch': [], 'torch_skipped': None, 'kernel': None,
             'kernel_skipped': None, 'sweep_d': [], 'sweep_n': [],
             'host_preprocess_s_per_image': None, 'estimate': None,
-            'feature_diff': None, 'peak_host_memory_mb_after': {}}
+            'feature_diff': None, 'peak_host_memory_mb_after': {},
+            'sweeps_other_cpu': None}
   phases = result['peak_host_memory_mb_after']
 
   # Feature extraction.
@@ -712,6 +766,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
     phases['kernel'] = peak_host_memory_mb()
   else:
     result['kernel_skipped'] = 'disabled (--nokernel)'
+  before = _cpu_snapshot()
   for d in cfg.sweep_d:
     log(f'sweep D: N={cfg.sweep_d_n} D={d} ...')
     result['sweep_d'].append(bench_fit(cfg.sweep_d_n, d, repeats=cfg.repeats,
@@ -724,6 +779,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
                                        use_sklearn=use_sklearn, seed=cfg.seed))
   if cfg.sweep_d or cfg.sweep_n:
     phases['sweeps'] = peak_host_memory_mb()
+    result['sweeps_other_cpu'] = other_cpu_fraction(before, _cpu_snapshot())
 
   # End-to-end estimate.
   if cfg.estimate:
@@ -746,6 +802,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
         n_test=cfg.feature_diff_n_test, batch_size=max(cfg.batch_sizes))
     phases['feature_diff'] = peak_host_memory_mb()
 
+  result['machine']['load_average_end'] = _load_average()
   result['peak_host_memory_mb'] = peak_host_memory_mb()
   result['wall_s'] = time.perf_counter() - start
   return result
@@ -764,6 +821,10 @@ def _ms(value):
   return _f(None if value is None else 1e3 * value, '{:.2f}')
 
 
+def _pct(value):
+  return _f(None if value is None else 100.0 * value, '{:.0f} %')
+
+
 def _x(value):
   return _f(value, '{:.1f}x')
 
@@ -780,7 +841,8 @@ def format_report(result: dict) -> str:
   m = result['machine']
   out = [f'Machine: {m["processor"]}, {m["cpu_count"]} CPU cores, JAX {m["jax"]} '
          f'{m["backend"]} ({m["device_count"]} x {m["device_kind"]}), '
-         f'{m["process_count"]} process(es)', '']
+         f'{m["process_count"]} process(es); load average {m["load_average_start"]} at '
+         f'start, {m.get("load_average_end")} at end', '']
   if result['extraction']:
     r0 = result['extraction'][0]
     out.append(f'Feature extraction, {r0["arch"]} at {r0["image_size"]}x{r0["image_size"]} '
@@ -789,13 +851,13 @@ def format_report(result: dict) -> str:
     for r in result['extraction']:
       rows.append(['jax_gad (Flax)', r['batch_size'], r['dtype'], r['depthwise'],
                    r['device_count'], _f(r['compile_s'], '{:.1f}'), _f(r['step_s'], '{:.3f}'),
-                   _f(r['images_per_s']), _x(r['speedup_vs_torch'])])
+                   _f(r['images_per_s']), _x(r['speedup_vs_torch']), _pct(r['other_cpu'])])
     for t in result['torch']:
       rows.append([f'efficientnet-pytorch ({t["threads"]} threads)', t['batch_size'],
                    'float32', '-', '-', '-', _f(t['step_s'], '{:.3f}'),
-                   _f(t['images_per_s']), '1.0x'])
+                   _f(t['images_per_s']), '1.0x', _pct(t['other_cpu'])])
     out.append(_table(['implementation', 'batch', 'dtype', 'depthwise', 'devices',
-                       'compile s', 'step s', 'img/s', 'vs torch'], rows))
+                       'compile s', 'step s', 'img/s', 'vs torch', 'other CPU'], rows))
     if result['torch_skipped']:
       out.append(f'(torch reference skipped: {result["torch_skipped"]})')
     out.append('')
@@ -804,7 +866,7 @@ def format_report(result: dict) -> str:
     out.append(f'Gaussian kernels per level: fit on N={k["n_fit"]} rows (mean, '
                f'Ledoit-Wolf, precision, std), score {k["n_score"]} rows with '
                'L2+SED+Mahalanobis; scikit-learn LedoitWolf + numpy as reference '
-               '(times in ms, compile excluded):')
+               f'(times in ms, compile excluded; other CPU {_pct(k["total"]["other_cpu"])}):')
     rows = [[r['level'], r['width'], _ms(r['jax_fit_s']), _ms(r['sklearn_fit_s']),
              _x(r['fit_speedup']), _ms(r['jax_score_total_s']),
              _ms(r['numpy_score_total_s']), _x(r['score_speedup'])] for r in k['levels']]
@@ -819,7 +881,8 @@ def format_report(result: dict) -> str:
     if result[key]:
       fixed = 'N' if key == 'sweep_d' else 'D'
       value = result[key][0]['n' if key == 'sweep_d' else 'd']
-      out.append(f'Fit sweep over {label} ({fixed}={value}; ms, compile excluded):')
+      out.append(f'Fit sweep over {label} ({fixed}={value}; ms, compile excluded; '
+                 f'other CPU during the sweeps {_pct(result["sweeps_other_cpu"])}):')
       out.append(_table([label, 'jax fit', 'sklearn fit', 'speedup', 'jax compile'], [
           [r['d' if key == 'sweep_d' else 'n'], _ms(r['jax_fit_s']), _ms(r['sklearn_fit_s']),
            _x(r['fit_speedup']), _ms(r['jax_compile_s'])] for r in result[key]]))

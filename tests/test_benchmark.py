@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ TINY = ['--arch=efficientnet-b0', '--image_size=32', '--batch_sizes=3',
 
 EXTRACTION_FIELDS = {'arch', 'image_size', 'batch_size', 'dtype', 'depthwise',
                      'device_count', 'compile_s', 'step_s', 'step_s_all', 'images_per_s',
-                     'num_batches', 'compiled_memory', 'device_peak_bytes',
+                     'num_batches', 'compiled_memory', 'device_peak_bytes', 'other_cpu',
                      'torch_images_per_s', 'speedup_vs_torch'}
 KERNEL_ROW_FIELDS = {'level', 'width', 'n', 'd', 'jax_compile_s', 'jax_fit_s', 'jax_score_s',
                      'jax_score_total_s', 'sklearn_fit_s', 'numpy_score_total_s',
@@ -62,6 +63,8 @@ def test_cli_tiny_configuration_writes_documented_json(tmp_path):
   assert result['schema'] == benchmark.SCHEMA
   assert result['machine']['cpu_count'] == os.cpu_count()
   assert result['machine']['device_count'] == jax.device_count()
+  assert len(result['machine']['load_average_start']) == 3
+  assert len(result['machine']['load_average_end']) == 3
   assert result['config']['batch_sizes'] == [3]
 
   rows = result['extraction']
@@ -71,11 +74,13 @@ def test_cli_tiny_configuration_writes_documented_json(tmp_path):
     assert r['batch_size'] % r['device_count'] == 0 and r['batch_size'] >= 3
     assert _positive(r['compile_s']) and _positive(r['step_s'])
     assert len(r['step_s_all']) == 2
+    assert r['other_cpu'] is None or 0 <= r['other_cpu'] <= 1
     assert r['images_per_s'] == pytest.approx(r['batch_size'] / r['step_s'])
   if benchmark.torch_available() is None:
     assert result['torch_skipped'] is None
     (t,) = result['torch']
     assert t['threads'] == 1 and _positive(t['images_per_s'])
+    assert t['other_cpu'] is None or 0 <= t['other_cpu'] <= 1
     for r in rows:
       assert r['speedup_vs_torch'] == pytest.approx(r['images_per_s'] / t['images_per_s'])
   else:
@@ -119,6 +124,26 @@ def test_cli_rejects_bad_flags():
   for args, code in ((['--dtypes=float16'], 1), (['--batch_sizes=a'], 1),
                      (['--nonsense=1'], 2), (['--depthwise=fast'], 1)):
     assert benchmark.main(['benchmark', *args, '--nokernel']) == code, args
+
+
+def test_other_cpu_fraction_counts_other_processes():
+  before = benchmark._cpu_snapshot()  # pylint: disable=protected-access
+  assert benchmark.other_cpu_fraction(before, before) is None  # too short
+  proc = subprocess.Popen([sys.executable, '-c', 'while True: pass'])
+  try:
+    time.sleep(0.3)
+    before = benchmark._cpu_snapshot()  # pylint: disable=protected-access
+    time.sleep(1.5)
+    busy = benchmark.other_cpu_fraction(before, benchmark._cpu_snapshot())  # pylint: disable=protected-access
+  finally:
+    proc.kill()
+    proc.wait()
+  if not os.path.exists('/proc/stat'):
+    assert busy is None
+    return
+  # The spinning process alone keeps about one core of os.cpu_count() busy
+  # (at least a share of it when other processes compete).
+  assert 0.4 / os.cpu_count() <= busy <= 1.0
 
 
 def test_estimate_protocol_arithmetic():
