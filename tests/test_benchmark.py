@@ -21,7 +21,7 @@ TINY = ['--arch=efficientnet-b0', '--image_size=32', '--batch_sizes=3',
         '--torch_threads=1', '--kernel_n_fit=12', '--kernel_n_score=6',
         '--kernel_widths=8,24,16', '--repeats=1',
         '--sweep_d=8,16', '--sweep_d_n=10', '--sweep_n=10,30', '--sweep_n_d=6',
-        '--host_image_side=48']
+        '--host_image_side=48', '--pipeline_images=7', '--num_workers=2']
 
 EXTRACTION_FIELDS = {'arch', 'image_size', 'batch_size', 'dtype', 'depthwise',
                      'device_count', 'compile_s', 'step_s', 'step_s_all', 'images_per_s',
@@ -32,7 +32,7 @@ KERNEL_ROW_FIELDS = {'level', 'width', 'n', 'd', 'jax_compile_s', 'jax_fit_s', '
                      'fit_speedup', 'score_speedup'}
 SWEEP_FIELDS = {'n', 'd', 'jax_compile_s', 'jax_fit_s', 'sklearn_fit_s', 'fit_speedup'}
 ESTIMATE_FIELDS = {'dataset', 'categories', 'folds', 'levels', 'distances', 'images', 'fits',
-                   'scorings', 'images_per_s', 'extraction_row', 'compile_s', 'extraction_s',
+                   'scorings', 'images_per_s', 'pipeline_images_per_s', 'extraction_row', 'compile_s', 'extraction_s',
                    'host_preprocess_s', 'fit_s', 'score_s', 'total_s', 'total_min',
                    'assumptions'}
 
@@ -109,6 +109,12 @@ def test_cli_tiny_configuration_writes_documented_json(tmp_path):
                                          est['host_preprocess_s'] + est['fit_s'] +
                                          est['score_s'])
   assert _positive(result['host_preprocess_s_per_image'])
+  pipe = result['pipeline']
+  assert pipe['n_images'] == 7 and pipe['side'] == 48 and pipe['dtype'] == 'float32'
+  assert pipe['images_per_s'] == pytest.approx(7 / pipe['wall_s'])
+  assert est['pipeline_images_per_s'] == pipe['images_per_s']
+  assert est['extraction_s'] == pytest.approx(est['images'] / pipe['images_per_s'])
+  assert est['host_preprocess_s'] == 0.0
   assert result['feature_diff'] is None
   assert result['peak_host_memory_mb'] >= result['peak_host_memory_mb_after']['extraction'] > 0
   assert _positive(result['wall_s'])
@@ -164,6 +170,12 @@ def test_estimate_protocol_arithmetic():
   # (0.1 + 0.4) s per 5 rows, 10 test rows, 5 folds.
   assert est['score_s'] == pytest.approx(5 * 10 * 0.5 / 5)
   assert est['total_min'] == pytest.approx((3 + 10 + 10 + 20 + 5) / 60)
+  # With a measured pipeline rate the images cost images / rate, nothing more.
+  est = benchmark.estimate_protocol(images_per_s=4.0, compile_s=3.0, kernel=kernel,
+                                    host_s_per_image=0.25, extraction_row=row,
+                                    folds=5, counts=counts, pipeline_images_per_s=2.0)
+  assert est['extraction_s'] == pytest.approx(20.0) and est['host_preprocess_s'] == 0
+  assert est['total_s'] == pytest.approx(3 + 20 + 20 + 5)
 
 
 def test_numpy_reference_scores_match_jax_gaussian():
