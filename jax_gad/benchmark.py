@@ -32,7 +32,8 @@ JSON fields (``--json=FILE``, written atomically):
   ``device_count``, ``local_device_count``, ``process_count``, ``torch``
   (version or null), ``sklearn`` (version or null), ``load_average_start`` and
   ``load_average_end`` (1, 5, 15 minute host load averages around the run;
-  other processes on the machine skew the timings).
+  other processes on the machine skew the timings), ``git_commit`` (HEAD of
+  the checkout, or null).
 ``config``: the flag values used.
 ``extraction``: list of rows, one per (batch_size, dtype, depthwise):
   ``arch``, ``image_size``, ``batch_size``, ``dtype``, ``depthwise``,
@@ -221,6 +222,17 @@ def _load_average():
     return None
 
 
+def _git_commit() -> str | None:
+  """HEAD commit of the checkout this package runs from (None outside git)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  try:
+    out = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def machine_info() -> dict:
   """What ran the benchmark: host, CPU count, library versions, devices."""
   devices = jax.devices()
@@ -240,6 +252,7 @@ def machine_info() -> dict:
       'torch': _optional_version('torch'),
       'sklearn': _optional_version('sklearn'),
       'load_average_start': _load_average(),
+      'git_commit': _git_commit(),
   }
 
 

@@ -65,6 +65,8 @@ def test_cli_tiny_configuration_writes_documented_json(tmp_path):
   assert result['machine']['device_count'] == jax.device_count()
   assert len(result['machine']['load_average_start']) == 3
   assert len(result['machine']['load_average_end']) == 3
+  commit = result['machine']['git_commit']
+  assert commit is None or len(commit) == 40
   assert result['config']['batch_sizes'] == [3]
 
   rows = result['extraction']
