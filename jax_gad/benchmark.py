@@ -27,7 +27,7 @@ scikit-learn are imported lazily, only when their comparison runs.
 JSON fields (``--json=FILE``, written atomically):
 
 ``schema``: ``"jax_gad.benchmark/1"``.
-``machine``: ``hostname``, ``platform``, ``processor``, ``cpu_count``,
+``machine``: ``hostname``, ``platform``, ``processor``, ``cpu_model``, ``cpu_count``,
   ``python``, ``jax``, ``jaxlib``, ``backend``, ``device_kind``,
   ``device_count``, ``local_device_count``, ``process_count``, ``torch``
   (version or null), ``sklearn`` (version or null), ``load_average_start`` and
@@ -222,6 +222,18 @@ def _load_average():
     return None
 
 
+def _cpu_model() -> str | None:
+  """CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine() or None
+
+
 def _git_commit() -> str | None:
   """HEAD commit of the checkout this package runs from (None outside git)."""
   import subprocess  # pylint: disable=g-import-not-at-top
@@ -240,6 +252,7 @@ def machine_info() -> dict:
       'hostname': socket.gethostname(),
       'platform': platform.platform(),
       'processor': platform.processor() or platform.machine(),
+      'cpu_model': _cpu_model(),
       'cpu_count': os.cpu_count(),
       'python': platform.python_version(),
       'jax': jax.__version__,
@@ -938,7 +951,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def format_report(result: dict) -> str:
   """Markdown tables of a :func:`run_benchmark` result."""
   m = result['machine']
-  out = [f'Machine: {m["processor"]}, {m["cpu_count"]} CPU cores, JAX {m["jax"]} '
+  out = [f'Machine: {m.get("cpu_model") or m["processor"]}, {m["cpu_count"]} CPU cores, JAX {m["jax"]} '
          f'{m["backend"]} ({m["device_count"]} x {m["device_kind"]}), '
          f'{m["process_count"]} process(es); load average {m["load_average_start"]} at '
          f'start, {m.get("load_average_end")} at end', '']
