@@ -101,7 +101,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_gad import features
+from jax_gad import features, files
 from jax_gad.models import efficientnet
 
 SCHEMA = 'jax_gad.benchmark/1'
@@ -269,40 +269,6 @@ def machine_info() -> dict:
   }
 
 
-def random_variables(arch: str, seed: int = 0) -> dict:
-  """Random float32 variables for ``arch`` without compiling ``init``.
-
-  Shapes come from ``jax.eval_shape`` of the module's ``init``; kernels are
-  He-normal, BatchNorm scale/var in [0.5, 1.5], biases and means small. Good
-  for timing (values do not change the speed) and for equality tests.
-
-  Returns:
-    ``{'params': ..., 'batch_stats': ...}`` of numpy float32 arrays.
-  """
-  module = efficientnet.create(arch, depthwise='xla')
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, 32, 32, 3), jnp.float32))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path[-1:])
-    shape = leaf.shape
-    if 'kernel' in name:
-      if len(shape) == 4 and shape[2] == 1:  # depthwise (kh, kw, 1, C)
-        fan_in = shape[0] * shape[1]
-      else:
-        fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-      value = rng.normal(size=shape) * np.sqrt(2.0 / fan_in)
-    elif 'var' in name or 'scale' in name:
-      value = rng.uniform(0.5, 1.5, size=shape)
-    else:
-      value = rng.normal(size=shape) * 0.1
-    return np.asarray(value, np.float32)
-
-  variables = jax.tree_util.tree_map_with_path(fill, shapes)
-  return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
-
-
 def _memory_analysis(compiled) -> dict | None:
   try:
     stats = compiled.memory_analysis()
@@ -349,7 +315,7 @@ def bench_extraction(arch: str, image_size: int, batch_size: int, dtype: str,
     dtype: ``'float32'`` or ``'bfloat16'`` (backbone computation dtype).
     depthwise: ``'shift'`` or ``'xla'``.
     num_batches: timed batches after one warm-up batch.
-    variables: model variables (e.g. :func:`random_variables`).
+    variables: model variables (e.g. :func:`jax_gad.models.efficientnet.init`).
     mesh: device mesh (default every device).
     seed: input seed.
 
@@ -809,7 +775,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
   phases = result['peak_host_memory_mb_after']
 
   # Feature extraction.
-  variables = random_variables(cfg.arch, cfg.seed)
+  variables = efficientnet.init(cfg.arch, jax.random.key(cfg.seed))
   for batch in cfg.batch_sizes:
     for dtype in cfg.dtypes:
       for impl in depthwise:
@@ -1162,7 +1128,7 @@ def write_json(path: str, result: dict) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   data = json.dumps(result, indent=1, sort_keys=True, allow_nan=False).encode('utf-8')
-  features._atomic_write(os.path.abspath(path), lambda f: f.write(data))  # pylint: disable=protected-access
+  files.atomic_write(path, data)
 
 
 def main(argv: list[str] | None = None) -> int:

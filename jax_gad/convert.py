@@ -39,13 +39,13 @@ import pickle
 import re
 import struct
 import sys
-import tempfile
 import zipfile
 import zlib
 from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
+from jax_gad import files
 from jax_gad.models import efficientnet as effnet
 
 __all__ = [
@@ -613,32 +613,8 @@ def save_checkpoint(path: str | os.PathLike, variables: Mapping, metadata: Mappi
     blob = flax.serialization.msgpack_serialize(
         {"format": _FORMAT_NAME, "metadata": meta, "variables": arrays})
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; use a normal mode
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename durable too; not possible on every platform
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    files.atomic_write(path, blob)
 
 
 def _unflatten_np(tree: Mapping) -> dict:

@@ -27,12 +27,11 @@ import io
 import json
 import math
 import os
-import tempfile
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-from jax_gad import gaussian
+from jax_gad import files, gaussian
 
 SUM = "sum"
 SIGMAS = tuple(range(1, 9))
@@ -340,24 +339,8 @@ def thresholds_markdown(rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Files: every write is atomic (temporary file in the same folder + rename).
+# Files: every write is atomic (jax_gad.files.atomic_write).
 # ---------------------------------------------------------------------------
-
-
-def atomic_write(path: str, data: bytes | str) -> None:
-  """Writes ``data`` to ``path`` so that readers see the old file or the new one, never half."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data.encode() if isinstance(data, str) else data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def _plot_roc(result_by_category: dict, distances: Sequence[str]) -> dict[str, bytes]:
@@ -446,7 +429,7 @@ def write_reports(workdir: str, doc: dict, results: dict, distances: Sequence[st
     distances: as evaluated.
     plots: also write the PNG plots.
   """
-  files = {
+  outputs = {
       "table1.csv": _csv(doc["table1"]),
       "table1.md": table1_markdown(doc["table1"], distances),
       "per_category.csv": _csv(doc["per_category"]),
@@ -455,10 +438,10 @@ def write_reports(workdir: str, doc: dict, results: dict, distances: Sequence[st
       "thresholds.md": thresholds_markdown(doc["thresholds"]),
   }
   if plots:
-    files.update(_plot_roc(results, distances))
-    files["auroc_per_level.png"] = _plot_levels(doc["table1"], distances)
-  for name, data in files.items():
-    atomic_write(os.path.join(workdir, name), data)
+    outputs.update(_plot_roc(results, distances))
+    outputs["auroc_per_level.png"] = _plot_levels(doc["table1"], distances)
+  for name, data in outputs.items():
+    files.atomic_write(os.path.join(workdir, name), data)
   # results.json last: its presence means the run finished.
-  atomic_write(os.path.join(workdir, "results.json"),
+  files.atomic_write(os.path.join(workdir, "results.json"),
                json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n")

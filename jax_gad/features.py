@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -42,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jax_gad import files
 
 logger = logging.getLogger(__name__)
 
@@ -519,21 +520,6 @@ def arrays_checksum(arrays: Sequence[np.ndarray]) -> str:
   return digest.hexdigest()
 
 
-def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
-  directory = os.path.dirname(path)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='-' + os.path.basename(path))
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 class FeatureCache:
   """Directory of extracted features keyed by the fields that determine them.
 
@@ -636,8 +622,8 @@ class FeatureCache:
         'checksum': arrays_checksum(arrays),
         'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
     }
-    _atomic_write(arrays_path, lambda f: np.savez(
+    files.atomic_write(arrays_path, lambda f: np.savez(
         f, **{f'level_{i}': a for i, a in enumerate(arrays)}))
-    _atomic_write(manifest_path, lambda f: f.write(
+    files.atomic_write(manifest_path, lambda f: f.write(
         json.dumps(manifest, indent=1, sort_keys=True).encode('utf-8')))
     return arrays

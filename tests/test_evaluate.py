@@ -107,16 +107,3 @@ def test_write_reports(tmp_path):
   # Thresholds: rates in [0, 1], one row per (level, sigma).
   assert len(on_disk["thresholds"]) == 3 * 8
   assert all(0 <= r["tpr"] <= 1 and 0 <= r["fpr"] <= 1 for r in on_disk["thresholds"])
-
-
-def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
-  target = tmp_path / "f.txt"
-  evaluate.atomic_write(str(target), "old")
-
-  def boom(*a, **k):
-    raise OSError("disk full")
-  monkeypatch.setattr(os, "replace", boom)
-  with pytest.raises(OSError):
-    evaluate.atomic_write(str(target), "new")
-  assert target.read_text() == "old"
-  assert os.listdir(tmp_path) == ["f.txt"]
