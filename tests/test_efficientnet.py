@@ -244,3 +244,16 @@ def test_invalid_arguments_are_named():
         effnet.create("efficientnet-b0").apply(variables, jnp.zeros((1, 3, 32, 32)))
     with pytest.raises(ValueError, match="classifier"):
         effnet.classify(variables, "efficientnet-b0", jnp.zeros((1, 1280)))
+
+
+def test_init_gives_finite_varied_levels():
+    arch = "efficientnet-lite0"
+    variables = effnet.init(arch, jax.random.key(1))
+    leaves = jax.tree_util.tree_leaves(variables)
+    assert all(l.dtype == np.float32 and np.all(np.isfinite(l)) for l in leaves)
+    assert float(np.std(variables["batch_stats"]["stem_bn"]["var"])) > 0  # BatchNorm exercised
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    maps = jax.jit(effnet.create(arch).apply)(variables, x)
+    assert [m.shape[-1] for m in maps] == list(effnet.level_widths(arch))
+    for m in maps:
+        assert np.all(np.isfinite(m)) and float(jnp.std(m)) > 0

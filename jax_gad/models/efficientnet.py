@@ -493,10 +493,13 @@ def create(arch: str, *, depthwise: str | None = None, dtype: Any = jnp.float32)
 def init(arch: str, rng: jax.Array, image_size: int = 32) -> dict:
     """Random variables (``params`` and ``batch_stats``) for ``arch``.
 
-    Convolution kernels are normal with variance 2 / fan_out, BatchNorm is
-    the identity (scale 1, bias 0, mean 0, var 1). Variable shapes do not
-    depend on ``image_size``; it only sets the size of the dummy input that
-    traces the network. The result carries no classifier head.
+    Convolution kernels are He-normal (variance 2 / fan_in; a depthwise
+    kernel's fan-in is its K x K taps), BatchNorm scales and running variances
+    uniform in [0.5, 1.5], biases and running means normal with std 0.1, so
+    every part of the network, BatchNorm included, is exercised. Good for
+    timing and for equality tests; values come from numpy, seeded by ``rng``.
+    Variable shapes do not depend on ``image_size``; it only sets the size of
+    the dummy input that traces the network. The result has no classifier head.
 
     Args:
       arch: architecture name.
@@ -504,33 +507,31 @@ def init(arch: str, rng: jax.Array, image_size: int = 32) -> dict:
       image_size: side of the square dummy input.
 
     Returns:
-      ``{'params': ..., 'batch_stats': ...}`` of float32 arrays.
+      ``{'params': ..., 'batch_stats': ...}`` of float32 numpy arrays.
     """
     _check_arch(arch)
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int; got {image_size!r}")
     module = create(arch, depthwise="xla")
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    # Tracing gives the variable shapes; filling them from one normal draw
-    # avoids compiling ~300 separate initializers (tens of seconds on CPU).
+    # Tracing gives the variable shapes; filling them on the host avoids
+    # compiling ~300 separate initializers (tens of seconds on CPU).
     shapes = jax.eval_shape(module.init, rng, x)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(
-        {"params": shapes["params"], "batch_stats": shapes["batch_stats"]})
-    kernels = [leaf.shape for path, leaf in leaves if path[-1].key == "kernel"]
-    noise = np.asarray(jax.random.normal(rng, (sum(math.prod(s) for s in kernels),), jnp.float32))
-    values, start = [], 0
-    for path, leaf in leaves:
-        name = path[-1].key
+    gen = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
+
+    def fill(path, leaf):
+        name, shape = path[-1].key, leaf.shape
         if name == "kernel":
-            size = math.prod(leaf.shape)
-            fan_out = math.prod(leaf.shape[:-2]) * leaf.shape[-1]
-            values.append(noise[start:start + size].reshape(leaf.shape) * np.float32(math.sqrt(2.0 / fan_out)))
-            start += size
+            fan_in = math.prod(shape[:2]) if shape[-2] == 1 else math.prod(shape[:-1])
+            value = gen.normal(size=shape) * math.sqrt(2.0 / fan_in)
         elif name in ("scale", "var"):
-            values.append(np.ones(leaf.shape, np.float32))
+            value = gen.uniform(0.5, 1.5, size=shape)
         else:  # bias, mean
-            values.append(np.zeros(leaf.shape, np.float32))
-    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(v) for v in values])
+            value = gen.normal(size=shape) * 0.1
+        return np.asarray(value, np.float32)
+
+    return jax.tree_util.tree_map_with_path(
+        fill, {"params": shapes["params"], "batch_stats": shapes["batch_stats"]})
 
 
 def classify(variables: Mapping[str, Any], arch: str, pooled_last_level: jax.Array) -> jax.Array:
