@@ -21,7 +21,6 @@ from typing import NamedTuple, Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 
 _DISTANCES = ("l2", "sed", "mahalanobis")
 
@@ -153,6 +152,12 @@ def run(cfg: Config) -> dict:
   categories = cfg.categories or tuple(data.CATEGORIES[cfg.dataset])
 
   # Weights: an explicit file, or the converted default for the arch.
+  if cfg.checkpoint and not os.path.isfile(cfg.checkpoint):
+    raise FileNotFoundError(
+        f"--checkpoint={cfg.checkpoint} does not exist. Convert weights with "
+        f"`python -m jax_gad.convert --arch={cfg.arch} --input=<file.pth> --output="
+        f"{cfg.checkpoint}` (README: 'Converting weights'), or leave --checkpoint out to use "
+        f"{cfg.checkpoint_dir}/{cfg.arch}.msgpack.")
   path = cfg.checkpoint or convert.ensure_checkpoint(cfg.arch, cfg.checkpoint_dir)
   variables, meta = convert.load_checkpoint(path, arch=cfg.arch)
   image_size = cfg.image_size or int(meta["resolution"])
@@ -237,7 +242,6 @@ def main(argv):
   print("Sum row per category:")
   print(evaluate.per_category_markdown(doc["per_category"], cfg.distances))
   print(f"Wrote results.json, tables and plots to {os.path.abspath(cfg.workdir)}")
-  logging.info("done")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ def _break(kind, tmp_path, mvtec):
     return dict(categories=("bottle", "marble")), "marble"
   if kind == "pca and npca":
     return dict(pca=0.99, npca=0.99), "mutually exclusive"
+  if kind == "checkpoint missing":
+    return dict(checkpoint=str(tmp_path / "none.msgpack")), "jax_gad.convert"
   if kind == "arch mismatch":
     return dict(arch="efficientnet-b0"), "efficientnet-b0"
   if kind == "workdir is a file":
@@ -107,7 +109,7 @@ def _break(kind, tmp_path, mvtec):
 
 @pytest.mark.parametrize("kind", ["data_dir missing", "not mvtec-shaped", "corrupt png",
                                   "mask missing", "unknown category", "pca and npca",
-                                  "arch mismatch", "workdir is a file"])
+                                  "checkpoint missing", "arch mismatch", "workdir is a file"])
 def test_bad_input_clear_error_and_no_partial_files(kind, tmp_path, mvtec, checkpoint):
   overrides, message = _break(kind, tmp_path, mvtec)
   cfg = _config(tmp_path, mvtec, checkpoint, **overrides)
