@@ -27,9 +27,9 @@ def mvtec(tmp_path_factory):
   return write_mvtec(tmp_path_factory.mktemp("mvtec"))
 
 
-def _config(tmp_path, mvtec, checkpoint, **kw):
+def _config(tmp_path, mvtec, checkpoint_path, **kw):
   base = dict(workdir=str(tmp_path / "work"), dataset="mvtec_ad", data_dir=mvtec,
-              tfds_dir=str(tmp_path / "tfds"), arch=ARCH, checkpoint=checkpoint,
+              tfds_dir=str(tmp_path / "tfds"), arch=ARCH, checkpoint=checkpoint_path,
               image_size=SIZE, batch_size=8, cache_dir=str(tmp_path / "cache"), plots=False,
               categories=("bottle", "grid"))
   base.update(kw)
