@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import importlib
 import io
 import os
@@ -727,14 +726,6 @@ def packaged_weights_path(arch: str) -> str:
     return os.path.abspath(path)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _name_hash(path: str) -> str | None:
     """The sha256 prefix torch.hub-style file names carry (``name-<hex>.pth``)."""
     m = re.search(r"-([0-9a-f]{8,64})\.pth$", os.path.basename(path))
@@ -766,7 +757,7 @@ def convert_file(arch: str, input_path: str | None, output_path: str) -> dict:
     else:
         source = os.path.basename(os.fspath(input_path))
     input_path = os.fspath(input_path)
-    digest = _sha256(input_path)
+    digest = files.sha256(input_path)
     expected = _name_hash(input_path)
     if expected is not None and not digest.startswith(expected):
         raise ValueError(

@@ -206,23 +206,26 @@ def evaluate_category(
   for fold, idx in enumerate(fold_indices):
     per_level = {d: [] for d in distances}
     for level, x_train_all, x_test in zip(levels, train_features, test_features):
-      x_train = np.asarray(x_train_all)[np.asarray(idx)]
-      x_test = np.asarray(x_test)
-      if reduction is not None:
-        pca = gaussian.fit_pca(x_train)
-        projection = gaussian.reduce(pca, reduction.mode, reduction.threshold)
-        x_train = gaussian.project(projection, x_train)
-        x_test = gaussian.project(projection, x_test)
-      state = gaussian.fit_gaussian(x_train)
-      for d in distances:
-        scores = np.asarray(gaussian.DISTANCES[d](state, x_test), dtype=np.float64)
-        per_level[d].append(scores)
-        runs.append(Run(category, fold, int(level), d, auroc(scores, labels)))
-        if d == "mahalanobis":
-          dim = int(np.shape(x_train)[1])
-          tpr, fpr = gaussian.tpr_fpr_at_sigmas(scores, labels, dim, SIGMAS)
-          for s, t, f in zip(SIGMAS, np.asarray(tpr), np.asarray(fpr)):
-            threshold_rows.append((category, fold, int(level), dim, s, float(t), float(f)))
+      try:
+        x_train = np.asarray(x_train_all)[np.asarray(idx)]
+        x_test = np.asarray(x_test)
+        if reduction is not None:
+          pca = gaussian.fit_pca(x_train)
+          projection = gaussian.reduce(pca, reduction.mode, reduction.threshold)
+          x_train = gaussian.project(projection, x_train)
+          x_test = gaussian.project(projection, x_test)
+        state = gaussian.fit_gaussian(x_train)
+        for d in distances:
+          scores = np.asarray(gaussian.DISTANCES[d](state, x_test), dtype=np.float64)
+          per_level[d].append(scores)
+          runs.append(Run(category, fold, int(level), d, auroc(scores, labels)))
+          if d == "mahalanobis":
+            dim = int(np.shape(x_train)[1])
+            tpr, fpr = gaussian.tpr_fpr_at_sigmas(scores, labels, dim, SIGMAS)
+            for s, t, f in zip(SIGMAS, np.asarray(tpr), np.asarray(fpr)):
+              threshold_rows.append((category, fold, int(level), dim, s, float(t), float(f)))
+      except ValueError as err:  # say where: NaN features, say, come from one level
+        raise ValueError(f"{category}, fold {fold}, level {level}: {err}") from err
       if progress is not None:
         progress()
     sums = {}

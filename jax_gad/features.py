@@ -384,13 +384,14 @@ def _prefetch_batches(source, n_images, n_batches, batch_size, local_rows,
     if not isinstance(item, Mapping) or 'image' not in item:
       raise ValueError(f"source[{index}] must be a dict with an 'image' key, got "
                        f'{type(item).__name__}')
+    where = f"source[{index}]" + (f" ({item['file_name']})" if 'file_name' in item else '')
     image = np.asarray(item['image'])
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-      raise ValueError(f"source[{index}]['image'] must be uint8 (H, W, 3), got "
+      raise ValueError(f"{where}: 'image' must be uint8 (H, W, 3), got "
                        f'{image.dtype} {image.shape}')
     out = np.asarray(preprocess(image, image_size, mean, std), dtype=np.float32)
     if out.shape != shape:
-      raise ValueError(f'preprocess returned shape {out.shape} for source[{index}], '
+      raise ValueError(f'preprocess returned shape {out.shape} for {where}, '
                        f'expected {shape}')
     return out
 
@@ -499,15 +500,6 @@ def cache_key(key_fields: Mapping[str, Any]) -> str:
   """sha256 hex of the canonical JSON of ``key_fields`` (+ feature code version)."""
   return hashlib.sha256(
       _canonical_json(_normalise_fields(key_fields)).encode('ascii')).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-  """sha256 hex digest of a file's bytes (e.g. a checkpoint's identity)."""
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    while block := f.read(chunk):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def arrays_checksum(arrays: Sequence[np.ndarray]) -> str:

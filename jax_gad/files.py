@@ -1,11 +1,14 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+"""File helpers: atomic writes and content hashes.
 
-Used for everything jax_gad writes (checkpoints, cached features, results,
-tables, plots, benchmark JSON).
+:func:`atomic_write` is used for everything jax_gad writes (checkpoints, cached
+features, results, tables, plots, benchmark JSON): a reader sees the old file or
+the new one, never half of one. :func:`sha256` identifies files by content
+(checkpoint sources, checkpoints in feature-cache keys).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from typing import BinaryIO, Callable
@@ -53,3 +56,12 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
     pass
   finally:
     os.close(dir_fd)
+
+
+def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+  """sha256 hex digest of a file's bytes."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(chunk):
+      digest.update(block)
+  return digest.hexdigest()

@@ -8,8 +8,8 @@ An image travels: disk -> :mod:`jax_gad.data` (TFDS dataset, resize, normalise)
 cached) -> :mod:`jax_gad.evaluate` (a Gaussian per fold and level, distances,
 AUROC) -> ``results.json`` and the tables in ``--workdir``.
 
-Every input is checked before anything is written; a failed run leaves the
-workdir as it was.
+Every input is checked before anything is written, so bad input (flags, data,
+weights) leaves the workdir as it was; each output file is written atomically.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ flags.DEFINE_float("npca", None,
                    "the poster's 'NPCA 1 %'). Mutually exclusive with --pca.")
 flags.DEFINE_integer("image_size", None, "Square input size (default: the checkpoint's native size).")
 flags.DEFINE_integer("batch_size", 16, "Global batch size of feature extraction (all devices).")
+flags.DEFINE_integer("num_workers", None,
+                     "Threads that decode and resize images while the device computes "
+                     "(default: the number of CPU cores).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Backbone computation dtype.")
 flags.DEFINE_enum("depthwise", "auto", ["auto", "shift", "xla"],
                   "Depthwise convolution implementation (auto: the measured default of the backend).")
@@ -78,6 +81,7 @@ class Config(NamedTuple):
   npca: float | None = None
   image_size: int | None = None
   batch_size: int = 16
+  num_workers: int | None = None
   dtype: str = "float32"
   depthwise: str = "auto"
   cache_dir: str | None = "~/.cache/jax_gad/features"
@@ -107,7 +111,7 @@ def config_from_flags() -> Config:
       checkpoint=FLAGS.checkpoint, checkpoint_dir=FLAGS.checkpoint_dir,
       levels=_int_list("levels", FLAGS.levels, 0, 8), distances=tuple(FLAGS.distances),
       pca=FLAGS.pca, npca=FLAGS.npca, image_size=FLAGS.image_size,
-      batch_size=FLAGS.batch_size, dtype=FLAGS.dtype, depthwise=FLAGS.depthwise,
+      batch_size=FLAGS.batch_size, num_workers=FLAGS.num_workers, dtype=FLAGS.dtype, depthwise=FLAGS.depthwise,
       cache_dir=FLAGS.cache_dir or None, plots=FLAGS.plots)
 
 
@@ -132,8 +136,12 @@ def _validate(cfg: Config):
   bad = [c for c in cfg.categories if c not in valid]
   if bad:
     raise ValueError(f"--categories: unknown {bad} for dataset {cfg.dataset}; valid: {list(valid)}.")
+  if len(set(cfg.categories)) != len(cfg.categories):
+    raise ValueError(f"--categories lists a category twice: {list(cfg.categories)}.")
   if cfg.batch_size < 1:
     raise ValueError(f"--batch_size must be positive, got {cfg.batch_size}.")
+  if cfg.num_workers is not None and cfg.num_workers < 1:
+    raise ValueError(f"--num_workers must be positive, got {cfg.num_workers}.")
   if cfg.image_size is not None and cfg.image_size < 16:
     raise ValueError(f"--image_size must be at least 16, got {cfg.image_size}.")
   return reduction
@@ -145,7 +153,7 @@ def run(cfg: Config) -> dict:
   import jax.numpy as jnp
   from tqdm import tqdm
 
-  from jax_gad import convert, data, evaluate, features
+  from jax_gad import convert, data, evaluate, features, files
   from jax_gad.models import efficientnet
 
   reduction = _validate(cfg)
@@ -174,14 +182,16 @@ def run(cfg: Config) -> dict:
 
   mesh = features.make_mesh()
   cache = features.FeatureCache(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else None
-  checkpoint_id = features.file_sha256(path)
+  checkpoint_id = files.sha256(path)
   levels = list(cfg.levels)
 
   def pooled(split, category, split_name):
     def compute():
       return features.extract_features(
           model, variables, split, image_size=image_size, mean=meta["mean"], std=meta["std"],
+          # All 9 levels, whatever --levels says: one cache entry serves every level choice.
           batch_size=cfg.batch_size, mesh=mesh, levels=tuple(range(9)),
+          num_workers=cfg.num_workers or os.cpu_count() or 2,
           desc=f"{category}/{split_name}")
     if cache is None:
       return compute()
@@ -231,7 +241,7 @@ def main(argv):
                                       FLAGS.process_id)
     cfg = config_from_flags()
     doc = run(cfg)
-  except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+  except (ValueError, OSError, ImportError) as e:  # bad input: say what, no traceback
     sys.exit(f"jax_gad.main: error: {e}")
   title = f"Image AUROC (%), mean ± SEM over {len(doc['config']['categories'])} categories x " \
           f"{len(cfg.folds)} folds — {cfg.dataset}, {cfg.arch}"

@@ -107,3 +107,11 @@ def test_write_reports(tmp_path):
   # Thresholds: rates in [0, 1], one row per (level, sigma).
   assert len(on_disk["thresholds"]) == 3 * 8
   assert all(0 <= r["tpr"] <= 1 and 0 <= r["fpr"] <= 1 for r in on_disk["thresholds"])
+
+
+def test_errors_name_category_fold_and_level():
+  train, test, labels = _toy_features()
+  train[1][5, 2] = np.nan
+  with pytest.raises(ValueError, match="toy, fold 0, level 1: .*NaN"):
+    evaluate.evaluate_category("toy", train, test, labels, [np.arange(0, 32)], levels=[0, 1, 2],
+                               distances=["mahalanobis"])

@@ -93,6 +93,8 @@ def _break(kind, tmp_path, mvtec):
     root = write_mvtec(bad, categories=(("bottle", "rgb"),))
     os.remove(bad / "bottle" / "ground_truth" / "crack" / "002_mask.png")
     return dict(data_dir=root, categories=("bottle",)), "002"
+  if kind == "category twice":
+    return dict(categories=("bottle", "bottle")), "twice"
   if kind == "unknown category":
     return dict(categories=("bottle", "marble")), "marble"
   if kind == "pca and npca":
@@ -108,7 +110,7 @@ def _break(kind, tmp_path, mvtec):
 
 
 @pytest.mark.parametrize("kind", ["data_dir missing", "not mvtec-shaped", "corrupt png",
-                                  "mask missing", "unknown category", "pca and npca",
+                                  "mask missing", "unknown category", "category twice", "pca and npca",
                                   "checkpoint missing", "arch mismatch", "workdir is a file"])
 def test_bad_input_clear_error_and_no_partial_files(kind, tmp_path, mvtec, checkpoint):
   overrides, message = _break(kind, tmp_path, mvtec)
