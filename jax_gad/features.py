@@ -124,6 +124,11 @@ def make_mesh(devices: Sequence[jax.Device] | None = None,
 # ---------------------------------------------------------------------------
 
 
+def _check_positive_int(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f'{name} must be a positive int, got {value!r}')
+
+
 def _check_levels(levels: Sequence[int]) -> tuple[int, ...]:
   try:
     levels = tuple(levels)
@@ -195,12 +200,8 @@ class LevelExtractor:
       batch_size: requested global batch; rounded up to a multiple of the
         number of devices.
     """
-    if isinstance(image_size, bool) or not isinstance(
-        image_size, (int, np.integer)) or image_size < 1:
-      raise ValueError(f'image_size must be a positive int, got {image_size!r}')
-    if isinstance(batch_size, bool) or not isinstance(
-        batch_size, (int, np.integer)) or batch_size < 1:
-      raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
+    _check_positive_int('image_size', image_size)
+    _check_positive_int('batch_size', batch_size)
     self.mesh = make_mesh() if mesh is None else mesh
     if len(self.mesh.axis_names) != 1:
       raise ValueError('mesh must have exactly one axis, got axes '
@@ -321,12 +322,8 @@ class LevelExtractor:
     Returns:
       One float32 ``(len(source), C_l)`` array per requested level.
     """
-    if isinstance(num_workers, bool) or not isinstance(
-        num_workers, (int, np.integer)) or num_workers < 1:
-      raise ValueError(f'num_workers must be a positive int, got {num_workers!r}')
-    if isinstance(prefetch, bool) or not isinstance(
-        prefetch, (int, np.integer)) or prefetch < 1:
-      raise ValueError(f'prefetch must be a positive int, got {prefetch!r}')
+    _check_positive_int('num_workers', num_workers)
+    _check_positive_int('prefetch', prefetch)
     try:
       n_images = len(source)
     except TypeError:
