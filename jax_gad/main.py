@@ -182,15 +182,15 @@ def run(cfg: Config) -> dict:
 
   mesh = features.make_mesh()
   cache = features.FeatureCache(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else None
-  checkpoint_id = files.sha256(path)
+  checkpoint_id = files.sha256(path) if cache else None  # identity of the weights in cache keys
   levels = list(cfg.levels)
 
   def pooled(split, category, split_name):
     def compute():
       return features.extract_features(
           model, variables, split, image_size=image_size, mean=meta["mean"], std=meta["std"],
-          # All 9 levels, whatever --levels says: one cache entry serves every level choice.
-          batch_size=cfg.batch_size, mesh=mesh, levels=tuple(range(9)),
+          # Every level, whatever --levels says: one cache entry serves every level choice.
+          batch_size=cfg.batch_size, mesh=mesh, levels=features.DEFAULT_LEVELS,
           num_workers=cfg.num_workers or os.cpu_count() or 2,
           desc=f"{category}/{split_name}")
     if cache is None:
