@@ -10,7 +10,7 @@ from sklearn.decomposition import PCA
 
 
 def independent_aurocs(train, test, labels, idx, reduction=None):
-  """The protocol of design.md §2 for one fold: {(level index | "sum", distance): AUROC}.
+  """The protocol of docs/method.md for one fold: {(level index | "sum", distance): AUROC}.
 
   reduction: None or an object with .mode ("pca" | "npca") and .threshold.
   """

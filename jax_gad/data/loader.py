@@ -208,7 +208,7 @@ def load(dataset: str, category: str, split: str, *, data_dir=None,
 
 
 def folds(n_train: int, n_splits: int = 5, seed: int = 0) -> list[np.ndarray]:
-  """Index arrays of the fitting part of each fold (design.md §2).
+  """Index arrays of the fitting part of each fold (docs/method.md, "Folds").
 
   Exactly the train parts of ``KFold(n_splits, shuffle=True,
   random_state=seed).split`` over ``range(n_train)``, i.e. over the sorted

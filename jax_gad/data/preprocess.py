@@ -1,6 +1,6 @@
 """Image preprocessing: bilinear resize (OpenCV INTER_LINEAR rule) and normalisation.
 
-The protocol (design.md §2) resizes the whole image to the architecture's native
+The protocol (docs/method.md, "Preprocessing") resizes the whole image to the architecture's native
 square resolution with bilinear interpolation, half-pixel centres and no
 antialiasing (what ``cv2.resize(..., interpolation=cv2.INTER_LINEAR)`` does),
 scales to [0, 1] and normalises with the checkpoint's per-channel mean and std.
