@@ -3,7 +3,8 @@
 :func:`atomic_write` is used for everything jax_gad writes (checkpoints, cached
 features, results, tables, plots, benchmark JSON): a reader sees the old file or
 the new one, never half of one. :func:`sha256` identifies files by content
-(checkpoint sources, checkpoints in feature-cache keys).
+(checkpoint sources, checkpoints in feature-cache keys); :func:`arrays_sha256`
+identifies arrays by content (checkpoint variables, cached features).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Sequence
+
+import numpy as np
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None]) -> None:
@@ -64,4 +67,24 @@ def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
   with open(path, "rb") as f:
     while block := f.read(chunk):
       digest.update(block)
+  return digest.hexdigest()
+
+
+def arrays_sha256(arrays: Sequence[np.ndarray], names: Sequence[str] | None = None) -> str:
+  """sha256 hex over (name,) dtype, shape and bytes of each array, in order.
+
+  Args:
+    arrays: the arrays; their order matters.
+    names: optional names, one per array, hashed before each array (so that
+      equal arrays under swapped names hash differently).
+  """
+  if names is not None and len(names) != len(arrays):
+    raise ValueError(f'names has {len(names)} entries for {len(arrays)} arrays.')
+  digest = hashlib.sha256()
+  for i, array in enumerate(arrays):
+    array = np.ascontiguousarray(array)
+    if names is not None:
+      digest.update(f'{names[i]}:'.encode('utf-8'))
+    digest.update(f'{array.dtype.str}{array.shape};'.encode('ascii'))
+    digest.update(array.tobytes())
   return digest.hexdigest()

@@ -1,7 +1,6 @@
-"""Gaussian anomaly-detection kernels: moments, Ledoit-Wolf, distances, PCA/NPCA.
+"""The Gaussian core: mergeable moments, Ledoit-Wolf, the fit, distances.
 
-Everything the method computes after feature extraction lives here, as pure
-functions over pytrees (``NamedTuple``):
+Everything here is a pure function over pytrees (``NamedTuple``):
 
 * :class:`Moments` are mergeable sufficient statistics of a set of feature
   rows. :func:`moments`, :func:`accumulate`, :func:`merge` and
@@ -15,13 +14,10 @@ functions over pytrees (``NamedTuple``):
   fits with D >= 4 n (done through the n x n Gram matrix), a whitening
   matrix; no precision matrix is ever formed by inversion.
 * :func:`mahalanobis`, :func:`l2` and :func:`sed` score rows against a fitted
-  state (design.md §2); :data:`DISTANCES` maps their names to them.
-* :func:`fit_pca`, :func:`select_components`, :func:`reduce` and
-  :func:`project` implement the PCA / NPCA reductions.
-* :func:`sigma_threshold` and :func:`tpr_fpr_at_sigmas` give the chi-squared
-  thresholds at n sigma (host-side, scipy).
-* :class:`DensityModel` is the seam for other density models; :data:`GAUSSIAN`
-  implements it.
+  state (docs/method.md, "Distances"); :data:`DISTANCES` maps their names to them.
+
+PCA / NPCA live in :mod:`jax_gad.pca`, the chi-squared thresholds in
+:mod:`jax_gad.metrics`, other density models in :mod:`jax_gad.densities`.
 
 Public functions validate their inputs on the host (shapes always; NaN / inf
 only for concrete arrays, since traced values cannot be inspected) and then
@@ -43,23 +39,18 @@ batches are many and very large.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import numbers
-from typing import Any, Callable, Iterable, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.scipy.linalg import solve_triangular
-from scipy import special as _special
-from scipy import stats as _stats
 
 Array = jax.Array
 
 _HIGHEST = lax.Precision.HIGHEST
-_PCA_MODES = ('pca', 'npca')
 
 
 # ---------------------------------------------------------------------------
@@ -111,46 +102,13 @@ class GaussianState(NamedTuple):
   n: Array
   whitening: Array
 
-
-class PCAState(NamedTuple):
-  """Principal components of training rows, as scikit-learn's ``PCA()``.
-
-  Attributes:
-    mean: (D,) mean of the training rows.
-    components: (k, D) unit principal axes by decreasing variance, k =
-      min(n, D); the sign makes each row's largest-magnitude entry positive.
-    explained_variance: (k,) variance along each axis (ddof=1).
-    explained_variance_ratio: (k,) ``explained_variance`` over its sum.
-  """
-  mean: Array
-  components: Array
-  explained_variance: Array
-  explained_variance_ratio: Array
-
-
-class Projection(NamedTuple):
-  """Kept principal axes: :func:`project` maps x to ``(x - mean) @ components.T``.
-
-  Attributes:
-    mean: (D,) centring vector.
-    components: (m, D) kept axes.
-  """
-  mean: Array
-  components: Array
-
-
-class SigmaRates(NamedTuple):
-  """TPR and FPR at each sigma threshold, both (len(sigmas),) float64."""
-  tpr: np.ndarray
-  fpr: np.ndarray
-
-
 # ---------------------------------------------------------------------------
 # Input validation (host side)
 # ---------------------------------------------------------------------------
 
 
-def _is_traced(x) -> bool:
+def is_traced(x) -> bool:
+  """True for a value traced by a JAX transformation (its entries cannot be inspected)."""
   return isinstance(x, jax.core.Tracer)
 
 
@@ -163,7 +121,7 @@ def _float_dtype(dtype) -> np.dtype:
 
 def _check_finite(x, name: str) -> None:
   """Raises ValueError naming the first NaN / inf entry of a concrete 2-D array."""
-  if _is_traced(x):
+  if is_traced(x):
     return
   if isinstance(x, np.ndarray):
     ok = bool(np.isfinite(x).all())
@@ -237,7 +195,8 @@ def _check_state(state) -> None:
     raise ValueError(f'state must be a GaussianState, got {type(state).__name__}.')
 
 
-def _check_moments(m, name: str = 'moments') -> None:
+def check_moments(m, name: str = 'moments') -> None:
+  """Raises ValueError unless ``m`` is a :class:`Moments` with consistent shapes."""
   if not isinstance(m, Moments):
     raise ValueError(f'{name} must be a Moments, got {type(m).__name__}.')
   d = m.mean.shape[-1] if m.mean.ndim == 1 else None
@@ -251,15 +210,33 @@ def _check_moments(m, name: str = 'moments') -> None:
 # ---------------------------------------------------------------------------
 
 
-def _moments_impl(x: Array, mask: Array | None = None) -> Moments:
+def centre_rows(x: Array) -> tuple[Array, Array]:
+  """(mean, centred rows) of ``x``, computed as the statistics need them.
+
+  The rows are first shifted by the first row (exact for constant columns, so
+  their centred values and variance come out exactly zero), then by the mean
+  of the shifted rows: every product formed afterwards is of small, centred
+  numbers. A jittable kernel without input checks.
+
+  Args:
+    x: (n, D) float rows, n >= 1.
+
+  Returns:
+    ``(mean, y)``: (D,) row mean and (n, D) rows minus that mean.
+  """
+  ref = x[0]
+  y = x - ref
+  offset = jnp.mean(y, axis=0)
+  return ref + offset, y - offset
+
+
+def moments_kernel(x: Array, mask: Array | None = None) -> Moments:
+  """:func:`moments` without input checks: a jittable kernel for other modules."""
   # Shift by a data row (exact for constant columns), then centre on the
   # batch mean: the products below are of small, centred numbers.
   if mask is None:
     n = jnp.asarray(x.shape[0], x.dtype)
-    ref = x[0]
-    y = x - ref
-    offset = jnp.mean(y, axis=0)
-    y = y - offset
+    mean, y = centre_rows(x)
   else:
     keep = mask[:, None]
     n = jnp.sum(mask).astype(x.dtype)
@@ -267,9 +244,10 @@ def _moments_impl(x: Array, mask: Array | None = None) -> Moments:
     y = jnp.where(keep, x - ref, 0.0)
     offset = jnp.sum(y, axis=0) / jnp.maximum(n, 1.0)
     y = jnp.where(keep, y - offset, 0.0)
+    mean = ref + offset
   r = jnp.sum(y * y, axis=1)
   return Moments(n=n,
-                 mean=ref + offset,
+                 mean=mean,
                  scatter=jnp.matmul(y.T, y, precision=_HIGHEST),
                  third=jnp.matmul(r, y, precision=_HIGHEST),
                  fourth=jnp.sum(r * r))
@@ -304,9 +282,9 @@ def _merge_impl(a: Moments, b: Moments) -> Moments:
   return Moments(n=n, mean=mean, scatter=sa + sb, third=ta + tb, fourth=qa + qb)
 
 
-_moments_jit = jax.jit(_moments_impl)
+_moments_jit = jax.jit(moments_kernel)
 _merge_jit = jax.jit(_merge_impl)
-_accumulate_jit = jax.jit(lambda m, x, mask: _merge_impl(m, _moments_impl(x, mask)))
+_accumulate_jit = jax.jit(lambda m, x, mask: _merge_impl(m, moments_kernel(x, mask)))
 
 
 def empty_moments(dim: int, dtype=jnp.float32) -> Moments:
@@ -365,7 +343,7 @@ def accumulate(m: Moments, x, mask=None) -> Moments:
   Returns:
     :class:`Moments` of all rows seen.
   """
-  _check_moments(m, 'm')
+  check_moments(m, 'm')
   x = check_features(x, 'x', min_samples=1, width=m.mean.shape[0], dtype=m.mean.dtype,
                      owner='m (moments) holds')
   return _accumulate_jit(m, x, _check_mask(mask, x.shape[0]))
@@ -380,8 +358,8 @@ def merge(a: Moments, b: Moments) -> Moments:
   Returns:
     :class:`Moments` with n = a.n + b.n.
   """
-  _check_moments(a, 'a')
-  _check_moments(b, 'b')
+  check_moments(a, 'a')
+  check_moments(b, 'b')
   if a.mean.shape != b.mean.shape:
     raise ValueError(f'cannot merge moments of width {a.mean.shape[0]} and {b.mean.shape[0]}.')
   return _merge_jit(a, b)
@@ -521,10 +499,7 @@ def _fit_gram_impl(x: Array, mode: str, value) -> GaussianState:
   instead of O(n D^2 + D^3) for the Cholesky route.
   """
   n, dim = x.shape
-  ref = x[0]
-  y = x - ref
-  offset = jnp.mean(y, axis=0)
-  y = y - offset
+  mean, y = centre_rows(x)
   gram = jnp.matmul(y, y.T, precision=_HIGHEST)
   r = jnp.diagonal(gram)
   mu = jnp.sum(r) / (n * dim)
@@ -558,15 +533,15 @@ def _fit_gram_impl(x: Array, mode: str, value) -> GaussianState:
   diag = jnp.where(use_ridge, 1.0 / sr, 0.0)
   factor = jnp.matmul(b * k, b.T, precision=_HIGHEST) + diag * jnp.eye(dim, dtype=x.dtype)
   std = jnp.sqrt(jnp.sum(y * y, axis=0) / (n - 1.0))
-  return GaussianState(mean=ref + offset, factor=factor, std=std, shrinkage=shrinkage,
+  return GaussianState(mean=mean, factor=factor, std=std, shrinkage=shrinkage,
                        n=jnp.asarray(n, x.dtype), whitening=jnp.asarray(True))
 
 
 _fit_moments_jit = jax.jit(_fit_impl, static_argnames='mode')
-_fit_x_jit = jax.jit(lambda x, mode, value: _fit_impl(_moments_impl(x), mode, value),
+_fit_x_jit = jax.jit(lambda x, mode, value: _fit_impl(moments_kernel(x), mode, value),
                      static_argnames='mode')
 _fit_gram_jit = jax.jit(_fit_gram_impl, static_argnames='mode')
-_ledoit_wolf_jit = jax.jit(lambda x: _shrunk_covariance(_moments_impl(x), 'ledoit_wolf', 0.0)[:2])
+_ledoit_wolf_jit = jax.jit(lambda x: _shrunk_covariance(moments_kernel(x), 'ledoit_wolf', 0.0)[:2])
 
 
 def ledoit_wolf(x) -> tuple[Array, Array]:
@@ -621,9 +596,9 @@ def fit_from_moments(m: Moments, shrinkage='ledoit_wolf') -> GaussianState:
   Returns:
     :class:`GaussianState`.
   """
-  _check_moments(m, 'm')
+  check_moments(m, 'm')
   mode, value = _check_shrinkage(shrinkage)
-  if not _is_traced(m.n) and float(m.n) < 2:
+  if not is_traced(m.n) and float(m.n) < 2:
     raise ValueError(f'moments hold {float(m.n):g} sample(s); at least 2 are needed to fit.')
   return _fit_moments_jit(m, mode, value)
 
@@ -753,322 +728,3 @@ def score(state: GaussianState, x, distance: str = 'mahalanobis') -> Array:
   if distance not in DISTANCES:
     raise ValueError(f'distance must be one of {sorted(DISTANCES)}, got {distance!r}.')
   return DISTANCES[distance](state, x)
-
-
-# ---------------------------------------------------------------------------
-# PCA / NPCA
-# ---------------------------------------------------------------------------
-
-
-def _sign_fix(comps: Array) -> Array:
-  """Makes the largest-magnitude entry of each row positive (scikit-learn's rule)."""
-  pivot = jnp.argmax(jnp.abs(comps), axis=1)
-  return comps * jnp.sign(jnp.take_along_axis(comps, pivot[:, None], axis=1))
-
-
-def _pca_state(mean, comps, var) -> PCAState:
-  total = jnp.sum(var)
-  ratio = jnp.where(total > 0, var / jnp.where(total > 0, total, 1.0), 0.0)
-  return PCAState(mean=mean, components=_sign_fix(comps), explained_variance=var,
-                  explained_variance_ratio=ratio)
-
-
-def _pca_eigh_impl(m: Moments, k: int) -> PCAState:
-  w, v = jnp.linalg.eigh(m.scatter / (m.n - 1.0))
-  return _pca_state(m.mean, v[:, ::-1][:, :k].T, jnp.maximum(w[::-1][:k], 0.0))
-
-
-def _pca_svd_impl(x: Array) -> PCAState:
-  ref = x[0]
-  offset = jnp.mean(x - ref, axis=0)
-  y = (x - ref) - offset
-  _, s, vt = jnp.linalg.svd(y, full_matrices=False)
-  return _pca_state(ref + offset, vt, s * s / (x.shape[0] - 1.0))
-
-
-_pca_jit = jax.jit(_pca_eigh_impl, static_argnames='k')
-_pca_eigh_x_jit = jax.jit(lambda x, k: _pca_eigh_impl(_moments_impl(x), k), static_argnames='k')
-_pca_svd_jit = jax.jit(_pca_svd_impl)
-
-
-def fit_pca(x) -> PCAState:
-  """PCA of the rows of ``x``, as scikit-learn's ``PCA()`` (all min(n, D) components).
-
-  Like scikit-learn's default solver choice, tall data (n >= 10 D) goes
-  through the eigendecomposition of the D x D covariance (cost n D^2 + D^3);
-  otherwise the thin SVD of the centred rows is used (cost n D min(n, D)),
-  which is faster when n < D and resolves small variances to about
-  eps * sqrt(top variance) instead of eps * top variance. With the
-  covariance route, components whose variance is below roughly eps * top
-  are individually undetermined (only the subspace they span is), which
-  does not affect a Mahalanobis fit on the NPCA projections. When n <= D the
-  centred rows span at most n - 1 directions, so the last component has
-  zero variance and an arbitrary direction in the null space.
-
-  Args:
-    x: (n, D) features, n >= 2, finite.
-
-  Returns:
-    :class:`PCAState` with k = min(n, D) components.
-  """
-  x = check_features(x, 'x', min_samples=2)
-  n, d = x.shape
-  if n >= 10 * d:
-    return _pca_eigh_x_jit(x, k=d)
-  return _pca_svd_jit(x)
-
-
-def pca_from_moments(m: Moments, n_components: int | None = None) -> PCAState:
-  """PCA from accumulated :class:`Moments` (for training sets streamed in batches).
-
-  Args:
-    m: :class:`Moments` with n >= 2 (concrete when ``n_components`` is None).
-    n_components: number of leading components to keep; default min(n, D).
-
-  Returns:
-    :class:`PCAState`.
-  """
-  _check_moments(m, 'm')
-  dim = m.mean.shape[0]
-  if n_components is None:
-    if _is_traced(m.n):
-      raise ValueError('n_components is required when m.n is traced.')
-    n_components = min(int(m.n), dim)
-  if not _is_traced(m.n) and float(m.n) < 2:
-    raise ValueError(f'moments hold {float(m.n):g} sample(s); at least 2 are needed for PCA.')
-  if (isinstance(n_components, bool) or not isinstance(n_components, numbers.Integral)
-      or not 1 <= n_components <= dim):
-    raise ValueError(f'n_components must be an integer in [1, {dim}], got {n_components!r}.')
-  return _pca_jit(m, k=int(n_components))
-
-
-def _check_mode_threshold(mode, threshold) -> None:
-  if mode not in _PCA_MODES:
-    raise ValueError(f"mode must be 'pca' or 'npca', got {mode!r}.")
-  if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
-      or not 0.0 < float(threshold) < 1.0):
-    raise ValueError(f'threshold must be a number with 0 < threshold < 1, got {threshold!r}.')
-
-
-def select_components(explained_variance_ratio, mode: str, threshold: float) -> tuple[int, int]:
-  """Index range of the components that PCA / NPCA keep (design.md §2).
-
-  With c the cumulative sum of the ratios (in float64) and ``last`` the first
-  index with c > threshold: PCA keeps [0, last]; NPCA keeps [last - 1, k - 1],
-  one component of overlap by design, where k = len(ratios) = min(n, D) (so
-  with fewer samples than features, NPCA ends at the last component PCA can
-  estimate). ``last - 1`` is clipped at 0. If rounding keeps every c at or
-  below the threshold, ``last`` is k - 1.
-
-  Args:
-    explained_variance_ratio: (k,) ratios, non-increasing, summing to 1.
-    mode: ``'pca'`` or ``'npca'``.
-    threshold: t with 0 < t < 1.
-
-  Returns:
-    (start, stop), Python ints: keep components[start:stop].
-  """
-  _check_mode_threshold(mode, threshold)
-  ratio = np.asarray(explained_variance_ratio, dtype=np.float64)
-  if ratio.ndim != 1 or ratio.size == 0:
-    raise ValueError('explained_variance_ratio must be a non-empty 1-D array, got shape '
-                     f'{ratio.shape}.')
-  if not np.isfinite(ratio).all():
-    raise ValueError('explained_variance_ratio contains NaN or inf.')
-  above = np.flatnonzero(np.cumsum(ratio) > float(threshold))
-  last = int(above[0]) if above.size else ratio.size - 1
-  if mode == 'pca':
-    return 0, last + 1
-  return max(last - 1, 0), int(ratio.size)
-
-
-def reduce(pca_state: PCAState, mode: str, threshold: float) -> Projection:
-  """The :class:`Projection` onto the components PCA / NPCA keep.
-
-  Args:
-    pca_state: from :func:`fit_pca`.
-    mode: ``'pca'`` or ``'npca'``.
-    threshold: t with 0 < t < 1 (poster "PCA 99 %" and "NPCA 1 %" are 0.99).
-
-  Returns:
-    :class:`Projection` with the kept (m, D) components.
-  """
-  if not isinstance(pca_state, PCAState):
-    raise ValueError(f'pca_state must be a PCAState, got {type(pca_state).__name__}.')
-  start, stop = select_components(pca_state.explained_variance_ratio, mode, threshold)
-  return Projection(mean=pca_state.mean, components=pca_state.components[start:stop])
-
-
-@jax.jit
-def _project_jit(projection, x):
-  return jnp.matmul(x - projection.mean, projection.components.T, precision=_HIGHEST)
-
-
-def project(projection: Projection, x) -> Array:
-  """Projects rows onto kept components: ``(x - mean) @ components.T``.
-
-  Args:
-    projection: from :func:`reduce`.
-    x: (n, D) features.
-
-  Returns:
-    (n, m) projections.
-  """
-  if not isinstance(projection, Projection):
-    raise ValueError(f'projection must be a Projection, got {type(projection).__name__}.')
-  x = check_features(x, 'x', min_samples=0, width=projection.mean.shape[0],
-                     dtype=projection.mean.dtype, owner='projection was fitted on')
-  return _project_jit(projection, x)
-
-
-# ---------------------------------------------------------------------------
-# Chi-squared thresholds (host side)
-# ---------------------------------------------------------------------------
-
-
-def sigma_threshold(n_sigma, k: int):
-  """Mahalanobis distance at which a k-dim Gaussian has the n-sigma tail mass.
-
-  ``sqrt(chi2.ppf(erf(n / sqrt 2), k))``, computed as
-  ``sqrt(chi2.isf(erfc(n / sqrt 2), k))``, which is the same number but keeps
-  its precision at large n, where erf rounds to 1.
-
-  Args:
-    n_sigma: scalar or array of positive sigma multiples.
-    k: degrees of freedom (feature width), integer >= 1.
-
-  Returns:
-    float64 scalar or array shaped like ``n_sigma``.
-  """
-  if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-    raise ValueError(f'k must be a positive integer, got {k!r}.')
-  n = np.asarray(n_sigma, dtype=np.float64)
-  if not np.isfinite(n).all() or (n <= 0).any():
-    raise ValueError(f'n_sigma must be finite and positive, got {n_sigma!r}.')
-  out = np.sqrt(_stats.chi2.isf(_special.erfc(n / math.sqrt(2.0)), int(k)))
-  return float(out) if out.ndim == 0 else out
-
-
-def tpr_fpr_at_sigmas(distances, labels, k: int, sigmas=range(1, 9)) -> SigmaRates:
-  """True and false positive rates when flagging distances above n-sigma thresholds.
-
-  A row counts as flagged when its (non-squared) Mahalanobis distance is
-  strictly above :func:`sigma_threshold` (n, k).
-
-  Args:
-    distances: (n,) Mahalanobis distances, finite.
-    labels: (n,) 0 = normal, 1 = anomalous (bool accepted).
-    k: degrees of freedom (the feature width the Gaussian was fitted on).
-    sigmas: the sigma multiples, default 1..8.
-
-  Returns:
-    :class:`SigmaRates` (tpr, fpr), float64 arrays of len(sigmas). TPR is NaN
-    when there are no anomalous rows, FPR when there are no normal rows.
-  """
-  d = np.asarray(distances, dtype=np.float64)
-  y = np.asarray(labels)
-  if d.ndim != 1 or y.shape != d.shape:
-    raise ValueError(f'distances and labels must be 1-D of equal length, got shapes '
-                     f'{d.shape} and {y.shape}.')
-  if not np.isfinite(d).all():
-    raise ValueError('distances contain NaN or inf.')
-  if y.size and not np.isin(y, (0, 1)).all():
-    raise ValueError(f'labels must be 0 or 1, got values {np.unique(y)[:5].tolist()}.')
-  thresholds = np.atleast_1d(sigma_threshold(np.asarray(list(sigmas), dtype=np.float64), k))
-  flagged = d[None, :] > thresholds[:, None]
-  pos = y == 1
-  neg = ~pos
-  nan = np.full(thresholds.shape, np.nan)
-  tpr = flagged[:, pos].mean(axis=1) if pos.any() else nan
-  fpr = flagged[:, neg].mean(axis=1) if neg.any() else nan.copy()
-  return SigmaRates(tpr=tpr, fpr=fpr)
-
-
-# ---------------------------------------------------------------------------
-# Density-model seam
-# ---------------------------------------------------------------------------
-
-
-@runtime_checkable
-class DensityModel(Protocol):
-  """What the pipeline needs from a density model.
-
-  Statistics are a pytree accumulated over batches of training rows
-  (``init`` -> ``accumulate`` / ``merge`` / ``psum``), then turned into a
-  fitted state (``finalize``) that scores rows (``score``). A GMM or a
-  normalizing flow implements the same five methods; callers do not change.
-  """
-
-  def init(self, dim: int, dtype=jnp.float32) -> Any:
-    """Statistics of zero rows of width ``dim``."""
-
-  def accumulate(self, stats: Any, x) -> Any:
-    """Statistics after adding the (n, dim) rows ``x``."""
-
-  def merge(self, a: Any, b: Any) -> Any:
-    """Statistics of the union of two row sets."""
-
-  def psum(self, stats: Any, axis_name) -> Any:
-    """Statistics all-reduced over a mapped device axis."""
-
-  def finalize(self, stats: Any) -> Any:
-    """Fitted state from statistics."""
-
-  def score(self, state: Any, x, distance: str) -> Array:
-    """(n,) anomaly scores of rows ``x``, larger = more anomalous."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Gaussian:
-  """The Gaussian density model (:class:`DensityModel`) over :class:`Moments`.
-
-  Attributes:
-    shrinkage: as in :func:`fit_gaussian`.
-  """
-  shrinkage: str | float = 'ledoit_wolf'
-
-  def __post_init__(self):
-    _check_shrinkage(self.shrinkage)
-
-  def init(self, dim: int, dtype=jnp.float32) -> Moments:
-    return empty_moments(dim, dtype)
-
-  def accumulate(self, stats: Moments, x) -> Moments:
-    return accumulate(stats, x)
-
-  def merge(self, a: Moments, b: Moments) -> Moments:
-    return merge(a, b)
-
-  def psum(self, stats: Moments, axis_name) -> Moments:
-    return psum_moments(stats, axis_name)
-
-  def finalize(self, stats: Moments) -> GaussianState:
-    return fit_from_moments(stats, self.shrinkage)
-
-  def score(self, state: GaussianState, x, distance: str = 'mahalanobis') -> Array:
-    return score(state, x, distance)
-
-
-GAUSSIAN = Gaussian()
-
-
-def fit_batches(model: DensityModel, batches: Iterable) -> Any:
-  """Fits ``model`` by streaming batches of rows through its statistics.
-
-  Args:
-    model: a :class:`DensityModel`, e.g. :data:`GAUSSIAN`.
-    batches: iterable of (n_i, D) arrays with a common D; float64 batches
-      (under x64) accumulate in float64, anything else in float32.
-
-  Returns:
-    The model's fitted state.
-  """
-  stats = None
-  for i, batch in enumerate(batches):
-    if stats is None:
-      batch = check_features(batch, f'batches[{i}]', min_samples=1)
-      stats = model.init(batch.shape[1], batch.dtype)
-    stats = model.accumulate(stats, batch)
-  if stats is None:
-    raise ValueError('batches is empty; at least one batch of rows is needed.')
-  return model.finalize(stats)

@@ -3,10 +3,12 @@ r"""Runs the Gaussian AD protocol and writes the paper's tables.
   python -m jax_gad.main --flagfile=experiments/demo.cfg
   python -m jax_gad.main --flagfile=experiments/mvtec.cfg --data_dir=/data/mvtec_anomaly_detection
 
-An image travels: disk -> :mod:`jax_gad.data` (TFDS dataset, resize, normalise)
--> :mod:`jax_gad.features` (EfficientNet levels on every device, pooled,
-cached) -> :mod:`jax_gad.evaluate` (a Gaussian per fold and level, distances,
-AUROC) -> ``results.json`` and the tables in ``--workdir``.
+An image travels: disk -> :mod:`jax_gad.data` (TFDS dataset; decode, resize and
+normalise in :mod:`jax_gad.data.pipeline`) -> :mod:`jax_gad.features`
+(EfficientNet levels on every device, pooled; cached by
+:mod:`jax_gad.feature_cache`) -> :mod:`jax_gad.protocol` (a Gaussian per fold
+and level, distances, AUROC) -> :mod:`jax_gad.report` (``results.json`` and the
+tables in ``--workdir``).
 
 Every input is checked before anything is written, so bad input (flags, data,
 weights) leaves the workdir as it was; each output file is written atomically.
@@ -17,108 +19,74 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-_DISTANCES = ("l2", "sed", "mahalanobis")
+from jax_gad import cli
 
-flags.DEFINE_string("workdir", None, "Output folder; created if missing. Must not be a file.")
-flags.DEFINE_enum("dataset", "synthetic_ad", ["mvtec_ad", "synthetic_ad"], "Dataset to evaluate on.")
-flags.DEFINE_string("data_dir", None,
-                    "The extracted MVTec AD folder (holding bottle/, cable/, ...); mvtec_ad only.")
-flags.DEFINE_string("tfds_dir", None,
-                    "Where prepared TFDS datasets are kept (default: TFDS's ~/tensorflow_datasets).")
-flags.DEFINE_list("categories", [], "Categories to run (default: all categories of the dataset).")
-flags.DEFINE_list("folds", ["0", "1", "2", "3", "4"],
-                  "Which of the 5 KFold(shuffle=True, random_state=0) folds to evaluate.")
-flags.DEFINE_string("arch", "efficientnet-b4", "Backbone: efficientnet-b0..b7 or efficientnet-lite0..4.")
-flags.DEFINE_string("checkpoint", None,
-                    "Converted weights (.msgpack, see `python -m jax_gad.convert`). Default: "
-                    "<checkpoint_dir>/<arch>.msgpack; Lite0-2 are converted there on first use.")
-flags.DEFINE_string("checkpoint_dir", "checkpoints", "Folder of converted checkpoints.")
-flags.DEFINE_list("levels", [str(i) for i in range(9)], "Levels to use (0 = stem ... 8 = head).")
-flags.DEFINE_list("distances", list(_DISTANCES), "Distances to evaluate: l2, sed, mahalanobis.")
-flags.DEFINE_float("pca", None,
-                   "PCA before the fit: keep components up to cumulative variance t (e.g. 0.99).")
-flags.DEFINE_float("npca", None,
-                   "Negated PCA: keep the components beyond cumulative variance t (e.g. 0.99 is "
-                   "the poster's 'NPCA 1 %'). Mutually exclusive with --pca.")
-flags.DEFINE_integer("image_size", None, "Square input size (default: the checkpoint's native size).")
-flags.DEFINE_integer("batch_size", 16, "Global batch size of feature extraction (all devices).")
-flags.DEFINE_integer("num_workers", None,
-                     "Threads that decode and resize images while the device computes "
-                     "(default: the number of CPU cores).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Backbone computation dtype.")
-flags.DEFINE_enum("depthwise", "auto", ["auto", "shift", "xla"],
-                  "Depthwise convolution implementation (auto: the measured default of the backend).")
-flags.DEFINE_string("cache_dir", "~/.cache/jax_gad/features",
-                    "Feature cache folder ('' disables the cache).")
+DISTANCES = ("l2", "sed", "mahalanobis")
+
+cli.DEFINE_path("workdir", None, "Output folder for results.json, the tables and plots; "
+                "created if missing. Must not be a file.")
+cli.DEFINE_int_list("folds", [0, 1, 2, 3, 4], 0, 4,
+                    "Which of the 5 KFold(shuffle=True, random_state=0) folds to evaluate.")
+cli.DEFINE_enum_list("distances", list(DISTANCES), DISTANCES, "Distances to evaluate.")
 flags.DEFINE_bool("plots", True, "Write ROC and per-level plots (PNG).")
-flags.DEFINE_string("coordinator_address", None,
-                    "Multi-host: host:port of process 0 (calls jax.distributed.initialize).")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
 
 FLAGS = flags.FLAGS
 
 
 class Config(NamedTuple):
-  """Everything that defines one experiment; built from flags by :func:`config_from_flags`."""
+  """Everything that defines one experiment; see the flags of the same names.
+
+  Build one with :func:`config`, which takes every value not given from the
+  flags (their defaults when the flags have not been parsed).
+  """
   workdir: str
-  dataset: str = "synthetic_ad"
-  data_dir: str | None = None
-  tfds_dir: str | None = None
-  categories: tuple = ()
-  folds: tuple = (0, 1, 2, 3, 4)
-  arch: str = "efficientnet-b4"
-  checkpoint: str | None = None
-  checkpoint_dir: str = "checkpoints"
-  levels: tuple = tuple(range(9))
-  distances: tuple = _DISTANCES
-  pca: float | None = None
-  npca: float | None = None
-  image_size: int | None = None
-  batch_size: int = 16
-  num_workers: int | None = None
-  dtype: str = "float32"
-  depthwise: str = "auto"
-  cache_dir: str | None = "~/.cache/jax_gad/features"
-  plots: bool = True
+  dataset: str
+  data_dir: str | None
+  tfds_dir: str | None
+  categories: tuple
+  folds: tuple
+  arch: str
+  checkpoint: str | None
+  checkpoint_dir: str
+  levels: tuple
+  distances: tuple
+  pca: float | None
+  npca: float | None
+  image_size: int | None
+  batch_size: int
+  num_workers: int | None
+  dtype: str
+  depthwise: str
+  cache_dir: str | None
+  plots: bool
 
 
-def _int_list(name: str, values: Sequence[str], low: int, high: int) -> tuple:
-  try:
-    out = tuple(int(v) for v in values)
-  except ValueError:
-    raise ValueError(f"--{name} must be a comma-separated list of integers, got {','.join(values)!r}.")
-  bad = [v for v in out if not low <= v <= high]
-  if bad or not out:
-    raise ValueError(f"--{name} must list integers in {low}..{high}, got {list(out)}.")
-  if len(set(out)) != len(out):
-    raise ValueError(f"--{name} lists a value twice: {list(out)}.")
-  return out
-
-
-def config_from_flags() -> Config:
-  if not FLAGS.workdir:
-    raise ValueError("--workdir is required (the folder that receives results.json and the tables).")
-  return Config(
-      workdir=FLAGS.workdir, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
-      tfds_dir=FLAGS.tfds_dir, categories=tuple(FLAGS.categories),
-      folds=_int_list("folds", FLAGS.folds, 0, 4), arch=FLAGS.arch,
-      checkpoint=FLAGS.checkpoint, checkpoint_dir=FLAGS.checkpoint_dir,
-      levels=_int_list("levels", FLAGS.levels, 0, 8), distances=tuple(FLAGS.distances),
-      pca=FLAGS.pca, npca=FLAGS.npca, image_size=FLAGS.image_size,
-      batch_size=FLAGS.batch_size, num_workers=FLAGS.num_workers, dtype=FLAGS.dtype, depthwise=FLAGS.depthwise,
-      cache_dir=FLAGS.cache_dir or None, plots=FLAGS.plots)
+def config(**overrides) -> Config:
+  """A :class:`Config` from the flags, with ``overrides`` (field=value) on top."""
+  unknown = set(overrides) - set(Config._fields)
+  if unknown:
+    raise ValueError(f"unknown Config field(s) {sorted(unknown)}; valid: {list(Config._fields)}")
+  v = cli.values(Config._fields, overrides)
+  for name in ("categories", "folds", "levels", "distances"):
+    v[name] = tuple(v[name])
+  v["cache_dir"] = v["cache_dir"] or None
+  return Config(**v)
 
 
 def _validate(cfg: Config):
-  """Checks what can be checked without touching data or weights. Returns the reduction."""
-  from jax_gad import data, evaluate
+  """Checks what can be checked without touching data or weights. Returns the reduction.
 
+  The flags' parsers already enforce these rules on the command line; this
+  repeats them for a :class:`Config` built in Python.
+  """
+  from jax_gad import data, protocol
+
+  if not cfg.workdir:
+    raise ValueError("--workdir is required (the folder that receives results.json and the tables).")
   if os.path.exists(cfg.workdir) and not os.path.isdir(cfg.workdir):
     raise ValueError(f"--workdir={cfg.workdir} is a file; give a folder (it is created if missing).")
   if cfg.pca is not None and cfg.npca is not None:
@@ -128,16 +96,20 @@ def _validate(cfg: Config):
     if t is not None:
       if not 0.0 < t < 1.0:
         raise ValueError(f"--{mode} must be a cumulative variance threshold in (0, 1), got {t}.")
-      reduction = evaluate.Reduction(mode, float(t))
-  unknown = [d for d in cfg.distances if d not in _DISTANCES]
-  if unknown or not cfg.distances:
-    raise ValueError(f"--distances: unknown {unknown}; choose from {list(_DISTANCES)}.")
+      reduction = protocol.Reduction(mode, float(t))
+  lists = {"distances": (cfg.distances, cli.EnumListParser(DISTANCES)),
+           "folds": (cfg.folds, cli.IntListParser(0, 4)),
+           "levels": (cfg.levels, cli.IntListParser(0, 8)),
+           "categories": (cfg.categories, cli.UniqueListParser())}
+  for name, (value, parser) in lists.items():
+    try:
+      parser.parse(list(value))
+    except ValueError as err:
+      raise ValueError(f"--{name}: {err}.") from None
   valid = data.CATEGORIES[cfg.dataset]
   bad = [c for c in cfg.categories if c not in valid]
   if bad:
     raise ValueError(f"--categories: unknown {bad} for dataset {cfg.dataset}; valid: {list(valid)}.")
-  if len(set(cfg.categories)) != len(cfg.categories):
-    raise ValueError(f"--categories lists a category twice: {list(cfg.categories)}.")
   if cfg.batch_size < 1:
     raise ValueError(f"--batch_size must be positive, got {cfg.batch_size}.")
   if cfg.num_workers is not None and cfg.num_workers < 1:
@@ -153,7 +125,8 @@ def run(cfg: Config) -> dict:
   import jax.numpy as jnp
   from tqdm import tqdm
 
-  from jax_gad import convert, data, evaluate, features, files
+  from jax_gad import checkpoint, data, feature_cache, features, files, protocol, report
+  from jax_gad.data import pipeline
   from jax_gad.models import efficientnet
 
   reduction = _validate(cfg)
@@ -166,8 +139,8 @@ def run(cfg: Config) -> dict:
         f"`python -m jax_gad.convert --arch={cfg.arch} --input=<file.pth> --output="
         f"{cfg.checkpoint}` (README: 'Converting weights'), or leave --checkpoint out to use "
         f"{cfg.checkpoint_dir}/{cfg.arch}.msgpack.")
-  path = cfg.checkpoint or convert.ensure_checkpoint(cfg.arch, cfg.checkpoint_dir)
-  variables, meta = convert.load_checkpoint(path, arch=cfg.arch)
+  path = cfg.checkpoint or checkpoint.ensure_checkpoint(cfg.arch, cfg.checkpoint_dir)
+  variables, meta = checkpoint.load_checkpoint(path, arch=cfg.arch)
   image_size = cfg.image_size or int(meta["resolution"])
   depthwise = None if cfg.depthwise == "auto" else cfg.depthwise
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
@@ -181,18 +154,19 @@ def run(cfg: Config) -> dict:
                  data.load(cfg.dataset, c, "test", data_dir=cfg.data_dir, tfds_dir=cfg.tfds_dir))
 
   mesh = features.make_mesh()
-  cache = features.FeatureCache(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else None
+  cache = feature_cache.FeatureCache(cfg.cache_dir) if cfg.cache_dir else None
   checkpoint_id = files.sha256(path) if cache else None  # identity of the weights in cache keys
   levels = list(cfg.levels)
+  # Every level, whatever --levels says: one cache entry serves every level choice.
+  extractor = features.LevelExtractor(model, variables, image_size=image_size, mesh=mesh,
+                                      levels=range(efficientnet.NUM_LEVELS),
+                                      batch_size=cfg.batch_size)
 
   def pooled(split, category, split_name):
     def compute():
-      return features.extract_features(
-          model, variables, split, image_size=image_size, mean=meta["mean"], std=meta["std"],
-          # Every level, whatever --levels says: one cache entry serves every level choice.
-          batch_size=cfg.batch_size, mesh=mesh, levels=features.DEFAULT_LEVELS,
-          num_workers=cfg.num_workers or os.cpu_count() or 2,
-          desc=f"{category}/{split_name}")
+      return pipeline.pooled_features(
+          extractor, split, image_size=image_size, mean=meta["mean"], std=meta["std"],
+          num_workers=cfg.num_workers or os.cpu_count() or 2, desc=f"{category}/{split_name}")
     if cache is None:
       return compute()
     key = {
@@ -211,35 +185,33 @@ def run(cfg: Config) -> dict:
       feats_train = pooled(train, c, "train")
       feats_test = pooled(test, c, "test")
       all_folds = data.folds(len(train))
-      results[c] = evaluate.evaluate_category(
+      results[c] = protocol.evaluate_category(
           c, [feats_train[l] for l in levels], [feats_test[l] for l in levels], test.labels,
           [all_folds[k] for k in cfg.folds], levels=levels, distances=cfg.distances,
           reduction=reduction, progress=bar.update)
 
-  config = cfg._asdict()
-  config.update(categories=list(categories), checkpoint=path, image_size=image_size,
-                checkpoint_meta={k: meta[k] for k in ("arch", "source", "resolution", "mean", "std")
-                                 if k in meta},
-                reduction=reduction.name if reduction else None)
-  doc = evaluate.report(config=json.loads(json.dumps(config)), results=results, levels=levels,
-                        distances=cfg.distances)
+  config_doc = cfg._asdict()
+  config_doc.update(categories=list(categories), checkpoint=path, image_size=image_size,
+                    checkpoint_meta={k: meta[k] for k in ("arch", "source", "resolution", "mean",
+                                                          "std") if k in meta},
+                    reduction=reduction.name if reduction else None)
+  doc = report.report(config=json.loads(json.dumps(config_doc)), results=results, levels=levels,
+                      distances=cfg.distances)
   # In a multi-host run every process holds the same results; process 0 writes them.
   if jax.process_index() == 0:
     os.makedirs(cfg.workdir, exist_ok=True)
-    evaluate.write_reports(cfg.workdir, doc, results, cfg.distances, plots=cfg.plots)
+    report.write_reports(cfg.workdir, doc, results, cfg.distances, plots=cfg.plots)
   return doc
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from jax_gad import evaluate, features
+  from jax_gad import report
 
   try:
-    if FLAGS.coordinator_address:
-      features.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                      FLAGS.process_id)
-    cfg = config_from_flags()
+    cli.initialize_multihost()
+    cfg = config()
     doc = run(cfg)
   except (ValueError, OSError, ImportError) as e:  # bad input: say what, no traceback
     sys.exit(f"jax_gad.main: error: {e}")
@@ -248,11 +220,17 @@ def main(argv):
   if doc["config"]["reduction"]:
     title += f", {doc['config']['reduction']}"
   print()
-  print(evaluate.table1_markdown(doc["table1"], cfg.distances, title=title))
+  print(report.table1_markdown(doc["table1"], cfg.distances, title=title))
   print("Sum row per category:")
-  print(evaluate.per_category_markdown(doc["per_category"], cfg.distances))
+  print(report.per_category_markdown(doc["per_category"], cfg.distances))
   print(f"Wrote results.json, tables and plots to {os.path.abspath(cfg.workdir)}")
 
 
-if __name__ == "__main__":
+def run_cli():
+  """Console-script entry point (``jax-gad``)."""
+  cli.show_in_help(Config._fields + cli.MULTIHOST_FLAGS)
   app.run(main)
+
+
+if __name__ == "__main__":
+  run_cli()

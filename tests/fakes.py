@@ -46,3 +46,31 @@ def write_mvtec(root, categories=(("bottle", "rgb"), ("grid", "gray")), n_train=
         save(f"test/{defect}/{i:03d}.png", img)
         save(f"ground_truth/{defect}/{i:03d}_mask.png", mask[..., None])
   return str(root)
+
+
+def extract_features(module, variables, source, *, image_size, mean, std, batch_size=8,
+                     mesh=None, levels=tuple(range(9)), num_workers=2, progress=False,
+                     desc="features", preprocess=None):
+  """One extractor + the decode pipeline: jax_gad's path from a source to pooled features.
+
+  ``preprocess``, when given, is ``f(image, size, mean, std)`` as
+  ``jax_gad.data.preprocess.prepare_image``.
+  """
+  from jax_gad import features
+
+  extractor = features.LevelExtractor(module, variables, image_size=image_size, mesh=mesh,
+                                      levels=levels, batch_size=batch_size)
+  return pooled(extractor, source, mean=mean, std=std, num_workers=num_workers,
+                progress=progress, desc=desc, preprocess=preprocess)
+
+
+def pooled(extractor, source, *, mean, std, num_workers=2, progress=False, desc="features",
+           preprocess=None):
+  """``pipeline.pooled_features`` with a test-style ``preprocess(image, size, mean, std)``."""
+  from jax_gad.data import pipeline
+
+  size = extractor.image_size
+  fn = None if preprocess is None else (lambda image: preprocess(image, size, mean, std))
+  return pipeline.pooled_features(extractor, source, image_size=size, mean=mean, std=std,
+                                  num_workers=num_workers, progress=progress, desc=desc,
+                                  preprocess=fn)

