@@ -59,8 +59,7 @@ def _no_repeats(values: Sequence) -> None:
       repeated.append(v)
     seen.add(v)
   if repeated:
-    raise ValueError(f"lists {', '.join(map(str, repeated))} more than once; "
-                     "give each value once")
+    raise ValueError(f"lists {', '.join(map(str, repeated))} more than once; give each value once")
 
 
 class UniqueListParser(flags.ListParser):
@@ -131,23 +130,38 @@ def DEFINE_path(name: str, default: str | None, help_: str, **kwargs):  # noqa: 
 def DEFINE_unique_list(name: str, default, help_: str, **kwargs):  # noqa: N802
   """A comma-separated list flag that refuses repeated values."""
   kwargs.setdefault("module_name", _caller_module())
-  return flags.DEFINE(UniqueListParser(), name, default, help_,
-                      serializer=flags.CsvListSerializer(","), **kwargs)
+  return flags.DEFINE(
+    UniqueListParser(), name, default, help_, serializer=flags.CsvListSerializer(","), **kwargs
+  )
 
 
 def DEFINE_enum_list(name: str, default, choices: Iterable[str], help_: str, **kwargs):  # noqa: N802
   """A comma-separated list flag of distinct values from ``choices``."""
   kwargs.setdefault("module_name", _caller_module())
-  return flags.DEFINE(EnumListParser(choices), name, default, help_,
-                      serializer=flags.CsvListSerializer(","), **kwargs)
+  return flags.DEFINE(
+    EnumListParser(choices), name, default, help_, serializer=flags.CsvListSerializer(","), **kwargs
+  )
 
 
-def DEFINE_int_list(name: str, default, low: int, high: int, help_: str,  # noqa: N802
-                    allow_empty: bool = False, **kwargs):
+def DEFINE_int_list(
+  name: str,
+  default,
+  low: int,
+  high: int,
+  help_: str,  # noqa: N802
+  allow_empty: bool = False,
+  **kwargs,
+):
   """A comma-separated list flag of distinct integers in [low, high] (empty if allowed)."""
   kwargs.setdefault("module_name", _caller_module())
-  return flags.DEFINE(IntListParser(low, high, allow_empty), name, default, help_,
-                      serializer=flags.CsvListSerializer(","), **kwargs)
+  return flags.DEFINE(
+    IntListParser(low, high, allow_empty),
+    name,
+    default,
+    help_,
+    serializer=flags.CsvListSerializer(","),
+    **kwargs,
+  )
 
 
 def _open_unit_interval(value) -> bool:
@@ -160,68 +174,118 @@ def _open_unit_interval(value) -> bool:
 
 # Data.
 flags.DEFINE_enum("dataset", "synthetic_ad", list(DATASETS), "Dataset to evaluate on.")
-DEFINE_path("data_dir", None,
-            "The raw dataset folder (for mvtec_ad: the extracted MVTec AD folder holding "
-            "bottle/, cable/, ...). Not needed for synthetic_ad.")
-DEFINE_path("tfds_dir", None,
-            "Where prepared TFDS datasets are kept (default: TFDS's ~/tensorflow_datasets).")
+DEFINE_path(
+  "data_dir",
+  None,
+  "The raw dataset folder (for mvtec_ad: the extracted MVTec AD folder holding "
+  "bottle/, cable/, ...). Not needed for synthetic_ad.",
+)
+DEFINE_path(
+  "tfds_dir", None, "Where prepared TFDS datasets are kept (default: TFDS's ~/tensorflow_datasets)."
+)
 DEFINE_unique_list("categories", [], "Categories to run (default: all of the dataset).")
 
 # Backbone.
 flags.DEFINE_enum("arch", "efficientnet-b4", list(efficientnet.ARCHS), "Backbone architecture.")
-DEFINE_path("checkpoint", None,
-            "Converted weights (.msgpack, see `python -m jax_gad.convert`). Default: "
-            "<checkpoint_dir>/<arch>.msgpack; Lite0-2 are converted there on first use.")
+DEFINE_path(
+  "checkpoint",
+  None,
+  "Converted weights (.msgpack, see `python -m jax_gad.convert`). Default: "
+  "<checkpoint_dir>/<arch>.msgpack; Lite0-2 are converted there on first use.",
+)
 DEFINE_path("checkpoint_dir", "checkpoints", "Folder of converted checkpoints.")
-flags.DEFINE_integer("image_size", None,
-                     "Square input size (default: the checkpoint's native size).", lower_bound=16)
-flags.DEFINE_integer("batch_size", 16, "Global batch size of feature extraction (all devices).",
-                     lower_bound=1)
-flags.DEFINE_integer("num_workers", None,
-                     "Threads that decode and resize images while the device computes "
-                     "(default: the number of CPU cores).", lower_bound=1)
+flags.DEFINE_integer(
+  "image_size", None, "Square input size (default: the checkpoint's native size).", lower_bound=16
+)
+flags.DEFINE_integer(
+  "batch_size", 16, "Global batch size of feature extraction (all devices).", lower_bound=1
+)
+flags.DEFINE_integer(
+  "num_workers",
+  None,
+  "Threads that decode and resize images while the device computes "
+  "(default: the number of CPU cores).",
+  lower_bound=1,
+)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Backbone computation dtype.")
-flags.DEFINE_enum("depthwise", "auto", ["auto", *efficientnet.DEPTHWISE_IMPLS],
-                  "Depthwise convolution implementation (auto: the measured default of the "
-                  "backend; docs/architecture.md, 'Depthwise convolution').")
-DEFINE_path("cache_dir", "~/.cache/jax_gad/features",
-            "Feature cache folder ('' disables the cache).")
+flags.DEFINE_enum(
+  "depthwise",
+  "auto",
+  ["auto", *efficientnet.DEPTHWISE_IMPLS],
+  "Depthwise convolution implementation (auto: the measured default of the "
+  "backend; docs/architecture.md, 'Depthwise convolution').",
+)
+DEFINE_path(
+  "cache_dir", "~/.cache/jax_gad/features", "Feature cache folder ('' disables the cache)."
+)
 
 # What is fitted.
-DEFINE_int_list("levels", list(range(efficientnet.NUM_LEVELS)), 0, efficientnet.NUM_LEVELS - 1,
-                "Levels to use (0 = stem ... 8 = head).")
-flags.DEFINE_float("pca", None,
-                   "PCA before the fit: keep components up to cumulative variance t in (0, 1), "
-                   "e.g. 0.99 (the poster's 'PCA 99 %').")
-flags.DEFINE_float("npca", None,
-                   "Negated PCA: keep the components beyond cumulative variance t in (0, 1), "
-                   "e.g. 0.99 (the poster's 'NPCA 1 %').")
+DEFINE_int_list(
+  "levels",
+  list(range(efficientnet.NUM_LEVELS)),
+  0,
+  efficientnet.NUM_LEVELS - 1,
+  "Levels to use (0 = stem ... 8 = head).",
+)
+flags.DEFINE_float(
+  "pca",
+  None,
+  "PCA before the fit: keep components up to cumulative variance t in (0, 1), "
+  "e.g. 0.99 (the poster's 'PCA 99 %').",
+)
+flags.DEFINE_float(
+  "npca",
+  None,
+  "Negated PCA: keep the components beyond cumulative variance t in (0, 1), "
+  "e.g. 0.99 (the poster's 'NPCA 1 %').",
+)
 flags.register_validator("pca", _open_unit_interval, "--pca must lie in (0, 1)")
 flags.register_validator("npca", _open_unit_interval, "--npca must lie in (0, 1)")
 flags.mark_flags_as_mutual_exclusive(["pca", "npca"])
 
 # Multi-host.
-flags.DEFINE_string("coordinator_address", None,
-                    "Multi-host: host:port of process 0 (calls jax.distributed.initialize); "
-                    "needs --num_processes and --process_id.")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (with "
-                     "--coordinator_address).", lower_bound=1)
-flags.DEFINE_integer("process_id", None, "Multi-host: index of this process (with "
-                     "--coordinator_address).", lower_bound=0)
+flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "Multi-host: host:port of process 0 (calls jax.distributed.initialize); "
+  "needs --num_processes and --process_id.",
+)
+flags.DEFINE_integer(
+  "num_processes",
+  None,
+  "Multi-host: number of processes (with --coordinator_address).",
+  lower_bound=1,
+)
+flags.DEFINE_integer(
+  "process_id",
+  None,
+  "Multi-host: index of this process (with --coordinator_address).",
+  lower_bound=0,
+)
 
 
 @flags.multi_flags_validator(
-    ["coordinator_address", "num_processes", "process_id"],
-    message="--coordinator_address, --num_processes and --process_id go together: give all "
-            "three for a multi-host run, or none")
+  ["coordinator_address", "num_processes", "process_id"],
+  message="--coordinator_address, --num_processes and --process_id go together: give all "
+  "three for a multi-host run, or none",
+)
 def _multihost_together(values) -> bool:
   given = [values[k] is not None for k in ("coordinator_address", "num_processes", "process_id")]
   return all(given) or not any(given)
 
 
 DATA_FLAGS = ("dataset", "data_dir", "tfds_dir", "categories")
-BACKBONE_FLAGS = ("arch", "checkpoint", "checkpoint_dir", "image_size", "batch_size",
-                  "num_workers", "dtype", "depthwise", "cache_dir")
+BACKBONE_FLAGS = (
+  "arch",
+  "checkpoint",
+  "checkpoint_dir",
+  "image_size",
+  "batch_size",
+  "num_workers",
+  "dtype",
+  "depthwise",
+  "cache_dir",
+)
 FIT_FLAGS = ("levels", "pca", "npca")
 MULTIHOST_FLAGS = ("coordinator_address", "num_processes", "process_id")
 
@@ -254,5 +318,6 @@ def initialize_multihost() -> None:
   if FLAGS.coordinator_address:
     from jax_gad import features
 
-    features.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                    FLAGS.process_id)
+    features.initialize_distributed(
+      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )

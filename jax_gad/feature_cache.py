@@ -17,8 +17,8 @@ import json
 import logging
 import os
 import time
-import warnings
 from typing import Any, Callable, Mapping, Sequence
+import warnings
 
 import numpy as np
 
@@ -37,17 +37,19 @@ class CacheWarning(UserWarning):
 
 def _canonical_json(fields: Mapping[str, Any]) -> str:
   try:
-    return json.dumps(fields, sort_keys=True, separators=(',', ':'),
-                      ensure_ascii=True, allow_nan=False)
+    return json.dumps(
+      fields, sort_keys=True, separators=(',', ':'), ensure_ascii=True, allow_nan=False
+    )
   except (TypeError, ValueError) as err:
-    raise ValueError('key_fields must hold only JSON values (str, int, float, '
-                     f'bool, None, lists, dicts with str keys): {err}') from None
+    raise ValueError(
+      'key_fields must hold only JSON values (str, int, float, '
+      f'bool, None, lists, dicts with str keys): {err}'
+    ) from None
 
 
 def _normalise_fields(key_fields: Mapping[str, Any]) -> dict[str, Any]:
   if not isinstance(key_fields, Mapping) or not key_fields:
-    raise ValueError('key_fields must be a non-empty dict, got '
-                     f'{type(key_fields).__name__}')
+    raise ValueError(f'key_fields must be a non-empty dict, got {type(key_fields).__name__}')
   for name in key_fields:
     if not isinstance(name, str):
       raise ValueError(f'key_fields keys must be str, got {name!r}')
@@ -59,8 +61,7 @@ def _normalise_fields(key_fields: Mapping[str, Any]) -> dict[str, Any]:
 
 def cache_key(key_fields: Mapping[str, Any]) -> str:
   """sha256 hex of the canonical JSON of ``key_fields`` (+ feature code version)."""
-  return hashlib.sha256(
-      _canonical_json(_normalise_fields(key_fields)).encode('ascii')).hexdigest()
+  return hashlib.sha256(_canonical_json(_normalise_fields(key_fields)).encode('ascii')).hexdigest()
 
 
 class FeatureCache:
@@ -96,13 +97,20 @@ class FeatureCache:
       if not isinstance(manifest, dict):
         raise ValueError('manifest is not a JSON object')
     except (OSError, ValueError) as err:
-      warnings.warn(f'feature cache manifest {manifest_path} is unreadable '
-                    f'({err}); recomputing', CacheWarning, stacklevel=3)
+      warnings.warn(
+        f'feature cache manifest {manifest_path} is unreadable ({err}); recomputing',
+        CacheWarning,
+        stacklevel=3,
+      )
       return None
     if manifest.get('key_fields') != fields:
-      warnings.warn(f'feature cache entry {manifest_path} is stale: its key fields '
-                    f'{manifest.get("key_fields")!r} differ from {fields!r}; '
-                    'recomputing', CacheWarning, stacklevel=3)
+      warnings.warn(
+        f'feature cache entry {manifest_path} is stale: its key fields '
+        f'{manifest.get("key_fields")!r} differ from {fields!r}; '
+        'recomputing',
+        CacheWarning,
+        stacklevel=3,
+      )
       return None
     try:
       shapes = [tuple(s) for s in manifest['shapes']]
@@ -115,19 +123,23 @@ class FeatureCache:
       got_shapes = [a.shape for a in arrays]
       got_dtypes = [a.dtype.str for a in arrays]
       if got_shapes != shapes or got_dtypes != dtypes:
-        raise ValueError(f'arrays have shapes {got_shapes} dtypes {got_dtypes}, '
-                         f'manifest says {shapes} {dtypes}')
+        raise ValueError(
+          f'arrays have shapes {got_shapes} dtypes {got_dtypes}, manifest says {shapes} {dtypes}'
+        )
       if files.arrays_sha256(arrays) != manifest['checksum']:
         raise ValueError('checksum mismatch')
     except Exception as err:  # pylint: disable=broad-except
-      warnings.warn(f'feature cache entry {arrays_path} is corrupt ({err}); '
-                    'recomputing', CacheWarning, stacklevel=3)
+      warnings.warn(
+        f'feature cache entry {arrays_path} is corrupt ({err}); recomputing',
+        CacheWarning,
+        stacklevel=3,
+      )
       return None
     return arrays
 
-  def get_or_compute(self, key_fields: Mapping[str, Any],
-                     compute_fn: Callable[[], Sequence[np.ndarray]]
-                     ) -> list[np.ndarray]:
+  def get_or_compute(
+    self, key_fields: Mapping[str, Any], compute_fn: Callable[[], Sequence[np.ndarray]]
+  ) -> list[np.ndarray]:
     """Returns the cached arrays for ``key_fields`` or computes and stores them.
 
     Args:
@@ -151,22 +163,24 @@ class FeatureCache:
     logger.info('feature cache miss: %s', arrays_path)
     computed = compute_fn()
     if isinstance(computed, np.ndarray) or not isinstance(computed, (list, tuple)):
-      raise ValueError('compute_fn must return a list of arrays, got '
-                       f'{type(computed).__name__}')
+      raise ValueError(f'compute_fn must return a list of arrays, got {type(computed).__name__}')
     arrays = [np.asarray(a) for a in computed]
     for i, array in enumerate(arrays):
       if array.dtype == object:
         raise ValueError(f'compute_fn returned an object array at position {i}')
     manifest = {
-        'key_fields': fields,
-        'key': os.path.basename(arrays_path)[:-4],
-        'shapes': [list(a.shape) for a in arrays],
-        'dtypes': [a.dtype.str for a in arrays],
-        'checksum': files.arrays_sha256(arrays),
-        'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+      'key_fields': fields,
+      'key': os.path.basename(arrays_path)[:-4],
+      'shapes': [list(a.shape) for a in arrays],
+      'dtypes': [a.dtype.str for a in arrays],
+      'checksum': files.arrays_sha256(arrays),
+      'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
     }
-    files.atomic_write(arrays_path, lambda f: np.savez(
-        f, **{f'level_{i}': a for i, a in enumerate(arrays)}))
-    files.atomic_write(manifest_path, lambda f: f.write(
-        json.dumps(manifest, indent=1, sort_keys=True).encode('utf-8')))
+    files.atomic_write(
+      arrays_path, lambda f: np.savez(f, **{f'level_{i}': a for i, a in enumerate(arrays)})
+    )
+    files.atomic_write(
+      manifest_path,
+      lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode('utf-8')),
+    )
     return arrays

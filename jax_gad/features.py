@@ -33,8 +33,9 @@ from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,9 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------
 
 
-def initialize_distributed(coordinator_address: str, num_processes: int,
-                           process_id: int) -> tuple[int, int]:
+def initialize_distributed(
+  coordinator_address: str, num_processes: int, process_id: int
+) -> tuple[int, int]:
   """Joins a multi-process JAX job (wrapper over ``jax.distributed.initialize``).
 
   Must run before any other JAX computation in the process. On the CPU backend
@@ -60,29 +62,41 @@ def initialize_distributed(coordinator_address: str, num_processes: int,
     ``(jax.process_index(), jax.process_count())`` after joining.
   """
   if not isinstance(coordinator_address, str) or ':' not in coordinator_address:
-    raise ValueError("coordinator_address must be a 'host:port' string, got "
-                     f'{coordinator_address!r}')
+    raise ValueError(
+      f"coordinator_address must be a 'host:port' string, got {coordinator_address!r}"
+    )
   host, _, port = coordinator_address.rpartition(':')
   if not host or not port.isdigit():
-    raise ValueError("coordinator_address must be a 'host:port' string, got "
-                     f'{coordinator_address!r}')
-  if isinstance(num_processes, bool) or not isinstance(
-      num_processes, (int, np.integer)) or num_processes < 1:
+    raise ValueError(
+      f"coordinator_address must be a 'host:port' string, got {coordinator_address!r}"
+    )
+  if (
+    isinstance(num_processes, bool)
+    or not isinstance(num_processes, (int, np.integer))
+    or num_processes < 1
+  ):
     raise ValueError(f'num_processes must be an integer >= 1, got {num_processes!r}')
-  if isinstance(process_id, bool) or not isinstance(
-      process_id, (int, np.integer)) or not 0 <= process_id < num_processes:
-    raise ValueError(f'process_id must be an integer in [0, {num_processes}), '
-                     f'got {process_id!r}')
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=int(num_processes),
-                             process_id=int(process_id))
-  logger.info('joined distributed job: process %d of %d, %d global devices',
-              jax.process_index(), jax.process_count(), jax.device_count())
+  if (
+    isinstance(process_id, bool)
+    or not isinstance(process_id, (int, np.integer))
+    or not 0 <= process_id < num_processes
+  ):
+    raise ValueError(f'process_id must be an integer in [0, {num_processes}), got {process_id!r}')
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address,
+    num_processes=int(num_processes),
+    process_id=int(process_id),
+  )
+  logger.info(
+    'joined distributed job: process %d of %d, %d global devices',
+    jax.process_index(),
+    jax.process_count(),
+    jax.device_count(),
+  )
   return jax.process_index(), jax.process_count()
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None,
-              axis_name: str = 'batch') -> Mesh:
+def make_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = 'batch') -> Mesh:
   """Builds a one-axis mesh for data parallelism.
 
   Args:
@@ -144,15 +158,14 @@ def _pooled_levels(variables, images, *, module, levels, mesh):
   """Backbone + float32 global average pool of ``levels``, replicated output."""
   maps = module.apply(variables, images)
   if not isinstance(maps, (tuple, list)):
-    raise ValueError('module.apply must return a tuple of level maps, got '
-                     f'{type(maps).__name__}')
+    raise ValueError(f'module.apply must return a tuple of level maps, got {type(maps).__name__}')
   for level in levels:
     if level >= len(maps):
-      raise ValueError(f'levels {levels} asks for level {level} but the module '
-                       f'returns {len(maps)} levels')
+      raise ValueError(
+        f'levels {levels} asks for level {level} but the module returns {len(maps)} levels'
+      )
   # Pool in float32 even when the backbone computes in bfloat16.
-  pooled = tuple(jnp.mean(maps[level].astype(jnp.float32), axis=(1, 2))
-                 for level in levels)
+  pooled = tuple(jnp.mean(maps[level].astype(jnp.float32), axis=(1, 2)) for level in levels)
   # Replicated result: every process (multi-host) gets every row.
   return jax.lax.with_sharding_constraint(pooled, NamedSharding(mesh, P()))
 
@@ -169,10 +182,16 @@ class LevelExtractor:
     compile_seconds: wall time of lowering + compiling, or ``None`` before.
   """
 
-  def __init__(self, module, variables, *, image_size: int,
-               levels: Sequence[int],
-               mesh: Mesh | None = None,
-               batch_size: int = 8):
+  def __init__(
+    self,
+    module,
+    variables,
+    *,
+    image_size: int,
+    levels: Sequence[int],
+    mesh: Mesh | None = None,
+    batch_size: int = 8,
+  ):
     """Prepares (does not yet compile) the extractor.
 
     Args:
@@ -189,8 +208,7 @@ class LevelExtractor:
     _check_positive_int('batch_size', batch_size)
     self.mesh = make_mesh() if mesh is None else mesh
     if len(self.mesh.axis_names) != 1:
-      raise ValueError('mesh must have exactly one axis, got axes '
-                       f'{self.mesh.axis_names!r}')
+      raise ValueError(f'mesh must have exactly one axis, got axes {self.mesh.axis_names!r}')
     self.levels = _check_levels(levels)
     self.image_size = int(image_size)
     n_dev = self.mesh.size
@@ -206,11 +224,15 @@ class LevelExtractor:
     # stop) per addressable device, sorted by start.
     index_map = self._batch_sharding.addressable_devices_indices_map(self.input_shape)
     self._device_rows = sorted(
-        ((dev, idx[0].start or 0, idx[0].stop if idx[0].stop is not None
-          else self.batch_size) for dev, idx in index_map.items()),
-        key=lambda item: item[1])
+      (
+        (dev, idx[0].start or 0, idx[0].stop if idx[0].stop is not None else self.batch_size)
+        for dev, idx in index_map.items()
+      ),
+      key=lambda item: item[1],
+    )
     self.local_rows = np.concatenate(
-        [np.arange(start, stop) for _, start, stop in self._device_rows])
+      [np.arange(start, stop) for _, start, stop in self._device_rows]
+    )
 
   @property
   def input_shape(self) -> tuple[int, int, int, int]:
@@ -225,14 +247,17 @@ class LevelExtractor:
     """
     if self._compiled is None:
       start = time.perf_counter()
-      spec = jax.ShapeDtypeStruct(self.input_shape, jnp.float32,
-                                  sharding=self._batch_sharding)
+      spec = jax.ShapeDtypeStruct(self.input_shape, jnp.float32, sharding=self._batch_sharding)
       self._compiled = _pooled_levels.lower(
-          self.variables, spec, module=self.module, levels=self.levels,
-          mesh=self.mesh).compile()
+        self.variables, spec, module=self.module, levels=self.levels, mesh=self.mesh
+      ).compile()
       self.compile_seconds = time.perf_counter() - start
-      logger.info('compiled level extractor for %s on %d device(s) in %.2f s',
-                  self.input_shape, self.mesh.size, self.compile_seconds)
+      logger.info(
+        'compiled level extractor for %s on %d device(s) in %.2f s',
+        self.input_shape,
+        self.mesh.size,
+        self.compile_seconds,
+      )
     return self.compile_seconds
 
   @property
@@ -254,17 +279,15 @@ class LevelExtractor:
     """
     expected = (len(self.local_rows),) + self.input_shape[1:]
     if local_images.shape != expected:
-      raise ValueError(f'local_images must have shape {expected}, got '
-                       f'{local_images.shape}')
+      raise ValueError(f'local_images must have shape {expected}, got {local_images.shape}')
     local_images = np.asarray(local_images, dtype=np.float32)
     shards = []
     offset = 0
     for device, start, stop in self._device_rows:
       n = stop - start
-      shards.append(jax.device_put(local_images[offset:offset + n], device))
+      shards.append(jax.device_put(local_images[offset : offset + n], device))
       offset += n
-    return jax.make_array_from_single_device_arrays(
-        self.input_shape, self._batch_sharding, shards)
+    return jax.make_array_from_single_device_arrays(self.input_shape, self._batch_sharding, shards)
 
   def __call__(self, images) -> tuple[jax.Array, ...]:
     """Runs one global batch (asynchronously).
@@ -279,13 +302,20 @@ class LevelExtractor:
     if not isinstance(images, jax.Array):
       images = np.asarray(images, dtype=np.float32)
       if images.shape != self.input_shape:
-        raise ValueError(f'images must have shape {self.input_shape}, got '
-                         f'{images.shape}; pad the last batch')
+        raise ValueError(
+          f'images must have shape {self.input_shape}, got {images.shape}; pad the last batch'
+        )
       images = self.device_batch(images[self.local_rows])
     return self.compiled(self.variables, images)
 
-  def extract(self, batches: Iterable[np.ndarray], n_images: int, *,
-              progress: bool = True, desc: str = 'features') -> list[np.ndarray]:
+  def extract(
+    self,
+    batches: Iterable[np.ndarray],
+    n_images: int,
+    *,
+    progress: bool = True,
+    desc: str = 'features',
+  ) -> list[np.ndarray]:
     """Pooled level features of ``n_images`` images arriving in global batches.
 
     Batch ``b`` is dispatched to the devices while batch ``b - 1``'s pooled
@@ -317,6 +347,7 @@ class LevelExtractor:
     bar = None
     if progress and jax.process_index() == 0:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
       bar = tqdm(total=n_images, desc=desc, unit='img')
     try:
       pending = None

@@ -43,10 +43,10 @@ import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax import lax
+import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
+import numpy as np
 
 Array = jax.Array
 
@@ -72,6 +72,7 @@ class Moments(NamedTuple):
     fourth: () ``sum |y|^4``; the Ledoit-Wolf ``beta`` term, since
       ``sum_ij ((y^2)^T y^2)_ij = sum_k |y_k|^4``.
   """
+
   n: Array
   mean: Array
   scatter: Array
@@ -95,12 +96,14 @@ class GaussianState(NamedTuple):
     n: () number of training rows.
     whitening: () bool, see ``factor``.
   """
+
   mean: Array
   factor: Array
   std: Array
   shrinkage: Array
   n: Array
   whitening: Array
+
 
 # ---------------------------------------------------------------------------
 # Input validation (host side)
@@ -134,12 +137,21 @@ def _check_finite(x, name: str) -> None:
   i, j = (int(v) for v in bad[0])
   value = host[i, j]
   kind = 'NaN' if np.isnan(value) else ('inf' if value > 0 else '-inf')
-  raise ValueError(f'{name} contains {kind} at row {i}, column {j} '
-                   f'({len(bad)} non-finite value(s) in total); features must be finite.')
+  raise ValueError(
+    f'{name} contains {kind} at row {i}, column {j} '
+    f'({len(bad)} non-finite value(s) in total); features must be finite.'
+  )
 
 
-def check_features(x, name: str = 'x', *, min_samples: int = 1, width: int | None = None,
-                   dtype=None, owner: str = 'state was fitted on') -> Array:
+def check_features(
+  x,
+  name: str = 'x',
+  *,
+  min_samples: int = 1,
+  width: int | None = None,
+  dtype=None,
+  owner: str = 'state was fitted on',
+) -> Array:
   """Validates a feature matrix and returns it as a float JAX array.
 
   Args:
@@ -170,8 +182,9 @@ def check_features(x, name: str = 'x', *, min_samples: int = 1, width: int | Non
   if d < 1:
     raise ValueError(f'{name} has 0 features; at least 1 is needed.')
   if width is not None and d != width:
-    raise ValueError(f'{owner} D={width} features, got {name} with {d} features '
-                     f'(shape {tuple(x.shape)}).')
+    raise ValueError(
+      f'{owner} D={width} features, got {name} with {d} features (shape {tuple(x.shape)}).'
+    )
   if n < min_samples:
     raise ValueError(f'{name} has {n} sample(s); at least {min_samples} are needed.')
   _check_finite(x, name)
@@ -201,8 +214,10 @@ def check_moments(m, name: str = 'moments') -> None:
     raise ValueError(f'{name} must be a Moments, got {type(m).__name__}.')
   d = m.mean.shape[-1] if m.mean.ndim == 1 else None
   if d is None or m.scatter.shape != (d, d) or m.third.shape != (d,):
-    raise ValueError(f'{name} is inconsistent: mean {tuple(m.mean.shape)}, scatter '
-                     f'{tuple(m.scatter.shape)}, third {tuple(m.third.shape)}.')
+    raise ValueError(
+      f'{name} is inconsistent: mean {tuple(m.mean.shape)}, scatter '
+      f'{tuple(m.scatter.shape)}, third {tuple(m.third.shape)}.'
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -246,11 +261,13 @@ def moments_kernel(x: Array, mask: Array | None = None) -> Moments:
     y = jnp.where(keep, y - offset, 0.0)
     mean = ref + offset
   r = jnp.sum(y * y, axis=1)
-  return Moments(n=n,
-                 mean=mean,
-                 scatter=jnp.matmul(y.T, y, precision=_HIGHEST),
-                 third=jnp.matmul(r, y, precision=_HIGHEST),
-                 fourth=jnp.sum(r * r))
+  return Moments(
+    n=n,
+    mean=mean,
+    scatter=jnp.matmul(y.T, y, precision=_HIGHEST),
+    third=jnp.matmul(r, y, precision=_HIGHEST),
+    fourth=jnp.sum(r * r),
+  )
 
 
 def _recentre(m: Moments, centre: Array) -> tuple[Array, Array, Array]:
@@ -267,8 +284,9 @@ def _recentre(m: Moments, centre: Array) -> tuple[Array, Array, Array]:
   dd = jnp.dot(d, d)
   scatter = m.scatter + m.n * jnp.outer(d, d)
   third = m.third + 2.0 * sd + tr * d + (m.n * dd) * d
-  fourth = (m.fourth + 4.0 * jnp.dot(d, m.third) + 4.0 * jnp.dot(d, sd) + 2.0 * dd * tr
-            + m.n * dd * dd)
+  fourth = (
+    m.fourth + 4.0 * jnp.dot(d, m.third) + 4.0 * jnp.dot(d, sd) + 2.0 * dd * tr + m.n * dd * dd
+  )
   return scatter, third, fourth
 
 
@@ -344,8 +362,9 @@ def accumulate(m: Moments, x, mask=None) -> Moments:
     :class:`Moments` of all rows seen.
   """
   check_moments(m, 'm')
-  x = check_features(x, 'x', min_samples=1, width=m.mean.shape[0], dtype=m.mean.dtype,
-                     owner='m (moments) holds')
+  x = check_features(
+    x, 'x', min_samples=1, width=m.mean.shape[0], dtype=m.mean.dtype, owner='m (moments) holds'
+  )
   return _accumulate_jit(m, x, _check_mask(mask, x.shape[0]))
 
 
@@ -478,8 +497,9 @@ def _fit_impl(m: Moments, mode: str, value) -> GaussianState:
   cov, shrinkage, ridge = _shrunk_covariance(m, mode, value)
   factor, whitening = _factorize(cov, ridge)
   var = jnp.maximum(jnp.diagonal(m.scatter), 0.0) / (m.n - 1.0)
-  return GaussianState(mean=m.mean, factor=factor, std=jnp.sqrt(var), shrinkage=shrinkage,
-                       n=m.n, whitening=whitening)
+  return GaussianState(
+    mean=m.mean, factor=factor, std=jnp.sqrt(var), shrinkage=shrinkage, n=m.n, whitening=whitening
+  )
 
 
 def _fit_gram_impl(x: Array, mode: str, value) -> GaussianState:
@@ -533,13 +553,20 @@ def _fit_gram_impl(x: Array, mode: str, value) -> GaussianState:
   diag = jnp.where(use_ridge, 1.0 / sr, 0.0)
   factor = jnp.matmul(b * k, b.T, precision=_HIGHEST) + diag * jnp.eye(dim, dtype=x.dtype)
   std = jnp.sqrt(jnp.sum(y * y, axis=0) / (n - 1.0))
-  return GaussianState(mean=mean, factor=factor, std=std, shrinkage=shrinkage,
-                       n=jnp.asarray(n, x.dtype), whitening=jnp.asarray(True))
+  return GaussianState(
+    mean=mean,
+    factor=factor,
+    std=std,
+    shrinkage=shrinkage,
+    n=jnp.asarray(n, x.dtype),
+    whitening=jnp.asarray(True),
+  )
 
 
 _fit_moments_jit = jax.jit(_fit_impl, static_argnames='mode')
-_fit_x_jit = jax.jit(lambda x, mode, value: _fit_impl(moments_kernel(x), mode, value),
-                     static_argnames='mode')
+_fit_x_jit = jax.jit(
+  lambda x, mode, value: _fit_impl(moments_kernel(x), mode, value), static_argnames='mode'
+)
 _fit_gram_jit = jax.jit(_fit_gram_impl, static_argnames='mode')
 _ledoit_wolf_jit = jax.jit(lambda x: _shrunk_covariance(moments_kernel(x), 'ledoit_wolf', 0.0)[:2])
 
@@ -617,9 +644,11 @@ def _precision_jit(state):
     inv = solve_triangular(state.factor, eye, lower=True)
     return jnp.matmul(inv.T, inv, precision=_HIGHEST)
 
-  return lax.cond(state.whitening,
-                  lambda: jnp.matmul(state.factor, state.factor.T, precision=_HIGHEST),
-                  from_cholesky)
+  return lax.cond(
+    state.whitening,
+    lambda: jnp.matmul(state.factor, state.factor.T, precision=_HIGHEST),
+    from_cholesky,
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -717,9 +746,9 @@ def sed(state: GaussianState, x) -> Array:
 
 
 DISTANCES: dict[str, Callable[[GaussianState, Any], Array]] = {
-    'l2': l2,
-    'sed': sed,
-    'mahalanobis': mahalanobis,
+  'l2': l2,
+  'sed': sed,
+  'mahalanobis': mahalanobis,
 }
 
 

@@ -27,10 +27,18 @@ from jax_gad import cli
 
 DISTANCES = ("l2", "sed", "mahalanobis")
 
-cli.DEFINE_path("workdir", None, "Output folder for results.json, the tables and plots; "
-                "created if missing. Must not be a file.")
-cli.DEFINE_int_list("folds", [0, 1, 2, 3, 4], 0, 4,
-                    "Which of the 5 KFold(shuffle=True, random_state=0) folds to evaluate.")
+cli.DEFINE_path(
+  "workdir",
+  None,
+  "Output folder for results.json, the tables and plots; created if missing. Must not be a file.",
+)
+cli.DEFINE_int_list(
+  "folds",
+  [0, 1, 2, 3, 4],
+  0,
+  4,
+  "Which of the 5 KFold(shuffle=True, random_state=0) folds to evaluate.",
+)
 cli.DEFINE_enum_list("distances", list(DISTANCES), DISTANCES, "Distances to evaluate.")
 flags.DEFINE_bool("plots", True, "Write ROC and per-level plots (PNG).")
 
@@ -43,6 +51,7 @@ class Config(NamedTuple):
   Build one with :func:`config`, which takes every value not given from the
   flags (their defaults when the flags have not been parsed).
   """
+
   workdir: str
   dataset: str
   data_dir: str | None
@@ -86,9 +95,13 @@ def _validate(cfg: Config):
   from jax_gad import data, protocol
 
   if not cfg.workdir:
-    raise ValueError("--workdir is required (the folder that receives results.json and the tables).")
+    raise ValueError(
+      "--workdir is required (the folder that receives results.json and the tables)."
+    )
   if os.path.exists(cfg.workdir) and not os.path.isdir(cfg.workdir):
-    raise ValueError(f"--workdir={cfg.workdir} is a file; give a folder (it is created if missing).")
+    raise ValueError(
+      f"--workdir={cfg.workdir} is a file; give a folder (it is created if missing)."
+    )
   if cfg.pca is not None and cfg.npca is not None:
     raise ValueError("--pca and --npca are mutually exclusive: request one reduction, not both.")
   reduction = None
@@ -97,10 +110,12 @@ def _validate(cfg: Config):
       if not 0.0 < t < 1.0:
         raise ValueError(f"--{mode} must be a cumulative variance threshold in (0, 1), got {t}.")
       reduction = protocol.Reduction(mode, float(t))
-  lists = {"distances": (cfg.distances, cli.EnumListParser(DISTANCES)),
-           "folds": (cfg.folds, cli.IntListParser(0, 4)),
-           "levels": (cfg.levels, cli.IntListParser(0, 8)),
-           "categories": (cfg.categories, cli.UniqueListParser())}
+  lists = {
+    "distances": (cfg.distances, cli.EnumListParser(DISTANCES)),
+    "folds": (cfg.folds, cli.IntListParser(0, 4)),
+    "levels": (cfg.levels, cli.IntListParser(0, 8)),
+    "categories": (cfg.categories, cli.UniqueListParser()),
+  }
   for name, (value, parser) in lists.items():
     try:
       parser.parse(list(value))
@@ -109,7 +124,9 @@ def _validate(cfg: Config):
   valid = data.CATEGORIES[cfg.dataset]
   bad = [c for c in cfg.categories if c not in valid]
   if bad:
-    raise ValueError(f"--categories: unknown {bad} for dataset {cfg.dataset}; valid: {list(valid)}.")
+    raise ValueError(
+      f"--categories: unknown {bad} for dataset {cfg.dataset}; valid: {list(valid)}."
+    )
   if cfg.batch_size < 1:
     raise ValueError(f"--batch_size must be positive, got {cfg.batch_size}.")
   if cfg.num_workers is not None and cfg.num_workers < 1:
@@ -135,10 +152,11 @@ def run(cfg: Config) -> dict:
   # Weights: an explicit file, or the converted default for the arch.
   if cfg.checkpoint and not os.path.isfile(cfg.checkpoint):
     raise FileNotFoundError(
-        f"--checkpoint={cfg.checkpoint} does not exist. Convert weights with "
-        f"`python -m jax_gad.convert --arch={cfg.arch} --input=<file.pth> --output="
-        f"{cfg.checkpoint}` (README: 'Converting weights'), or leave --checkpoint out to use "
-        f"{cfg.checkpoint_dir}/{cfg.arch}.msgpack.")
+      f"--checkpoint={cfg.checkpoint} does not exist. Convert weights with "
+      f"`python -m jax_gad.convert --arch={cfg.arch} --input=<file.pth> --output="
+      f"{cfg.checkpoint}` (README: 'Converting weights'), or leave --checkpoint out to use "
+      f"{cfg.checkpoint_dir}/{cfg.arch}.msgpack."
+    )
   path = cfg.checkpoint or checkpoint.ensure_checkpoint(cfg.arch, cfg.checkpoint_dir)
   variables, meta = checkpoint.load_checkpoint(path, arch=cfg.arch)
   image_size = cfg.image_size or int(meta["resolution"])
@@ -150,30 +168,49 @@ def run(cfg: Config) -> dict:
   # so that bad data stops the run before it writes anything.
   splits = {}
   for c in categories:
-    splits[c] = (data.load(cfg.dataset, c, "train", data_dir=cfg.data_dir, tfds_dir=cfg.tfds_dir),
-                 data.load(cfg.dataset, c, "test", data_dir=cfg.data_dir, tfds_dir=cfg.tfds_dir))
+    splits[c] = (
+      data.load(cfg.dataset, c, "train", data_dir=cfg.data_dir, tfds_dir=cfg.tfds_dir),
+      data.load(cfg.dataset, c, "test", data_dir=cfg.data_dir, tfds_dir=cfg.tfds_dir),
+    )
 
   mesh = features.make_mesh()
   cache = feature_cache.FeatureCache(cfg.cache_dir) if cfg.cache_dir else None
   checkpoint_id = files.sha256(path) if cache else None  # identity of the weights in cache keys
   levels = list(cfg.levels)
   # Every level, whatever --levels says: one cache entry serves every level choice.
-  extractor = features.LevelExtractor(model, variables, image_size=image_size, mesh=mesh,
-                                      levels=range(efficientnet.NUM_LEVELS),
-                                      batch_size=cfg.batch_size)
+  extractor = features.LevelExtractor(
+    model,
+    variables,
+    image_size=image_size,
+    mesh=mesh,
+    levels=range(efficientnet.NUM_LEVELS),
+    batch_size=cfg.batch_size,
+  )
 
   def pooled(split, category, split_name):
     def compute():
       return pipeline.pooled_features(
-          extractor, split, image_size=image_size, mean=meta["mean"], std=meta["std"],
-          num_workers=cfg.num_workers or os.cpu_count() or 2, desc=f"{category}/{split_name}")
+        extractor,
+        split,
+        image_size=image_size,
+        mean=meta["mean"],
+        std=meta["std"],
+        num_workers=cfg.num_workers or os.cpu_count() or 2,
+        desc=f"{category}/{split_name}",
+      )
+
     if cache is None:
       return compute()
     key = {
-        "dataset": cfg.dataset, "category": category, "split": split_name,
-        "data": split.fingerprint, "checkpoint_sha256": checkpoint_id, "arch": cfg.arch,
-        "image_size": image_size, "dtype": cfg.dtype,
-        "depthwise": depthwise or efficientnet.default_depthwise(mesh.devices.flat[0].platform),
+      "dataset": cfg.dataset,
+      "category": category,
+      "split": split_name,
+      "data": split.fingerprint,
+      "checkpoint_sha256": checkpoint_id,
+      "arch": cfg.arch,
+      "image_size": image_size,
+      "dtype": cfg.dtype,
+      "depthwise": depthwise or efficientnet.default_depthwise(mesh.devices.flat[0].platform),
     }
     return cache.get_or_compute(key, compute)
 
@@ -186,17 +223,33 @@ def run(cfg: Config) -> dict:
       feats_test = pooled(test, c, "test")
       all_folds = data.folds(len(train))
       results[c] = protocol.evaluate_category(
-          c, [feats_train[l] for l in levels], [feats_test[l] for l in levels], test.labels,
-          [all_folds[k] for k in cfg.folds], levels=levels, distances=cfg.distances,
-          reduction=reduction, progress=bar.update)
+        c,
+        [feats_train[l] for l in levels],
+        [feats_test[l] for l in levels],
+        test.labels,
+        [all_folds[k] for k in cfg.folds],
+        levels=levels,
+        distances=cfg.distances,
+        reduction=reduction,
+        progress=bar.update,
+      )
 
   config_doc = cfg._asdict()
-  config_doc.update(categories=list(categories), checkpoint=path, image_size=image_size,
-                    checkpoint_meta={k: meta[k] for k in ("arch", "source", "resolution", "mean",
-                                                          "std") if k in meta},
-                    reduction=reduction.name if reduction else None)
-  doc = report.report(config=json.loads(json.dumps(config_doc)), results=results, levels=levels,
-                      distances=cfg.distances)
+  config_doc.update(
+    categories=list(categories),
+    checkpoint=path,
+    image_size=image_size,
+    checkpoint_meta={
+      k: meta[k] for k in ("arch", "source", "resolution", "mean", "std") if k in meta
+    },
+    reduction=reduction.name if reduction else None,
+  )
+  doc = report.report(
+    config=json.loads(json.dumps(config_doc)),
+    results=results,
+    levels=levels,
+    distances=cfg.distances,
+  )
   # In a multi-host run every process holds the same results; process 0 writes them.
   if jax.process_index() == 0:
     os.makedirs(cfg.workdir, exist_ok=True)
@@ -215,8 +268,10 @@ def main(argv):
     doc = run(cfg)
   except (ValueError, OSError, ImportError) as e:  # bad input: say what, no traceback
     sys.exit(f"jax_gad.main: error: {e}")
-  title = f"Image AUROC (%), mean ± SEM over {len(doc['config']['categories'])} categories x " \
-          f"{len(cfg.folds)} folds — {cfg.dataset}, {cfg.arch}"
+  title = (
+    f"Image AUROC (%), mean ± SEM over {len(doc['config']['categories'])} categories x "
+    f"{len(cfg.folds)} folds — {cfg.dataset}, {cfg.arch}"
+  )
   if doc["config"]["reduction"]:
     title += f", {doc['config']['reduction']}"
   print()

@@ -22,6 +22,7 @@ SIGMAS = tuple(range(1, 9))
 
 class SigmaRates(NamedTuple):
   """TPR and FPR at each sigma threshold, both (len(sigmas),) float64."""
+
   tpr: np.ndarray
   fpr: np.ndarray
 
@@ -36,15 +37,17 @@ def _check_scores_labels(scores, labels):
   labels = np.asarray(labels)
   if scores.ndim != 1 or labels.shape != scores.shape:
     raise ValueError(
-        f"scores and labels must be 1-D arrays of the same length, got shapes "
-        f"{scores.shape} and {labels.shape}.")
+      f"scores and labels must be 1-D arrays of the same length, got shapes "
+      f"{scores.shape} and {labels.shape}."
+    )
   if not np.all(np.isfinite(scores)):
     raise ValueError("scores contain NaN or inf; AUROC is undefined.")
   values = set(np.unique(labels).tolist())
   if not values <= {0, 1} or len(values) != 2:
     raise ValueError(
-        f"labels must contain both 0 (good) and 1 (defect) and nothing else, "
-        f"got the values {sorted(values)}.")
+      f"labels must contain both 0 (good) and 1 (defect) and nothing else, "
+      f"got the values {sorted(values)}."
+    )
   return scores, labels.astype(bool)
 
 
@@ -153,8 +156,9 @@ def tpr_fpr_at_sigmas(distances, labels, k: int, sigmas=range(1, 9)) -> SigmaRat
   d = np.asarray(distances, dtype=np.float64)
   y = np.asarray(labels)
   if d.ndim != 1 or y.shape != d.shape:
-    raise ValueError(f'distances and labels must be 1-D of equal length, got shapes '
-                     f'{d.shape} and {y.shape}.')
+    raise ValueError(
+      f'distances and labels must be 1-D of equal length, got shapes {d.shape} and {y.shape}.'
+    )
   if not np.isfinite(d).all():
     raise ValueError('distances contain NaN or inf.')
   if y.size and not np.isin(y, (0, 1)).all():

@@ -13,9 +13,9 @@ import numbers
 from typing import NamedTuple
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jax_gad import gaussian
 
@@ -35,6 +35,7 @@ class PCAState(NamedTuple):
     explained_variance: (k,) variance along each axis (ddof=1).
     explained_variance_ratio: (k,) ``explained_variance`` over its sum.
   """
+
   mean: Array
   components: Array
   explained_variance: Array
@@ -48,10 +49,9 @@ class Projection(NamedTuple):
     mean: (D,) centring vector.
     components: (m, D) kept axes.
   """
+
   mean: Array
   components: Array
-
-
 
 
 def _sign_fix(comps: Array) -> Array:
@@ -63,8 +63,9 @@ def _sign_fix(comps: Array) -> Array:
 def _pca_state(mean, comps, var) -> PCAState:
   total = jnp.sum(var)
   ratio = jnp.where(total > 0, var / jnp.where(total > 0, total, 1.0), 0.0)
-  return PCAState(mean=mean, components=_sign_fix(comps), explained_variance=var,
-                  explained_variance_ratio=ratio)
+  return PCAState(
+    mean=mean, components=_sign_fix(comps), explained_variance=var, explained_variance_ratio=ratio
+  )
 
 
 def _pca_eigh_impl(m: gaussian.Moments, k: int) -> PCAState:
@@ -79,8 +80,9 @@ def _pca_svd_impl(x: Array) -> PCAState:
 
 
 _pca_jit = jax.jit(_pca_eigh_impl, static_argnames='k')
-_pca_eigh_x_jit = jax.jit(lambda x, k: _pca_eigh_impl(gaussian.moments_kernel(x), k),
-                         static_argnames='k')
+_pca_eigh_x_jit = jax.jit(
+  lambda x, k: _pca_eigh_impl(gaussian.moments_kernel(x), k), static_argnames='k'
+)
 _pca_svd_jit = jax.jit(_pca_svd_impl)
 
 
@@ -129,8 +131,11 @@ def pca_from_moments(m: gaussian.Moments, n_components: int | None = None) -> PC
     n_components = min(int(m.n), dim)
   if not gaussian.is_traced(m.n) and float(m.n) < 2:
     raise ValueError(f'moments hold {float(m.n):g} sample(s); at least 2 are needed for PCA.')
-  if (isinstance(n_components, bool) or not isinstance(n_components, numbers.Integral)
-      or not 1 <= n_components <= dim):
+  if (
+    isinstance(n_components, bool)
+    or not isinstance(n_components, numbers.Integral)
+    or not 1 <= n_components <= dim
+  ):
     raise ValueError(f'n_components must be an integer in [1, {dim}], got {n_components!r}.')
   return _pca_jit(m, k=int(n_components))
 
@@ -138,8 +143,11 @@ def pca_from_moments(m: gaussian.Moments, n_components: int | None = None) -> PC
 def _check_mode_threshold(mode, threshold) -> None:
   if mode not in _PCA_MODES:
     raise ValueError(f"mode must be 'pca' or 'npca', got {mode!r}.")
-  if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
-      or not 0.0 < float(threshold) < 1.0):
+  if (
+    isinstance(threshold, bool)
+    or not isinstance(threshold, numbers.Real)
+    or not 0.0 < float(threshold) < 1.0
+  ):
     raise ValueError(f'threshold must be a number with 0 < threshold < 1, got {threshold!r}.')
 
 
@@ -164,8 +172,9 @@ def select_components(explained_variance_ratio, mode: str, threshold: float) -> 
   _check_mode_threshold(mode, threshold)
   ratio = np.asarray(explained_variance_ratio, dtype=np.float64)
   if ratio.ndim != 1 or ratio.size == 0:
-    raise ValueError('explained_variance_ratio must be a non-empty 1-D array, got shape '
-                     f'{ratio.shape}.')
+    raise ValueError(
+      f'explained_variance_ratio must be a non-empty 1-D array, got shape {ratio.shape}.'
+    )
   if not np.isfinite(ratio).all():
     raise ValueError('explained_variance_ratio contains NaN or inf.')
   above = np.flatnonzero(np.cumsum(ratio) > float(threshold))
@@ -209,6 +218,12 @@ def project(projection: Projection, x) -> Array:
   """
   if not isinstance(projection, Projection):
     raise ValueError(f'projection must be a Projection, got {type(projection).__name__}.')
-  x = gaussian.check_features(x, 'x', min_samples=0, width=projection.mean.shape[0],
-                     dtype=projection.mean.dtype, owner='projection was fitted on')
+  x = gaussian.check_features(
+    x,
+    'x',
+    min_samples=0,
+    width=projection.mean.shape[0],
+    dtype=projection.mean.dtype,
+    owner='projection was fitted on',
+  )
   return _project_jit(projection, x)

@@ -35,6 +35,7 @@ class Reduction(NamedTuple):
       low-variance ones).
     threshold: cumulative explained-variance threshold t in (0, 1).
   """
+
   mode: str
   threshold: float
 
@@ -45,6 +46,7 @@ class Reduction(NamedTuple):
 
 class Run(NamedTuple):
   """One AUROC: a (category, fold, level, distance) cell of the experiment."""
+
   category: str
   fold: int
   level: int | str  # an int level index, or SUM
@@ -62,6 +64,7 @@ class CategoryResult(NamedTuple):
     thresholds: one :class:`ThresholdRow` per (fold, level, sigma) for the
       Mahalanobis distance (chi-squared thresholds, docs/method.md).
   """
+
   runs: list
   scores: list
   labels: np.ndarray
@@ -70,6 +73,7 @@ class CategoryResult(NamedTuple):
 
 class ThresholdRow(NamedTuple):
   """TPR and FPR of the Mahalanobis distance at one chi-squared sigma threshold."""
+
   category: str
   fold: int
   level: int
@@ -85,16 +89,16 @@ class ThresholdRow(NamedTuple):
 
 
 def evaluate_category(
-    category: str,
-    train_features: Sequence[np.ndarray],
-    test_features: Sequence[np.ndarray],
-    test_labels,
-    fold_indices: Sequence[np.ndarray],
-    *,
-    levels: Sequence[int],
-    distances: Sequence[str],
-    reduction: Reduction | None = None,
-    progress=None,
+  category: str,
+  train_features: Sequence[np.ndarray],
+  test_features: Sequence[np.ndarray],
+  test_labels,
+  fold_indices: Sequence[np.ndarray],
+  *,
+  levels: Sequence[int],
+  distances: Sequence[str],
+  reduction: Reduction | None = None,
+  progress=None,
 ) -> CategoryResult:
   """Fits a Gaussian per (fold, level) and scores the whole test split.
 
@@ -116,8 +120,9 @@ def evaluate_category(
   """
   if len(train_features) != len(levels) or len(test_features) != len(levels):
     raise ValueError(
-        f"expected one feature array per level ({len(levels)} levels), got "
-        f"{len(train_features)} train and {len(test_features)} test arrays.")
+      f"expected one feature array per level ({len(levels)} levels), got "
+      f"{len(train_features)} train and {len(test_features)} test arrays."
+    )
   unknown = [d for d in distances if d not in gaussian.DISTANCES]
   if unknown:
     raise ValueError(f"unknown distance(s) {unknown}; valid: {sorted(gaussian.DISTANCES)}.")
@@ -144,7 +149,8 @@ def evaluate_category(
             tpr, fpr = metrics.tpr_fpr_at_sigmas(scores, labels, dim, metrics.SIGMAS)
             for s, t, f in zip(metrics.SIGMAS, tpr, fpr):
               threshold_rows.append(
-                  ThresholdRow(category, fold, int(level), dim, s, float(t), float(f)))
+                ThresholdRow(category, fold, int(level), dim, s, float(t), float(f))
+              )
       except ValueError as err:  # say where: NaN features, say, come from one level
         raise ValueError(f"{category}, fold {fold}, level {level}: {err}") from err
       if progress is not None:
@@ -180,15 +186,18 @@ def summarize(runs: Iterable[Run], levels: Sequence[int], distances: Sequence[st
   for key in _row_keys(levels):
     row = {"level": key}
     for d in distances:
-      mean, sem = metrics.mean_sem(100 * r.auroc for r in runs if r.level == key and r.distance == d)
+      mean, sem = metrics.mean_sem(
+        100 * r.auroc for r in runs if r.level == key and r.distance == d
+      )
       row[f"{d}_mean"], row[f"{d}_sem"] = mean, sem
     table1.append(row)
   for c in categories:
     for key in _row_keys(levels):
       row = {"category": c, "level": key}
       for d in distances:
-        mean, sem = metrics.mean_sem(100 * r.auroc for r in runs
-                             if r.category == c and r.level == key and r.distance == d)
+        mean, sem = metrics.mean_sem(
+          100 * r.auroc for r in runs if r.category == c and r.level == key and r.distance == d
+        )
         row[f"{d}_mean"], row[f"{d}_sem"] = mean, sem
       per_category.append(row)
   return table1, per_category
@@ -203,11 +212,13 @@ def summarize_thresholds(rows: Iterable[ThresholdRow]) -> list[dict]:
       sel = [r for r in rows if r.level == level and r.sigma == s]
       if not sel:
         continue
-      out.append({
+      out.append(
+        {
           "level": level,
           "sigma": s,
           "dim": int(round(np.mean([r.dim for r in sel]))),
           "tpr": float(np.mean([r.tpr for r in sel])),
           "fpr": float(np.mean([r.fpr for r in sel])),
-      })
+        }
+      )
   return out

@@ -72,6 +72,7 @@ def thresholds_markdown(rows: list[dict]) -> str:
 def _plot_roc(result_by_category: dict, distances: Sequence[str]) -> dict[str, bytes]:
   """One PNG per category: the Sum-score ROC curve of every fold and distance."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -82,11 +83,22 @@ def _plot_roc(result_by_category: dict, distances: Sequence[str]) -> dict[str, b
       mean = np.mean([metrics.auroc(sums[d], res.labels) for sums in res.scores])
       for fold, sums in enumerate(res.scores):
         fpr, tpr = metrics.roc_curve(sums[d], res.labels)
-        ax.plot(fpr, tpr, color=f"C{j}", alpha=0.6, lw=1.2,
-                label=f"{d} (mean AUROC {mean:.3f})" if fold == 0 else None)
+        ax.plot(
+          fpr,
+          tpr,
+          color=f"C{j}",
+          alpha=0.6,
+          lw=1.2,
+          label=f"{d} (mean AUROC {mean:.3f})" if fold == 0 else None,
+        )
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="false-positive rate", ylabel="true-positive rate",
-           title=f"{category}: ROC of the Sum score, all folds", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+      xlabel="false-positive rate",
+      ylabel="true-positive rate",
+      title=f"{category}: ROC of the Sum score, all folds",
+      xlim=(0, 1),
+      ylim=(0, 1.01),
+    )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -99,6 +111,7 @@ def _plot_roc(result_by_category: dict, distances: Sequence[str]) -> dict[str, b
 def _plot_levels(table1: list[dict], distances: Sequence[str]) -> bytes:
   """AUROC mean ± SEM per level and distance (Table 1 as a picture)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -107,8 +120,16 @@ def _plot_levels(table1: list[dict], distances: Sequence[str]) -> bytes:
   for j, d in enumerate(distances):
     means = np.array([r[f"{d}_mean"] for r in table1])
     sems = np.array([r[f"{d}_sem"] or 0.0 for r in table1])
-    ax.errorbar(xs + (j - (len(distances) - 1) / 2) * 0.12, means, yerr=sems,
-                marker="o", ms=4, capsize=3, lw=1.2, label=d)
+    ax.errorbar(
+      xs + (j - (len(distances) - 1) / 2) * 0.12,
+      means,
+      yerr=sems,
+      marker="o",
+      ms=4,
+      capsize=3,
+      lw=1.2,
+      label=d,
+    )
   ax.set_xticks(xs, [_label(r["level"]) for r in table1])
   ax.set(xlabel="level", ylabel="image AUROC (%)", title="AUROC per level, mean ± SEM")
   ax.grid(alpha=0.3)
@@ -120,8 +141,7 @@ def _plot_levels(table1: list[dict], distances: Sequence[str]) -> bytes:
   return buf.getvalue()
 
 
-def report(*, config: dict, results: dict, levels: Sequence[int],
-           distances: Sequence[str]) -> dict:
+def report(*, config: dict, results: dict, levels: Sequence[int], distances: Sequence[str]) -> dict:
   """The results.json document of an experiment.
 
   Args:
@@ -136,16 +156,17 @@ def report(*, config: dict, results: dict, levels: Sequence[int],
   table1, per_category = summarize(runs, levels, distances)
   thresholds = summarize_thresholds(row for res in results.values() for row in res.thresholds)
   return {
-      "config": config,
-      "runs": [r._asdict() for r in runs],
-      "table1": table1,
-      "per_category": per_category,
-      "thresholds": thresholds,
+    "config": config,
+    "runs": [r._asdict() for r in runs],
+    "table1": table1,
+    "per_category": per_category,
+    "thresholds": thresholds,
   }
 
 
-def write_reports(workdir: str, doc: dict, results: dict, distances: Sequence[str],
-                  plots: bool = True) -> None:
+def write_reports(
+  workdir: str, doc: dict, results: dict, distances: Sequence[str], plots: bool = True
+) -> None:
   """Writes results.json, the tables and (optionally) the plots into ``workdir``.
 
   Args:
@@ -156,12 +177,12 @@ def write_reports(workdir: str, doc: dict, results: dict, distances: Sequence[st
     plots: also write the PNG plots.
   """
   outputs = {
-      "table1.csv": _csv(doc["table1"]),
-      "table1.md": table1_markdown(doc["table1"], distances),
-      "per_category.csv": _csv(doc["per_category"]),
-      "per_category.md": per_category_markdown(doc["per_category"], distances),
-      "thresholds.csv": _csv(doc["thresholds"]),
-      "thresholds.md": thresholds_markdown(doc["thresholds"]),
+    "table1.csv": _csv(doc["table1"]),
+    "table1.md": table1_markdown(doc["table1"], distances),
+    "per_category.csv": _csv(doc["per_category"]),
+    "per_category.md": per_category_markdown(doc["per_category"], distances),
+    "thresholds.csv": _csv(doc["thresholds"]),
+    "thresholds.md": thresholds_markdown(doc["thresholds"]),
   }
   if plots:
     outputs.update(_plot_roc(results, distances))
@@ -169,5 +190,7 @@ def write_reports(workdir: str, doc: dict, results: dict, distances: Sequence[st
   for name, data in outputs.items():
     files.atomic_write(os.path.join(workdir, name), data)
   # results.json last: its presence means the run finished.
-  files.atomic_write(os.path.join(workdir, "results.json"),
-               json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n")
+  files.atomic_write(
+    os.path.join(workdir, "results.json"),
+    json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n",
+  )

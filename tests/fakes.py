@@ -13,8 +13,15 @@ def _smooth_noise(rng, size, channels):
   return img.astype(np.uint8)
 
 
-def write_mvtec(root, categories=(("bottle", "rgb"), ("grid", "gray")), n_train=10, n_good_test=4,
-                defects=(("crack", 3), ("hole", 3)), size=32, seed=0):
+def write_mvtec(
+  root,
+  categories=(("bottle", "rgb"), ("grid", "gray")),
+  n_train=10,
+  n_good_test=4,
+  defects=(("crack", 3), ("hole", 3)),
+  size=32,
+  seed=0,
+):
   """Writes ``root/<category>/{train/good, test/<defect>, ground_truth/<defect>}`` PNGs.
 
   Defects are bright squares; their masks mark the square. Grayscale categories are
@@ -41,16 +48,29 @@ def write_mvtec(root, categories=(("bottle", "rgb"), ("grid", "gray")), n_train=
         img = _smooth_noise(rng, size, channels)
         mask = np.zeros((size, size), np.uint8)
         y, x = rng.integers(0, size - size // 4, 2)
-        img[y:y + size // 4, x:x + size // 4] = 255
-        mask[y:y + size // 4, x:x + size // 4] = 255
+        img[y : y + size // 4, x : x + size // 4] = 255
+        mask[y : y + size // 4, x : x + size // 4] = 255
         save(f"test/{defect}/{i:03d}.png", img)
         save(f"ground_truth/{defect}/{i:03d}_mask.png", mask[..., None])
   return str(root)
 
 
-def extract_features(module, variables, source, *, image_size, mean, std, batch_size=8,
-                     mesh=None, levels=tuple(range(9)), num_workers=2, progress=False,
-                     desc="features", preprocess=None):
+def extract_features(
+  module,
+  variables,
+  source,
+  *,
+  image_size,
+  mean,
+  std,
+  batch_size=8,
+  mesh=None,
+  levels=tuple(range(9)),
+  num_workers=2,
+  progress=False,
+  desc="features",
+  preprocess=None,
+):
   """One extractor + the decode pipeline: jax_gad's path from a source to pooled features.
 
   ``preprocess``, when given, is ``f(image, size, mean, std)`` as
@@ -58,19 +78,37 @@ def extract_features(module, variables, source, *, image_size, mean, std, batch_
   """
   from jax_gad import features
 
-  extractor = features.LevelExtractor(module, variables, image_size=image_size, mesh=mesh,
-                                      levels=levels, batch_size=batch_size)
-  return pooled(extractor, source, mean=mean, std=std, num_workers=num_workers,
-                progress=progress, desc=desc, preprocess=preprocess)
+  extractor = features.LevelExtractor(
+    module, variables, image_size=image_size, mesh=mesh, levels=levels, batch_size=batch_size
+  )
+  return pooled(
+    extractor,
+    source,
+    mean=mean,
+    std=std,
+    num_workers=num_workers,
+    progress=progress,
+    desc=desc,
+    preprocess=preprocess,
+  )
 
 
-def pooled(extractor, source, *, mean, std, num_workers=2, progress=False, desc="features",
-           preprocess=None):
+def pooled(
+  extractor, source, *, mean, std, num_workers=2, progress=False, desc="features", preprocess=None
+):
   """``pipeline.pooled_features`` with a test-style ``preprocess(image, size, mean, std)``."""
   from jax_gad.data import pipeline
 
   size = extractor.image_size
   fn = None if preprocess is None else (lambda image: preprocess(image, size, mean, std))
-  return pipeline.pooled_features(extractor, source, image_size=size, mean=mean, std=std,
-                                  num_workers=num_workers, progress=progress, desc=desc,
-                                  preprocess=fn)
+  return pipeline.pooled_features(
+    extractor,
+    source,
+    image_size=size,
+    mean=mean,
+    std=std,
+    num_workers=num_workers,
+    progress=progress,
+    desc=desc,
+    preprocess=fn,
+  )

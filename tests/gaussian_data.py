@@ -12,8 +12,8 @@ def _data(case, seed=0):
   mixing = rng.normal(size=(d, d)) / math.sqrt(d)
   x = rng.normal(size=(n, d)) @ mixing * rng.uniform(0.5, 2.0, d) + rng.normal(0.0, 3.0, d)
   if case == 'constant_column':
-    x[:, 5] = 0.0       # a dead ReLU channel
-    x[:, 11] = 0.1234   # a constant that is not exactly representable
+    x[:, 5] = 0.0  # a dead ReLU channel
+    x[:, 11] = 0.1234  # a constant that is not exactly representable
   return x
 
 

@@ -29,10 +29,10 @@ def independent_aurocs(train, test, labels, idx, reduction=None):
     lw = LedoitWolf().fit(xtr)
     mu, sd = xtr.mean(0), xtr.std(0, ddof=1)
     d = {
-        "mahalanobis": np.sqrt(lw.mahalanobis(xte)),
-        "l2": np.sqrt(np.mean((xte - mu) ** 2, axis=1)),
-        # SED leaves out zero-variance dimensions (jax_gad.gaussian.sed's documented rule).
-        "sed": np.sqrt(np.mean(((xte - mu)[:, sd > 0] / sd[sd > 0]) ** 2, axis=1)),
+      "mahalanobis": np.sqrt(lw.mahalanobis(xte)),
+      "l2": np.sqrt(np.mean((xte - mu) ** 2, axis=1)),
+      # SED leaves out zero-variance dimensions (jax_gad.gaussian.sed's documented rule).
+      "sed": np.sqrt(np.mean(((xte - mu)[:, sd > 0] / sd[sd > 0]) ** 2, axis=1)),
     }
     for name, s in d.items():
       out[(level, name)] = metrics.roc_auc_score(labels, s)

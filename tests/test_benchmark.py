@@ -15,25 +15,81 @@ from jax_gad.benchmark import measure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = ['--arch=efficientnet-b0', '--image_size=32', '--batch_sizes=3',
-        '--dtypes=float32', '--depthwise_impls=shift,xla', '--num_batches=2',
-        '--torch_threads=1', '--kernel_n_fit=12', '--kernel_n_score=6',
-        '--kernel_widths=8,24,16', '--repeats=1',
-        '--sweep_d=8,16', '--sweep_d_n=10', '--sweep_n=10,30', '--sweep_n_d=6',
-        '--host_image_side=48', '--pipeline_images=7', '--num_workers=2']
+TINY = [
+  '--arch=efficientnet-b0',
+  '--image_size=32',
+  '--batch_sizes=3',
+  '--dtypes=float32',
+  '--depthwise_impls=shift,xla',
+  '--num_batches=2',
+  '--torch_threads=1',
+  '--kernel_n_fit=12',
+  '--kernel_n_score=6',
+  '--kernel_widths=8,24,16',
+  '--repeats=1',
+  '--sweep_d=8,16',
+  '--sweep_d_n=10',
+  '--sweep_n=10,30',
+  '--sweep_n_d=6',
+  '--host_image_side=48',
+  '--pipeline_images=7',
+  '--num_workers=2',
+]
 
-EXTRACTION_FIELDS = {'arch', 'image_size', 'batch_size', 'dtype', 'depthwise',
-                     'device_count', 'compile_s', 'step_s', 'step_s_all', 'images_per_s',
-                     'num_batches', 'compiled_memory', 'device_peak_bytes', 'other_cpu',
-                     'torch_images_per_s', 'speedup_vs_torch'}
-KERNEL_ROW_FIELDS = {'level', 'width', 'n', 'd', 'jax_compile_s', 'jax_fit_s', 'jax_score_s',
-                     'jax_score_total_s', 'sklearn_fit_s', 'numpy_score_total_s',
-                     'fit_speedup', 'score_speedup'}
+EXTRACTION_FIELDS = {
+  'arch',
+  'image_size',
+  'batch_size',
+  'dtype',
+  'depthwise',
+  'device_count',
+  'compile_s',
+  'step_s',
+  'step_s_all',
+  'images_per_s',
+  'num_batches',
+  'compiled_memory',
+  'device_peak_bytes',
+  'other_cpu',
+  'torch_images_per_s',
+  'speedup_vs_torch',
+}
+KERNEL_ROW_FIELDS = {
+  'level',
+  'width',
+  'n',
+  'd',
+  'jax_compile_s',
+  'jax_fit_s',
+  'jax_score_s',
+  'jax_score_total_s',
+  'sklearn_fit_s',
+  'numpy_score_total_s',
+  'fit_speedup',
+  'score_speedup',
+}
 SWEEP_FIELDS = {'n', 'd', 'jax_compile_s', 'jax_fit_s', 'sklearn_fit_s', 'fit_speedup'}
-ESTIMATE_FIELDS = {'dataset', 'categories', 'folds', 'levels', 'distances', 'images', 'fits',
-                   'scorings', 'images_per_s', 'pipeline_images_per_s', 'extraction_row', 'compile_s', 'extraction_s',
-                   'host_preprocess_s', 'fit_s', 'score_s', 'total_s', 'total_min',
-                   'assumptions'}
+ESTIMATE_FIELDS = {
+  'dataset',
+  'categories',
+  'folds',
+  'levels',
+  'distances',
+  'images',
+  'fits',
+  'scorings',
+  'images_per_s',
+  'pipeline_images_per_s',
+  'extraction_row',
+  'compile_s',
+  'extraction_s',
+  'host_preprocess_s',
+  'fit_s',
+  'score_s',
+  'total_s',
+  'total_min',
+  'assumptions',
+}
 
 
 def _positive(x):
@@ -41,20 +97,31 @@ def _positive(x):
 
 
 def test_import_does_not_import_torch_or_sklearn():
-  code = ('import sys, jax_gad.benchmark; '
-          'bad = [m for m in ("torch", "sklearn", "tensorflow", "efficientnet_pytorch") '
-          'if m in sys.modules]; assert not bad, bad')
-  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                        env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+  code = (
+    'import sys, jax_gad.benchmark; '
+    'bad = [m for m in ("torch", "sklearn", "tensorflow", "efficientnet_pytorch") '
+    'if m in sys.modules]; assert not bad, bad'
+  )
+  proc = subprocess.run(
+    [sys.executable, '-c', code],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, PYTHONPATH=REPO),
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_cli_tiny_configuration_writes_documented_json(tmp_path):
   out = tmp_path / 'sub' / 'bench.json'
   proc = subprocess.run(
-      [sys.executable, '-m', 'jax_gad.benchmark', *TINY, f'--json={out}'],
-      capture_output=True, text=True, cwd=REPO, timeout=600,
-      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'))
+    [sys.executable, '-m', 'jax_gad.benchmark', *TINY, f'--json={out}'],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=600,
+    env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   assert not [p for p in os.listdir(out.parent) if p != 'bench.json']  # no temp left
@@ -117,14 +184,25 @@ def test_cli_tiny_configuration_writes_documented_json(tmp_path):
   assert benchmark.format_report(result).splitlines()[2] in proc.stdout
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--dtypes=float16'], '--dtypes'), (['--batch_sizes=8,8'], 'more than once'),
-    (['--nonsense=1'], 'nonsense'), (['--depthwise_impls=fast'], 'fast'),
-    (['--num_processes=2'], 'go together')])
+@pytest.mark.parametrize(
+  'args, message',
+  [
+    (['--dtypes=float16'], '--dtypes'),
+    (['--batch_sizes=8,8'], 'more than once'),
+    (['--nonsense=1'], 'nonsense'),
+    (['--depthwise_impls=fast'], 'fast'),
+    (['--num_processes=2'], 'go together'),
+  ],
+)
 def test_cli_rejects_bad_flags(args, message):
-  proc = subprocess.run([sys.executable, '-m', 'jax_gad.benchmark', *args, '--nokernel'],
-                        capture_output=True, text=True, cwd=REPO, timeout=300,
-                        env=dict(os.environ, PYTHONPATH=REPO))
+  proc = subprocess.run(
+    [sys.executable, '-m', 'jax_gad.benchmark', *args, '--nokernel'],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=300,
+    env=dict(os.environ, PYTHONPATH=REPO),
+  )
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert message in proc.stderr
   assert 'Traceback' not in proc.stderr
@@ -152,6 +230,7 @@ def test_other_cpu_fraction_counts_other_processes():
 
 def test_numpy_reference_scores_match_jax_gaussian():
   from jax_gad import gaussian
+
   rng = np.random.default_rng(0)
   x = measure._features(rng, 40, 12)  # pylint: disable=protected-access
   x[:, 3] = 2.0  # a dead channel, as in ReLU6 Lite models
@@ -159,15 +238,22 @@ def test_numpy_reference_scores_match_jax_gaussian():
   ref = measure._numpy_scores(measure._sklearn_fit(x), xs)  # pylint: disable=protected-access
   state = gaussian.fit_gaussian(x)
   for name, want in zip(('l2', 'sed', 'mahalanobis'), ref):
-    np.testing.assert_allclose(np.asarray(gaussian.score(state, xs, name)), want,
-                               rtol=2e-4, err_msg=name)
-
+    np.testing.assert_allclose(
+      np.asarray(gaussian.score(state, xs, name)), want, rtol=2e-4, err_msg=name
+    )
 
 
 def test_feature_difference_bf16_vs_f32_on_real_lite0_weights(tmp_path):
-  result = measure.feature_difference('efficientnet-lite0', str(tmp_path), n_train=6,
-                                        n_test=4, batch_size=4, image_size=64, folds=2,
-                                        categories=('object',))
+  result = measure.feature_difference(
+    'efficientnet-lite0',
+    str(tmp_path),
+    n_train=6,
+    n_test=4,
+    batch_size=4,
+    image_size=64,
+    folds=2,
+    categories=('object',),
+  )
   assert result['image_size'] == 64 and 'lite0' in result['checkpoint']
   assert set(result['categories']) == {'object'}
   for cat in result['categories'].values():

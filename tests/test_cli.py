@@ -2,8 +2,8 @@
 
 import os
 
-import pytest
 from absl import flags
+import pytest
 
 from jax_gad import cli
 
@@ -21,7 +21,9 @@ def test_path_parser_expands_home_for_every_path_flag():
   assert "~" not in flags.FLAGS["cache_dir"].default
 
 
-@pytest.mark.parametrize("parser, text, message", [
+@pytest.mark.parametrize(
+  "parser, text, message",
+  [
     (cli.EnumListParser(["l2", "sed"]), "l2,l2", "l2 more than once"),
     (cli.EnumListParser(["l2", "sed"]), "l2,cosine", "unknown ['cosine']"),
     (cli.EnumListParser(["l2", "sed"]), "", "at least one"),
@@ -29,7 +31,8 @@ def test_path_parser_expands_home_for_every_path_flag():
     (cli.IntListParser(0, 4), "0,5", "0..4"),
     (cli.IntListParser(0, 4), "a", "integers"),
     (cli.UniqueListParser(), "bottle,bottle", "bottle more than once"),
-])
+  ],
+)
 def test_list_parsers_refuse_repeats_and_unknown_values(parser, text, message):
   with pytest.raises(ValueError) as err:
     parser.parse(text)

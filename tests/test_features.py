@@ -10,13 +10,13 @@ import threading
 import time
 import warnings
 
+import fakes
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import fakes
 from jax_gad import feature_cache, features
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +27,7 @@ STD = (0.229, 0.224, 0.225)
 
 class TinyNet(nn.Module):
   """Three 'levels' at decreasing resolution, with BatchNorm like the real one."""
+
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -51,6 +52,7 @@ def tiny_variables(seed=0):
 def random_variables(arch, seed=0):
   """Random EfficientNet variables with non-trivial BatchNorm statistics."""
   from jax_gad.models import efficientnet  # pylint: disable=g-import-not-at-top
+
   return efficientnet.init(arch, jax.random.key(seed))
 
 
@@ -71,8 +73,10 @@ def simple_preprocess(image, size, mean, std):
 
 def make_source(n, seed=0):
   rng = np.random.default_rng(seed)
-  return [{'image': rng.integers(0, 256, (20 + i % 3, 24, 3), dtype=np.uint8),
-           'label': i % 2} for i in range(n)]
+  return [
+    {'image': rng.integers(0, 256, (20 + i % 3, 24, 3), dtype=np.uint8), 'label': i % 2}
+    for i in range(n)
+  ]
 
 
 def reference_features(source, variables, levels=(0, 1, 2)):
@@ -86,8 +90,16 @@ def _extract(source, variables, **kwargs):
   kwargs.setdefault('batch_size', 4)
   kwargs.setdefault('levels', (0, 1, 2))
   return fakes.extract_features(
-      TinyNet(), variables, source, image_size=SIZE, mean=MEAN, std=STD,
-      progress=False, preprocess=simple_preprocess, **kwargs)
+    TinyNet(),
+    variables,
+    source,
+    image_size=SIZE,
+    mean=MEAN,
+    std=STD,
+    progress=False,
+    preprocess=simple_preprocess,
+    **kwargs,
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -141,8 +153,9 @@ def test_padding_compiles_once_for_every_size():
   # holds nothing for it yet.
   levels, batch = (2, 0, 1), 5
   variables = tiny_variables()
-  extractor = features.LevelExtractor(TinyNet(), variables, image_size=SIZE,
-                                      batch_size=batch, levels=levels)
+  extractor = features.LevelExtractor(
+    TinyNet(), variables, image_size=SIZE, batch_size=batch, levels=levels
+  )
   compiles = []
 
   def listener(event, duration, **kwargs):
@@ -154,13 +167,27 @@ def test_padding_compiles_once_for_every_size():
   try:
     outs = {}
     for n in (7, 3, 5, 1, 11):
-      outs[n] = fakes.pooled(extractor, make_source(n, seed=n), mean=MEAN, std=STD,
-                             progress=False, preprocess=simple_preprocess)
+      outs[n] = fakes.pooled(
+        extractor,
+        make_source(n, seed=n),
+        mean=MEAN,
+        std=STD,
+        progress=False,
+        preprocess=simple_preprocess,
+      )
     # A second extractor for the same configuration reuses the executable.
     again = fakes.extract_features(
-        TinyNet(), variables, make_source(7, seed=7), image_size=SIZE, mean=MEAN,
-        std=STD, batch_size=batch, levels=levels, progress=False,
-        preprocess=simple_preprocess)
+      TinyNet(),
+      variables,
+      make_source(7, seed=7),
+      image_size=SIZE,
+      mean=MEAN,
+      std=STD,
+      batch_size=batch,
+      levels=levels,
+      progress=False,
+      preprocess=simple_preprocess,
+    )
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   backend = [e for e in compiles if 'backend_compile' in e]
@@ -179,8 +206,9 @@ def test_padding_compiles_once_for_every_size():
 
 def test_batch_size_rounds_up_to_device_multiple():
   mesh = features.make_mesh()
-  extractor = features.LevelExtractor(TinyNet(), tiny_variables(), image_size=SIZE,
-                                      levels=(0,), batch_size=1, mesh=mesh)
+  extractor = features.LevelExtractor(
+    TinyNet(), tiny_variables(), image_size=SIZE, levels=(0,), batch_size=1, mesh=mesh
+  )
   assert extractor.batch_size % mesh.size == 0
   assert extractor.input_shape == (extractor.batch_size, SIZE, SIZE, 3)
 
@@ -197,9 +225,18 @@ def test_order_preserved_when_decoding_finishes_out_of_order():
     return simple_preprocess(image, size, mean, std)
 
   got = fakes.extract_features(
-      TinyNet(), variables, source, image_size=SIZE, mean=MEAN, std=STD,
-      batch_size=4, levels=(0, 1, 2), num_workers=3, progress=False,
-      preprocess=slow_preprocess)
+    TinyNet(),
+    variables,
+    source,
+    image_size=SIZE,
+    mean=MEAN,
+    std=STD,
+    batch_size=4,
+    levels=(0, 1, 2),
+    num_workers=3,
+    progress=False,
+    preprocess=slow_preprocess,
+  )
   want = reference_features(source, variables)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
@@ -210,9 +247,17 @@ def test_bfloat16_backbone_pools_in_float32():
   source = make_source(5)
   variables = tiny_variables()
   got = fakes.extract_features(
-      TinyNet(dtype=jnp.bfloat16), variables, source, image_size=SIZE, mean=MEAN,
-      std=STD, batch_size=4, levels=(0, 1, 2), progress=False,
-      preprocess=simple_preprocess)
+    TinyNet(dtype=jnp.bfloat16),
+    variables,
+    source,
+    image_size=SIZE,
+    mean=MEAN,
+    std=STD,
+    batch_size=4,
+    levels=(0, 1, 2),
+    progress=False,
+    preprocess=simple_preprocess,
+  )
   want = reference_features(source, variables)
   for g, w in zip(got, want):
     assert g.dtype == np.float32
@@ -236,8 +281,16 @@ def test_bad_inputs_raise_clear_errors():
     _extract(make_source(2), variables, batch_size=0)
   with pytest.raises(ValueError, match='preprocess returned shape'):
     fakes.extract_features(
-        TinyNet(), variables, make_source(2), image_size=SIZE, mean=MEAN, std=STD,
-        levels=(0,), progress=False, preprocess=lambda im, s, m, d: np.zeros((3, 3, 3)))
+      TinyNet(),
+      variables,
+      make_source(2),
+      image_size=SIZE,
+      mean=MEAN,
+      std=STD,
+      levels=(0,),
+      progress=False,
+      preprocess=lambda im, s, m, d: np.zeros((3, 3, 3)),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -275,12 +328,18 @@ def test_four_device_mesh_equals_single_device(tmp_path):
   """Acceptance 1: 4-device CPU mesh == 1 device, 7 images in batches of 4."""
   from jax_gad.data.preprocess import prepare_image  # pylint: disable=g-import-not-at-top
   from jax_gad.models import efficientnet  # pylint: disable=g-import-not-at-top
+
   out = str(tmp_path / 'feats.npz')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  env = dict(
+    os.environ,
+    XLA_FLAGS='--xla_force_host_platform_device_count=4',
+    JAX_PLATFORMS='cpu',
+    PYTHONPATH=REPO,
+  )
   script = _FOUR_DEVICES.format(tests=os.path.join(REPO, 'tests'), out=out, arch=ARCH)
-  proc = subprocess.run([sys.executable, '-c', script], env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = np.load(out)
   # Independent reference in this (one-device) process: all 7 images in one
@@ -336,14 +395,26 @@ MULTIHOST_ARCH = 'efficientnet-lite0'
 def test_two_processes_on_localhost_return_full_features(tmp_path):
   """jax.distributed on CPU (gloo): 2 processes x 2 devices, full arrays on both."""
   from jax_gad.models import efficientnet  # pylint: disable=g-import-not-at-top
+
   out = str(tmp_path / 'proc')
-  script = _PROCESS.format(tests=os.path.join(REPO, 'tests'), arch=MULTIHOST_ARCH,
-                           address=f'localhost:{_free_port()}', out=out)
+  script = _PROCESS.format(
+    tests=os.path.join(REPO, 'tests'),
+    arch=MULTIHOST_ARCH,
+    address=f'localhost:{_free_port()}',
+    out=out,
+  )
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
   env.pop('XLA_FLAGS', None)
-  procs = [subprocess.Popen([sys.executable, '-c', script, str(pid)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for pid in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', script, str(pid)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for pid in range(2)
+  ]
   logs = []
   for proc in procs:
     try:
@@ -357,7 +428,8 @@ def test_two_processes_on_localhost_return_full_features(tmp_path):
   source = make_source(7)
   x = np.stack([simple_preprocess(s['image'], 32, MEAN, STD) for s in source])
   maps = jax.jit(efficientnet.create(MULTIHOST_ARCH).apply)(
-      random_variables(MULTIHOST_ARCH), jnp.asarray(x))
+    random_variables(MULTIHOST_ARCH), jnp.asarray(x)
+  )
   results = [np.load(f'{out}{pid}.npz') for pid in range(2)]
   for result in results:
     for i in range(9):
@@ -374,14 +446,21 @@ def test_two_processes_on_localhost_return_full_features(tmp_path):
 # Cache
 # ---------------------------------------------------------------------------
 
-FIELDS = {'dataset': 'synthetic_ad', 'category': 'bottle', 'split': 'train',
-          'data_fingerprint': 'abc', 'checkpoint': 'f00d', 'arch': 'efficientnet-b0',
-          'image_size': 224, 'dtype': 'float32', 'depthwise': 'shifted',
-          'levels': (0, 1, 2)}
+FIELDS = {
+  'dataset': 'synthetic_ad',
+  'category': 'bottle',
+  'split': 'train',
+  'data_fingerprint': 'abc',
+  'checkpoint': 'f00d',
+  'arch': 'efficientnet-b0',
+  'image_size': 224,
+  'dtype': 'float32',
+  'depthwise': 'shifted',
+  'levels': (0, 1, 2),
+}
 
 
 class Counter:
-
   def __init__(self, seed=0):
     self.calls = 0
     self.seed = seed
@@ -389,8 +468,7 @@ class Counter:
   def __call__(self):
     self.calls += 1
     rng = np.random.default_rng(self.seed + self.calls)
-    return [rng.normal(size=(5, 3)).astype(np.float32),
-            rng.normal(size=(5, 7)).astype(np.float32)]
+    return [rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=(5, 7)).astype(np.float32)]
 
 
 def test_cache_hit_returns_stored_arrays(tmp_path):
@@ -410,7 +488,8 @@ def test_cache_hit_returns_stored_arrays(tmp_path):
   assert manifest['key_fields']['feature_code_version'] == feature_cache.FEATURE_CODE_VERSION
   assert manifest['shapes'] == [[5, 3], [5, 7]]
   assert sorted(os.listdir(tmp_path / 'cache')) == sorted(
-      [os.path.basename(arrays_path), os.path.basename(manifest_path)])
+    [os.path.basename(arrays_path), os.path.basename(manifest_path)]
+  )
 
 
 def test_cache_key_depends_on_every_field():

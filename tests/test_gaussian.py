@@ -6,16 +6,18 @@ import subprocess
 import sys
 import textwrap
 
+from gaussian_data import _data, _rel
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
 from scipy.spatial import distance as sp_distance
-from sklearn.covariance import EmpiricalCovariance, LedoitWolf, ledoit_wolf as sk_ledoit_wolf
+from sklearn.covariance import EmpiricalCovariance, LedoitWolf
+from sklearn.covariance import ledoit_wolf as sk_ledoit_wolf
 
 from jax_gad import gaussian, pca
-from gaussian_data import _data, _rel
 
 SHAPES = [(500, 64), (48, 1792), (200, 448)]
 CASES = SHAPES + ['constant_column']
@@ -61,11 +63,12 @@ def test_mahalanobis_matches_sklearn_float32(case):
   state = gaussian.fit_gaussian(x)
   dist = np.asarray(gaussian.mahalanobis(state, x_test), np.float64)
   assert dist.shape == (30,)
-  np.testing.assert_allclose(dist ** 2, ref, rtol=1e-4)
+  np.testing.assert_allclose(dist**2, ref, rtol=1e-4)
 
 
-@pytest.mark.parametrize('shape', [(48, 448), (200, 448), (500, 64)],
-                         ids=['gram_route', 'cholesky_n<D', 'cholesky_n>D'])
+@pytest.mark.parametrize(
+  'shape', [(48, 448), (200, 448), (500, 64)], ids=['gram_route', 'cholesky_n<D', 'cholesky_n>D']
+)
 def test_fit_gaussian_state_matches_sklearn_float64(shape):
   x = _data(shape)
   lw = LedoitWolf().fit(x)
@@ -81,7 +84,7 @@ def test_fit_gaussian_state_matches_sklearn_float64(shape):
   if 4 * shape[0] <= shape[1]:  # Gram route, whitening W: W W^T is the precision
     assert bool(state.whitening)
     np.testing.assert_allclose(f @ f.T, lw.precision_, atol=1e-9 * np.abs(lw.precision_).max())
-  else:                         # Cholesky L: L L^T is the covariance
+  else:  # Cholesky L: L L^T is the covariance
     assert not bool(state.whitening)
     np.testing.assert_array_equal(f, np.tril(f))
     np.testing.assert_allclose(f @ f.T, lw.covariance_, atol=1e-10 * np.abs(lw.covariance_).max())
@@ -97,18 +100,21 @@ def test_singular_covariance_uses_pseudo_inverse_like_sklearn(dtype):
   x_test = _data('constant_column', seed=3)[:10]
   ref = EmpiricalCovariance().fit(x).mahalanobis(x_test)
   with jax.enable_x64(dtype == np.float64):
-    for state in (gaussian.fit_gaussian(x.astype(dtype), shrinkage=0.0),
-                  gaussian.fit_from_moments(gaussian.moments(x.astype(dtype)), shrinkage=0.0)):
+    for state in (
+      gaussian.fit_gaussian(x.astype(dtype), shrinkage=0.0),
+      gaussian.fit_from_moments(gaussian.moments(x.astype(dtype)), shrinkage=0.0),
+    ):
       dist = np.asarray(gaussian.mahalanobis(state, x_test.astype(dtype)), np.float64)
       assert bool(state.whitening) and float(state.shrinkage) == 0.0
       assert np.isfinite(dist).all()
-      np.testing.assert_allclose(dist ** 2, ref, rtol=1e-9 if dtype == np.float64 else 1e-4)
+      np.testing.assert_allclose(dist**2, ref, rtol=1e-9 if dtype == np.float64 else 1e-4)
 
 
 def test_tiny_ridge_counts_every_direction_like_sklearn():
   # Singular sample covariance plus a tiny positive ridge: positive definite,
   # so every direction counts (no pseudo-inverse), as in scikit-learn.
   from sklearn.covariance import ShrunkCovariance
+
   x = _data('constant_column')[:10]
   x_test = _data('constant_column', seed=3)[:10]
   ref = ShrunkCovariance(shrinkage=1e-7).fit(x).mahalanobis(x_test)
@@ -118,18 +124,19 @@ def test_tiny_ridge_counts_every_direction_like_sklearn():
     assert not bool(chol.whitening)  # the Cholesky factor was accepted
     for state in (gram, chol):
       dist = np.asarray(gaussian.mahalanobis(state, x_test))
-      np.testing.assert_allclose(dist ** 2, ref, rtol=1e-5)
+      np.testing.assert_allclose(dist**2, ref, rtol=1e-5)
 
 
 def test_fixed_shrinkage_matches_sklearn_shrunk_covariance():
   from sklearn.covariance import ShrunkCovariance
+
   x = _data((60, 20))
   x_test = _data((60, 20), seed=5)[:7]
   ref = ShrunkCovariance(shrinkage=0.3).fit(x)
   with jax.enable_x64(True):
     state = gaussian.fit_gaussian(x, shrinkage=0.3)
     dist = np.asarray(gaussian.mahalanobis(state, x_test))
-  np.testing.assert_allclose(dist ** 2, ref.mahalanobis(x_test), rtol=1e-10)
+  np.testing.assert_allclose(dist**2, ref.mahalanobis(x_test), rtol=1e-10)
 
 
 # ---------------------------------------------------------------------------
@@ -155,11 +162,12 @@ def test_l2_and_sed_match_scipy():
 def test_sed_leaves_out_zero_variance_dimensions(dtype):
   x = _data('constant_column')
   x_test = _data('constant_column', seed=4)[:9]
-  x_test[:, 5] = 3.0    # the dead channel fires at test time
+  x_test[:, 5] = 3.0  # the dead channel fires at test time
   x_test[:, 11] = -1.0  # the constant column moves
   live = np.setdiff1d(np.arange(x.shape[1]), [5, 11])
-  ref = sp_distance.cdist(x_test[:, live], x[:, live].mean(0, keepdims=True), 'seuclidean',
-                          V=x[:, live].var(0, ddof=1))[:, 0] / math.sqrt(live.size)
+  ref = sp_distance.cdist(
+    x_test[:, live], x[:, live].mean(0, keepdims=True), 'seuclidean', V=x[:, live].var(0, ddof=1)
+  )[:, 0] / math.sqrt(live.size)
   with jax.enable_x64(dtype == np.float64):
     state = gaussian.fit_gaussian(x.astype(dtype))
     std = np.asarray(state.std)
@@ -206,8 +214,9 @@ def _assert_states_close(a, b, rtol, x_test=None):
     assert np.linalg.norm(x - y) <= rtol * np.linalg.norm(y) + 1e-14, name
   assert _rel(gaussian.precision(a), gaussian.precision(b)) <= rtol
   if x_test is not None:
-    np.testing.assert_allclose(gaussian.mahalanobis(a, x_test), gaussian.mahalanobis(b, x_test),
-                               rtol=rtol)
+    np.testing.assert_allclose(
+      gaussian.mahalanobis(a, x_test), gaussian.mahalanobis(b, x_test), rtol=rtol
+    )
 
 
 @pytest.mark.parametrize('shape', [(300, 48), (15, 64)], ids=['cholesky_route', 'gram_route'])
@@ -227,8 +236,10 @@ def test_streaming_seven_uneven_batches_equals_one_shot(shape):
     _assert_states_close(streamed, one_shot, 1e-6, x_test)
     # Merge order does not matter: a balanced tree of the same per-batch moments.
     while len(parts) > 1:
-      parts = [gaussian.merge(*parts[i:i + 2]) if i + 1 < len(parts) else parts[i]
-               for i in range(0, len(parts), 2)]
+      parts = [
+        gaussian.merge(*parts[i : i + 2]) if i + 1 < len(parts) else parts[i]
+        for i in range(0, len(parts), 2)
+      ]
     _assert_states_close(gaussian.fit_from_moments(parts[0]), one_shot, 1e-6, x_test)
     ref = LedoitWolf().fit(x)
     assert float(streamed.shrinkage) == pytest.approx(ref.shrinkage_, rel=1e-6)
@@ -292,14 +303,20 @@ _MESH_SCRIPT = textwrap.dedent('''
 
 
 def test_psum_over_four_device_mesh_equals_one_shot():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
-  proc = subprocess.run([sys.executable, '-c', _MESH_SCRIPT], env=env, capture_output=True,
-                        text=True, timeout=300, cwd=root)
+  proc = subprocess.run(
+    [sys.executable, '-c', _MESH_SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=root,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   import json
+
   errors = json.loads(proc.stdout.strip().splitlines()[-1])
   assert errors.pop('std3') == 0.0  # constant column stays exactly constant across devices
   assert max(errors.values()) < 1e-6, errors
@@ -393,8 +410,13 @@ def test_mahalanobis_invariant_under_affine_map_without_shrinkage(seed, d, n):
 
 
 @HYPOTHESIS
-@given(seed=st.integers(0, 2**31 - 1), n=st.sampled_from([2, 3, 5]), d=st.sampled_from([20, 33]),
-       shrinkage=st.sampled_from(['ledoit_wolf', 0.0, 0.5]), dead=st.booleans())
+@given(
+  seed=st.integers(0, 2**31 - 1),
+  n=st.sampled_from([2, 3, 5]),
+  d=st.sampled_from([20, 33]),
+  shrinkage=st.sampled_from(['ledoit_wolf', 0.0, 0.5]),
+  dead=st.booleans(),
+)
 def test_gram_route_equals_moments_route(seed, n, d, shrinkage, dead):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(n, d)) * rng.uniform(0.1, 10.0, d) + rng.normal(0.0, 5.0, d)
@@ -433,8 +455,7 @@ def test_shrinkage_in_unit_interval_and_sed_scale_invariant(seed, n):
     state = gaussian.fit_gaussian(x)
     scaled = gaussian.fit_gaussian(x * scale)
     assert 0.0 <= float(state.shrinkage) <= 1.0
-    np.testing.assert_allclose(gaussian.sed(scaled, t * scale), gaussian.sed(state, t),
-                               rtol=1e-9)
+    np.testing.assert_allclose(gaussian.sed(scaled, t * scale), gaussian.sed(state, t), rtol=1e-9)
     assert np.isfinite(np.asarray(gaussian.mahalanobis(state, t))).all()
 
 
@@ -459,8 +480,9 @@ def test_public_functions_are_jittable():
   cov, s = jax.jit(gaussian.ledoit_wolf)(x)
   np.testing.assert_allclose(cov, gaussian.ledoit_wolf(x)[0], rtol=1e-6, atol=1e-7)
   m = jax.jit(gaussian.merge)(gaussian.moments(x[:20]), gaussian.moments(x[20:]))
-  np.testing.assert_allclose(jax.jit(gaussian.fit_from_moments)(m).factor, eager.factor,
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    jax.jit(gaussian.fit_from_moments)(m).factor, eager.factor, rtol=1e-4, atol=1e-5
+  )
 
 
 def test_dtypes_are_promoted_to_float32():
@@ -468,5 +490,3 @@ def test_dtypes_are_promoted_to_float32():
   for dtype in (np.float16, np.int32, np.float64):
     state = gaussian.fit_gaussian(x.astype(dtype))
     assert state.mean.dtype == jnp.float32  # x64 is off here
-
-

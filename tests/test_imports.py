@@ -1,4 +1,4 @@
-"""Importing jax_gad must not pull in torch or tensorflow (design: torch is a test-time reference)."""
+"""Importing jax_gad must not pull in torch or tensorflow (torch is a test-time reference)."""
 
 import os
 import subprocess
@@ -18,13 +18,14 @@ print(json.dumps({"modules": names, "heavy": heavy}))
 
 
 def test_no_jax_gad_module_imports_torch_or_tensorflow():
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    import json
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run(
+    [sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr
+  import json
 
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert "jax_gad.convert" in result["modules"]
-    assert "jax_gad.models.efficientnet" in result["modules"]
-    assert result["heavy"] == [], f"imported by jax_gad: {result['heavy'][:10]}"
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert "jax_gad.convert" in result["modules"]
+  assert "jax_gad.models.efficientnet" in result["modules"]
+  assert result["heavy"] == [], f"imported by jax_gad: {result['heavy'][:10]}"

@@ -4,8 +4,8 @@ import math
 
 import numpy as np
 import pytest
-import scipy.stats
 from scipy import stats
+import scipy.stats
 from sklearn import metrics as sk_metrics
 
 from jax_gad import metrics
@@ -17,8 +17,9 @@ def test_auroc_matches_sklearn_with_ties(seed):
   labels = rng.integers(0, 2, 60)
   labels[:2] = [0, 1]
   scores = np.round(rng.normal(size=60) + labels, 1)  # rounding creates ties
-  assert metrics.auroc(scores, labels) == pytest.approx(sk_metrics.roc_auc_score(labels, scores),
-                                                         abs=1e-12)
+  assert metrics.auroc(scores, labels) == pytest.approx(
+    sk_metrics.roc_auc_score(labels, scores), abs=1e-12
+  )
 
 
 def test_roc_curve_matches_sklearn():
@@ -55,8 +56,9 @@ def test_sigma_threshold_closed_forms():
   np.testing.assert_allclose(metrics.sigma_threshold(sigmas, 1), sigmas, rtol=1e-10)
   # Two dimensions: chi2(2) is exponential with mean 2; isf(p) = -2 log p.
   tail = np.array([math.erfc(s / math.sqrt(2)) for s in sigmas])
-  np.testing.assert_allclose(metrics.sigma_threshold(sigmas, 2), np.sqrt(-2 * np.log(tail)),
-                             rtol=1e-10)
+  np.testing.assert_allclose(
+    metrics.sigma_threshold(sigmas, 2), np.sqrt(-2 * np.log(tail)), rtol=1e-10
+  )
   # The design's formula, where erf has not rounded to 1 yet.
   for k in (5, 448, 1792):
     for s in (1.0, 2.0, 3.0, 4.0):

@@ -1,5 +1,6 @@
 """Tests for jax_gad.pca against scikit-learn's PCA as the independent reference."""
 
+from gaussian_data import _decaying
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,6 @@ import pytest
 from sklearn.decomposition import PCA
 
 from jax_gad import gaussian, pca
-from gaussian_data import _decaying
 
 SHAPES = [(500, 64), (48, 1792), (200, 448)]
 THRESHOLDS = (0.95, 0.99, 0.999, 0.9999)
@@ -24,10 +24,12 @@ def test_pca_matches_sklearn_and_selection_rule(shape):
   assert fitted.components.shape == (k, d) and fitted.explained_variance_ratio.shape == (k,)
   np.testing.assert_allclose(fitted.mean, ref.mean_, rtol=1e-12, atol=1e-12)
   top = ref.explained_variance_[0]
-  np.testing.assert_allclose(fitted.explained_variance, ref.explained_variance_, rtol=1e-7,
-                             atol=1e-12 * top)
-  np.testing.assert_allclose(fitted.explained_variance_ratio, ref.explained_variance_ratio_,
-                             rtol=1e-7, atol=1e-12)
+  np.testing.assert_allclose(
+    fitted.explained_variance, ref.explained_variance_, rtol=1e-7, atol=1e-12 * top
+  )
+  np.testing.assert_allclose(
+    fitted.explained_variance_ratio, ref.explained_variance_ratio_, rtol=1e-7, atol=1e-12
+  )
   # Components up to sign, where the direction is numerically defined: an
   # eigendecomposition of the covariance resolves variances down to about
   # eps * top, and a direction needs a gap to both neighbours.
@@ -35,7 +37,7 @@ def test_pca_matches_sklearn_and_selection_rule(shape):
   gaps = np.minimum(np.abs(np.diff(var, prepend=np.inf)), np.abs(np.diff(var, append=-np.inf)))
   defined = (var > 1e-10 * top) & (gaps > 1e-10 * top)
   cum = np.cumsum(ref.explained_variance_ratio_)
-  assert defined[:int(np.flatnonzero(cum > max(THRESHOLDS))[0]) + 2].all()
+  assert defined[: int(np.flatnonzero(cum > max(THRESHOLDS))[0]) + 2].all()
   dots = np.abs(np.sum(fitted.components[defined] * ref.components_[defined], axis=1))
   np.testing.assert_allclose(dots, 1.0, atol=1e-9)
   # Our sign convention is scikit-learn's: largest-magnitude entry positive.
@@ -73,8 +75,9 @@ def test_pca_float32_close_to_sklearn():
   ref = PCA(svd_solver='full').fit(x)
   fitted = pca.fit_pca(x.astype(np.float32))
   assert fitted.components.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(fitted.explained_variance_ratio)[:20],
-                             ref.explained_variance_ratio_[:20], rtol=1e-3)
+  np.testing.assert_allclose(
+    np.asarray(fitted.explained_variance_ratio)[:20], ref.explained_variance_ratio_[:20], rtol=1e-3
+  )
 
 
 def test_pca_from_moments_equals_fit_pca():
@@ -95,10 +98,10 @@ def test_pca_from_moments_equals_fit_pca():
 def test_select_components_edges_and_validation():
   ratio = np.array([0.6, 0.3, 0.06, 0.03, 0.01])
   assert pca.select_components(ratio, 'pca', 0.5) == (0, 1)
-  assert pca.select_components(ratio, 'npca', 0.5) == (0, 5)   # last - 1 clipped at 0
+  assert pca.select_components(ratio, 'npca', 0.5) == (0, 5)  # last - 1 clipped at 0
   assert pca.select_components(ratio, 'pca', 0.95) == (0, 3)
   assert pca.select_components(ratio, 'npca', 0.95) == (1, 5)  # one component of overlap
-  short = np.array([0.5, 0.4999])                                   # cumsum never above t
+  short = np.array([0.5, 0.4999])  # cumsum never above t
   assert pca.select_components(short, 'pca', 0.99995) == (0, 2)
   for bad in (0, 1, 1.0, -0.5, 2, True, '0.9', float('nan')):
     with pytest.raises(ValueError, match='threshold'):

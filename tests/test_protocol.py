@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from references import independent_aurocs
 
 from jax_gad import protocol
-from references import independent_aurocs
 
 
 def _toy_features(seed=0, n_train=40, n_test=30, widths=(6, 10, 5)):
@@ -19,13 +19,22 @@ def _toy_features(seed=0, n_train=40, n_test=30, widths=(6, 10, 5)):
   return train, test, labels
 
 
-@pytest.mark.parametrize("reduction", [None, protocol.Reduction("pca", 0.9),
-                                       protocol.Reduction("npca", 0.9)])
+@pytest.mark.parametrize(
+  "reduction", [None, protocol.Reduction("pca", 0.9), protocol.Reduction("npca", 0.9)]
+)
 def test_evaluate_category_equals_independent_computation(reduction):
   train, test, labels = _toy_features()
   folds = [np.arange(0, 32), np.arange(8, 40)]
-  res = protocol.evaluate_category("toy", train, test, labels, folds, levels=[0, 1, 2],
-                                   distances=["l2", "sed", "mahalanobis"], reduction=reduction)
+  res = protocol.evaluate_category(
+    "toy",
+    train,
+    test,
+    labels,
+    folds,
+    levels=[0, 1, 2],
+    distances=["l2", "sed", "mahalanobis"],
+    reduction=reduction,
+  )
   assert len(res.runs) == 2 * (3 + 1) * 3
   for fold, idx in enumerate(folds):
     ref = independent_aurocs(train, test, labels, idx, reduction)
@@ -39,5 +48,6 @@ def test_errors_name_category_fold_and_level():
   train, test, labels = _toy_features()
   train[1][5, 2] = np.nan
   with pytest.raises(ValueError, match="toy, fold 0, level 1: .*NaN"):
-    protocol.evaluate_category("toy", train, test, labels, [np.arange(0, 32)], levels=[0, 1, 2],
-                               distances=["mahalanobis"])
+    protocol.evaluate_category(
+      "toy", train, test, labels, [np.arange(0, 32)], levels=[0, 1, 2], distances=["mahalanobis"]
+    )

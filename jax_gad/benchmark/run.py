@@ -18,6 +18,7 @@ SCHEMA = 'jax_gad.benchmark/1'
 
 class Config(NamedTuple):
   """Benchmark settings (the command-line flags)."""
+
   arch: str = 'efficientnet-b4'
   image_size: int | None = None  # None: native resolution of arch
   batch_sizes: tuple[int, ...] = (8,)
@@ -65,19 +66,26 @@ def _check_config(cfg: Config) -> None:
       raise ValueError(f'dtypes must be among {sorted(measure.DTYPES)}, got {dtype!r}')
   for impl in cfg.depthwise_impls:
     if impl != 'default' and impl not in efficientnet.DEPTHWISE_IMPLS:
-      raise ValueError(f"depthwise_impls must be among {efficientnet.DEPTHWISE_IMPLS} or "
-                       f"'default', got {impl!r}")
+      raise ValueError(
+        f"depthwise_impls must be among {efficientnet.DEPTHWISE_IMPLS} or 'default', got {impl!r}"
+      )
   for name in ('torch_reference', 'sklearn'):
     if getattr(cfg, name) not in ('auto', 'on', 'off'):
       raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {getattr(cfg, name)!r}")
-  for name in ('num_batches', 'kernel_n_score', 'repeats', 'sweep_d_n', 'sweep_n_d',
-               'host_image_side', 'feature_diff_n_test'):
+  for name in (
+    'num_batches',
+    'kernel_n_score',
+    'repeats',
+    'sweep_d_n',
+    'sweep_n_d',
+    'host_image_side',
+    'feature_diff_n_test',
+  ):
     if getattr(cfg, name) < 1:
       raise ValueError(f'{name} must be >= 1, got {getattr(cfg, name)}')
   for name in ('kernel_n_fit', 'feature_diff_n_train'):
     if getattr(cfg, name) < 5:
-      raise ValueError(f'{name} must be >= 5 (5 folds, 2 rows per fit), got '
-                       f'{getattr(cfg, name)}')
+      raise ValueError(f'{name} must be >= 5 (5 folds, 2 rows per fit), got {getattr(cfg, name)}')
   if cfg.num_workers is not None and cfg.num_workers < 1:
     raise ValueError(f'num_workers must be >= 1, got {cfg.num_workers}')
   if cfg.pipeline_images < 0:
@@ -92,16 +100,30 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
   start = time.perf_counter()
   image_size = cfg.image_size or efficientnet.native_resolution(cfg.arch)
   num_workers = cfg.num_workers or os.cpu_count() or 2
-  depthwise = [efficientnet.default_depthwise(jax.default_backend()) if d == 'default'
-               else d for d in cfg.depthwise_impls]
+  depthwise = [
+    efficientnet.default_depthwise(jax.default_backend()) if d == 'default' else d
+    for d in cfg.depthwise_impls
+  ]
   depthwise = list(dict.fromkeys(depthwise))
   mesh = features.make_mesh()
-  result = {'schema': SCHEMA, 'machine': measure.machine_info(), 'config': cfg._asdict(),
-            'extraction': [], 'torch': [], 'torch_skipped': None, 'kernel': None,
-            'kernel_skipped': None, 'sweep_d': [], 'sweep_n': [],
-            'host_preprocess_s_per_image': None, 'estimate': None,
-            'feature_diff': None, 'peak_host_memory_mb_after': {},
-            'sweeps_other_cpu': None, 'pipeline': None}
+  result = {
+    'schema': SCHEMA,
+    'machine': measure.machine_info(),
+    'config': cfg._asdict(),
+    'extraction': [],
+    'torch': [],
+    'torch_skipped': None,
+    'kernel': None,
+    'kernel_skipped': None,
+    'sweep_d': [],
+    'sweep_n': [],
+    'host_preprocess_s_per_image': None,
+    'estimate': None,
+    'feature_diff': None,
+    'peak_host_memory_mb_after': {},
+    'sweeps_other_cpu': None,
+    'pipeline': None,
+  }
   phases = result['peak_host_memory_mb_after']
 
   # Feature extraction.
@@ -109,10 +131,21 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
   for batch in cfg.batch_sizes:
     for dtype in cfg.dtypes:
       for impl in depthwise:
-        log(f'extraction: {cfg.arch} {image_size}px batch {batch} {dtype} {impl} '
-            f'on {mesh.size} device(s) ...')
-        row = measure.bench_extraction(cfg.arch, image_size, batch, dtype, impl,
-                               cfg.num_batches, variables, mesh=mesh, seed=cfg.seed)
+        log(
+          f'extraction: {cfg.arch} {image_size}px batch {batch} {dtype} {impl} '
+          f'on {mesh.size} device(s) ...'
+        )
+        row = measure.bench_extraction(
+          cfg.arch,
+          image_size,
+          batch,
+          dtype,
+          impl,
+          cfg.num_batches,
+          variables,
+          mesh=mesh,
+          seed=cfg.seed,
+        )
         log(f'  compile {row["compile_s"]:.1f} s, {row["images_per_s"]:.2f} img/s')
         result['extraction'].append(row)
   phases['extraction'] = measure.peak_host_memory_mb()
@@ -130,8 +163,10 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
   if why is None:
     threads = cfg.torch_threads or os.cpu_count() or 1
     for batch in sorted({r['batch_size'] for r in result['extraction']}):
-      log(f'torch: efficientnet_pytorch {cfg.arch} {image_size}px batch {batch}, '
-          f'{threads} thread(s) ...')
+      log(
+        f'torch: efficientnet_pytorch {cfg.arch} {image_size}px batch {batch}, '
+        f'{threads} thread(s) ...'
+      )
       trow = measure.bench_torch(cfg.arch, image_size, batch, cfg.num_batches, threads, cfg.seed)
       log(f'  {trow["images_per_s"]:.2f} img/s')
       result['torch'].append(trow)
@@ -154,25 +189,47 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
   result['sklearn_skipped'] = sk_why
   if cfg.kernel:
     widths = cfg.kernel_widths or efficientnet.level_widths(cfg.arch)
-    log(f'kernels: fit N={cfg.kernel_n_fit}, score {cfg.kernel_n_score} rows at '
-        f'widths {tuple(widths)} ...')
-    result['kernel'] = measure.bench_kernels(widths, cfg.kernel_n_fit, cfg.kernel_n_score,
-                                     repeats=cfg.repeats, budget_s=cfg.time_budget_s,
-                                     use_sklearn=use_sklearn, seed=cfg.seed)
+    log(
+      f'kernels: fit N={cfg.kernel_n_fit}, score {cfg.kernel_n_score} rows at '
+      f'widths {tuple(widths)} ...'
+    )
+    result['kernel'] = measure.bench_kernels(
+      widths,
+      cfg.kernel_n_fit,
+      cfg.kernel_n_score,
+      repeats=cfg.repeats,
+      budget_s=cfg.time_budget_s,
+      use_sklearn=use_sklearn,
+      seed=cfg.seed,
+    )
     phases['kernel'] = measure.peak_host_memory_mb()
   else:
     result['kernel_skipped'] = 'disabled (--nokernel)'
   before = measure.cpu_snapshot()
   for d in cfg.sweep_d:
     log(f'sweep D: N={cfg.sweep_d_n} D={d} ...')
-    result['sweep_d'].append(measure.bench_fit(cfg.sweep_d_n, d, repeats=cfg.repeats,
-                                       budget_s=cfg.time_budget_s,
-                                       use_sklearn=use_sklearn, seed=cfg.seed))
+    result['sweep_d'].append(
+      measure.bench_fit(
+        cfg.sweep_d_n,
+        d,
+        repeats=cfg.repeats,
+        budget_s=cfg.time_budget_s,
+        use_sklearn=use_sklearn,
+        seed=cfg.seed,
+      )
+    )
   for n in cfg.sweep_n:
     log(f'sweep N: N={n} D={cfg.sweep_n_d} ...')
-    result['sweep_n'].append(measure.bench_fit(n, cfg.sweep_n_d, repeats=cfg.repeats,
-                                       budget_s=cfg.time_budget_s,
-                                       use_sklearn=use_sklearn, seed=cfg.seed))
+    result['sweep_n'].append(
+      measure.bench_fit(
+        n,
+        cfg.sweep_n_d,
+        repeats=cfg.repeats,
+        budget_s=cfg.time_budget_s,
+        use_sklearn=use_sklearn,
+        seed=cfg.seed,
+      )
+    )
   if cfg.sweep_d or cfg.sweep_n:
     phases['sweeps'] = measure.peak_host_memory_mb()
     result['sweeps_other_cpu'] = measure.other_cpu_fraction(before, measure.cpu_snapshot())
@@ -182,32 +239,50 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
     spec = efficientnet.ARCHS[cfg.arch]
     log(f'host: decode a {cfg.host_image_side}px PNG + resize to {image_size} ...')
     result['host_preprocess_s_per_image'] = measure.bench_host_preprocess(
-        cfg.host_image_side, image_size, spec.mean, spec.std, seed=cfg.seed)
+      cfg.host_image_side, image_size, spec.mean, spec.std, seed=cfg.seed
+    )
   f32 = [r for r in result['extraction'] if r['dtype'] == 'float32']
   best = max(f32, key=lambda r: r['images_per_s']) if f32 else None
   if cfg.pipeline_images and best is not None:
-    log(f'pipeline: {cfg.pipeline_images} PNGs of {cfg.host_image_side}px decoded by '
-        f'{num_workers} thread(s) while batch {best["batch_size"]} float32 '
-        f'{best["depthwise"]} runs ...')
+    log(
+      f'pipeline: {cfg.pipeline_images} PNGs of {cfg.host_image_side}px decoded by '
+      f'{num_workers} thread(s) while batch {best["batch_size"]} float32 '
+      f'{best["depthwise"]} runs ...'
+    )
     result['pipeline'] = measure.bench_pipeline(
-        cfg.arch, image_size, best['batch_size'], 'float32', best['depthwise'], variables,
-        n_images=cfg.pipeline_images, side=cfg.host_image_side,
-        num_workers=num_workers, mesh=mesh, seed=cfg.seed)
+      cfg.arch,
+      image_size,
+      best['batch_size'],
+      'float32',
+      best['depthwise'],
+      variables,
+      n_images=cfg.pipeline_images,
+      side=cfg.host_image_side,
+      num_workers=num_workers,
+      mesh=mesh,
+      seed=cfg.seed,
+    )
     result['pipeline']['device_only_images_per_s'] = best['images_per_s']
     log(f'  {result["pipeline"]["images_per_s"]:.2f} img/s end to end')
   if cfg.estimate and best is not None and result['kernel'] is not None:
     result['estimate'] = estimate_protocol(
-        images_per_s=best['images_per_s'], compile_s=best['compile_s'],
-        kernel=result['kernel'], host_s_per_image=result['host_preprocess_s_per_image'],
-        extraction_row=best,
-        pipeline_images_per_s=(result['pipeline']['images_per_s']
-                               if result['pipeline'] else None))
+      images_per_s=best['images_per_s'],
+      compile_s=best['compile_s'],
+      kernel=result['kernel'],
+      host_s_per_image=result['host_preprocess_s_per_image'],
+      extraction_row=best,
+      pipeline_images_per_s=(result['pipeline']['images_per_s'] if result['pipeline'] else None),
+    )
 
   if cfg.feature_diff:
     log(f'feature_diff: {cfg.feature_diff_arch} bfloat16 vs float32 on synthetic_ad ...')
     result['feature_diff'] = measure.feature_difference(
-        cfg.feature_diff_arch, cfg.checkpoint_dir, n_train=cfg.feature_diff_n_train,
-        n_test=cfg.feature_diff_n_test, batch_size=max(cfg.batch_sizes))
+      cfg.feature_diff_arch,
+      cfg.checkpoint_dir,
+      n_train=cfg.feature_diff_n_train,
+      n_test=cfg.feature_diff_n_test,
+      batch_size=max(cfg.batch_sizes),
+    )
     phases['feature_diff'] = measure.peak_host_memory_mb()
 
   result['machine']['load_average_end'] = measure.load_average()

@@ -42,14 +42,21 @@ def _num_items(source) -> int:
   try:
     return len(source)
   except TypeError:
-    raise ValueError('source must be sequence-like (len and [i]), got '
-                     f'{type(source).__name__}') from None
+    raise ValueError(
+      f'source must be sequence-like (len and [i]), got {type(source).__name__}'
+    ) from None
 
 
-def prefetch_batches(source, *, preprocess: Preprocess, batch_size: int,
-                     image_shape: tuple[int, int, int],
-                     rows: Sequence[int] | np.ndarray | None = None, num_workers: int = 2,
-                     prefetch: int = 2) -> Iterator[np.ndarray]:
+def prefetch_batches(
+  source,
+  *,
+  preprocess: Preprocess,
+  batch_size: int,
+  image_shape: tuple[int, int, int],
+  rows: Sequence[int] | np.ndarray | None = None,
+  num_workers: int = 2,
+  prefetch: int = 2,
+) -> Iterator[np.ndarray]:
   """Yields float32 batches of preprocessed images, decoded ahead in threads.
 
   Args:
@@ -67,8 +74,11 @@ def prefetch_batches(source, *, preprocess: Preprocess, batch_size: int,
     ``ceil(len(source) / batch_size)`` arrays ``(len(rows), S, S, 3)``; rows
     past the end of ``source`` are zeros.
   """
-  for name, value in (('batch_size', batch_size), ('num_workers', num_workers),
-                      ('prefetch', prefetch)):
+  for name, value in (
+    ('batch_size', batch_size),
+    ('num_workers', num_workers),
+    ('prefetch', prefetch),
+  ):
     _check_positive_int(name, value)
   n_images = _num_items(source)
   rows = np.arange(batch_size) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -78,20 +88,21 @@ def prefetch_batches(source, *, preprocess: Preprocess, batch_size: int,
   def load(index):
     item = source[index]
     if not isinstance(item, Mapping) or 'image' not in item:
-      raise ValueError(f"source[{index}] must be a dict with an 'image' key, got "
-                       f'{type(item).__name__}')
+      raise ValueError(
+        f"source[{index}] must be a dict with an 'image' key, got {type(item).__name__}"
+      )
     where = f"source[{index}]" + (f" ({item['file_name']})" if 'file_name' in item else '')
     image = np.asarray(item['image'])
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-      raise ValueError(f"{where}: 'image' must be uint8 (H, W, 3), got "
-                       f'{image.dtype} {image.shape}')
+      raise ValueError(f"{where}: 'image' must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     out = np.asarray(preprocess(image), dtype=np.float32)
     if out.shape != shape:
       raise ValueError(f'preprocess returned shape {out.shape} for {where}, expected {shape}')
     return out
 
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=num_workers,
-                                               thread_name_prefix='jax_gad-decode')
+  pool = concurrent.futures.ThreadPoolExecutor(
+    max_workers=num_workers, thread_name_prefix='jax_gad-decode'
+  )
 
   def submit(b):
     indices = b * batch_size + rows
@@ -114,10 +125,19 @@ def prefetch_batches(source, *, preprocess: Preprocess, batch_size: int,
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-def pooled_features(extractor, source, *, image_size: int, mean: Sequence[float],
-                    std: Sequence[float], num_workers: int = 2, prefetch: int = 2,
-                    progress: bool = True, desc: str = 'features',
-                    preprocess: Preprocess | None = None) -> list[np.ndarray]:
+def pooled_features(
+  extractor,
+  source,
+  *,
+  image_size: int,
+  mean: Sequence[float],
+  std: Sequence[float],
+  num_workers: int = 2,
+  prefetch: int = 2,
+  progress: bool = True,
+  desc: str = 'features',
+  preprocess: Preprocess | None = None,
+) -> list[np.ndarray]:
   """Pooled level features of every image in ``source``, in source order.
 
   Args:
@@ -140,12 +160,19 @@ def pooled_features(extractor, source, *, image_size: int, mean: Sequence[float]
   if n_images == 0:
     raise ValueError('source is empty: nothing to extract')
   if image_size != extractor.image_size:
-    raise ValueError(f'image_size={image_size} differs from the extractor\'s '
-                     f'{extractor.image_size}')
+    raise ValueError(
+      f'image_size={image_size} differs from the extractor\'s {extractor.image_size}'
+    )
   fn = preprocess or image_preprocessor(image_size, mean, std)
-  batches = prefetch_batches(source, preprocess=fn, batch_size=extractor.batch_size,
-                             image_shape=(image_size, image_size, 3), rows=extractor.local_rows, num_workers=num_workers,
-                             prefetch=prefetch)
+  batches = prefetch_batches(
+    source,
+    preprocess=fn,
+    batch_size=extractor.batch_size,
+    image_shape=(image_size, image_size, 3),
+    rows=extractor.local_rows,
+    num_workers=num_workers,
+    prefetch=prefetch,
+  )
   try:
     return extractor.extract(batches, n_images, progress=progress, desc=desc)
   finally:
