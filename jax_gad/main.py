@@ -17,11 +17,13 @@ weights) leaves the workdir as it was; each output file is written atomically.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import NamedTuple
 
 from absl import app, flags
+import numpy as np
 
 from jax_gad import cli
 
@@ -98,10 +100,6 @@ def _validate(cfg: Config):
     raise ValueError(
       "--workdir is required (the folder that receives results.json and the tables)."
     )
-  if os.path.exists(cfg.workdir) and not os.path.isdir(cfg.workdir):
-    raise ValueError(
-      f"--workdir={cfg.workdir} is a file; give a folder (it is created if missing)."
-    )
   if cfg.pca is not None and cfg.npca is not None:
     raise ValueError("--pca and --npca are mutually exclusive: request one reduction, not both.")
   reduction = None
@@ -136,8 +134,78 @@ def _validate(cfg: Config):
   return reduction
 
 
+def _check_folder(flag: str, path: str | None) -> None:
+  """Raises ValueError unless ``path`` is (or can be created as) a writable folder."""
+  if not path:
+    return
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"--{flag}={path} is a file; give a folder (it is created if missing).")
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    what = (
+      "is not writable" if existing == os.path.abspath(path) else f"cannot be created in {existing}"
+    )
+    raise ValueError(f"--{flag}={path} {what}: choose a folder you can write to.")
+
+
+def _check_workdir(workdir: str) -> None:
+  """The workdir is replaced whole by a run: refuse a folder that holds something else."""
+  _check_folder("workdir", workdir)
+  if os.path.isdir(workdir):
+    names = [n for n in os.listdir(workdir) if not n.startswith(".")]
+    if names and "results.json" not in names:
+      shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+      raise ValueError(
+        f"--workdir={workdir} holds files that are not a jax_gad run ({shown}); a run "
+        "replaces its workdir whole, so give a new or empty folder, or a previous run's workdir."
+      )
+
+
+def _check_splits(category: str, train, test) -> None:
+  """Enough images for the protocol, checked before any feature is extracted."""
+  n_folds = 5
+  if len(train) < n_folds:
+    raise ValueError(
+      f"category {category}: {len(train)} training image(s); the {n_folds}-fold protocol "
+      f"needs at least {n_folds} (each fold fits on 80 % of them)."
+    )
+  labels = set(np.unique(np.asarray(test.labels)).tolist()) if len(test) else set()
+  missing = [
+    name for value, name in ((0, "normal (test/good)"), (1, "anomalous")) if value not in labels
+  ]
+  if missing:
+    raise ValueError(
+      f"category {category}: the test split has no {' and no '.join(missing)} images; "
+      "image AUROC needs both."
+    )
+
+
+def _out_of_memory(err: BaseException) -> bool:
+  text = str(err)
+  return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
+
+
+def _versions() -> dict:
+  import flax
+  import jax
+
+  import jax_gad
+
+  return {"jax_gad": jax_gad.__version__, "jax": jax.__version__, "flax": flax.__version__}
+
+
 def run(cfg: Config) -> dict:
-  """Runs the whole protocol for ``cfg`` and writes the reports. Returns results.json's content."""
+  """Runs the whole protocol for ``cfg`` and writes the reports. Returns results.json's content.
+
+  Everything that can be checked is checked before any feature is extracted:
+  the settings, the folders the run writes to, the weights (format and content
+  checksum) and the data (enough training images, both test labels). The
+  outputs are written into a temporary folder beside ``cfg.workdir`` and
+  swapped in whole at the end, so the workdir always holds exactly one
+  complete run (docs/outputs.md).
+  """
   import jax
   import jax.numpy as jnp
   from tqdm import tqdm
@@ -148,8 +216,23 @@ def run(cfg: Config) -> dict:
 
   reduction = _validate(cfg)
   categories = cfg.categories or tuple(data.CATEGORIES[cfg.dataset])
+  _check_workdir(cfg.workdir)
+  tfds_dir = (
+    cfg.tfds_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+  )
+  for flag, folder in (("cache_dir", cfg.cache_dir), ("tfds_dir", tfds_dir)):
+    _check_folder(flag, folder)
+  # Temporaries of runs that were killed while writing.
+  for folder in (os.path.dirname(os.path.abspath(cfg.workdir)), cfg.cache_dir, cfg.checkpoint_dir):
+    if folder:
+      files.remove_stale_temporaries(folder)
 
   # Weights: an explicit file, or the converted default for the arch.
+  if cfg.checkpoint and os.path.isdir(cfg.checkpoint):
+    raise ValueError(
+      f"--checkpoint={cfg.checkpoint} is a folder; give the converted .msgpack file, or "
+      f"--checkpoint_dir={cfg.checkpoint} to use <checkpoint_dir>/{cfg.arch}.msgpack."
+    )
   if cfg.checkpoint and not os.path.isfile(cfg.checkpoint):
     raise FileNotFoundError(
       f"--checkpoint={cfg.checkpoint} does not exist. Convert weights with "
@@ -157,26 +240,38 @@ def run(cfg: Config) -> dict:
       f"{cfg.checkpoint}` (README: 'Converting weights'), or leave --checkpoint out to use "
       f"{cfg.checkpoint_dir}/{cfg.arch}.msgpack."
     )
+  if not cfg.checkpoint:
+    _check_folder("checkpoint_dir", cfg.checkpoint_dir)
   path = cfg.checkpoint or checkpoint.ensure_checkpoint(cfg.arch, cfg.checkpoint_dir)
   variables, meta = checkpoint.load_checkpoint(path, arch=cfg.arch)
+  checkpoint_sha256 = files.sha256(path)  # the weights' identity in results and cache keys
   image_size = cfg.image_size or int(meta["resolution"])
   depthwise = None if cfg.depthwise == "auto" else cfg.depthwise
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
   model = efficientnet.create(cfg.arch, depthwise=depthwise, dtype=dtype)
 
-  # Data: every split is opened (and, on first use, prepared) before any work,
-  # so that bad data stops the run before it writes anything.
+  # Data: every split is opened (and, on first use, prepared) and checked
+  # before any work, so that bad data stops the run before it writes anything.
   splits = {}
   for c in categories:
-    splits[c] = (
-      data.load(cfg.dataset, c, "train", data_dir=cfg.data_dir, tfds_dir=cfg.tfds_dir),
-      data.load(cfg.dataset, c, "test", data_dir=cfg.data_dir, tfds_dir=cfg.tfds_dir),
-    )
+    train = data.load(cfg.dataset, c, "train", data_dir=cfg.data_dir, tfds_dir=cfg.tfds_dir)
+    test = data.load(cfg.dataset, c, "test", data_dir=cfg.data_dir, tfds_dir=cfg.tfds_dir)
+    _check_splits(c, train, test)
+    splits[c] = (train, test)
 
   mesh = features.make_mesh()
   cache = feature_cache.FeatureCache(cfg.cache_dir) if cfg.cache_dir else None
-  checkpoint_id = files.sha256(path) if cache else None  # identity of the weights in cache keys
   levels = list(cfg.levels)
+  # A batch larger than every split only pads: cap it (the compiled shape is per batch).
+  largest = max(len(s) for pair in splits.values() for s in pair)
+  batch_size = min(cfg.batch_size, largest)
+  if batch_size < cfg.batch_size:
+    logging.warning(
+      "--batch_size=%d is larger than the largest split (%d images); using %d.",
+      cfg.batch_size,
+      largest,
+      batch_size,
+    )
   # Every level, whatever --levels says: one cache entry serves every level choice.
   extractor = features.LevelExtractor(
     model,
@@ -184,20 +279,28 @@ def run(cfg: Config) -> dict:
     image_size=image_size,
     mesh=mesh,
     levels=range(efficientnet.NUM_LEVELS),
-    batch_size=cfg.batch_size,
+    batch_size=batch_size,
   )
 
   def pooled(split, category, split_name):
     def compute():
-      return pipeline.pooled_features(
-        extractor,
-        split,
-        image_size=image_size,
-        mean=meta["mean"],
-        std=meta["std"],
-        num_workers=cfg.num_workers or os.cpu_count() or 2,
-        desc=f"{category}/{split_name}",
-      )
+      try:
+        return pipeline.pooled_features(
+          extractor,
+          split,
+          image_size=image_size,
+          mean=meta["mean"],
+          std=meta["std"],
+          num_workers=cfg.num_workers or os.cpu_count() or 2,
+          desc=f"{category}/{split_name}",
+        )
+      except Exception as err:  # an accelerator's or the host's memory ran out
+        if not _out_of_memory(err):
+          raise
+        raise MemoryError(
+          f"out of memory extracting {category}/{split_name} at --image_size={image_size} "
+          f"with --batch_size={extractor.batch_size}: lower --batch_size (or --image_size)."
+        ) from None
 
     if cache is None:
       return compute()
@@ -206,7 +309,7 @@ def run(cfg: Config) -> dict:
       "category": category,
       "split": split_name,
       "data": split.fingerprint,
-      "checkpoint_sha256": checkpoint_id,
+      "checkpoint_sha256": checkpoint_sha256,
       "arch": cfg.arch,
       "image_size": image_size,
       "dtype": cfg.dtype,
@@ -238,22 +341,37 @@ def run(cfg: Config) -> dict:
   config_doc.update(
     categories=list(categories),
     checkpoint=path,
+    checkpoint_sha256=checkpoint_sha256,
     image_size=image_size,
+    batch_size=batch_size,
     checkpoint_meta={
       k: meta[k] for k in ("arch", "source", "resolution", "mean", "std") if k in meta
     },
     reduction=reduction.name if reduction else None,
   )
+  data_doc = {}
+  for c, (train, test) in splits.items():
+    labels = np.asarray(test.labels)
+    data_doc[c] = {
+      "train": len(train),
+      "test_good": int(np.sum(labels == 0)),
+      "test_defect": int(np.sum(labels == 1)),
+      "fingerprint": {"train": train.fingerprint, "test": test.fingerprint},
+    }
   doc = report.report(
     config=json.loads(json.dumps(config_doc)),
     results=results,
     levels=levels,
     distances=cfg.distances,
+    data=json.loads(json.dumps(data_doc)),
+    versions=_versions(),
   )
   # In a multi-host run every process holds the same results; process 0 writes them.
   if jax.process_index() == 0:
-    os.makedirs(cfg.workdir, exist_ok=True)
-    report.write_reports(cfg.workdir, doc, results, cfg.distances, plots=cfg.plots)
+    files.write_dir(
+      cfg.workdir,
+      lambda folder: report.write_reports(folder, doc, results, cfg.distances, plots=cfg.plots),
+    )
   return doc
 
 
@@ -266,8 +384,11 @@ def main(argv):
     cli.initialize_multihost()
     cfg = config()
     doc = run(cfg)
-  except (ValueError, OSError, ImportError) as e:  # bad input: say what, no traceback
+  except (ValueError, OSError, ImportError, MemoryError) as e:  # bad input: say what, no traceback
     sys.exit(f"jax_gad.main: error: {e}")
+  except KeyboardInterrupt:
+    print("jax_gad.main: interrupted; the workdir was left as it was.", file=sys.stderr)
+    sys.exit(130)
   title = (
     f"Image AUROC (%), mean ± SEM over {len(doc['config']['categories'])} categories x "
     f"{len(cfg.folds)} folds — {cfg.dataset}, {cfg.arch}"

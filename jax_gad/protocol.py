@@ -2,7 +2,7 @@
 
 It receives pooled level features (one ``(n_images, width)`` array per level,
 computed by :mod:`jax_gad.features`) and turns them into the numbers of the
-paper's tables (docs/method.md, "Protocol"):
+paper's tables (docs/method.md):
 
 1. :func:`evaluate_category` fits one Gaussian per (fold, level) on the
    fold's training features (after an optional PCA / NPCA), scores the test
@@ -19,12 +19,17 @@ Formatting and writing the tables is :mod:`jax_gad.report`'s job.
 from __future__ import annotations
 
 from typing import Iterable, NamedTuple, Sequence
+import warnings
 
 import numpy as np
 
 from jax_gad import gaussian, metrics, pca
 
 SUM = "sum"
+
+
+class DegenerateFeaturesWarning(UserWarning):
+  """A level's training features have zero variance everywhere (see :class:`Degenerate`)."""
 
 
 class Reduction(NamedTuple):
@@ -63,12 +68,30 @@ class CategoryResult(NamedTuple):
     labels: (n_test,) 0 = good, 1 = defect.
     thresholds: one :class:`ThresholdRow` per (fold, level, sigma) for the
       Mahalanobis distance (chi-squared thresholds, docs/method.md).
+    degenerate: one :class:`Degenerate` per (fold, level) whose training
+      features all have zero variance.
   """
 
   runs: list
   scores: list
   labels: np.ndarray
   thresholds: list
+  degenerate: list = []
+
+
+class Degenerate(NamedTuple):
+  """A (category, fold, level) whose training features all have zero variance.
+
+  Every test image is then at the same L2 / SED distance pattern a constant
+  fit allows, the Mahalanobis distance ignores every dimension, and the AUROC
+  is that of a constant score (50 %) or of raw offsets: not a measurement of
+  the method. Reported in results.json under ``warnings``.
+  """
+
+  category: str
+  fold: int
+  level: int
+  message: str
 
 
 class ThresholdRow(NamedTuple):
@@ -128,7 +151,7 @@ def evaluate_category(
     raise ValueError(f"unknown distance(s) {unknown}; valid: {sorted(gaussian.DISTANCES)}.")
   labels = np.asarray(test_labels).astype(np.int64)
 
-  runs, fold_scores, threshold_rows = [], [], []
+  runs, fold_scores, threshold_rows, degenerate = [], [], [], []
   for fold, idx in enumerate(fold_indices):
     per_level = {d: [] for d in distances}
     for level, x_train_all, x_test in zip(levels, train_features, test_features):
@@ -140,6 +163,19 @@ def evaluate_category(
           x_train = pca.project(projection, x_train)
           x_test = pca.project(projection, x_test)
         state = gaussian.fit_gaussian(x_train)
+        if not np.any(np.asarray(state.std) > 0):
+          note = Degenerate(
+            category,
+            fold,
+            int(level),
+            (
+              f"{category}, fold {fold}, level {level}: every training feature has zero "
+              "variance (constant images or only dead channels); its distances carry no "
+              "information and its AUROC is not meaningful"
+            ),
+          )
+          warnings.warn(note.message, DegenerateFeaturesWarning, stacklevel=2)
+          degenerate.append(note)
         for d in distances:
           scores = np.asarray(gaussian.DISTANCES[d](state, x_test), dtype=np.float64)
           per_level[d].append(scores)
@@ -160,7 +196,7 @@ def evaluate_category(
       sums[d] = np.mean(np.stack(per_level[d]), axis=0)
       runs.append(Run(category, fold, SUM, d, metrics.auroc(sums[d], labels)))
     fold_scores.append(sums)
-  return CategoryResult(runs, fold_scores, labels, threshold_rows)
+  return CategoryResult(runs, fold_scores, labels, threshold_rows, degenerate)
 
 
 # ---------------------------------------------------------------------------

@@ -141,26 +141,42 @@ def _plot_levels(table1: list[dict], distances: Sequence[str]) -> bytes:
   return buf.getvalue()
 
 
-def report(*, config: dict, results: dict, levels: Sequence[int], distances: Sequence[str]) -> dict:
+def report(
+  *,
+  config: dict,
+  results: dict,
+  levels: Sequence[int],
+  distances: Sequence[str],
+  data: dict | None = None,
+  versions: dict | None = None,
+) -> dict:
   """The results.json document of an experiment.
 
   Args:
     config: the experiment's settings, stored verbatim.
     results: category -> :class:`CategoryResult`.
     levels, distances: as evaluated.
+    data: optional, per category: what was evaluated (image counts, data
+      fingerprint), stored verbatim.
+    versions: optional package versions, stored verbatim.
 
   Returns:
-    ``{"config", "runs", "table1", "per_category", "thresholds"}``; plain JSON types.
+    ``{"config", "data", "versions", "runs", "table1", "per_category",
+    "thresholds", "warnings"}``; plain JSON types. ``warnings`` lists the
+    (category, fold, level) fits whose features were degenerate.
   """
   runs = [r for res in results.values() for r in res.runs]
   table1, per_category = summarize(runs, levels, distances)
   thresholds = summarize_thresholds(row for res in results.values() for row in res.thresholds)
   return {
     "config": config,
+    "data": data or {},
+    "versions": versions or {},
     "runs": [r._asdict() for r in runs],
     "table1": table1,
     "per_category": per_category,
     "thresholds": thresholds,
+    "warnings": [d._asdict() for res in results.values() for d in res.degenerate],
   }
 
 
