@@ -1,0 +1,97 @@
+"""Throughput benchmark: ``python -m jax_gad.benchmark [--flags] [--json=FILE]``.
+
+The package has one room per step: :mod:`.measure` times each stage,
+:mod:`.estimate` turns the rates into a full-protocol estimate, :mod:`.run`
+holds the settings and the driver, :mod:`.report` formats the results and
+:mod:`.cli` is the command line.
+
+Measures, on whatever devices JAX sees:
+
+* feature extraction: images/s of the sharded level extractor
+  (:class:`jax_gad.features.LevelExtractor`, all 9 levels pooled on device) for
+  every (batch size, dtype, depthwise implementation), with the compile time
+  reported apart from the steady-state step time, and, when ``torch`` and
+  ``efficientnet_pytorch`` import, ``EfficientNet.extract_features`` on the
+  same input size and batch in the same run (ratio = JAX img/s / torch img/s);
+* the Gaussian kernels per level width of the architecture: fit (mean,
+  Ledoit-Wolf covariance, precision factor, std) on ``N`` rows and scoring of
+  ``M`` rows with L2, SED and Mahalanobis, against scikit-learn's
+  ``LedoitWolf`` plus numpy scoring when scikit-learn imports;
+* sweeps of the fit over the feature width ``D`` and the sample count ``N``;
+* an end-to-end estimate of the full MVTec AD protocol (15 categories x 5
+  folds, 9 levels, 3 distances) from the measured per-image and per-fit costs;
+* optionally (``--feature_diff``) the bfloat16 vs float32 difference of the
+  pooled level features and of the image AUROC with real weights on the
+  synthetic demo data (generated in memory);
+* peak host memory (``ru_maxrss``) and device memory where JAX reports it.
+
+Random weights are used for throughput (speed does not depend on the values),
+so no checkpoint is needed except for ``--feature_diff``. torch and
+scikit-learn are imported lazily, only when their comparison runs.
+
+JSON fields (``--json=FILE``, written atomically):
+
+``schema``: ``"jax_gad.benchmark/1"``.
+``machine``: ``hostname``, ``platform``, ``processor``, ``cpu_model``, ``cpu_count``,
+  ``python``, ``jax``, ``jaxlib``, ``backend``, ``device_kind``,
+  ``device_count``, ``local_device_count``, ``process_count``, ``torch``
+  (version or null), ``sklearn`` (version or null), ``load_average_start`` and
+  ``load_average_end`` (1, 5, 15 minute host load averages around the run;
+  other processes on the machine skew the timings), ``git_commit`` (HEAD of
+  the checkout, or null).
+``config``: the flag values used.
+``extraction``: list of rows, one per (batch_size, dtype, depthwise):
+  ``arch``, ``image_size``, ``batch_size``, ``dtype``, ``depthwise``,
+  ``device_count``, ``compile_s``, ``step_s`` (median seconds per global
+  batch, host->device transfer and pooled result back included), ``step_s_all``,
+  ``images_per_s``, ``num_batches``, ``compiled_memory`` (XLA's
+  ``memory_analysis``: ``argument_bytes``, ``output_bytes``, ``temp_bytes``,
+  ``generated_code_bytes``, or null), ``device_peak_bytes`` (null on CPU),
+  ``other_cpu`` (share of all cores used by other processes during the timed
+  steps: 0 = otherwise idle machine; null off Linux or for intervals under
+  1 s),
+  ``torch_images_per_s`` (the torch row at the same batch size, or null),
+  ``speedup_vs_torch`` (``images_per_s / torch_images_per_s`` or null).
+``torch``: list of rows ``arch``, ``image_size``, ``batch_size``, ``threads``,
+  ``other_cpu``, ``step_s``, ``step_s_all``, ``images_per_s``, ``num_batches``; empty when
+  skipped (``torch_skipped`` says why).
+``kernel``: ``n_fit``, ``n_score``, ``levels`` (one row per width of
+  ``--kernel_widths``, by default the 9 level widths of ``--arch``: ``level``,
+  ``width``, ``jax_compile_s``, ``jax_fit_s``, ``jax_score_s`` (dict per
+  distance), ``jax_score_total_s``, ``sklearn_fit_s``, ``numpy_score_total_s``,
+  ``fit_speedup``, ``score_speedup``), ``total`` (sums over levels, the
+  overall ratios and ``other_cpu``); null when disabled.
+``sweep_d`` / ``sweep_n``: lists of rows ``n``, ``d``, ``jax_compile_s``,
+  ``jax_fit_s``, ``sklearn_fit_s``, ``fit_speedup``; ``sweeps_other_cpu``
+  covers both sweeps.
+``host_preprocess_s_per_image``: seconds to decode a PNG of side
+  ``--host_image_side`` and resize + normalise it to the input size (one thread).
+``pipeline``: null, or the end-to-end run of ``LevelExtractor.extract`` over
+  ``n_images`` in-memory PNGs of ``side`` pixels decoded by ``num_workers``
+  threads while the device computes (fastest float32 extraction row):
+  ``batch_size``, ``dtype``, ``depthwise``, ``wall_s``, ``images_per_s``,
+  ``device_only_images_per_s``, ``other_cpu``.
+``estimate``: the full-protocol estimate: ``dataset``, ``categories``,
+  ``folds``, ``levels``, ``distances``, ``images``, ``fits``, ``scorings``,
+  ``images_per_s``, ``pipeline_images_per_s`` (used for the image part when
+  measured), ``extraction_row`` (batch/dtype/depthwise used),
+  ``compile_s``, ``extraction_s``, ``host_preprocess_s``, ``fit_s``,
+  ``score_s``, ``total_s``, ``total_min``, ``assumptions`` (text); null when
+  its inputs were not measured.
+``feature_diff``: null, or ``arch``, ``checkpoint``, ``image_size``,
+  ``categories`` (per category: ``levels`` rows with ``level``,
+  ``rel_diff`` (Frobenius ||bf16 - f32|| / ||f32||) and ``max_abs_diff_rel``
+  (max |bf16 - f32| / max |f32|), and ``auroc`` per distance with ``float32``,
+  ``bfloat16`` and ``difference`` (x100, mean over the 5 folds, sum row)).
+``torch_skipped`` / ``sklearn_skipped`` / ``kernel_skipped``: null, or why
+  that comparison or part did not run.
+``peak_host_memory_mb``: ``ru_maxrss`` of this process at the end, and
+  ``peak_host_memory_mb_after`` per phase (``extraction``, ``torch``,
+  ``kernel``, ``sweeps``, ``feature_diff``).
+``wall_s``: total run time.
+"""
+
+from jax_gad.benchmark.report import format_report, write_json
+from jax_gad.benchmark.run import SCHEMA, Config, run_benchmark
+
+__all__ = ["SCHEMA", "Config", "format_report", "run_benchmark", "write_json"]

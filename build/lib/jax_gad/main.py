@@ -1,0 +1,412 @@
+r"""Runs the Gaussian AD protocol and writes the paper's tables.
+
+  python -m jax_gad.main --flagfile=experiments/demo.cfg
+  python -m jax_gad.main --flagfile=experiments/mvtec.cfg --data_dir=/data/mvtec_anomaly_detection
+
+An image travels: disk -> :mod:`jax_gad.data` (TFDS dataset; decode, resize and
+normalise in :mod:`jax_gad.data.pipeline`) -> :mod:`jax_gad.features`
+(EfficientNet levels on every device, pooled; cached by
+:mod:`jax_gad.feature_cache`) -> :mod:`jax_gad.protocol` (a Gaussian per fold
+and level, distances, AUROC) -> :mod:`jax_gad.report` (``results.json`` and the
+tables in ``--workdir``).
+
+Every input is checked before anything is written, so bad input (flags, data,
+weights) leaves the workdir as it was; each output file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import NamedTuple
+
+from absl import app, flags
+import numpy as np
+
+from jax_gad import cli
+
+DISTANCES = ("l2", "sed", "mahalanobis")
+
+cli.DEFINE_path(
+  "workdir",
+  None,
+  "Output folder for results.json, the tables and plots; created if missing. Must not be a file.",
+)
+cli.DEFINE_int_list(
+  "folds",
+  [0, 1, 2, 3, 4],
+  0,
+  4,
+  "Which of the 5 KFold(shuffle=True, random_state=0) folds to evaluate.",
+)
+cli.DEFINE_enum_list("distances", list(DISTANCES), DISTANCES, "Distances to evaluate.")
+flags.DEFINE_bool("plots", True, "Write ROC and per-level plots (PNG).")
+
+FLAGS = flags.FLAGS
+
+
+class Config(NamedTuple):
+  """Everything that defines one experiment; see the flags of the same names.
+
+  Build one with :func:`config`, which takes every value not given from the
+  flags (their defaults when the flags have not been parsed).
+  """
+
+  workdir: str
+  dataset: str
+  data_dir: str | None
+  tfds_dir: str | None
+  categories: tuple
+  folds: tuple
+  arch: str
+  checkpoint: str | None
+  checkpoint_dir: str
+  levels: tuple
+  distances: tuple
+  pca: float | None
+  npca: float | None
+  image_size: int | None
+  batch_size: int
+  num_workers: int | None
+  dtype: str
+  depthwise: str
+  cache_dir: str | None
+  plots: bool
+
+
+def config(**overrides) -> Config:
+  """A :class:`Config` from the flags, with ``overrides`` (field=value) on top."""
+  unknown = set(overrides) - set(Config._fields)
+  if unknown:
+    raise ValueError(f"unknown Config field(s) {sorted(unknown)}; valid: {list(Config._fields)}")
+  v = cli.values(Config._fields, overrides)
+  for name in ("categories", "folds", "levels", "distances"):
+    v[name] = tuple(v[name])
+  v["cache_dir"] = v["cache_dir"] or None
+  return Config(**v)
+
+
+def _validate(cfg: Config):
+  """Checks what can be checked without touching data or weights. Returns the reduction.
+
+  The flags' parsers already enforce these rules on the command line; this
+  repeats them for a :class:`Config` built in Python.
+  """
+  from jax_gad import data, protocol
+
+  if not cfg.workdir:
+    raise ValueError(
+      "--workdir is required (the folder that receives results.json and the tables)."
+    )
+  if cfg.pca is not None and cfg.npca is not None:
+    raise ValueError("--pca and --npca are mutually exclusive: request one reduction, not both.")
+  reduction = None
+  for mode, t in (("pca", cfg.pca), ("npca", cfg.npca)):
+    if t is not None:
+      if not 0.0 < t < 1.0:
+        raise ValueError(f"--{mode} must be a cumulative variance threshold in (0, 1), got {t}.")
+      reduction = protocol.Reduction(mode, float(t))
+  lists = {
+    "distances": (cfg.distances, cli.EnumListParser(DISTANCES)),
+    "folds": (cfg.folds, cli.IntListParser(0, 4)),
+    "levels": (cfg.levels, cli.IntListParser(0, 8)),
+    "categories": (cfg.categories, cli.UniqueListParser()),
+  }
+  for name, (value, parser) in lists.items():
+    try:
+      parser.parse(list(value))
+    except ValueError as err:
+      raise ValueError(f"--{name}: {err}.") from None
+  valid = data.CATEGORIES[cfg.dataset]
+  bad = [c for c in cfg.categories if c not in valid]
+  if bad:
+    raise ValueError(
+      f"--categories: unknown {bad} for dataset {cfg.dataset}; valid: {list(valid)}."
+    )
+  if cfg.batch_size < 1:
+    raise ValueError(f"--batch_size must be positive, got {cfg.batch_size}.")
+  if cfg.num_workers is not None and cfg.num_workers < 1:
+    raise ValueError(f"--num_workers must be positive, got {cfg.num_workers}.")
+  if cfg.image_size is not None and cfg.image_size < 16:
+    raise ValueError(f"--image_size must be at least 16, got {cfg.image_size}.")
+  return reduction
+
+
+def _check_folder(flag: str, path: str | None) -> None:
+  """Raises ValueError unless ``path`` is (or can be created as) a writable folder."""
+  if not path:
+    return
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"--{flag}={path} is a file; give a folder (it is created if missing).")
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    what = (
+      "is not writable" if existing == os.path.abspath(path) else f"cannot be created in {existing}"
+    )
+    raise ValueError(f"--{flag}={path} {what}: choose a folder you can write to.")
+
+
+def _check_workdir(workdir: str) -> None:
+  """The workdir is replaced whole by a run: refuse a folder that holds something else."""
+  _check_folder("workdir", workdir)
+  if os.path.isdir(workdir):
+    names = [n for n in os.listdir(workdir) if not n.startswith(".")]
+    if names and "results.json" not in names:
+      shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+      raise ValueError(
+        f"--workdir={workdir} holds files that are not a jax_gad run ({shown}); a run "
+        "replaces its workdir whole, so give a new or empty folder, or a previous run's workdir."
+      )
+
+
+def _check_splits(category: str, train, test) -> None:
+  """Enough images for the protocol, checked before any feature is extracted."""
+  n_folds = 5
+  if len(train) < n_folds:
+    raise ValueError(
+      f"category {category}: {len(train)} training image(s); the {n_folds}-fold protocol "
+      f"needs at least {n_folds} (each fold fits on 80 % of them)."
+    )
+  labels = set(np.unique(np.asarray(test.labels)).tolist()) if len(test) else set()
+  missing = [
+    name for value, name in ((0, "normal (test/good)"), (1, "anomalous")) if value not in labels
+  ]
+  if missing:
+    raise ValueError(
+      f"category {category}: the test split has no {' and no '.join(missing)} images; "
+      "image AUROC needs both."
+    )
+
+
+def _out_of_memory(err: BaseException) -> bool:
+  text = str(err)
+  return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
+
+
+def _versions() -> dict:
+  import flax
+  import jax
+
+  import jax_gad
+
+  return {"jax_gad": jax_gad.__version__, "jax": jax.__version__, "flax": flax.__version__}
+
+
+def run(cfg: Config) -> dict:
+  """Runs the whole protocol for ``cfg`` and writes the reports. Returns results.json's content.
+
+  Everything that can be checked is checked before any feature is extracted:
+  the settings, the folders the run writes to, the weights (format and content
+  checksum) and the data (enough training images, both test labels). The
+  outputs are written into a temporary folder beside ``cfg.workdir`` and
+  swapped in whole at the end, so the workdir always holds exactly one
+  complete run (docs/outputs.md).
+  """
+  import jax
+  import jax.numpy as jnp
+  from tqdm import tqdm
+
+  from jax_gad import checkpoint, data, feature_cache, features, files, protocol, report
+  from jax_gad.data import pipeline
+  from jax_gad.models import efficientnet
+
+  reduction = _validate(cfg)
+  categories = cfg.categories or tuple(data.CATEGORIES[cfg.dataset])
+  _check_workdir(cfg.workdir)
+  tfds_dir = (
+    cfg.tfds_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+  )
+  for flag, folder in (("cache_dir", cfg.cache_dir), ("tfds_dir", tfds_dir)):
+    _check_folder(flag, folder)
+  # Temporaries of runs that were killed while writing.
+  for folder in (os.path.dirname(os.path.abspath(cfg.workdir)), cfg.cache_dir, cfg.checkpoint_dir):
+    if folder:
+      files.remove_stale_temporaries(folder)
+
+  # Weights: an explicit file, or the converted default for the arch.
+  if cfg.checkpoint and os.path.isdir(cfg.checkpoint):
+    raise ValueError(
+      f"--checkpoint={cfg.checkpoint} is a folder; give the converted .msgpack file, or "
+      f"--checkpoint_dir={cfg.checkpoint} to use <checkpoint_dir>/{cfg.arch}.msgpack."
+    )
+  if cfg.checkpoint and not os.path.isfile(cfg.checkpoint):
+    raise FileNotFoundError(
+      f"--checkpoint={cfg.checkpoint} does not exist. Convert weights with "
+      f"`python -m jax_gad.convert --arch={cfg.arch} --input=<file.pth> --output="
+      f"{cfg.checkpoint}` (README: 'Converting weights'), or leave --checkpoint out to use "
+      f"{cfg.checkpoint_dir}/{cfg.arch}.msgpack."
+    )
+  if not cfg.checkpoint:
+    _check_folder("checkpoint_dir", cfg.checkpoint_dir)
+  path = cfg.checkpoint or checkpoint.ensure_checkpoint(cfg.arch, cfg.checkpoint_dir)
+  variables, meta = checkpoint.load_checkpoint(path, arch=cfg.arch)
+  checkpoint_sha256 = files.sha256(path)  # the weights' identity in results and cache keys
+  image_size = cfg.image_size or int(meta["resolution"])
+  depthwise = None if cfg.depthwise == "auto" else cfg.depthwise
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
+  model = efficientnet.create(cfg.arch, depthwise=depthwise, dtype=dtype)
+
+  # Data: every split is opened (and, on first use, prepared) and checked
+  # before any work, so that bad data stops the run before it writes anything.
+  splits = {}
+  for c in categories:
+    train = data.load(cfg.dataset, c, "train", data_dir=cfg.data_dir, tfds_dir=cfg.tfds_dir)
+    test = data.load(cfg.dataset, c, "test", data_dir=cfg.data_dir, tfds_dir=cfg.tfds_dir)
+    _check_splits(c, train, test)
+    splits[c] = (train, test)
+
+  mesh = features.make_mesh()
+  cache = feature_cache.FeatureCache(cfg.cache_dir) if cfg.cache_dir else None
+  levels = list(cfg.levels)
+  # A batch larger than every split only pads: cap it (the compiled shape is per batch).
+  largest = max(len(s) for pair in splits.values() for s in pair)
+  batch_size = min(cfg.batch_size, largest)
+  if batch_size < cfg.batch_size:
+    logging.warning(
+      "--batch_size=%d is larger than the largest split (%d images); using %d.",
+      cfg.batch_size,
+      largest,
+      batch_size,
+    )
+  # Every level, whatever --levels says: one cache entry serves every level choice.
+  extractor = features.LevelExtractor(
+    model,
+    variables,
+    image_size=image_size,
+    mesh=mesh,
+    levels=range(efficientnet.NUM_LEVELS),
+    batch_size=batch_size,
+  )
+
+  def pooled(split, category, split_name):
+    def compute():
+      try:
+        return pipeline.pooled_features(
+          extractor,
+          split,
+          image_size=image_size,
+          mean=meta["mean"],
+          std=meta["std"],
+          num_workers=cfg.num_workers or os.cpu_count() or 2,
+          desc=f"{category}/{split_name}",
+        )
+      except Exception as err:  # an accelerator's or the host's memory ran out
+        if not _out_of_memory(err):
+          raise
+        raise MemoryError(
+          f"out of memory extracting {category}/{split_name} at --image_size={image_size} "
+          f"with --batch_size={extractor.batch_size}: lower --batch_size (or --image_size)."
+        ) from None
+
+    if cache is None:
+      return compute()
+    key = {
+      "dataset": cfg.dataset,
+      "category": category,
+      "split": split_name,
+      "data": split.fingerprint,
+      "checkpoint_sha256": checkpoint_sha256,
+      "arch": cfg.arch,
+      "image_size": image_size,
+      "dtype": cfg.dtype,
+      "depthwise": depthwise or efficientnet.default_depthwise(mesh.devices.flat[0].platform),
+    }
+    return cache.get_or_compute(key, compute)
+
+  results = {}
+  n_fits = len(categories) * len(cfg.folds) * len(levels)
+  with tqdm(total=n_fits, desc="fit + score", unit="fit", disable=None) as bar:
+    for c in categories:
+      train, test = splits[c]
+      feats_train = pooled(train, c, "train")
+      feats_test = pooled(test, c, "test")
+      all_folds = data.folds(len(train))
+      results[c] = protocol.evaluate_category(
+        c,
+        [feats_train[l] for l in levels],
+        [feats_test[l] for l in levels],
+        test.labels,
+        [all_folds[k] for k in cfg.folds],
+        levels=levels,
+        distances=cfg.distances,
+        reduction=reduction,
+        progress=bar.update,
+      )
+
+  config_doc = cfg._asdict()
+  config_doc.update(
+    categories=list(categories),
+    checkpoint=path,
+    checkpoint_sha256=checkpoint_sha256,
+    image_size=image_size,
+    batch_size=batch_size,
+    checkpoint_meta={
+      k: meta[k] for k in ("arch", "source", "resolution", "mean", "std") if k in meta
+    },
+    reduction=reduction.name if reduction else None,
+  )
+  data_doc = {}
+  for c, (train, test) in splits.items():
+    labels = np.asarray(test.labels)
+    data_doc[c] = {
+      "train": len(train),
+      "test_good": int(np.sum(labels == 0)),
+      "test_defect": int(np.sum(labels == 1)),
+      "fingerprint": {"train": train.fingerprint, "test": test.fingerprint},
+    }
+  doc = report.report(
+    config=json.loads(json.dumps(config_doc)),
+    results=results,
+    levels=levels,
+    distances=cfg.distances,
+    data=json.loads(json.dumps(data_doc)),
+    versions=_versions(),
+  )
+  # In a multi-host run every process holds the same results; process 0 writes them.
+  if jax.process_index() == 0:
+    files.write_dir(
+      cfg.workdir,
+      lambda folder: report.write_reports(folder, doc, results, cfg.distances, plots=cfg.plots),
+    )
+  return doc
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from jax_gad import report
+
+  try:
+    cli.initialize_multihost()
+    cfg = config()
+    doc = run(cfg)
+  except (ValueError, OSError, ImportError, MemoryError) as e:  # bad input: say what, no traceback
+    sys.exit(f"jax_gad.main: error: {e}")
+  except KeyboardInterrupt:
+    print("jax_gad.main: interrupted; the workdir was left as it was.", file=sys.stderr)
+    sys.exit(130)
+  title = (
+    f"Image AUROC (%), mean ± SEM over {len(doc['config']['categories'])} categories x "
+    f"{len(cfg.folds)} folds — {cfg.dataset}, {cfg.arch}"
+  )
+  if doc["config"]["reduction"]:
+    title += f", {doc['config']['reduction']}"
+  print()
+  print(report.table1_markdown(doc["table1"], cfg.distances, title=title))
+  print("Sum row per category:")
+  print(report.per_category_markdown(doc["per_category"], cfg.distances))
+  print(f"Wrote results.json, tables and plots to {os.path.abspath(cfg.workdir)}")
+
+
+def run_cli():
+  """Console-script entry point (``jax-gad``)."""
+  cli.show_in_help(Config._fields + cli.MULTIHOST_FLAGS)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run_cli()

@@ -1,0 +1,568 @@
+"""EfficientNet B0-B7 and Lite0-Lite4 as Flax Linen modules, inference only.
+
+The networks follow the layouts of the ``efficientnet-pytorch`` (B-family) and
+``efficientnet-lite-pytorch`` (Lite-family) packages, so that their state dicts
+convert one to one (see :mod:`jax_gad.convert`):
+
+* TensorFlow "SAME" padding, computed from the actual input size at trace time
+  (asymmetric, one more pixel after than before, where the total is odd), so
+  any input size works, not only the native resolution;
+* BatchNorm with epsilon 1e-3, always applied with its running statistics;
+* B-family: swish activations and squeeze-excite with
+  ``max(1, int(block_input_filters * 0.25))`` channels;
+* Lite-family: ReLU6, no squeeze-excite, stem (32) and head (1280) widths not
+  scaled, first and last stage repeats not scaled.
+
+The module returns 9 "level" maps (NHWC, not pooled): level 0 is the stem
+output after BN and activation, levels 1..7 are the outputs of the last block
+of each of the 7 stages, level 8 is the head 1x1 convolution after BN and
+activation. Dropout and drop-connect are training-time only and absent here.
+
+Two numerically equal implementations of the depthwise convolution exist:
+``'xla'`` (``lax.conv_general_dilated`` with ``feature_group_count=C``) and
+``'shift'`` (K*K strided slices of the padded input, multiplied by one kernel
+tap each and summed). All 1x1 convolutions are matrix products on the
+``(N*H*W, C)`` view. :func:`default_depthwise` picks an implementation per
+backend from measurements on CPU (see the README).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Any, Callable, Mapping, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "ARCHS",
+    "ArchSpec",
+    "BlockSpec",
+    "DEPTHWISE_IMPLS",
+    "NUM_LEVELS",
+    "EfficientNet",
+    "block_specs",
+    "classify",
+    "create",
+    "default_depthwise",
+    "init",
+    "level_widths",
+    "native_resolution",
+    "stage_ends",
+]
+
+BN_EPSILON = 1e-3
+NUM_LEVELS = 9
+DEPTHWISE_IMPLS = ("shift", "xla")
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+# Lite weights expect (255 x - 127) / 128 for x in [0, 1]; written in the
+# same (x - mean) / std form as the B-family constants.
+_LITE_MEAN = (127.0 / 255.0,) * 3
+_LITE_STD = (128.0 / 255.0,) * 3
+
+
+class ArchSpec(NamedTuple):
+    """Scaling coefficients and input conventions of one architecture.
+
+    Attributes:
+      family: ``'b'`` (efficientnet-pytorch layout) or ``'lite'``
+        (efficientnet-lite-pytorch layout).
+      width: channel multiplier.
+      depth: repeat multiplier.
+      resolution: native square input size in pixels.
+      dropout: dropout rate before the classifier (training only; kept for
+        reference).
+      mean: per-channel mean for inputs scaled to [0, 1].
+      std: per-channel std for inputs scaled to [0, 1].
+    """
+
+    family: str
+    width: float
+    depth: float
+    resolution: int
+    dropout: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def _b(width, depth, resolution, dropout):
+    return ArchSpec("b", width, depth, resolution, dropout, _IMAGENET_MEAN, _IMAGENET_STD)
+
+
+def _lite(width, depth, resolution, dropout):
+    return ArchSpec("lite", width, depth, resolution, dropout, _LITE_MEAN, _LITE_STD)
+
+
+ARCHS: Mapping[str, ArchSpec] = types.MappingProxyType({
+    "efficientnet-b0": _b(1.0, 1.0, 224, 0.2),
+    "efficientnet-b1": _b(1.0, 1.1, 240, 0.2),
+    "efficientnet-b2": _b(1.1, 1.2, 260, 0.3),
+    "efficientnet-b3": _b(1.2, 1.4, 300, 0.3),
+    "efficientnet-b4": _b(1.4, 1.8, 380, 0.4),
+    "efficientnet-b5": _b(1.6, 2.2, 456, 0.4),
+    "efficientnet-b6": _b(1.8, 2.6, 528, 0.5),
+    "efficientnet-b7": _b(2.0, 3.1, 600, 0.5),
+    "efficientnet-lite0": _lite(1.0, 1.0, 224, 0.2),
+    "efficientnet-lite1": _lite(1.0, 1.1, 240, 0.2),
+    "efficientnet-lite2": _lite(1.1, 1.2, 260, 0.3),
+    "efficientnet-lite3": _lite(1.2, 1.4, 280, 0.3),
+    "efficientnet-lite4": _lite(1.4, 1.8, 300, 0.3),
+})
+
+# The seven stages of EfficientNet-B0:
+# (repeats, kernel size, stride, expand ratio, input filters, output filters).
+_BASE_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+_SE_RATIO = 0.25
+_STEM_FILTERS = 32
+_HEAD_FILTERS = 1280
+_DEPTH_DIVISOR = 8
+
+
+class BlockSpec(NamedTuple):
+    """Static description of one MBConv block.
+
+    Attributes:
+      stage: stage index, 0..6.
+      in_filters: input channels.
+      out_filters: output channels.
+      expand_ratio: expansion factor (1 means no expansion convolution).
+      kernel_size: depthwise kernel size.
+      stride: depthwise stride (1 or 2).
+      se_filters: squeeze-excite bottleneck width, 0 when the block has none.
+      residual: whether the block adds its input to its output.
+    """
+
+    stage: int
+    in_filters: int
+    out_filters: int
+    expand_ratio: int
+    kernel_size: int
+    stride: int
+    se_filters: int
+    residual: bool
+
+    @property
+    def mid_filters(self) -> int:
+        return self.in_filters * self.expand_ratio
+
+
+def _check_arch(arch: str) -> ArchSpec:
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise ValueError(
+            f"arch must be one of {', '.join(ARCHS)}; got {arch!r}")
+    return ARCHS[arch]
+
+
+def _round_filters(filters: int, width: float) -> int:
+    """Channel count scaled by ``width``, rounded to a multiple of 8 (TF rule)."""
+    scaled = filters * width
+    rounded = max(_DEPTH_DIVISOR,
+                  int(scaled + _DEPTH_DIVISOR / 2) // _DEPTH_DIVISOR * _DEPTH_DIVISOR)
+    if rounded < 0.9 * scaled:  # never round down by more than 10 %
+        rounded += _DEPTH_DIVISOR
+    return int(rounded)
+
+
+def _round_repeats(repeats: int, depth: float) -> int:
+    return int(math.ceil(depth * repeats))
+
+
+def _stem_head_filters(spec: ArchSpec) -> tuple[int, int]:
+    if spec.family == "lite":
+        return _STEM_FILTERS, _HEAD_FILTERS
+    return (_round_filters(_STEM_FILTERS, spec.width),
+            _round_filters(_HEAD_FILTERS, spec.width))
+
+
+def block_specs(arch: str) -> tuple[BlockSpec, ...]:
+    """All MBConv blocks of ``arch`` in execution order.
+
+    Args:
+      arch: architecture name, a key of :data:`ARCHS`.
+
+    Returns:
+      Tuple of :class:`BlockSpec`; index i corresponds to ``_blocks.{i}`` in
+      the PyTorch state dicts and to ``params['blocks_{i}']`` here.
+    """
+    spec = _check_arch(arch)
+    stem, _ = _stem_head_filters(spec)
+    blocks = []
+    last_stage = len(_BASE_STAGES) - 1
+    for stage, (repeats, k, s, e, fin, fout) in enumerate(_BASE_STAGES):
+        in_filters = _round_filters(fin, spec.width)
+        out_filters = _round_filters(fout, spec.width)
+        if spec.family == "lite" and stage in (0, last_stage):
+            n = repeats  # Lite keeps the first and last stage depth fixed
+        else:
+            n = _round_repeats(repeats, spec.depth)
+        if stage == 0:
+            in_filters = stem
+        for r in range(n):
+            block_in = in_filters if r == 0 else out_filters
+            stride = s if r == 0 else 1
+            se = max(1, int(block_in * _SE_RATIO)) if spec.family == "b" else 0
+            blocks.append(BlockSpec(
+                stage=stage, in_filters=block_in, out_filters=out_filters,
+                expand_ratio=e, kernel_size=k, stride=stride, se_filters=se,
+                residual=(stride == 1 and block_in == out_filters)))
+    return tuple(blocks)
+
+
+def stage_ends(arch: str) -> tuple[int, ...]:
+    """Index of the last block of each of the 7 stages (levels 1..7)."""
+    blocks = block_specs(arch)
+    return tuple(max(i for i, b in enumerate(blocks) if b.stage == s)
+                 for s in range(len(_BASE_STAGES)))
+
+
+def level_widths(arch: str) -> tuple[int, ...]:
+    """Channel counts of the 9 level maps, e.g. B4: (48, 24, 32, ..., 1792)."""
+    spec = _check_arch(arch)
+    stem, head = _stem_head_filters(spec)
+    blocks = block_specs(arch)
+    return (stem, *(blocks[i].out_filters for i in stage_ends(arch)), head)
+
+
+def native_resolution(arch: str) -> int:
+    """Square input size (pixels) the published weights were trained at."""
+    return _check_arch(arch).resolution
+
+
+def default_depthwise(backend: str) -> str:
+    """Depthwise implementation to use on a JAX backend.
+
+    ``'shift'`` on CPU, where it was measured several times faster than XLA's
+    grouped convolution (README, "Depthwise convolution"); ``'xla'``
+    everywhere else, where the grouped convolution is the native op.
+
+    Args:
+      backend: a JAX backend name such as ``jax.default_backend()``
+        (``'cpu'``, ``'gpu'``, ``'cuda'``, ``'rocm'``, ``'tpu'``, ...).
+
+    Returns:
+      ``'shift'`` or ``'xla'``.
+    """
+    if not isinstance(backend, str) or not backend:
+        raise ValueError(f"backend must be a non-empty string; got {backend!r}")
+    return "shift" if backend.lower() == "cpu" else "xla"
+
+
+# ----------------------------------------------------------------------------
+# Layers
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF "SAME" padding (before, after) of one spatial dimension."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _activation(family: str) -> Callable[[jax.Array], jax.Array]:
+    if family == "lite":
+        return lambda x: jnp.clip(x, 0, 6)
+    return nn.swish
+
+
+class _BatchNorm(nn.Module):
+    """Inference BatchNorm over the last axis, epsilon 1e-3.
+
+    Parameters ``scale``/``bias`` and statistics ``mean``/``var`` (collection
+    ``batch_stats``) use the names of ``flax.linen.BatchNorm``. The affine map
+    is formed in float32 and applied in ``dtype``.
+    """
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        mul = scale * lax.rsqrt(var.value + BN_EPSILON)
+        add = bias - mean.value * mul
+        return x * mul.astype(self.dtype) + add.astype(self.dtype)
+
+
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "truncated_normal")
+
+
+class _Conv1x1(nn.Module):
+    """1x1 convolution as a matrix product; kernel stored HWIO ``(1, 1, I, O)``."""
+
+    features: int
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cin = x.shape[-1]
+        kernel = self.param("kernel", _conv_init, (1, 1, cin, self.features), jnp.float32)
+        y = jnp.dot(x.reshape(-1, cin), kernel.reshape(cin, self.features).astype(self.dtype))
+        y = y.reshape(*x.shape[:-1], self.features)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class _StemConv(nn.Module):
+    """Dense KxK convolution with TF "SAME" padding; kernel HWIO."""
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 2
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k, s = self.kernel_size, self.stride
+        kernel = self.param("kernel", _conv_init, (k, k, x.shape[-1], self.features), jnp.float32)
+        pads = [_same_padding(x.shape[1], k, s), _same_padding(x.shape[2], k, s)]
+        return lax.conv_general_dilated(
+            x, kernel.astype(self.dtype), (s, s), pads,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _depthwise_xla(x, kernel, stride, pads):
+    return lax.conv_general_dilated(
+        x, kernel, (stride, stride), pads,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1])
+
+
+def _depthwise_shift(x, kernel, stride, pads):
+    n, h, w, c = x.shape
+    k = kernel.shape[0]
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    oh = (h + sum(pads[0]) - k) // stride + 1
+    ow = (w + sum(pads[1]) - k) // stride + 1
+    out = None
+    for i in range(k):
+        for j in range(k):
+            tap = lax.slice(
+                xp, (0, i, j, 0),
+                (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+                (1, stride, stride, 1))
+            term = tap * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+class _DepthwiseConv(nn.Module):
+    """Depthwise KxK convolution, TF "SAME" padding; kernel ``(K, K, 1, C)``."""
+
+    kernel_size: int
+    stride: int
+    impl: str = "xla"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k, s = self.kernel_size, self.stride
+        kernel = self.param("kernel", _conv_init, (k, k, 1, x.shape[-1]), jnp.float32)
+        kernel = kernel.astype(self.dtype)
+        pads = (_same_padding(x.shape[1], k, s), _same_padding(x.shape[2], k, s))
+        if self.impl == "shift":
+            return _depthwise_shift(x, kernel, s, pads)
+        return _depthwise_xla(x, kernel, s, pads)
+
+
+class _MBConv(nn.Module):
+    """Mobile inverted bottleneck block (expand, depthwise, SE, project)."""
+
+    spec: BlockSpec
+    family: str
+    depthwise: str
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs):
+        b, act, dt = self.spec, _activation(self.family), self.dtype
+        x = inputs
+        if b.expand_ratio != 1:
+            x = _Conv1x1(b.mid_filters, dtype=dt, name="expand_conv")(x)
+            x = act(_BatchNorm(dtype=dt, name="expand_bn")(x))
+        x = _DepthwiseConv(b.kernel_size, b.stride, self.depthwise, dt,
+                           name="depthwise_conv")(x)
+        x = act(_BatchNorm(dtype=dt, name="depthwise_bn")(x))
+        if b.se_filters:
+            s = jnp.mean(x, axis=(1, 2), keepdims=True)
+            s = act(_Conv1x1(b.se_filters, use_bias=True, dtype=dt, name="se_reduce")(s))
+            s = _Conv1x1(b.mid_filters, use_bias=True, dtype=dt, name="se_expand")(s)
+            x = x * nn.sigmoid(s)
+        x = _Conv1x1(b.out_filters, dtype=dt, name="project_conv")(x)
+        x = _BatchNorm(dtype=dt, name="project_bn")(x)
+        if b.residual:
+            x = x + inputs
+        return x
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet feature extractor returning the 9 level maps.
+
+    Attributes:
+      arch: architecture name, a key of :data:`ARCHS`.
+      depthwise: ``'shift'`` or ``'xla'`` (see module docstring).
+      dtype: computation dtype; parameters stay float32.
+
+    Call with ``x`` of shape ``(N, H, W, 3)``, already normalised with the
+    checkpoint's mean/std; any ``H, W >= 1``. Returns a tuple of 9 arrays
+    ``(N, h_l, w_l, level_widths(arch)[l])`` in ``dtype``.
+    """
+
+    arch: str
+    depthwise: str = "xla"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        spec = _check_arch(self.arch)
+        if self.depthwise not in DEPTHWISE_IMPLS:
+            raise ValueError(
+                f"depthwise must be one of {DEPTHWISE_IMPLS}; got {self.depthwise!r}")
+        if getattr(x, "ndim", None) != 4 or x.shape[-1] != 3:
+            raise ValueError(
+                "x must be an NHWC batch of shape (N, H, W, 3); got shape "
+                f"{getattr(x, 'shape', type(x).__name__)}")
+        if min(x.shape[:3]) < 1:
+            raise ValueError(f"x must have non-empty N, H and W; got shape {x.shape}")
+        act, dt = _activation(spec.family), self.dtype
+        stem, head = _stem_head_filters(spec)
+        ends = set(stage_ends(self.arch))
+
+        x = jnp.asarray(x).astype(dt)
+        x = _StemConv(stem, dtype=dt, name="stem_conv")(x)
+        x = act(_BatchNorm(dtype=dt, name="stem_bn")(x))
+        levels = [x]
+        for i, block in enumerate(block_specs(self.arch)):
+            x = _MBConv(block, spec.family, self.depthwise, dt, name=f"blocks_{i}")(x)
+            if i in ends:
+                levels.append(x)
+        x = _Conv1x1(head, dtype=dt, name="head_conv")(x)
+        x = act(_BatchNorm(dtype=dt, name="head_bn")(x))
+        levels.append(x)
+        return tuple(levels)
+
+
+def create(arch: str, *, depthwise: str | None = None, dtype: Any = jnp.float32) -> EfficientNet:
+    """Builds the feature extractor for ``arch``.
+
+    Args:
+      arch: one of :data:`ARCHS` (``efficientnet-b0`` ... ``b7``,
+        ``efficientnet-lite0`` ... ``lite4``).
+      depthwise: ``'shift'``, ``'xla'`` or None for
+        ``default_depthwise(jax.default_backend())``.
+      dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay
+        float32 and outputs come out in this dtype.
+
+    Returns:
+      An :class:`EfficientNet`; ``module.apply(variables, x)`` maps a float
+      NHWC batch to the tuple of 9 level maps.
+    """
+    _check_arch(arch)
+    if depthwise is None:
+        depthwise = default_depthwise(jax.default_backend())
+    if depthwise not in DEPTHWISE_IMPLS:
+        raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS} or None; got {depthwise!r}")
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"dtype must be a floating dtype; got {dtype!r}") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype; got {dtype}")
+    return EfficientNet(arch=arch, depthwise=depthwise, dtype=dtype)
+
+
+def init(arch: str, rng: jax.Array, image_size: int = 32) -> dict:
+    """Random variables (``params`` and ``batch_stats``) for ``arch``.
+
+    Convolution kernels are He-normal (variance 2 / fan_in; a depthwise
+    kernel's fan-in is its K x K taps), BatchNorm scales and running variances
+    uniform in [0.5, 1.5], biases and running means normal with std 0.1, so
+    every part of the network, BatchNorm included, is exercised. Good for
+    timing and for equality tests; values come from numpy, seeded by ``rng``.
+    Variable shapes do not depend on ``image_size``; it only sets the size of
+    the dummy input that traces the network. The result has no classifier head.
+
+    Args:
+      arch: architecture name.
+      rng: a ``jax.random`` key.
+      image_size: side of the square dummy input.
+
+    Returns:
+      ``{'params': ..., 'batch_stats': ...}`` of float32 numpy arrays.
+    """
+    _check_arch(arch)
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int; got {image_size!r}")
+    module = create(arch, depthwise="xla")
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    # Tracing gives the variable shapes; filling them on the host avoids
+    # compiling ~300 separate initializers (tens of seconds on CPU).
+    shapes = jax.eval_shape(module.init, rng, x)
+    gen = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
+
+    def fill(path, leaf):
+        name, shape = path[-1].key, leaf.shape
+        if name == "kernel":
+            fan_in = math.prod(shape[:2]) if shape[-2] == 1 else math.prod(shape[:-1])
+            value = gen.normal(size=shape) * math.sqrt(2.0 / fan_in)
+        elif name in ("scale", "var"):
+            value = gen.uniform(0.5, 1.5, size=shape)
+        else:  # bias, mean
+            value = gen.normal(size=shape) * 0.1
+        return np.asarray(value, np.float32)
+
+    return jax.tree_util.tree_map_with_path(
+        fill, {"params": shapes["params"], "batch_stats": shapes["batch_stats"]})
+
+
+def classify(variables: Mapping[str, Any], arch: str, pooled_last_level: jax.Array) -> jax.Array:
+    """ImageNet logits from the global-average-pooled level 8.
+
+    Applies the converted PyTorch ``_fc`` layer stored by
+    :func:`jax_gad.convert.from_torch` under ``variables['params']['classifier']``
+    (``kernel`` ``(head_width, num_classes)``, ``bias`` ``(num_classes,)``).
+
+    Args:
+      variables: converted variables holding a classifier.
+      arch: architecture name (checks the head width).
+      pooled_last_level: ``(N, level_widths(arch)[8])``, e.g.
+        ``levels[8].mean(axis=(1, 2))``.
+
+    Returns:
+      float32 logits ``(N, num_classes)``.
+    """
+    width = level_widths(arch)[-1]
+    params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
+    if "classifier" not in params:
+        raise ValueError(
+            "variables['params'] has no 'classifier': the converted state dict "
+            "had no _fc.weight/_fc.bias, so these weights cannot classify")
+    head = params["classifier"]
+    x = jnp.asarray(pooled_last_level, jnp.float32)
+    if x.ndim != 2 or x.shape[1] != width:
+        raise ValueError(
+            f"pooled_last_level must have shape (N, {width}) for {arch}; got {x.shape}")
+    if head["kernel"].shape[0] != width:
+        raise ValueError(
+            f"classifier kernel has shape {head['kernel'].shape}, expected "
+            f"({width}, num_classes) for {arch}")
+    return x @ jnp.asarray(head["kernel"], jnp.float32) + jnp.asarray(head["bias"], jnp.float32)

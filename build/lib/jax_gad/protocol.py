@@ -1,0 +1,260 @@
+"""The evaluation protocol: per-fold fits and scores, AUROC per run, mean ± SEM.
+
+It receives pooled level features (one ``(n_images, width)`` array per level,
+computed by :mod:`jax_gad.features`) and turns them into the numbers of the
+paper's tables (docs/method.md):
+
+1. :func:`evaluate_category` fits one Gaussian per (fold, level) on the
+   fold's training features (after an optional PCA / NPCA), scores the test
+   images with every requested distance, averages the per-level scores into
+   the "sum" score (the poster's "Sum" row is the *mean* over levels) and
+   records one :class:`Run` per (fold, level or ``"sum"``, distance) with its
+   AUROC, plus the chi-squared threshold rates.
+2. :func:`summarize` aggregates runs into mean ± SEM over (category, fold):
+   Table 1 (rows: levels and Sum; columns: distances) and a per-category table.
+
+Formatting and writing the tables is :mod:`jax_gad.report`'s job.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple, Sequence
+import warnings
+
+import numpy as np
+
+from jax_gad import gaussian, metrics, pca
+
+SUM = "sum"
+
+
+class DegenerateFeaturesWarning(UserWarning):
+  """A level's training features have zero variance everywhere (see :class:`Degenerate`)."""
+
+
+class Reduction(NamedTuple):
+  """Optional PCA / NPCA before the Gaussian fit (docs/method.md, "PCA and NPCA").
+
+  Attributes:
+    mode: ``"pca"`` (keep the high-variance components) or ``"npca"`` (keep the
+      low-variance ones).
+    threshold: cumulative explained-variance threshold t in (0, 1).
+  """
+
+  mode: str
+  threshold: float
+
+  @property
+  def name(self) -> str:
+    return f"{self.mode}@{self.threshold:g}"
+
+
+class Run(NamedTuple):
+  """One AUROC: a (category, fold, level, distance) cell of the experiment."""
+
+  category: str
+  fold: int
+  level: int | str  # an int level index, or SUM
+  distance: str
+  auroc: float
+
+
+class CategoryResult(NamedTuple):
+  """Everything :func:`evaluate_category` computes for one category.
+
+  Attributes:
+    runs: one :class:`Run` per (fold, level or sum, distance).
+    scores: ``scores[fold][distance]`` is the (n_test,) sum score; kept for ROC plots.
+    labels: (n_test,) 0 = good, 1 = defect.
+    thresholds: one :class:`ThresholdRow` per (fold, level, sigma) for the
+      Mahalanobis distance (chi-squared thresholds, docs/method.md).
+    degenerate: one :class:`Degenerate` per (fold, level) whose training
+      features all have zero variance.
+  """
+
+  runs: list
+  scores: list
+  labels: np.ndarray
+  thresholds: list
+  degenerate: list = []
+
+
+class Degenerate(NamedTuple):
+  """A (category, fold, level) whose training features all have zero variance.
+
+  Every test image is then at the same L2 / SED distance pattern a constant
+  fit allows, the Mahalanobis distance ignores every dimension, and the AUROC
+  is that of a constant score (50 %) or of raw offsets: not a measurement of
+  the method. Reported in results.json under ``warnings``.
+  """
+
+  category: str
+  fold: int
+  level: int
+  message: str
+
+
+class ThresholdRow(NamedTuple):
+  """TPR and FPR of the Mahalanobis distance at one chi-squared sigma threshold."""
+
+  category: str
+  fold: int
+  level: int
+  dim: int  # degrees of freedom: the width the Gaussian was fitted on
+  sigma: int
+  tpr: float
+  fpr: float
+
+
+# ---------------------------------------------------------------------------
+# The protocol for one category.
+# ---------------------------------------------------------------------------
+
+
+def evaluate_category(
+  category: str,
+  train_features: Sequence[np.ndarray],
+  test_features: Sequence[np.ndarray],
+  test_labels,
+  fold_indices: Sequence[np.ndarray],
+  *,
+  levels: Sequence[int],
+  distances: Sequence[str],
+  reduction: Reduction | None = None,
+  progress=None,
+) -> CategoryResult:
+  """Fits a Gaussian per (fold, level) and scores the whole test split.
+
+  Args:
+    category: name used in the returned runs.
+    train_features: per requested level, the pooled features of the
+      category's full train/good list, (n_train, width_l).
+    test_features: per requested level, (n_test, width_l).
+    test_labels: (n_test,) 0 = good, 1 = defect.
+    fold_indices: per fold, the indices into the train list it fits on.
+    levels: the level index of each entry of ``train_features`` (used in the
+      run records; the features are already selected).
+    distances: names in :data:`jax_gad.gaussian.DISTANCES`.
+    reduction: optional PCA / NPCA applied per (fold, level) before the fit.
+    progress: optional callable invoked once per finished (fold, level).
+
+  Returns:
+    A :class:`CategoryResult`.
+  """
+  if len(train_features) != len(levels) or len(test_features) != len(levels):
+    raise ValueError(
+      f"expected one feature array per level ({len(levels)} levels), got "
+      f"{len(train_features)} train and {len(test_features)} test arrays."
+    )
+  unknown = [d for d in distances if d not in gaussian.DISTANCES]
+  if unknown:
+    raise ValueError(f"unknown distance(s) {unknown}; valid: {sorted(gaussian.DISTANCES)}.")
+  labels = np.asarray(test_labels).astype(np.int64)
+
+  runs, fold_scores, threshold_rows, degenerate = [], [], [], []
+  for fold, idx in enumerate(fold_indices):
+    per_level = {d: [] for d in distances}
+    for level, x_train_all, x_test in zip(levels, train_features, test_features):
+      try:
+        x_train = np.asarray(x_train_all)[np.asarray(idx)]
+        x_test = np.asarray(x_test)
+        if reduction is not None:
+          projection = pca.reduce(pca.fit_pca(x_train), reduction.mode, reduction.threshold)
+          x_train = pca.project(projection, x_train)
+          x_test = pca.project(projection, x_test)
+        state = gaussian.fit_gaussian(x_train)
+        if not np.any(np.asarray(state.std) > 0):
+          note = Degenerate(
+            category,
+            fold,
+            int(level),
+            (
+              f"{category}, fold {fold}, level {level}: every training feature has zero "
+              "variance (constant images or only dead channels); its distances carry no "
+              "information and its AUROC is not meaningful"
+            ),
+          )
+          warnings.warn(note.message, DegenerateFeaturesWarning, stacklevel=2)
+          degenerate.append(note)
+        for d in distances:
+          scores = np.asarray(gaussian.DISTANCES[d](state, x_test), dtype=np.float64)
+          per_level[d].append(scores)
+          runs.append(Run(category, fold, int(level), d, metrics.auroc(scores, labels)))
+          if d == "mahalanobis":
+            dim = int(np.shape(x_train)[1])
+            tpr, fpr = metrics.tpr_fpr_at_sigmas(scores, labels, dim, metrics.SIGMAS)
+            for s, t, f in zip(metrics.SIGMAS, tpr, fpr):
+              threshold_rows.append(
+                ThresholdRow(category, fold, int(level), dim, s, float(t), float(f))
+              )
+      except ValueError as err:  # say where: NaN features, say, come from one level
+        raise ValueError(f"{category}, fold {fold}, level {level}: {err}") from err
+      if progress is not None:
+        progress()
+    sums = {}
+    for d in distances:
+      sums[d] = np.mean(np.stack(per_level[d]), axis=0)
+      runs.append(Run(category, fold, SUM, d, metrics.auroc(sums[d], labels)))
+    fold_scores.append(sums)
+  return CategoryResult(runs, fold_scores, labels, threshold_rows, degenerate)
+
+
+# ---------------------------------------------------------------------------
+# Aggregation into tables.
+# ---------------------------------------------------------------------------
+
+
+def _row_keys(levels: Sequence[int]) -> list:
+  return [int(l) for l in levels] + [SUM]
+
+
+def summarize(runs: Iterable[Run], levels: Sequence[int], distances: Sequence[str]):
+  """Mean ± SEM (x100) over all (category, fold) runs per (level, distance).
+
+  Returns:
+    ``table1``: a list of rows ``{"level": 0..8 or "sum", "<distance>_mean": ..,
+    "<distance>_sem": ..}``, and ``per_category``: rows ``{"category", "level",
+    "<distance>_mean", "<distance>_sem"}`` (mean ± SEM over that category's folds).
+  """
+  runs = list(runs)
+  table1, per_category = [], []
+  categories = sorted({r.category for r in runs})
+  for key in _row_keys(levels):
+    row = {"level": key}
+    for d in distances:
+      mean, sem = metrics.mean_sem(
+        100 * r.auroc for r in runs if r.level == key and r.distance == d
+      )
+      row[f"{d}_mean"], row[f"{d}_sem"] = mean, sem
+    table1.append(row)
+  for c in categories:
+    for key in _row_keys(levels):
+      row = {"category": c, "level": key}
+      for d in distances:
+        mean, sem = metrics.mean_sem(
+          100 * r.auroc for r in runs if r.category == c and r.level == key and r.distance == d
+        )
+        row[f"{d}_mean"], row[f"{d}_sem"] = mean, sem
+      per_category.append(row)
+  return table1, per_category
+
+
+def summarize_thresholds(rows: Iterable[ThresholdRow]) -> list[dict]:
+  """Mean TPR / FPR over runs per (level, sigma) for the chi-squared thresholds."""
+  rows = list(rows)
+  out = []
+  for level in sorted({r.level for r in rows}):
+    for s in metrics.SIGMAS:
+      sel = [r for r in rows if r.level == level and r.sigma == s]
+      if not sel:
+        continue
+      out.append(
+        {
+          "level": level,
+          "sigma": s,
+          "dim": int(round(np.mean([r.dim for r in sel]))),
+          "tpr": float(np.mean([r.tpr for r in sel])),
+          "fpr": float(np.mean([r.fpr for r in sel])),
+        }
+      )
+  return out
