@@ -110,3 +110,13 @@ def test_select_components_edges_and_validation():
     pca.select_components(ratio, 'PCA', 0.9)
   with pytest.raises(ValueError, match='1-D'):
     pca.select_components(ratio[None], 'pca', 0.9)
+
+
+def test_cut_at_an_exact_tie_takes_the_first_ratio_above_t():
+  """A cumulative ratio equal to t does not end the PCA part: the rule is 'first c > t'."""
+  ratio = np.array([0.5, 0.25, 0.125, 0.125])  # cumulative 0.5, 0.75, 0.875, 1.0, all exact
+  # scikit-learn's PCA(n_components=t) keeps searchsorted(c, t, side='right') + 1 components.
+  kept = int(np.searchsorted(np.cumsum(ratio), 0.75, side='right')) + 1
+  assert kept == 3
+  assert pca.select_components(ratio, 'pca', 0.75) == (0, kept)
+  assert pca.select_components(ratio, 'npca', 0.75) == (kept - 2, 4)  # one component of overlap

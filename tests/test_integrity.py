@@ -1,0 +1,408 @@
+"""Faults a hostile user can cause, reproduced on generated data (issue: integrity under faults).
+
+Each test provokes one fault and checks the outcome: a clear one-line error
+naming the culprit with nothing written, or a complete, correct run.
+"""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from fakes import write_mvtec
+import numpy as np
+from PIL import Image
+import pytest
+
+from jax_gad import checkpoint as ckpt
+from jax_gad import files, main, protocol
+
+ARCH = "efficientnet-lite0"
+SIZE = 32  # the smallest input the tests use: the protocol is under test, not the network
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  return ckpt.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
+
+
+@pytest.fixture(scope="module")
+def mvtec(tmp_path_factory):
+  return write_mvtec(tmp_path_factory.mktemp("mvtec"), categories=(("bottle", "rgb"),))
+
+
+def _config(tmp_path, data_dir, weights, **kw):
+  base = dict(
+    workdir=str(tmp_path / "work"),
+    dataset="mvtec_ad",
+    data_dir=data_dir,
+    tfds_dir=str(tmp_path / "tfds"),
+    arch=ARCH,
+    checkpoint=weights,
+    image_size=SIZE,
+    batch_size=8,
+    cache_dir=None,
+    plots=False,
+    categories=("bottle",),
+    folds=(0,),
+  )
+  base.update(kw)
+  return main.config(**base)
+
+
+def _runs(doc):
+  return {(r["category"], r["fold"], r["level"], r["distance"]): r["auroc"] for r in doc["runs"]}
+
+
+# ---------------------------------------------------------------------------
+# Silent wrong results
+# ---------------------------------------------------------------------------
+
+
+def test_results_record_the_checkpoint_sha256_data_counts_and_versions(tmp_path, mvtec, checkpoint):
+  doc = main.run(_config(tmp_path, mvtec, checkpoint))
+  assert doc["config"]["checkpoint_sha256"] == files.sha256(checkpoint)
+  assert doc["data"]["bottle"]["train"] == 10
+  assert doc["data"]["bottle"]["test_good"] == 4 and doc["data"]["bottle"]["test_defect"] == 6
+  assert set(doc["versions"]) == {"jax_gad", "jax", "flax"}
+  assert doc["warnings"] == []
+
+
+def test_changed_weights_stop_the_run_before_anything_is_written(tmp_path, mvtec, checkpoint):
+  variables, meta = ckpt.load_checkpoint(checkpoint, ARCH)
+  bad = tmp_path / "changed.msgpack"
+  ckpt.save_checkpoint(bad, variables, meta)
+  blob = bytearray(bad.read_bytes())
+  kernel = np.asarray(variables["params"]["stem_conv"]["kernel"], np.float32).tobytes()
+  at = bytes(blob).find(kernel[:48])
+  blob[at + 8 : at + 12] = np.float32(7.0).tobytes()  # one float inside the stem kernel
+  bad.write_bytes(bytes(blob))
+  with pytest.raises(ValueError, match=f"{bad}.*checksum"):
+    main.run(_config(tmp_path, mvtec, str(bad)))
+  assert not (tmp_path / "work").exists()
+
+
+def test_single_fold_tables_show_no_sem(tmp_path, mvtec, checkpoint):
+  main.run(_config(tmp_path, mvtec, checkpoint, distances=("l2",), levels=(7,)))
+  table = (tmp_path / "work" / "table1.md").read_text()
+  assert "±" not in table
+  doc = json.loads((tmp_path / "work" / "results.json").read_text())
+  assert doc["table1"][-1]["l2_sem"] is None
+
+
+def test_degenerate_features_are_warned_about_and_recorded(tmp_path, checkpoint):
+  root = tmp_path / "const"
+  write_mvtec(root, categories=(("bottle", "rgb"),))
+  for name in os.listdir(root / "bottle" / "train" / "good"):  # every training image the same
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(root / "bottle/train/good" / name)
+  cfg = _config(tmp_path, str(root), checkpoint, levels=(0, 8), distances=("mahalanobis",))
+  with pytest.warns(protocol.DegenerateFeaturesWarning, match="bottle, fold 0, level 0"):
+    doc = main.run(cfg)
+  assert {(w["category"], w["fold"], w["level"]) for w in doc["warnings"]} == {
+    ("bottle", 0, 0),
+    ("bottle", 0, 8),
+  }
+  on_disk = json.loads((tmp_path / "work" / "results.json").read_text())
+  assert on_disk["warnings"] == doc["warnings"]
+
+
+# ---------------------------------------------------------------------------
+# Every field of the feature-cache key
+# ---------------------------------------------------------------------------
+
+_KEYED = dict(levels=(3, 7), distances=("mahalanobis",))
+
+
+@pytest.fixture(scope="module")
+def filled_cache(tmp_path_factory, mvtec, checkpoint):
+  """A cache holding the features of the base configuration."""
+  tmp = tmp_path_factory.mktemp("filled")
+  main.run(_config(tmp, mvtec, checkpoint, cache_dir=str(tmp / "cache"), **_KEYED))
+  return tmp / "cache"
+
+
+def _changed(field, tmp_path, checkpoint):
+  """Overrides that change one field of the cache key."""
+  if field == "image_size":
+    return dict(image_size=48)
+  if field == "dtype":
+    return dict(dtype="bfloat16")
+  if field == "depthwise":
+    return dict(depthwise="xla")  # the CPU default is "shift"
+  if field == "checkpoint":
+    variables, meta = ckpt.load_checkpoint(checkpoint, ARCH)
+    variables["params"]["head_conv"]["kernel"] = variables["params"]["head_conv"]["kernel"] * 1.5
+    other = tmp_path / "other.msgpack"
+    ckpt.save_checkpoint(other, variables, meta)
+    return dict(checkpoint=str(other))
+  if field == "data":
+    other = write_mvtec(tmp_path / "other", categories=(("bottle", "rgb"),), seed=1)
+    return dict(data_dir=other, tfds_dir=str(tmp_path / "tfds_other"))
+  raise AssertionError(field)
+
+
+@pytest.mark.parametrize("field", ["image_size", "dtype", "depthwise", "checkpoint", "data"])
+def test_each_cache_key_field_misses_the_cache_and_matches_an_uncached_run(
+  field, tmp_path, mvtec, checkpoint, filled_cache
+):
+  import shutil
+
+  cache = tmp_path / "cache"
+  shutil.copytree(filled_cache, cache)
+  before = set(os.listdir(cache))
+  opts = dict(_KEYED, **_changed(field, tmp_path, checkpoint))
+  weights = opts.pop("checkpoint", checkpoint)
+  cached = main.run(_config(tmp_path, mvtec, weights, cache_dir=str(cache), **opts))
+  # A miss computes and stores new entries: train and test, each .npz + .json.
+  assert len(set(os.listdir(cache)) - before) == 4, field
+  uncached = main.run(_config(tmp_path, mvtec, weights, workdir=str(tmp_path / "w2"), **opts))
+  assert _runs(cached) == _runs(uncached)
+
+
+# ---------------------------------------------------------------------------
+# The workdir is one run
+# ---------------------------------------------------------------------------
+
+
+def test_rerun_with_other_settings_leaves_no_file_of_the_earlier_run(tmp_path, checkpoint):
+  data = write_mvtec(tmp_path / "two")
+  main.run(_config(tmp_path, data, checkpoint, categories=("bottle", "grid"), plots=True))
+  assert (tmp_path / "work" / "roc_grid.png").exists()
+  main.run(_config(tmp_path, data, checkpoint, categories=("bottle",), plots=True))
+  names = set(os.listdir(tmp_path / "work"))
+  assert "roc_grid.png" not in names and "roc_bottle.png" in names
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
+def test_a_folder_that_is_not_a_run_is_not_replaced(tmp_path, mvtec, checkpoint):
+  (tmp_path / "work").mkdir()
+  (tmp_path / "work" / "thesis.tex").write_text("precious")
+  with pytest.raises(ValueError, match="not a jax_gad run"):
+    main.run(_config(tmp_path, mvtec, checkpoint))
+  assert (tmp_path / "work" / "thesis.tex").read_text() == "precious"
+
+
+_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from jax_gad import main
+doc = main.run(main.config(workdir={workdir!r}, dataset="mvtec_ad", data_dir={data!r},
+    tfds_dir={tfds!r}, arch="efficientnet-lite0", checkpoint={ckpt!r}, image_size=32,
+    batch_size=8, cache_dir=None, plots=True, categories={categories!r}, folds=(0, 1)))
+"""
+
+
+def test_killed_rerun_leaves_the_complete_old_run(tmp_path, checkpoint):
+  data = write_mvtec(tmp_path / "two")
+  workdir, tfds = str(tmp_path / "work"), str(tmp_path / "tfds")
+
+  def script(categories):
+    return _RUN.format(
+      tests=os.path.dirname(__file__),
+      workdir=workdir,
+      data=data,
+      tfds=tfds,
+      ckpt=checkpoint,
+      categories=categories,
+    )
+
+  env = dict(os.environ, PYTHONPATH=REPO)
+  first = subprocess.run(
+    [sys.executable, "-c", script(("bottle",))],
+    env=env,
+    timeout=600,
+    capture_output=True,
+    text=True,
+  )
+  assert first.returncode == 0, first.stderr[-2000:]
+  old = {n: (tmp_path / "work" / n).read_bytes() for n in os.listdir(workdir)}
+
+  # A rerun with other settings, killed with SIGTERM while it writes its reports.
+  proc = subprocess.Popen(
+    [sys.executable, "-c", script(("bottle", "grid"))],
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  prefix = f".tmp-{proc.pid}-run-"
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if any(n.startswith(prefix) for n in os.listdir(tmp_path)):
+      break
+    time.sleep(0.005)
+  assert proc.poll() is None, "the rerun finished before its reports were being written"
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=60)
+  now = {n: (tmp_path / "work" / n).read_bytes() for n in os.listdir(workdir)}
+  assert now == old, "the workdir must hold the complete old run"
+  leftovers = [n for n in os.listdir(tmp_path) if n.startswith(prefix)]
+  assert leftovers  # killed mid-write: its temporary folder stays ...
+
+  # ... until a later run removes the temporaries of dead writers.
+  for name in leftovers:
+    os.utime(tmp_path / name, (time.time() - 3600, time.time() - 3600))
+  second = subprocess.run(
+    [sys.executable, "-c", script(("bottle", "grid"))],
+    env=env,
+    timeout=600,
+    capture_output=True,
+    text=True,
+  )
+  assert second.returncode == 0, second.stderr[-2000:]
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+  assert "roc_grid.png" in os.listdir(workdir)
+  doc = json.loads((tmp_path / "work" / "results.json").read_text())
+  assert doc["config"]["categories"] == ["bottle", "grid"]
+
+
+# ---------------------------------------------------------------------------
+# Fail early, fail clearly
+# ---------------------------------------------------------------------------
+
+
+def _fault(kind, tmp_path, mvtec):
+  """(config overrides, expected message) for one kind of bad input."""
+  if kind == "workdir not creatable":
+    (tmp_path / "afile").write_text("x")  # no folder can be made inside a file, even by root
+    return dict(workdir=str(tmp_path / "afile" / "work")), "--workdir=.* cannot be created"
+  if kind == "cache is a file":
+    (tmp_path / "cache").write_text("x")
+    return dict(cache_dir=str(tmp_path / "cache")), "--cache_dir"
+  if kind == "tfds not writable":
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    return dict(tfds_dir=str(locked / "tfds")), "--tfds_dir"
+  if kind == "tfds not creatable":
+    (tmp_path / "afile").write_text("x")
+    return dict(tfds_dir=str(tmp_path / "afile" / "tfds")), "--tfds_dir"
+  if kind == "too few training images":
+    root = write_mvtec(tmp_path / "few", categories=(("bottle", "rgb"),), n_train=4)
+    return dict(data_dir=root), r"category bottle: 4 training image\(s\)"
+  if kind == "no anomalous test images":
+    root = write_mvtec(tmp_path / "good", categories=(("bottle", "rgb"),), defects=())
+    return dict(data_dir=root), "no anomalous"
+  if kind == "checkpoint is a folder":
+    return dict(checkpoint=str(tmp_path)), "is a folder"
+  raise AssertionError(kind)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folders_are_refused_up_front(tmp_path, mvtec, checkpoint):
+  overrides, message = _fault("tfds not writable", tmp_path, mvtec)
+  with pytest.raises(ValueError, match=message):
+    main.run(_config(tmp_path, mvtec, checkpoint, **overrides))
+
+
+@pytest.mark.parametrize("kind", ["workdir not creatable", "tfds not creatable"])
+def test_folders_that_cannot_be_made_are_refused_up_front(kind, tmp_path, mvtec, checkpoint):
+  overrides, message = _fault(kind, tmp_path, mvtec)
+  with pytest.raises(ValueError, match=message):
+    main.run(_config(tmp_path, mvtec, checkpoint, **overrides))
+
+
+@pytest.mark.parametrize(
+  "kind",
+  [
+    "cache is a file",
+    "too few training images",
+    "no anomalous test images",
+    "checkpoint is a folder",
+  ],
+)
+def test_bad_setup_is_refused_before_extraction(kind, tmp_path, mvtec, checkpoint, monkeypatch):
+  from jax_gad.data import pipeline
+
+  def no_extraction(*args, **kwargs):
+    raise AssertionError("features were extracted before the check")
+
+  monkeypatch.setattr(pipeline, "pooled_features", no_extraction)
+  overrides, message = _fault(kind, tmp_path, mvtec)
+  with pytest.raises(ValueError, match=message):
+    main.run(_config(tmp_path, mvtec, checkpoint, **overrides))
+  assert not (tmp_path / "work").exists()
+
+
+def test_oversized_batch_is_capped_and_said(tmp_path, mvtec, checkpoint, caplog):
+  doc = main.run(_config(tmp_path, mvtec, checkpoint, batch_size=100000))
+  assert doc["config"]["batch_size"] == 10  # the largest split
+  assert "--batch_size=100000 is larger than the largest split" in caplog.text
+
+
+def test_out_of_memory_names_the_flags_to_lower(tmp_path, mvtec, checkpoint, monkeypatch):
+  from jax_gad.data import pipeline
+
+  def exhausted(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.1GiB.")
+
+  monkeypatch.setattr(pipeline, "pooled_features", exhausted)
+  with pytest.raises(MemoryError, match="--image_size=32 with --batch_size=8: lower --batch_size"):
+    main.run(_config(tmp_path, mvtec, checkpoint))
+  assert not (tmp_path / "work").exists()
+
+
+def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(os, "fsync", full)
+  with pytest.raises(OSError, match=f"cannot write {tmp_path / 'r.json'}: No space left"):
+    files.atomic_write(tmp_path / "r.json", "{}")
+  assert os.listdir(tmp_path) == []
+
+
+def test_write_failure_in_the_workdir_names_the_users_folder(
+  tmp_path, mvtec, checkpoint, monkeypatch
+):
+  from jax_gad import report
+
+  real = files.atomic_write
+
+  def fail_on_results(path, data):
+    if str(path).endswith("results.json"):
+      raise OSError(errno.ENOSPC, f"cannot write {path}: No space left on device")
+    real(path, data)
+
+  monkeypatch.setattr(report.files, "atomic_write", fail_on_results)
+  with pytest.raises(OSError) as err:
+    main.run(_config(tmp_path, mvtec, checkpoint))
+  assert str(tmp_path / "work" / "results.json") in str(err.value)
+  assert ".tmp-" not in str(err.value)
+  assert not (tmp_path / "work").exists()
+
+
+def test_ctrl_c_ends_with_one_line_and_status_130(monkeypatch, capsys):
+  def interrupted(cfg):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(main, "run", interrupted)
+  monkeypatch.setattr(main.cli, "initialize_multihost", lambda: None)
+  monkeypatch.setattr(main, "config", lambda: None)
+  with pytest.raises(SystemExit) as exit_:
+    main.main(["main"])
+  assert exit_.value.code == 130
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "interrupted" in err
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  old = time.time() - 3600
+  stale = tmp_path / f".tmp-{dead.pid}-abc-results.json"
+  stale.write_text("half")
+  stale_dir = tmp_path / f".tmp-{dead.pid}-run-xyz"
+  stale_dir.mkdir()
+  live = tmp_path / f".tmp-{os.getppid()}-def-results.json"  # a running writer
+  live.write_text("busy")
+  recent = tmp_path / f".tmp-{dead.pid}-ghi-table.md"  # too young to judge
+  recent.write_text("x")
+  for p in (stale, stale_dir, live):
+    os.utime(p, (old, old))
+  removed = files.remove_stale_temporaries(tmp_path)
+  assert sorted(removed) == sorted([str(stale), str(stale_dir)])
+  assert live.exists() and recent.exists()
