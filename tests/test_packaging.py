@@ -162,3 +162,59 @@ def test_one_indentation_width_and_the_linter_passes():
     timeout=300,
   )
   assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+# The Layout table of the README: which jax_gad modules each module may import.
+_MAY_IMPORT = {
+  "gaussian": set(),
+  "metrics": set(),
+  "files": set(),
+  "pca": {"gaussian"},
+  "protocol": {"gaussian", "pca", "metrics"},
+  "report": {"protocol", "metrics", "files"},
+  "models": set(),
+  "torch_pickle": set(),
+  "convert": {"models", "torch_pickle", "files", "checkpoint", "cli"},
+  "checkpoint": {"models", "files", "convert"},
+  "features": set(),
+  "feature_cache": {"files"},
+  "data": {"data"},
+}
+
+
+def _jax_gad_imports(path):
+  import ast
+
+  with open(path, encoding="utf-8") as f:
+    tree = ast.parse(f.read())
+  out = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jax_gad"):
+      parts = node.module.split(".")
+      if len(parts) == 1:  # from jax_gad import x, y
+        out |= {alias.name for alias in node.names}
+      else:
+        out.add(parts[1])
+    elif isinstance(node, ast.Import):
+      for alias in node.names:
+        parts = alias.name.split(".")
+        if parts[0] == "jax_gad" and len(parts) > 1:
+          out.add(parts[1])
+  return out - {"__version__"}
+
+
+def test_modules_import_only_the_layers_below_them():
+  bad = []
+  for root, _, names in os.walk(os.path.join(REPO, "jax_gad")):
+    for name in names:
+      if not name.endswith(".py"):
+        continue
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, os.path.join(REPO, "jax_gad")).replace(os.sep, "/")
+      top = rel.split("/")[0].removesuffix(".py")
+      if top not in _MAY_IMPORT:
+        continue  # entry points (main, cli, benchmark, ...) may import everything
+      extra = _jax_gad_imports(path) - _MAY_IMPORT[top] - {top}
+      if extra:
+        bad.append(f"jax_gad/{rel} imports {sorted(extra)}")
+  assert not bad, "\n".join(bad)
