@@ -46,7 +46,19 @@ def test_pyproject_dependencies_match_the_pinned_requirements():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-  """The wheel `pip install .` would install, built without network or build isolation."""
+  """The wheel `pip install .` would install, built without network or build isolation.
+
+  Built from a copy of the sources, so that setuptools' build/ and egg-info
+  folders do not land in the repository.
+  """
+  import shutil
+
+  src = tmp_path_factory.mktemp("src")
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(os.path.join(REPO, name), src / name)
+  shutil.copytree(
+    os.path.join(REPO, "jax_gad"), src / "jax_gad", ignore=shutil.ignore_patterns("__pycache__")
+  )
   out = tmp_path_factory.mktemp("wheel")
   proc = subprocess.run(
     [
@@ -59,7 +71,7 @@ def wheel(tmp_path_factory):
       "-q",
       "-w",
       str(out),
-      REPO,
+      str(src),
     ],
     capture_output=True,
     text=True,
