@@ -304,12 +304,18 @@ def show_in_help(names: Iterable[str]) -> None:
 
 
 def values(names: Iterable[str], overrides: dict | None = None) -> dict:
-  """``{name: value}`` of parsed flags (or their defaults before parsing), plus overrides."""
+  """``{name: value}`` of parsed flags (or their defaults before parsing), plus overrides.
+
+  Overrides of path flags follow the same rule as the command line (``~`` expanded).
+  """
   out = {}
   for name in names:
     flag = FLAGS[name]
     out[name] = flag.value if FLAGS.is_parsed() else flag.default
-  out.update(overrides or {})
+  for name, value in (overrides or {}).items():
+    if name in FLAGS and isinstance(FLAGS[name].parser, PathParser):
+      value = FLAGS[name].parser.parse(value)
+    out[name] = value
   return out
 
 

@@ -49,3 +49,11 @@ def test_dataset_names_agree_with_the_data_package():
   from jax_gad import data
 
   assert set(cli.DATASETS) == set(data.CATEGORIES)
+
+
+def test_configs_built_in_python_expand_home_too():
+  from jax_gad import main
+
+  cfg = main.config(workdir="~/runs/x", cache_dir="~/c")
+  assert cfg.workdir == os.path.join(os.path.expanduser("~"), "runs/x")
+  assert cfg.cache_dir == os.path.join(os.path.expanduser("~"), "c")
