@@ -35,11 +35,11 @@ def mvtec(tmp_path_factory):
   return write_mvtec(tmp_path_factory.mktemp("mvtec"), categories=(("bottle", "rgb"),))
 
 
-def _config(tmp_path, data_dir, weights, **kw):
+def _config(tmp_path, data, weights, **kw):
   base = dict(
     workdir=str(tmp_path / "work"),
     dataset="mvtec_ad",
-    data_dir=data_dir,
+    data_dir=data,
     tfds_dir=str(tmp_path / "tfds"),
     arch=ARCH,
     checkpoint=weights,
