@@ -340,3 +340,14 @@ def test_two_concurrent_builds_both_succeed(tmp_path):
   assert results[0] == results[1]
   tfds = tmp_path / "tfds"
   assert not [p for p in tfds.rglob("*") if "incomplete" in p.name]
+
+
+def test_synthetic_without_test_images(tmp_path):
+  from jax_gad.data import synthetic_ad
+  cfg = synthetic_ad.SyntheticAdConfig(name="train_only", category="object", n_train=3, n_test=0,
+                                       size=64)
+  builder = synthetic_ad.SyntheticAd(config=cfg, data_dir=str(tmp_path), file_format="array_record")
+  builder.download_and_prepare()
+  assert len(data.Split.from_builder(builder, "train")) == 3
+  with pytest.raises(ValueError, match="no test images"):
+    data.Split.from_builder(builder, "test")

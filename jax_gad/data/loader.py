@@ -171,10 +171,11 @@ class Split(collections.abc.Sequence):
     config = builder.builder_config
     raw_dir = getattr(config, "raw_dir", "") or ""
     if record is None:
-      if raw_dir and "train" in (meta.get("splits") or {}):
-        raise ValueError(
-            f"{builder.name} category {config.category!r} has no {split} images: "
-            f"{raw_dir}/{split}/ is missing or holds no images")
+      if "train" in (meta.get("splits") or {}) and split in builder.info.splits.keys():
+        raise _damaged(builder, f"no {split} split recorded")
+      if "train" in (meta.get("splits") or {}):
+        where = f": {raw_dir}/{split}/ is missing or holds no images" if raw_dir else ""
+        raise ValueError(f"{builder.name} {config.name!r} has no {split} images{where}")
       raise _damaged(builder, f"no {split} split recorded")
     _verify_files(builder, split)
     try:

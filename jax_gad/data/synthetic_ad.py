@@ -433,7 +433,9 @@ class SyntheticAd(common.IntegrityMixin, tfds.core.GeneratorBasedBuilder):
     del dl_manager  # nothing to download
     cfg = self.builder_config
     _check_args(cfg.category, cfg.seed, cfg.n_train, cfg.n_test, cfg.size)
-    return {split: self._generate_examples(split) for split in common.SPLITS}
+    # A split without examples (n_test=0) is left out: TFDS cannot write an empty one.
+    return {split: self._generate_examples(split) for split in common.SPLITS
+            if split == "train" or cfg.n_test > 0}
 
   def _generate_examples(self, split):
     cfg = self.builder_config
