@@ -18,7 +18,7 @@ the Mahalanobis distance at level ``l``) and the decision thresholds:
   false-positive rate is at most ``a`` (0 when ``n a < 1``).
 * ``sigma_thresholds``: the poster's chi-squared thresholds, per level the
   distance with the n-sigma tail mass of a ``k_l``-dimensional Gaussian
-  (``jax_gad.gaussian.sigma_threshold``) for n in ``sigmas``; the threshold of
+  (``jax_gad.metrics.sigma_threshold``) for n in ``sigmas``; the threshold of
   the total score at n sigma is their mean over levels (the same aggregation
   as the scores).
 
@@ -53,12 +53,14 @@ _MAX_HEADER = 1 << 20
 
 class Scores(NamedTuple):
   """Scores of n images: ``per_level`` (n, L) Mahalanobis distances, ``total`` (n,) their mean."""
+
   per_level: np.ndarray
   total: np.ndarray
 
 
 class Backbone(NamedTuple):
   """A loaded backbone: Flax module, its variables and the checkpoint file it came from."""
+
   module: Any
   variables: Any
   path: str
@@ -70,7 +72,7 @@ class Detector:
 
   Attributes:
     states: per level, a ``jax_gad.gaussian.GaussianState``.
-    projections: per level, a ``jax_gad.gaussian.Projection`` or None.
+    projections: per level, a ``jax_gad.pca.Projection`` or None.
     calibration_scores: (n_train,) out-of-fold total scores of the training images.
     arch, checkpoint_sha256, image_size, mean, std, dtype: the backbone's identity.
     levels: the level indices used, in order.
@@ -84,6 +86,7 @@ class Detector:
     info: provenance (dataset, category, data fingerprint, counts, versions).
     backbone: the attached :class:`Backbone` (not saved; None until attached).
   """
+
   states: tuple
   projections: tuple
   calibration_scores: Any
@@ -106,8 +109,9 @@ class Detector:
 
   @property
   def total_sigma_thresholds(self) -> tuple:
-    return tuple(float(np.mean([row[i] for row in self.sigma_thresholds]))
-                 for i in range(len(self.sigmas)))
+    return tuple(
+      float(np.mean([row[i] for row in self.sigma_thresholds])) for i in range(len(self.sigmas))
+    )
 
   def score_features(self, features: Sequence[np.ndarray]) -> Scores:
     """Scores pooled features (one (n, C_l) array per level of ``self.levels``)."""
@@ -127,15 +131,24 @@ class Detector:
   def extractor(self, batch_size: int = 8, mesh=None):
     """A compiled ``jax_gad.features.LevelExtractor`` for this detector's backbone and levels."""
     from jax_gad import features
-    if self.backbone is None:
-      raise ValueError("this detector has no backbone attached; load it with "
-                       "jax_gad.load_detector(path) or attach_backbone(...)")
-    return features.LevelExtractor(self.backbone.module, self.backbone.variables,
-                                   image_size=self.image_size, mesh=mesh,
-                                   levels=self.levels, batch_size=batch_size)
 
-  def score(self, images, *, batch_size: int = 8, num_workers: int = 2,
-            progress: bool = False) -> Scores:
+    if self.backbone is None:
+      raise ValueError(
+        "this detector has no backbone attached; load it with "
+        "jax_gad.load_detector(path) or attach_backbone(...)"
+      )
+    return features.LevelExtractor(
+      self.backbone.module,
+      self.backbone.variables,
+      image_size=self.image_size,
+      mesh=mesh,
+      levels=self.levels,
+      batch_size=batch_size,
+    )
+
+  def score(
+    self, images, *, batch_size: int = 8, num_workers: int = 2, progress: bool = False
+  ) -> Scores:
     """Scores images: a sequence of uint8 (H, W, 3) arrays, or a dataset ``Split``.
 
     Returns:
@@ -143,10 +156,19 @@ class Detector:
     """
     if isinstance(images, np.ndarray) and images.ndim == 3:
       images = [images]
+    from jax_gad.data import pipeline
+
     source = images if _is_source(images) else _ArraySource(images)
-    feats = self.extractor(batch_size).extract(
-        source, mean=self.mean, std=self.std, num_workers=num_workers, progress=progress,
-        desc="score")
+    feats = pipeline.pooled_features(
+      self.extractor(batch_size),
+      source,
+      image_size=self.image_size,
+      mean=self.mean,
+      std=self.std,
+      num_workers=num_workers,
+      progress=progress,
+      desc="score",
+    )
     return score_features(self, feats)
 
   def save(self, path) -> None:
@@ -182,29 +204,30 @@ class _ArraySource:
 
 
 def _fit_levels(features: Sequence[np.ndarray], reduction):
-  from jax_gad import gaussian
+  from jax_gad import gaussian, pca
+
   states, projections = [], []
   for x in features:
     x = np.asarray(x, np.float32)
     projection = None
     if reduction is not None:
-      pca = gaussian.fit_pca(x)
-      projection = gaussian.reduce(pca, reduction["mode"], reduction["threshold"])
-      x = gaussian.project(projection, x)
+      projection = pca.reduce(pca.fit_pca(x), reduction["mode"], reduction["threshold"])
+      x = pca.project(projection, x)
     states.append(gaussian.fit_gaussian(x))
     projections.append(projection)
   return tuple(states), tuple(projections)
 
 
 def _score_levels(states, projections, features) -> Scores:
-  from jax_gad import gaussian
+  from jax_gad import gaussian, pca
+
   if len(features) != len(states):
     raise ValueError(f"expected features of {len(states)} levels, got {len(features)}")
   per_level = []
   for state, projection, x in zip(states, projections, features):
     x = np.asarray(x, np.float32)
     if projection is not None:
-      x = gaussian.project(projection, x)
+      x = pca.project(projection, x)
     per_level.append(np.asarray(gaussian.mahalanobis(state, x), np.float64))
   per_level = np.stack(per_level, axis=1)
   return Scores(per_level, per_level.mean(axis=1))
@@ -223,8 +246,11 @@ def calibrated_threshold(scores, target_fpr: float) -> float:
 
 
 def check_target_fpr(target_fpr) -> float:
-  if (isinstance(target_fpr, bool) or not isinstance(target_fpr, (int, float, np.floating))
-      or not 0.0 < float(target_fpr) < 1.0):
+  if (
+    isinstance(target_fpr, bool)
+    or not isinstance(target_fpr, (int, float, np.floating))
+    or not 0.0 < float(target_fpr) < 1.0
+  ):
     raise ValueError(f"--target_fpr must be a false-positive rate in (0, 1), got {target_fpr!r}")
   return float(target_fpr)
 
@@ -232,6 +258,7 @@ def check_target_fpr(target_fpr) -> float:
 def out_of_fold_scores(features: Sequence[np.ndarray], n_folds: int, reduction=None):
   """Total score of every training row from a fit on the folds that do not contain it."""
   from jax_gad import data
+
   n = len(features[0])
   oof = np.full(n, np.nan)
   for fit_idx in data.folds(n, n_folds):
@@ -241,15 +268,24 @@ def out_of_fold_scores(features: Sequence[np.ndarray], n_folds: int, reduction=N
   return oof
 
 
-def fit_features(features: Sequence[np.ndarray], *, levels: Sequence[int], target_fpr=0.01,
-                 n_folds: int = 5, reduction=None, sigmas=DEFAULT_SIGMAS, **identity) -> Detector:
+def fit_features(
+  features: Sequence[np.ndarray],
+  *,
+  levels: Sequence[int],
+  target_fpr=0.01,
+  n_folds: int = 5,
+  reduction=None,
+  sigmas=DEFAULT_SIGMAS,
+  **identity,
+) -> Detector:
   """Fits a detector on pooled training features (one (n, C_l) array per level).
 
   The Gaussians are fitted on all rows; the calibrated threshold comes from
   out-of-fold scores (module docstring). ``identity`` holds the backbone
   fields (arch, checkpoint_sha256, image_size, mean, std, dtype) and ``info``.
   """
-  from jax_gad import gaussian
+  from jax_gad import metrics
+
   target_fpr = check_target_fpr(target_fpr)
   if len(features) != len(levels):
     raise ValueError(f"expected one feature array per level ({len(levels)}), got {len(features)}")
@@ -257,21 +293,31 @@ def fit_features(features: Sequence[np.ndarray], *, levels: Sequence[int], targe
   if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
     raise ValueError(f"n_folds must be an int >= 2, got {n_folds!r}")
   if n < max(n_folds, 3):
-    raise ValueError(f"calibrating with {n_folds} folds needs at least {max(n_folds, 3)} "
-                     f"training images, got {n}")
+    raise ValueError(
+      f"calibrating with {n_folds} folds needs at least {max(n_folds, 3)} training images, got {n}"
+    )
   if reduction is not None:
     reduction = {"mode": str(reduction["mode"]), "threshold": float(reduction["threshold"])}
   states, projections = _fit_levels(features, reduction)
   oof = out_of_fold_scores(features, n_folds, reduction)
   widths = [int(s.mean.shape[0]) for s in states]
   sigma_thresholds = tuple(
-      tuple(float(t) for t in np.atleast_1d(gaussian.sigma_threshold(np.asarray(sigmas, float), k)))
-      for k in widths)
-  return Detector(states=states, projections=projections, calibration_scores=oof,
-                  levels=tuple(int(l) for l in levels), reduction=reduction,
-                  threshold=calibrated_threshold(oof, target_fpr), target_fpr=target_fpr,
-                  n_folds=n_folds, sigmas=tuple(int(s) for s in sigmas),
-                  sigma_thresholds=sigma_thresholds, **identity)
+    tuple(float(t) for t in np.atleast_1d(metrics.sigma_threshold(np.asarray(sigmas, float), k)))
+    for k in widths
+  )
+  return Detector(
+    states=states,
+    projections=projections,
+    calibration_scores=oof,
+    levels=tuple(int(l) for l in levels),
+    reduction=reduction,
+    threshold=calibrated_threshold(oof, target_fpr),
+    target_fpr=target_fpr,
+    n_folds=n_folds,
+    sigmas=tuple(int(s) for s in sigmas),
+    sigma_thresholds=sigma_thresholds,
+    **identity,
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -279,23 +325,29 @@ def fit_features(features: Sequence[np.ndarray], *, levels: Sequence[int], targe
 # ---------------------------------------------------------------------------
 
 
-def load_backbone(arch: str, checkpoint=None, checkpoint_dir="checkpoints", dtype="float32",
-                  depthwise=None):
+def load_backbone(
+  arch: str, checkpoint=None, checkpoint_dir="checkpoints", dtype="float32", depthwise=None
+):
   """(Backbone, checkpoint metadata, sha256) for an arch: an explicit file or the default one."""
   import jax.numpy as jnp
-  from jax_gad import convert, files
+
+  from jax_gad import checkpoint as checkpoint_lib
+  from jax_gad import files
   from jax_gad.models import efficientnet
+
   if checkpoint:
     checkpoint = os.path.expanduser(os.fspath(checkpoint))
     if os.path.isdir(checkpoint):
       raise ValueError(f"--checkpoint={checkpoint} is a folder; give the converted .msgpack file")
     if not os.path.isfile(checkpoint):
-      raise ValueError(f"--checkpoint={checkpoint} does not exist; convert weights with "
-                       f"`python -m jax_gad.convert --arch={arch} --output={checkpoint}`")
+      raise ValueError(
+        f"--checkpoint={checkpoint} does not exist; convert weights with "
+        f"`python -m jax_gad.convert --arch={arch} --output={checkpoint}`"
+      )
     path = checkpoint
   else:
-    path = convert.ensure_checkpoint(arch, os.path.expanduser(os.fspath(checkpoint_dir)))
-  variables, meta = convert.load_checkpoint(path, arch=arch)
+    path = checkpoint_lib.ensure_checkpoint(arch, os.path.expanduser(os.fspath(checkpoint_dir)))
+  variables, meta = checkpoint_lib.load_checkpoint(path, arch=arch)
   dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
   module = efficientnet.create(arch, depthwise=depthwise, dtype=dt)
   return Backbone(module, variables, os.path.abspath(path)), meta, files.sha256(path)
@@ -317,18 +369,38 @@ def _arrays(detector: Detector) -> dict:
   return out
 
 
-_HEADER_FIELDS = ("arch", "checkpoint_sha256", "image_size", "mean", "std", "dtype", "levels",
-                  "reduction", "aggregation", "threshold", "target_fpr", "n_folds", "sigmas",
-                  "sigma_thresholds", "info")
+_HEADER_FIELDS = (
+  "arch",
+  "checkpoint_sha256",
+  "image_size",
+  "mean",
+  "std",
+  "dtype",
+  "levels",
+  "reduction",
+  "aggregation",
+  "threshold",
+  "target_fpr",
+  "n_folds",
+  "sigmas",
+  "sigma_thresholds",
+  "info",
+)
 
 
 def save_detector(detector: Detector, path) -> None:
   """Writes ``detector`` to ``path`` atomically; the folder is created if missing."""
   import flax.serialization
+
   from jax_gad import files
+
   payload = flax.serialization.msgpack_serialize(_arrays(detector))
-  header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-            "payload_sha256": _sha256(payload), "payload_bytes": len(payload)}
+  header = {
+    "format": FORMAT_NAME,
+    "format_version": FORMAT_VERSION,
+    "payload_sha256": _sha256(payload),
+    "payload_bytes": len(payload),
+  }
   for name in _HEADER_FIELDS:
     header[name] = getattr(detector, name)
   line = json.dumps(header, sort_keys=True, allow_nan=False).encode("utf-8")
@@ -339,13 +411,16 @@ def save_detector(detector: Detector, path) -> None:
 
 def _sha256(data: bytes) -> str:
   import hashlib
+
   return hashlib.sha256(data).hexdigest()
 
 
 def read_detector(path) -> Detector:
   """Reads a detector file without attaching a backbone; refuses anything not written by save."""
   import flax.serialization
-  from jax_gad import gaussian
+
+  from jax_gad import gaussian, pca
+
   path = os.path.expanduser(os.fspath(path))
   if os.path.isdir(path):
     raise ValueError(f"--detector={path} is a folder; give the file written by jax_gad.fit")
@@ -363,15 +438,21 @@ def read_detector(path) -> Detector:
   except (UnicodeDecodeError, ValueError):
     raise ValueError(f"{bad} (header is not JSON)") from None
   if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-    raise ValueError(f"{bad} (format {header.get('format') if isinstance(header, dict) else None!r}"
-                     f", expected {FORMAT_NAME!r})")
+    raise ValueError(
+      f"{bad} (format {header.get('format') if isinstance(header, dict) else None!r}"
+      f", expected {FORMAT_NAME!r})"
+    )
   if header.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{path}: detector format_version {header.get('format_version')!r}; this "
-                     f"jax_gad reads version {FORMAT_VERSION}: fit the detector again")
-  payload = blob[newline + 1:]
+    raise ValueError(
+      f"{path}: detector format_version {header.get('format_version')!r}; this "
+      f"jax_gad reads version {FORMAT_VERSION}: fit the detector again"
+    )
+  payload = blob[newline + 1 :]
   if len(payload) != header.get("payload_bytes"):
-    raise ValueError(f"{path}: detector file is truncated or padded ({len(payload)} payload "
-                     f"bytes, the header says {header.get('payload_bytes')})")
+    raise ValueError(
+      f"{path}: detector file is truncated or padded ({len(payload)} payload "
+      f"bytes, the header says {header.get('payload_bytes')})"
+    )
   if _sha256(payload) != header.get("payload_sha256"):
     raise ValueError(f"{path}: detector file is corrupt (payload sha256 differs from the header)")
   try:
@@ -379,32 +460,49 @@ def read_detector(path) -> Detector:
     states, projections = [], []
     for i in range(len(header["levels"])):
       entry = arrays["levels"][str(i)]
-      states.append(gaussian.GaussianState(**{k: np.asarray(entry[f"state_{k}"])
-                                              for k in gaussian.GaussianState._fields}))
+      states.append(
+        gaussian.GaussianState(
+          **{k: np.asarray(entry[f"state_{k}"]) for k in gaussian.GaussianState._fields}
+        )
+      )
       projections.append(
-          gaussian.Projection(np.asarray(entry["projection_mean"]),
-                              np.asarray(entry["projection_components"]))
-          if "projection_mean" in entry else None)
+        pca.Projection(
+          np.asarray(entry["projection_mean"]), np.asarray(entry["projection_components"])
+        )
+        if "projection_mean" in entry
+        else None
+      )
     fields = {name: header[name] for name in _HEADER_FIELDS}
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{bad} (missing or malformed field: {e})") from None
   for name in ("mean", "std", "levels", "sigmas"):
     fields[name] = tuple(fields[name])
   fields["sigma_thresholds"] = tuple(tuple(r) for r in fields["sigma_thresholds"])
-  return Detector(states=tuple(states), projections=tuple(projections),
-                  calibration_scores=np.asarray(arrays["calibration_scores"]), **fields)
+  return Detector(
+    states=tuple(states),
+    projections=tuple(projections),
+    calibration_scores=np.asarray(arrays["calibration_scores"]),
+    **fields,
+  )
 
 
-def attach_backbone(detector: Detector, checkpoint=None, checkpoint_dir="checkpoints",
-                    depthwise=None, where: str = "detector") -> Detector:
+def attach_backbone(
+  detector: Detector,
+  checkpoint=None,
+  checkpoint_dir="checkpoints",
+  depthwise=None,
+  where: str = "detector",
+) -> Detector:
   """Loads the detector's backbone and checks it is the checkpoint the detector was fitted with."""
-  backbone, meta, sha = load_backbone(detector.arch, checkpoint, checkpoint_dir, detector.dtype,
-                                      depthwise)
+  backbone, meta, sha = load_backbone(
+    detector.arch, checkpoint, checkpoint_dir, detector.dtype, depthwise
+  )
   if sha != detector.checkpoint_sha256:
     raise ValueError(
-        f"{where} was fitted with {detector.arch} checkpoint sha256 "
-        f"{detector.checkpoint_sha256[:16]}..., but {backbone.path} has sha256 {sha[:16]}...: "
-        "pass the matching --checkpoint or fit the detector again")
+      f"{where} was fitted with {detector.arch} checkpoint sha256 "
+      f"{detector.checkpoint_sha256[:16]}..., but {backbone.path} has sha256 {sha[:16]}...: "
+      "pass the matching --checkpoint or fit the detector again"
+    )
   del meta
   return detector.replace(backbone=backbone)
 
@@ -425,5 +523,6 @@ def load_detector(path, checkpoint=None, checkpoint_dir="checkpoints", depthwise
       differs from the one the detector was fitted with.
   """
   detector = read_detector(path)
-  return attach_backbone(detector, checkpoint, checkpoint_dir, depthwise,
-                         where=f"detector {os.fspath(path)}")
+  return attach_backbone(
+    detector, checkpoint, checkpoint_dir, depthwise, where=f"detector {os.fspath(path)}"
+  )

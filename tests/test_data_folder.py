@@ -22,14 +22,16 @@ def _rgb(rng):
   return rng.integers(0, 256, SIZE + (3,), dtype=np.uint8)
 
 
-def write_folder(root, category=CATEGORY, n_train=4, test=(("good", 2), ("scratch", 2)),
-                 masks=False, seed=0):
+def write_folder(
+  root, category=CATEGORY, n_train=4, test=(("good", 2), ("scratch", 2)), masks=False, seed=0
+):
   """A tiny folder category of RGB PNGs; returns {file_name: rgb array}."""
   rng = np.random.default_rng(seed)
   out = {}
   cat = root / category
   for rel in [f"train/good/{i:02d}.png" for i in range(n_train)] + [
-      f"test/{d}/{i:02d}.png" for d, n in test for i in range(n)]:
+    f"test/{d}/{i:02d}.png" for d, n in test for i in range(n)
+  ]:
     path = cat / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     img = _rgb(rng)
@@ -51,10 +53,12 @@ def _all(split):
 
 def test_custom_name_no_masks_counts_and_pixels(tmp_path):
   expected = write_folder(tmp_path / "raw")
-  train = data.load("folder", CATEGORY, "train", data_dir=tmp_path / "raw",
-                    tfds_dir=tmp_path / "tfds")
-  test = data.load("folder", CATEGORY, "test", data_dir=tmp_path / "raw",
-                   tfds_dir=tmp_path / "tfds")
+  train = data.load(
+    "folder", CATEGORY, "train", data_dir=tmp_path / "raw", tfds_dir=tmp_path / "tfds"
+  )
+  test = data.load(
+    "folder", CATEGORY, "test", data_dir=tmp_path / "raw", tfds_dir=tmp_path / "tfds"
+  )
   assert train.counts == {"good": 4, "defect": 0}
   assert test.counts == {"good": 2, "defect": 2}
   assert test.file_names == sorted(test.file_names)
@@ -73,8 +77,9 @@ def test_custom_name_no_masks_counts_and_pixels(tmp_path):
 
 def test_masks_when_ground_truth_exists(tmp_path):
   write_folder(tmp_path / "raw", masks=True)
-  test = data.load("folder", CATEGORY, "test", data_dir=tmp_path / "raw",
-                   tfds_dir=tmp_path / "tfds")
+  test = data.load(
+    "folder", CATEGORY, "test", data_dir=tmp_path / "raw", tfds_dir=tmp_path / "tfds"
+  )
   assert test.has_masks
   test.require_masks()
   for ex in test:
@@ -107,10 +112,13 @@ def test_image_formats_documented_conversion(tmp_path):
   # Independent expectations (numpy, not the module's code path).
   ref16 = np.floor(g16.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)
   expect = {
-      "a.bmp": rgb, "b.TIFF": rgb, "c.png": np.stack([gray] * 3, -1),
-      "d.png": rgba[..., :3], "e.png": np.stack([ref16] * 3, -1),
-      "e2.tif": np.stack([ref16] * 3, -1),
-      "f.jpg": np.asarray(Image.open(good / "f.jpg")),  # what the JPEG decoder gives
+    "a.bmp": rgb,
+    "b.TIFF": rgb,
+    "c.png": np.stack([gray] * 3, -1),
+    "d.png": rgba[..., :3],
+    "e.png": np.stack([ref16] * 3, -1),
+    "e2.tif": np.stack([ref16] * 3, -1),
+    "f.jpg": np.asarray(Image.open(good / "f.jpg")),  # what the JPEG decoder gives
   }
   for name, ref in expect.items():
     np.testing.assert_array_equal(got[f"train/good/{name}"]["image"], ref, err_msg=name)
@@ -118,8 +126,9 @@ def test_image_formats_documented_conversion(tmp_path):
 
 def test_no_test_folder_fits_but_has_no_test_split(tmp_path):
   write_folder(tmp_path / "raw", test=())
-  train = data.load("folder", CATEGORY, "train", data_dir=tmp_path / "raw",
-                    tfds_dir=tmp_path / "tfds")
+  train = data.load(
+    "folder", CATEGORY, "train", data_dir=tmp_path / "raw", tfds_dir=tmp_path / "tfds"
+  )
   assert len(train) == 4
   with pytest.raises(ValueError, match="no test images"):
     data.load("folder", CATEGORY, "test", data_dir=tmp_path / "raw", tfds_dir=tmp_path / "tfds")
@@ -158,8 +167,18 @@ def _bad(kind, root):
   raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["no train/good", "zero-byte", "corrupt", "not an image",
-                                  "unsupported mode", "mask size", "mask missing"])
+@pytest.mark.parametrize(
+  "kind",
+  [
+    "no train/good",
+    "zero-byte",
+    "corrupt",
+    "not an image",
+    "unsupported mode",
+    "mask size",
+    "mask missing",
+  ],
+)
 def test_bad_raw_folder_names_the_file(kind, tmp_path):
   expected = _bad(kind, tmp_path / "raw")
   with pytest.raises(ValueError) as err:
@@ -168,8 +187,11 @@ def test_bad_raw_folder_names_the_file(kind, tmp_path):
   assert expected in msg
   assert "BytesIO" not in msg and "incomplete" not in msg
   # Nothing prepared: no dataset_info.json anywhere.
-  assert not list((tmp_path / "tfds").rglob("dataset_info.json")) if (tmp_path / "tfds").exists() \
-      else True
+  assert (
+    not list((tmp_path / "tfds").rglob("dataset_info.json"))
+    if (tmp_path / "tfds").exists()
+    else True
+  )
 
 
 @pytest.mark.parametrize("name", ["", "../up", "a/b", ".hidden", "sp ace"])
@@ -213,8 +235,15 @@ def test_changed_raw_folder_is_prepared_again(tmp_path):
 
 def test_mvtec_ad_is_keyed_on_its_raw_folder_too(tmp_path):
   from fakes import write_mvtec
-  root = write_mvtec(tmp_path / "mvtec", categories=(("bottle", "rgb"),), n_train=3,
-                     n_good_test=1, defects=(("crack", 1),), size=16)
+
+  root = write_mvtec(
+    tmp_path / "mvtec",
+    categories=(("bottle", "rgb"),),
+    n_train=3,
+    n_good_test=1,
+    defects=(("crack", 1),),
+    size=16,
+  )
   before = data.load("mvtec_ad", "bottle", "train", data_dir=root, tfds_dir=tmp_path / "tfds")
   os.remove(os.path.join(root, "bottle", "train", "good", "000.png"))
   after = data.load("mvtec_ad", "bottle", "train", data_dir=root, tfds_dir=tmp_path / "tfds")
@@ -227,15 +256,17 @@ def test_mvtec_ad_is_keyed_on_its_raw_folder_too(tmp_path):
 
 def _prepared(tmp_path):
   write_folder(tmp_path / "raw")
-  split = data.load("folder", CATEGORY, "test", data_dir=tmp_path / "raw",
-                    tfds_dir=tmp_path / "tfds")
+  split = data.load(
+    "folder", CATEGORY, "test", data_dir=tmp_path / "raw", tfds_dir=tmp_path / "tfds"
+  )
   shards = sorted(p for p in os.listdir(split.prepared_dir) if "-test.array_record" in p)
   return split, [os.path.join(split.prepared_dir, p) for p in shards]
 
 
 def _reload(tmp_path):
-  split = data.load("folder", CATEGORY, "test", data_dir=tmp_path / "raw",
-                    tfds_dir=tmp_path / "tfds")
+  split = data.load(
+    "folder", CATEGORY, "test", data_dir=tmp_path / "raw", tfds_dir=tmp_path / "tfds"
+  )
   return [split[i] for i in range(len(split))]
 
 
@@ -245,8 +276,16 @@ def _check_damage_message(err, split):
   assert "\n" not in msg
 
 
-@pytest.mark.parametrize("damage", ["truncated", "deleted", "overwritten same size",
-                                    "replaced by train split", "integrity record removed"])
+@pytest.mark.parametrize(
+  "damage",
+  [
+    "truncated",
+    "deleted",
+    "overwritten same size",
+    "replaced by train split",
+    "integrity record removed",
+  ],
+)
 def test_damaged_prepared_split_is_refused(damage, tmp_path):
   split, shards = _prepared(tmp_path)
   shard = shards[0]
@@ -269,6 +308,7 @@ def test_damaged_prepared_split_is_refused(damage, tmp_path):
     open(shard, "wb").write(blob)
     # Even with the recorded size forged to match, the records are refused.
     import json
+
     rec = os.path.join(split.prepared_dir, "jax_gad_integrity.json")
     doc = json.load(open(rec))
     doc["files"][os.path.basename(shard)] = len(blob)
@@ -282,6 +322,7 @@ def test_damaged_prepared_split_is_refused(damage, tmp_path):
 
 def test_damaged_dataset_rebuilt_after_following_the_message(tmp_path):
   import shutil
+
   split, shards = _prepared(tmp_path)
   os.remove(shards[0])
   with pytest.raises(data.DamagedDatasetError):
@@ -303,25 +344,33 @@ _CHILD = textwrap.dedent("""
 def _child(tmp_path):
   env = dict(os.environ)
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = os.pathsep.join([repo] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
-                                                else []))
+  env["PYTHONPATH"] = os.pathsep.join(
+    [repo] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+  )
   code = _CHILD.format(category=CATEGORY, root=str(tmp_path / "raw"), tfds=str(tmp_path / "tfds"))
-  return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env=env)
+  return subprocess.Popen(
+    [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+  )
 
 
 def test_second_build_waits_for_the_lock_and_reuses(tmp_path):
   write_folder(tmp_path / "raw", n_train=6)
   layout = folder.Folder.scan(tmp_path / "raw", CATEGORY)
-  builder = folder.Folder(config=folder.make_config(folder.FolderConfig, layout, CATEGORY),
-                          data_dir=str(tmp_path / "tfds"), file_format="array_record")
+  builder = folder.Folder(
+    config=folder.make_config(folder.FolderConfig, layout, CATEGORY),
+    data_dir=str(tmp_path / "tfds"),
+    file_format="array_record",
+  )
   with loader.build_lock(builder):
     proc = _child(tmp_path)
     time.sleep(8)  # ample time for the child to import and reach the lock
     assert proc.poll() is None, proc.communicate()  # it waits while we hold the lock
     # Build it ourselves while holding the lock (what the first run does).
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+        compute_stats=tfds.download.ComputeStatsMode.SKIP
+      )
+    )
   out, errs = proc.communicate(timeout=300)
   assert proc.returncode == 0, errs[-2000:]
   assert "Downloading and preparing" not in out + errs  # reused, not rebuilt
@@ -344,8 +393,10 @@ def test_two_concurrent_builds_both_succeed(tmp_path):
 
 def test_synthetic_without_test_images(tmp_path):
   from jax_gad.data import synthetic_ad
-  cfg = synthetic_ad.SyntheticAdConfig(name="train_only", category="object", n_train=3, n_test=0,
-                                       size=64)
+
+  cfg = synthetic_ad.SyntheticAdConfig(
+    name="train_only", category="object", n_train=3, n_test=0, size=64
+  )
   builder = synthetic_ad.SyntheticAd(config=cfg, data_dir=str(tmp_path), file_format="array_record")
   builder.download_and_prepare()
   assert len(data.Split.from_builder(builder, "train")) == 3

@@ -6,14 +6,15 @@ import shutil
 import subprocess
 import sys
 
+from fakes import write_mvtec
 import numpy as np
 from PIL import Image
 import pytest
 
 import jax_gad
-from jax_gad import convert, evaluate, predict
+from jax_gad import checkpoint as ckpt
 from jax_gad import fit as fit_module
-from fakes import write_mvtec
+from jax_gad import metrics, predict
 
 ARCH = "efficientnet-lite0"
 SIZE = 64
@@ -24,24 +25,38 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  return convert.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
+  return ckpt.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, checkpoint):
   """A custom-name folder without masks, fitted through the fit CLI entry point."""
   root = tmp_path_factory.mktemp("raw")
-  write_mvtec(root, categories=((CATEGORY, "rgb"),), n_train=10, n_good_test=4,
-              defects=(("burr", 4), ("crack", 3)), size=40, seed=3)
+  write_mvtec(
+    root,
+    categories=((CATEGORY, "rgb"),),
+    n_train=10,
+    n_good_test=4,
+    defects=(("burr", 4), ("crack", 3)),
+    size=40,
+    seed=3,
+  )
   shutil.rmtree(root / CATEGORY / "ground_truth")
   work = tmp_path_factory.mktemp("work")
   det_path = work / "det.jgd"
-  code = fit_module.main(["fit", "--dataset=folder", f"--data_dir={root}",
-                          f"--category={CATEGORY}", f"--arch={ARCH}",
-                          f"--checkpoint={checkpoint}", f"--image_size={SIZE}",
-                          f"--levels={','.join(map(str, LEVELS))}", "--batch_size=8",
-                          f"--tfds_dir={work / 'tfds'}", f"--output={det_path}"])
-  assert code == 0
+  fit_module.command(
+    det_path,
+    CATEGORY,
+    dataset="folder",
+    data_dir=root,
+    arch=ARCH,
+    checkpoint=checkpoint,
+    image_size=SIZE,
+    levels=LEVELS,
+    batch_size=8,
+    tfds_dir=work / "tfds",
+    progress=False,
+  )
   return root, det_path
 
 
@@ -50,21 +65,21 @@ def _rows(path):
     return list(csv.DictReader(f))
 
 
-def _predict(args, checkpoint):
-  return predict.main(["predict", f"--checkpoint={checkpoint}", "--batch_size=8"] + args)
+def _predict(checkpoint, **kw):
+  """predict.command as the CLI runs it; returns the lines the CLI prints."""
+  det, result = predict.command(checkpoint=checkpoint, batch_size=8, progress=False, **kw)
+  return predict.summary(det, result, kw.get("sigma"))
 
 
-def test_predict_folder_equals_in_memory_scores(setup, checkpoint, tmp_path, capsys):
+def test_predict_folder_equals_in_memory_scores(setup, checkpoint, tmp_path):
   root, det_path = setup
   test_dir = root / CATEGORY / "test"
   out = tmp_path / "scores.csv"
-  assert _predict([f"--detector={det_path}", f"--input={test_dir}", f"--output={out}"],
-                  checkpoint) == 0
+  printed = "\n".join(_predict(checkpoint, detector=det_path, input=test_dir, output=out))
   rows = _rows(out)
   paths = sorted(str(p) for p in test_dir.rglob("*.png"))
   assert [r["path"] for r in rows] == paths
-  assert list(rows[0]) == ["path"] + [f"level_{l}" for l in LEVELS] + ["total", "decision",
-                                                                       "error"]
+  assert list(rows[0]) == ["path"] + [f"level_{l}" for l in LEVELS] + ["total", "decision", "error"]
   det = jax_gad.load_detector(det_path, checkpoint=checkpoint)
   images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
   ref = det.score(images)
@@ -72,12 +87,12 @@ def test_predict_folder_equals_in_memory_scores(setup, checkpoint, tmp_path, cap
   got_total = np.array([float(r["total"]) for r in rows])
   np.testing.assert_allclose(got_levels, ref.per_level, rtol=1e-6)
   np.testing.assert_allclose(got_total, ref.total, rtol=1e-6)
-  assert [r["decision"] for r in rows] == ["anomalous" if t > det.threshold else "normal"
-                                           for t in ref.total]
+  assert [r["decision"] for r in rows] == [
+    "anomalous" if t > det.threshold else "normal" for t in ref.total
+  ]
   # MVTec test layout: AUROC and TPR/FPR printed, equal to a recomputation.
   labels = np.array([int("/good/" not in p) for p in paths])
-  printed = capsys.readouterr().out
-  assert f"image AUROC {100 * evaluate.auroc(ref.total, labels):.2f} %" in printed
+  assert f"image AUROC {100 * metrics.auroc(ref.total, labels):.2f} %" in printed
   flagged = ref.total > det.threshold
   assert f"FPR {flagged[labels == 0].mean():.3f}" in printed
 
@@ -85,12 +100,10 @@ def test_predict_folder_equals_in_memory_scores(setup, checkpoint, tmp_path, cap
 def test_predict_single_file_and_glob(setup, checkpoint, tmp_path):
   root, det_path = setup
   one = root / CATEGORY / "test" / "crack" / "001.png"
-  assert _predict([f"--detector={det_path}", f"--input={one}", f"--output={tmp_path / 'a.csv'}"],
-                  checkpoint) == 0
+  _predict(checkpoint, detector=det_path, input=one, output=tmp_path / "a.csv")
   assert [r["path"] for r in _rows(tmp_path / "a.csv")] == [str(one)]
   pattern = str(root / CATEGORY / "test" / "**" / "00[01].png")
-  assert _predict([f"--detector={det_path}", f"--input={pattern}",
-                   f"--output={tmp_path / 'b.csv'}"], checkpoint) == 0
+  _predict(checkpoint, detector=det_path, input=pattern, output=tmp_path / "b.csv")
   rows = _rows(tmp_path / "b.csv")
   assert len(rows) == 3 * 2
   assert {os.path.basename(r["path"]) for r in rows} == {"000.png", "001.png"}
@@ -107,15 +120,14 @@ def _bad_images(tmp_path):
   return d
 
 
-def test_on_error_fail_writes_nothing(setup, checkpoint, tmp_path, capsys):
+def test_on_error_fail_writes_nothing(setup, checkpoint, tmp_path):
   _, det_path = setup
   d = _bad_images(tmp_path)
   out = tmp_path / "s.csv"
-  assert _predict([f"--detector={det_path}", f"--input={d}", f"--output={out}"], checkpoint) == 1
-  err = capsys.readouterr().err
-  lines = [l for l in err.replace("\r", "\n").splitlines() if "error" in l]  # not the bar
-  assert len(lines) == 1 and lines[0].startswith("jax_gad.predict: error:")
-  assert str(d / "1.png") in lines[0] and "BytesIO" not in err
+  with pytest.raises(ValueError) as err:
+    _predict(checkpoint, detector=det_path, input=d, output=out)
+  msg = str(err.value)
+  assert str(d / "1.png") in msg and "BytesIO" not in msg and "\n" not in msg
   assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
@@ -123,8 +135,8 @@ def test_on_error_skip_lists_the_bad_images(setup, checkpoint, tmp_path):
   _, det_path = setup
   d = _bad_images(tmp_path)
   out = tmp_path / "s.csv"
-  assert _predict([f"--detector={det_path}", f"--input={d}", f"--output={out}",
-                   "--on_error=skip"], checkpoint) == 0
+  lines = _predict(checkpoint, detector=det_path, input=d, output=out, on_error="skip")
+  assert "2 skipped with errors" in lines[0]
   rows = {os.path.basename(r["path"]): r for r in _rows(out)}
   assert set(rows) == {"0.png", "1.png", "2.png"}
   assert rows["0.png"]["decision"] in ("normal", "anomalous") and not rows["0.png"]["error"]
@@ -133,35 +145,34 @@ def test_on_error_skip_lists_the_bad_images(setup, checkpoint, tmp_path):
     assert rows[bad]["total"] == ""
 
 
-@pytest.mark.parametrize("kind", ["empty folder", "no images", "missing", "bad sigma",
-                                  "bad detector"])
-def test_bad_input_one_line_error(kind, setup, checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize(
+  "kind", ["empty folder", "no images", "missing", "bad sigma", "bad detector"]
+)
+def test_bad_input_one_line_error(kind, setup, checkpoint, tmp_path):
   _, det_path = setup
-  args = {"detector": str(det_path), "input": str(tmp_path / "in")}
+  args = {"detector": det_path, "input": tmp_path / "in"}
   (tmp_path / "in").mkdir()
-  extra = []
   if kind == "empty folder":
     expect = "holds no images"
   elif kind == "no images":
     (tmp_path / "in" / "readme.txt").write_text("hi")
     expect = "holds no images"
   elif kind == "missing":
-    args["input"] = str(tmp_path / "nowhere")
+    args["input"] = tmp_path / "nowhere"
     expect = "does not exist"
   elif kind == "bad sigma":
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in" / "x.png")
-    extra = ["--sigma=42"]
+    args["sigma"] = 42
     expect = "sigma"
   elif kind == "bad detector":
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in" / "x.png")
     (tmp_path / "det.jgd").write_bytes(b"\x80\x04garbage")
-    args["detector"] = str(tmp_path / "det.jgd")
+    args["detector"] = tmp_path / "det.jgd"
     expect = "not a jax_gad detector"
   out = tmp_path / "s.csv"
-  code = _predict([f"--{k}={v}" for k, v in args.items()] + [f"--output={out}"] + extra,
-                  checkpoint)
-  err = capsys.readouterr().err
-  assert code == 1 and expect in err and len(err.strip().splitlines()) == 1
+  with pytest.raises(ValueError) as err:
+    _predict(checkpoint, output=out, **args)
+  assert expect in str(err.value) and "\n" not in str(err.value)
   assert not out.exists()
 
 
@@ -169,8 +180,21 @@ def test_cli_exit_code_in_a_subprocess(setup, checkpoint, tmp_path):
   _, det_path = setup
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run(
-      [sys.executable, "-m", "jax_gad.predict", f"--detector={det_path}",
-       f"--input={tmp_path / 'none'}", f"--output={tmp_path / 'o.csv'}",
-       f"--checkpoint={checkpoint}"], capture_output=True, text=True, env=env, timeout=300)
-  assert proc.returncode == 1 and "does not exist" in proc.stderr
+    [
+      sys.executable,
+      "-m",
+      "jax_gad.predict",
+      f"--detector={det_path}",
+      f"--input={tmp_path / 'none'}",
+      f"--output={tmp_path / 'o.csv'}",
+      f"--checkpoint={checkpoint}",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith("jax_gad.predict: error:")
+  assert "does not exist" in proc.stderr
   assert not (tmp_path / "o.csv").exists()

@@ -86,9 +86,12 @@ class Layout(NamedTuple):
 def list_images(folder: Path, extensions=IMAGE_EXTENSIONS) -> list[Path]:
   """Image files of one folder (not recursive), sorted by name; hidden files ignored."""
   return sorted(
-      (p for p in folder.iterdir()
-       if p.suffix.lower() in extensions and not p.name.startswith(".") and p.is_file()),
-      key=lambda p: p.name,
+    (
+      p
+      for p in folder.iterdir()
+      if p.suffix.lower() in extensions and not p.name.startswith(".") and p.is_file()
+    ),
+    key=lambda p: p.name,
   )
 
 
@@ -96,18 +99,27 @@ def check_category_name(category) -> None:
   """A folder category is a plain folder name (letters, digits, ``_ - .``)."""
   if not isinstance(category, str) or not _CATEGORY_RE.match(category):
     raise ValueError(
-        f"folder category must be a folder name of letters, digits, '_', '-' and '.' "
-        f"(not starting with '.' or '-'), got {category!r}")
+      f"folder category must be a folder name of letters, digits, '_', '-' and '.' "
+      f"(not starting with '.' or '-'), got {category!r}"
+    )
 
 
 def _subdirs(folder: Path) -> list[Path]:
-  return sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                key=lambda d: d.name)
+  return sorted(
+    (d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name
+  )
 
 
-def scan(data_dir, category: str, *, extensions=IMAGE_EXTENSIONS, dataset: str = "folder",
-         require_test: bool = False, require_masks: bool = False,
-         layout_help: str = LAYOUT) -> Layout:
+def scan(
+  data_dir,
+  category: str,
+  *,
+  extensions=IMAGE_EXTENSIONS,
+  dataset: str = "folder",
+  require_test: bool = False,
+  require_masks: bool = False,
+  layout_help: str = LAYOUT,
+) -> Layout:
   """Lists a category's examples in dataset order.
 
   Order: train/good sorted by file name; test folders sorted by name, files
@@ -132,12 +144,16 @@ def scan(data_dir, category: str, *, extensions=IMAGE_EXTENSIONS, dataset: str =
       message names the path and shows the expected layout.
   """
   if data_dir is None:
-    raise ValueError(f"{dataset}: data_dir is required (the folder holding <category>/train/good)."
-                     f"\nExpected layout:\n{layout_help}")
+    raise ValueError(
+      f"{dataset}: data_dir is required (the folder holding <category>/train/good)."
+      f"\nExpected layout:\n{layout_help}"
+    )
   root = Path(os.fspath(data_dir)).expanduser()
   if not root.is_dir():
-    raise ValueError(f"{dataset} data_dir {root} does not exist or is not a folder.\n"
-                     f"Expected layout:\n{layout_help}")
+    raise ValueError(
+      f"{dataset} data_dir {root} does not exist or is not a folder.\n"
+      f"Expected layout:\n{layout_help}"
+    )
   cat_dir = root / category
   if not cat_dir.is_dir():
     hint = ""
@@ -148,25 +164,30 @@ def scan(data_dir, category: str, *, extensions=IMAGE_EXTENSIONS, dataset: str =
       hint = f" The category is one level down: pass {nested[0]} as data_dir."
     found = [d.name for d in _subdirs(root) if (d / "train" / "good").is_dir()]
     raise ValueError(
-        f"{dataset} data_dir {root} has no folder for category {category!r} "
-        f"(expected {cat_dir}); categories found: {found or 'none'}.{hint}\n"
-        f"Expected layout:\n{layout_help}")
+      f"{dataset} data_dir {root} has no folder for category {category!r} "
+      f"(expected {cat_dir}); categories found: {found or 'none'}.{hint}\n"
+      f"Expected layout:\n{layout_help}"
+    )
   train_dir = cat_dir / "train" / "good"
   kinds = "/".join(e.lstrip(".") for e in extensions)
   if not train_dir.is_dir() or not list_images(train_dir, extensions):
     raise ValueError(
-        f"{dataset} category folder {cat_dir} has no training images: expected {kinds} "
-        f"files in {train_dir}.\nExpected layout:\n{layout_help}")
-  train = [Source(f"train/good/{p.name}", 0, "good", p, None)
-           for p in list_images(train_dir, extensions)]
+      f"{dataset} category folder {cat_dir} has no training images: expected {kinds} "
+      f"files in {train_dir}.\nExpected layout:\n{layout_help}"
+    )
+  train = [
+    Source(f"train/good/{p.name}", 0, "good", p, None) for p in list_images(train_dir, extensions)
+  ]
   test_dir = cat_dir / "test"
   gt_dir = cat_dir / "ground_truth"
   has_masks = gt_dir.is_dir()
   if require_masks and not has_masks:
-    raise ValueError(f"{dataset} category folder {cat_dir} has no ground_truth/ folder of masks."
-                     f"\nExpected layout:\n{layout_help}")
+    raise ValueError(
+      f"{dataset} category folder {cat_dir} has no ground_truth/ folder of masks."
+      f"\nExpected layout:\n{layout_help}"
+    )
   test = []
-  for d in (_subdirs(test_dir) if test_dir.is_dir() else []):
+  for d in _subdirs(test_dir) if test_dir.is_dir() else []:
     for p in list_images(d, extensions):
       if d.name == "good":
         test.append(Source(f"test/good/{p.name}", 0, "good", p, None))
@@ -176,15 +197,17 @@ def scan(data_dir, category: str, *, extensions=IMAGE_EXTENSIONS, dataset: str =
         mask = _find_mask(gt_dir / d.name, p.stem, extensions)
         if mask is None:
           raise ValueError(
-              f"defect image {p} has no ground-truth mask: expected "
-              f"{gt_dir / d.name / (p.stem + '_mask.png')} (the category has a ground_truth/ "
-              "folder, so every defect image needs a mask; remove ground_truth/ for an "
-              "image-level-only category)")
+            f"defect image {p} has no ground-truth mask: expected "
+            f"{gt_dir / d.name / (p.stem + '_mask.png')} (the category has a ground_truth/ "
+            "folder, so every defect image needs a mask; remove ground_truth/ for an "
+            "image-level-only category)"
+          )
       test.append(Source(f"test/{d.name}/{p.name}", 1, d.name, p, mask))
   if require_test and not test:
     raise ValueError(
-        f"{dataset} category folder {cat_dir} has no test images: expected {kinds} files in "
-        f"{test_dir}/<defect type>/.\nExpected layout:\n{layout_help}")
+      f"{dataset} category folder {cat_dir} has no test images: expected {kinds} files in "
+      f"{test_dir}/<defect type>/.\nExpected layout:\n{layout_help}"
+    )
   return Layout(cat_dir, train, test, has_masks)
 
 
@@ -236,11 +259,14 @@ def open_image_file(data: bytes, path, formats=IMAGE_FORMATS) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
   except Exception as e:  # PIL raises several types for broken files.
-    raise ValueError(f"cannot decode image file {os.fspath(path)}: "
-                     f"{_clean_message(str(e), path)}") from None
+    raise ValueError(
+      f"cannot decode image file {os.fspath(path)}: {_clean_message(str(e), path)}"
+    ) from None
   if image.format not in formats:
-    raise ValueError(f"image file {os.fspath(path)} is {image.format or 'of an unknown format'}; "
-                     f"supported formats: {', '.join(formats)}")
+    raise ValueError(
+      f"image file {os.fspath(path)} is {image.format or 'of an unknown format'}; "
+      f"supported formats: {', '.join(formats)}"
+    )
   return image
 
 
@@ -254,13 +280,16 @@ def to_rgb8(image: Image.Image, path) -> np.ndarray:
   if mode.startswith("I;16") or mode == "I":
     values = np.asarray(image).astype(np.int64)
     if values.size and (values.min() < 0 or values.max() > 65535):
-      raise ValueError(f"image file {os.fspath(path)} has 32-bit integer pixels outside "
-                       "0..65535; expected 8-bit or 16-bit images")
+      raise ValueError(
+        f"image file {os.fspath(path)} has 32-bit integer pixels outside "
+        "0..65535; expected 8-bit or 16-bit images"
+      )
     gray = ((values * 255 + 32767) // 65535).astype(np.uint8)
     return np.repeat(gray[..., None], 3, axis=-1)
   raise ValueError(
-      f"image file {os.fspath(path)} has unsupported pixel format {mode!r}; expected 8-bit "
-      "gray, RGB or RGBA, or 16-bit gray")
+    f"image file {os.fspath(path)} has unsupported pixel format {mode!r}; expected 8-bit "
+    "gray, RGB or RGBA, or 16-bit gray"
+  )
 
 
 def read_image(path: Path, formats=IMAGE_FORMATS) -> tuple[bytes, bytes, tuple[int, int]]:
@@ -279,15 +308,17 @@ def read_image(path: Path, formats=IMAGE_FORMATS) -> tuple[bytes, bytes, tuple[i
   return data, common.encode_png(to_rgb8(image, path), compress_level=1), size
 
 
-def read_mask(path: Path, image_path: Path, size: tuple[int, int],
-              formats=IMAGE_FORMATS) -> tuple[bytes, bytes]:
+def read_mask(
+  path: Path, image_path: Path, size: tuple[int, int], formats=IMAGE_FORMATS
+) -> tuple[bytes, bytes]:
   """Reads a mask file; returns (raw bytes, single-channel 0/255 PNG bytes)."""
   data = Path(path).read_bytes()
   mask = open_image_file(data, path, formats)
   if (mask.height, mask.width) != size:
     raise ValueError(
-        f"mask file {path} is {mask.height}x{mask.width} but its image {image_path} is "
-        f"{size[0]}x{size[1]}")
+      f"mask file {path} is {mask.height}x{mask.width} but its image {image_path} is "
+      f"{size[0]}x{size[1]}"
+    )
   if mask.mode in ("L", "1", "P", "RGB", "RGBA", "LA"):
     values = np.asarray(mask.convert("L"))
   elif mask.mode.startswith("I"):
@@ -311,11 +342,14 @@ class FolderConfig(tfds.core.BuilderConfig):
 def make_config(config_cls, layout: Layout, category: str, description: str = ""):
   """The builder config of a scanned category, named ``<category>-<fingerprint[:16]>``."""
   fingerprint = raw_fingerprint(layout)
-  return config_cls(name=f"{category}-{fingerprint[:16]}", category=category,
-                    raw_dir=os.path.abspath(layout.category_dir),
-                    raw_fingerprint=fingerprint,
-                    description=description or f"Images of category {category!r} from "
-                                               f"{os.path.realpath(layout.category_dir)}.")
+  return config_cls(
+    name=f"{category}-{fingerprint[:16]}",
+    category=category,
+    raw_dir=os.path.abspath(layout.category_dir),
+    raw_fingerprint=fingerprint,
+    description=description
+    or f"Images of category {category!r} from {os.path.realpath(layout.category_dir)}.",
+  )
 
 
 class Folder(common.IntegrityMixin, tfds.core.GeneratorBasedBuilder):
@@ -333,30 +367,39 @@ class Folder(common.IntegrityMixin, tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="A user's MVTec-shaped image folder: defect-free training images, optional "
-                    "test images (good or one of several defect types), optional masks.",
-        features=common.features(),
-        disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(),
+      builder=self,
+      description="A user's MVTec-shaped image folder: defect-free training images, optional "
+      "test images (good or one of several defect types), optional masks.",
+      features=common.features(),
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(),
     )
 
   @classmethod
   def scan(cls, data_dir, category: str) -> Layout:
-    return scan(data_dir, category, extensions=cls.EXTENSIONS, dataset=cls.name,
-                require_test=cls.REQUIRE_TEST, require_masks=cls.REQUIRE_MASKS,
-                layout_help=cls.LAYOUT_HELP)
+    return scan(
+      data_dir,
+      category,
+      extensions=cls.EXTENSIONS,
+      dataset=cls.name,
+      require_test=cls.REQUIRE_TEST,
+      require_masks=cls.REQUIRE_MASKS,
+      layout_help=cls.LAYOUT_HELP,
+    )
 
   def _layout(self, dl_manager) -> Layout:
     cfg = self.builder_config
     if not getattr(cfg, "raw_dir", ""):
-      raise ValueError(f"{self.name}: build through jax_gad.data.load(..., data_dir=...), which "
-                       "keys the prepared data on the raw folder")
+      raise ValueError(
+        f"{self.name}: build through jax_gad.data.load(..., data_dir=...), which "
+        "keys the prepared data on the raw folder"
+      )
     del dl_manager
     layout = self.scan(os.path.dirname(cfg.raw_dir), cfg.category)
     if raw_fingerprint(layout) != cfg.raw_fingerprint:
-      raise ValueError(f"the raw folder {cfg.raw_dir} changed while it was being prepared; "
-                       "run again")
+      raise ValueError(
+        f"the raw folder {cfg.raw_dir} changed while it was being prepared; run again"
+      )
     return layout
 
   def _split_generators(self, dl_manager):
@@ -382,14 +425,19 @@ class Folder(common.IntegrityMixin, tfds.core.GeneratorBasedBuilder):
       else:
         mask_data, mask_png = read_mask(src.mask_path, src.image_path, size, self.FORMATS)
       content = common.sha256(
-          common.sha256(image_data).encode() + common.sha256(mask_data).encode())
-      key = recorder.add(src.file_name, src.label, src.defect_type, content,
-                         stored=(image_png, mask_png))
-      yield key, {
+        common.sha256(image_data).encode() + common.sha256(mask_data).encode()
+      )
+      key = recorder.add(
+        src.file_name, src.label, src.defect_type, content, stored=(image_png, mask_png)
+      )
+      yield (
+        key,
+        {
           "image": image_png,
           "mask": mask_png,
           "label": src.label,
           "defect_type": src.defect_type,
           "file_name": src.file_name,
-      }
+        },
+      )
     common.store_split_metadata(self.info, split, recorder)
