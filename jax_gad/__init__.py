@@ -15,8 +15,10 @@ __all__ = ["Detector", "fit", "load_detector"]
 def __getattr__(name):
   if name == "fit":
     import importlib
+
     return importlib.import_module("jax_gad.fit")  # a callable module: jax_gad.fit(...) fits
   if name in ("Detector", "load_detector"):
     from jax_gad import detector
+
     return getattr(detector, name)
   raise AttributeError(f"module 'jax_gad' has no attribute {name!r}")

@@ -9,7 +9,14 @@ from jax_gad.models import efficientnet
 def test_bench_predict_tiny_and_reported():
   variables = efficientnet.init("efficientnet-b0", jax.random.key(0))
   row = measure.bench_predict(
-    "efficientnet-b0", 32, 1, variables, n_images=5, side=48, num_workers=2, repeats=1,
+    "efficientnet-b0",
+    32,
+    1,
+    variables,
+    n_images=5,
+    side=48,
+    num_workers=2,
+    repeats=1,
     budget_s=5.0,
   )  # batch 1: one compilation serves throughput and latency (keeps the test short)
   assert row["n_images"] == 5 and row["batch_size"] == 1 and row["side"] == 48

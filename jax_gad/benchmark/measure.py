@@ -742,9 +742,7 @@ def bench_predict(
     out = os.path.join(tmp, 'scores.csv')
 
     def run(inputs, batch):
-      predict.predict(
-        det, inputs, out, batch_size=batch, num_workers=num_workers, progress=False
-      )
+      predict.predict(det, inputs, out, batch_size=batch, num_workers=num_workers, progress=False)
 
     everything = predict.Inputs(paths, None)
     run(predict.Inputs(paths[:batch_size], None), batch_size)  # compile
