@@ -22,8 +22,6 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from jax_gad import files
-
 LABEL_NAMES = ("good", "defect")
 # Written into every prepared dataset folder: its shard files' sizes and split counts.
 INTEGRITY_FILE = "jax_gad_integrity.json"
@@ -165,5 +163,6 @@ class IntegrityMixin:
         "num_examples": {name: int(info.num_examples)
                          for name, info in self.info.splits.items()},
     }
-    files.atomic_write(os.path.join(data_dir, INTEGRITY_FILE),
-                       json.dumps(doc, indent=1, sort_keys=True))
+    # A plain write is enough: the folder it is in is renamed into place whole afterwards.
+    with open(os.path.join(data_dir, INTEGRITY_FILE), "w", encoding="utf-8") as f:
+      json.dump(doc, f, indent=1, sort_keys=True)
