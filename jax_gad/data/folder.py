@@ -131,7 +131,8 @@ def scan(
     extensions: lower-case file extensions that count as images.
     dataset: dataset name used in messages.
     require_test: refuse a category without test images (MVTec AD).
-    require_masks: refuse a category without ``ground_truth/`` (MVTec AD).
+    require_masks: every defect image needs its mask (MVTec AD), even without
+      ``ground_truth/``; otherwise masks are optional for the whole category.
     layout_help: the expected layout, shown in messages.
 
   Returns:
@@ -180,12 +181,8 @@ def scan(
   ]
   test_dir = cat_dir / "test"
   gt_dir = cat_dir / "ground_truth"
-  has_masks = gt_dir.is_dir()
-  if require_masks and not has_masks:
-    raise ValueError(
-      f"{dataset} category folder {cat_dir} has no ground_truth/ folder of masks."
-      f"\nExpected layout:\n{layout_help}"
-    )
+  # With require_masks (MVTec AD) every defect image needs its mask, ground_truth/ or not.
+  has_masks = gt_dir.is_dir() or require_masks
   test = []
   for d in _subdirs(test_dir) if test_dir.is_dir() else []:
     for p in list_images(d, extensions):
@@ -198,9 +195,13 @@ def scan(
         if mask is None:
           raise ValueError(
             f"defect image {p} has no ground-truth mask: expected "
-            f"{gt_dir / d.name / (p.stem + '_mask.png')} (the category has a ground_truth/ "
-            "folder, so every defect image needs a mask; remove ground_truth/ for an "
-            "image-level-only category)"
+            f"{gt_dir / d.name / (p.stem + '_mask.png')}"
+            + (
+              ""
+              if require_masks
+              else " (the category has a ground_truth/ folder, so every defect image needs a "
+              "mask; remove ground_truth/ for an image-level-only category)"
+            )
           )
       test.append(Source(f"test/{d.name}/{p.name}", 1, d.name, p, mask))
   if require_test and not test:
