@@ -148,6 +148,13 @@ def test_save_load_scores_identical(fitted, raw, checkpoint, tmp_path):
   np.testing.assert_allclose(b.per_level, a.per_level, rtol=1e-6)
   np.testing.assert_allclose(b.total, a.total, rtol=1e-6)
   np.testing.assert_array_equal(again.decide(b.total), det.decide(a.total))
+  # A pytree: the fitted arrays are leaves, the identity and thresholds static.
+  import jax
+
+  leaves = jax.tree_util.tree_leaves(again)
+  assert len(leaves) == 1 + 6 * len(LEVELS)  # calibration scores + 6 arrays per GaussianState
+  doubled = jax.tree_util.tree_map(lambda x: x, again)
+  assert doubled.threshold == again.threshold and doubled.levels == again.levels
   # Saving is deterministic: the same detector gives the same bytes.
   again.save(tmp_path / "again.jgd")
   assert (tmp_path / "again.jgd").read_bytes() == path.read_bytes()
