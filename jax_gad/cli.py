@@ -30,7 +30,7 @@ FLAGS = flags.FLAGS
 
 # The dataset builders of jax_gad.data (kept here so that --help does not import TFDS;
 # tests/test_cli.py checks that the two agree).
-DATASETS = ("mvtec_ad", "synthetic_ad")
+DATASETS = ("mvtec_ad", "synthetic_ad", "folder")
 
 
 # ---------------------------------------------------------------------------
@@ -178,12 +178,18 @@ DEFINE_path(
   "data_dir",
   None,
   "The raw dataset folder (for mvtec_ad: the extracted MVTec AD folder holding "
-  "bottle/, cable/, ...). Not needed for synthetic_ad.",
+  "bottle/, cable/, ...; for folder: the folder holding <category>/train/good). "
+  "Not needed for synthetic_ad.",
 )
 DEFINE_path(
   "tfds_dir", None, "Where prepared TFDS datasets are kept (default: TFDS's ~/tensorflow_datasets)."
 )
-DEFINE_unique_list("categories", [], "Categories to run (default: all of the dataset).")
+DEFINE_unique_list(
+  "categories",
+  [],
+  "Categories to run (default: all of the dataset; required for --dataset=folder, whose "
+  "categories are any folder names under --data_dir).",
+)
 
 # Backbone.
 flags.DEFINE_enum("arch", "efficientnet-b4", list(efficientnet.ARCHS), "Backbone architecture.")

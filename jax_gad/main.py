@@ -119,11 +119,21 @@ def _validate(cfg: Config):
       parser.parse(list(value))
     except ValueError as err:
       raise ValueError(f"--{name}: {err}.") from None
+  if cfg.dataset == "folder" and not cfg.categories:
+    raise ValueError(
+      "--categories is required for --dataset=folder: name the category folders under "
+      "--data_dir to run (any names)."
+    )
   valid = data.CATEGORIES[cfg.dataset]
   bad = [c for c in cfg.categories if c not in valid]
   if bad:
     raise ValueError(
-      f"--categories: unknown {bad} for dataset {cfg.dataset}; valid: {list(valid)}."
+      f"--categories: unknown {bad} for dataset {cfg.dataset}; valid: "
+      + (
+        f"{list(valid)}."
+        if cfg.dataset != "folder"
+        else "folder names of letters, digits, '_', '-' and '.'."
+      )
     )
   if cfg.batch_size < 1:
     raise ValueError(f"--batch_size must be positive, got {cfg.batch_size}.")
@@ -357,7 +367,10 @@ def run(cfg: Config) -> dict:
       "test_good": int(np.sum(labels == 0)),
       "test_defect": int(np.sum(labels == 1)),
       "fingerprint": {"train": train.fingerprint, "test": test.fingerprint},
+      "has_masks": test.has_masks,
     }
+    if train.raw_dir:
+      data_doc[c]["raw_dir"] = train.raw_dir
   doc = report.report(
     config=json.loads(json.dumps(config_doc)),
     results=results,

@@ -144,9 +144,13 @@ def test_split_indexing(built):
   assert [ex["file_name"] for ex in ds] == ds.file_names  # Sequence protocol
 
 
-def test_mvtec_reload_without_data_dir_and_fingerprints(built, tmp_path):
+def test_mvtec_reload_needs_data_dir_and_fingerprints(built, tmp_path):
   root, tfds_dir, expected, splits = built
-  again = data.load("mvtec_ad", "bottle", "test", tfds_dir=tfds_dir)  # no data_dir
+  # The prepared data is checked against the raw folder at every load: data_dir is required.
+  with pytest.raises(ValueError, match="no data_dir was given"):
+    data.load("mvtec_ad", "bottle", "test", tfds_dir=tfds_dir)
+  again = data.load("mvtec_ad", "bottle", "test", data_dir=root, tfds_dir=tfds_dir)
+  assert again.prepared_dir == splits[("bottle", "test")].prepared_dir  # reused, not rebuilt
   assert again.fingerprint == splits[("bottle", "test")].fingerprint
   fps = {k: s.fingerprint for k, s in splits.items()}
   assert len(set(fps.values())) == len(fps)

@@ -191,6 +191,7 @@ _MAY_IMPORT = {
   "features": set(),
   "feature_cache": {"files"},
   "data": {"data"},
+  "detector": {"gaussian", "pca", "metrics", "features", "checkpoint", "files", "models", "data"},
 }
 
 

@@ -98,6 +98,13 @@ flags.DEFINE_integer(
   'Images for the end-to-end decode + extract run (0: skip).',
   lower_bound=0,
 )
+flags.DEFINE_integer(
+  'predict_images',
+  _D.predict_images,
+  'PNG files (of --host_image_side px) for the predict throughput and single-image latency '
+  'run (0: skip).',
+  lower_bound=0,
+)
 flags.DEFINE_bool(
   'feature_diff',
   _D.feature_diff,

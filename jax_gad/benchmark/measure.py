@@ -675,3 +675,91 @@ def feature_difference(
       auroc[d]['difference'] = auroc[d]['bfloat16'] - auroc[d]['float32']
     out['categories'][category] = {'levels': level_rows, 'auroc': auroc}
   return out
+
+
+def bench_predict(
+  arch: str,
+  image_size: int,
+  batch_size: int,
+  variables,
+  *,
+  n_images: int,
+  side: int,
+  num_workers: int,
+  repeats: int = 5,
+  budget_s: float = 30.0,
+  seed: int = 0,
+) -> dict:
+  """Throughput and single-image latency of :func:`jax_gad.predict.predict` on files.
+
+  Writes ``n_images`` PNGs of ``side`` px into a temporary folder, fits a
+  detector (every level) on the features of 10 of them (with random weights
+  the scores mean nothing; the work per image is the same), then times
+  ``predict`` over the folder: read, decode, resize, extract, score and write
+  the CSV, compiled beforehand. Latency: batch size 1, one image, median of
+  ``repeats`` runs after a compiling one.
+
+  Returns:
+    ``n_images``, ``side``, ``image_size``, ``batch_size``, ``num_workers``,
+    ``images_per_s``, ``latency_s``.
+  """
+  import tempfile
+
+  from jax_gad import detector as detector_lib
+  from jax_gad import predict
+  from jax_gad.data import pipeline
+
+  spec = efficientnet.ARCHS[arch]
+  module = efficientnet.create(arch)
+  with tempfile.TemporaryDirectory() as tmp:
+    paths = []
+    for i in range(n_images):
+      paths.append(os.path.join(tmp, f'{i:05d}.png'))
+      with open(paths[-1], 'wb') as f:
+        f.write(_test_png(side, seed + i))
+    fit_paths = paths[: min(10, n_images)]
+    extractor = features.LevelExtractor(
+      module, variables, image_size=image_size, levels=_LEVELS, batch_size=batch_size
+    )
+    feats = pipeline.pooled_features(
+      extractor,
+      predict._ImageFiles(fit_paths, False, image_size),  # pylint: disable=protected-access
+      image_size=image_size,
+      mean=spec.mean,
+      std=spec.std,
+      num_workers=num_workers,
+      progress=False,
+    )
+    det = detector_lib.fit_features(
+      feats,
+      levels=_LEVELS,
+      n_folds=min(5, len(fit_paths)),
+      arch=arch,
+      image_size=image_size,
+      mean=tuple(spec.mean),
+      std=tuple(spec.std),
+    ).replace(backbone=detector_lib.Backbone(module, variables, ''))
+    out = os.path.join(tmp, 'scores.csv')
+
+    def run(inputs, batch):
+      predict.predict(det, inputs, out, batch_size=batch, num_workers=num_workers, progress=False)
+
+    everything = predict.Inputs(paths, None)
+    run(predict.Inputs(paths[:batch_size], None), batch_size)  # compile
+    t0 = time.perf_counter()
+    run(everything, batch_size)
+    images_per_s = n_images / (time.perf_counter() - t0)
+    one = predict.Inputs(paths[:1], None)
+    if batch_size != 1:
+      run(one, 1)  # compile batch 1
+    latency = float(np.median(_timed(lambda: run(one, 1), repeats, budget_s)))
+  return {
+    'arch': arch,
+    'n_images': n_images,
+    'side': side,
+    'image_size': image_size,
+    'batch_size': batch_size,
+    'num_workers': num_workers,
+    'images_per_s': images_per_s,
+    'latency_s': latency,
+  }

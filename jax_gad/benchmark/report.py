@@ -182,6 +182,15 @@ def format_report(result: dict) -> str:
       f'(other CPU {_pct(p["other_cpu"])}).'
     )
     out.append('')
+  q = result.get('predict')
+  if q is not None:
+    out.append(
+      f'Predict ({q["arch"]} {q["image_size"]}px, `jax_gad.predict` on {q["n_images"]} '
+      f'{q["side"]}px PNG files: read, decode, resize, extract, score, write CSV; '
+      f'{q["num_workers"]} decode threads): {q["images_per_s"]:.2f} img/s at batch '
+      f'{q["batch_size"]}; one image {_ms(q["latency_s"])} ms (batch 1).'
+    )
+    out.append('')
   e = result['estimate']
   if e is not None:
     row = e['extraction_row']

@@ -41,6 +41,7 @@ class Config(NamedTuple):
   estimate: bool = True
   host_image_side: int = 1024
   pipeline_images: int = 32  # 0: skip the decode + extract pipeline run
+  predict_images: int = 0  # 0: skip the predict throughput / latency run (files on disk)
   num_workers: int | None = None  # None: os.cpu_count()
   feature_diff: bool = False
   feature_diff_arch: str = 'efficientnet-lite0'
@@ -88,6 +89,8 @@ def _check_config(cfg: Config) -> None:
       raise ValueError(f'{name} must be >= 5 (5 folds, 2 rows per fit), got {getattr(cfg, name)}')
   if cfg.num_workers is not None and cfg.num_workers < 1:
     raise ValueError(f'num_workers must be >= 1, got {cfg.num_workers}')
+  if cfg.predict_images < 0:
+    raise ValueError(f'predict_images must be >= 0, got {cfg.predict_images}')
   if cfg.pipeline_images < 0:
     raise ValueError(f'pipeline_images must be >= 0, got {cfg.pipeline_images}')
   if cfg.torch_threads < 0:
@@ -123,6 +126,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
     'peak_host_memory_mb_after': {},
     'sweeps_other_cpu': None,
     'pipeline': None,
+    'predict': None,
   }
   phases = result['peak_host_memory_mb_after']
 
@@ -273,6 +277,30 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
       extraction_row=best,
       pipeline_images_per_s=(result['pipeline']['images_per_s'] if result['pipeline'] else None),
     )
+
+  if cfg.predict_images:
+    batch = best['batch_size'] if best is not None else max(cfg.batch_sizes)
+    log(
+      f'predict: {cfg.predict_images} PNG files of {cfg.host_image_side}px, batch {batch}, '
+      f'then one image at batch 1 ...'
+    )
+    result['predict'] = measure.bench_predict(
+      cfg.arch,
+      image_size,
+      batch,
+      variables,
+      n_images=cfg.predict_images,
+      side=cfg.host_image_side,
+      num_workers=num_workers,
+      repeats=cfg.repeats,
+      budget_s=cfg.time_budget_s,
+      seed=cfg.seed,
+    )
+    log(
+      f'  {result["predict"]["images_per_s"]:.2f} img/s, '
+      f'{1000 * result["predict"]["latency_s"]:.1f} ms for one image'
+    )
+    phases['predict'] = measure.peak_host_memory_mb()
 
   if cfg.feature_diff:
     log(f'feature_diff: {cfg.feature_diff_arch} bfloat16 vs float32 on synthetic_ad ...')

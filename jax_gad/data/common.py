@@ -4,8 +4,10 @@ Both builders store images and masks as PNG bytes in ``tfds.features.Image``
 features (bytes are stored as they are, so no TensorFlow is needed to build),
 write ``array_record`` files, keep the examples in the order they are generated
 (``disable_shuffling=True`` with integer keys 0, 1, 2, ...), and record per split
-the file names, labels, defect types and a content hash in the dataset's
-``MetadataDict``, so that reading the metadata never decodes an image.
+the file names, labels, defect types, a content hash of the source files and
+a sha256 of every stored example in the dataset's ``MetadataDict``, so that
+reading the metadata never decodes an image and every example read back can be
+checked against what was written (:func:`stored_digest`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 LABEL_NAMES = ("good", "defect")
+# Written into every prepared dataset folder: its shard files' sizes and split counts.
+INTEGRITY_FILE = "jax_gad_integrity.json"
+INTEGRITY_FORMAT = 1
 SPLITS = ("train", "test")
 # Bumped whenever the layout of the metadata below changes.
-METADATA_FORMAT = 1
+# 2: per-example digests of the stored bytes ("stored_sha256").
+METADATA_FORMAT = 2
 
 
 def features() -> tfds.features.FeaturesDict:
@@ -79,6 +85,17 @@ def sha256(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
 
 
+def stored_digest(image: bytes, mask: bytes, label: int, defect_type: str,
+                  file_name: str) -> str:
+  """sha256 of one stored example (its PNG bytes and fields), as written and as read back."""
+  digest = hashlib.sha256()
+  for part in (image, mask):
+    digest.update(len(part).to_bytes(8, "little"))
+    digest.update(part)
+  digest.update(json.dumps([int(label), defect_type, file_name]).encode("utf-8"))
+  return digest.hexdigest()
+
+
 class SplitRecorder:
   """Accumulates, in example order, what the split metadata holds."""
 
@@ -86,10 +103,20 @@ class SplitRecorder:
     self.file_names: list[str] = []
     self.labels: list[int] = []
     self.defect_types: list[str] = []
+    self.stored_sha256: list[str] = []
     self._content = hashlib.sha256()
 
-  def add(self, file_name: str, label: int, defect_type: str, content_sha256: str) -> int:
-    """Records one example; returns its index (the TFDS key)."""
+  def add(self, file_name: str, label: int, defect_type: str, content_sha256: str, *,
+          stored: tuple[bytes, bytes]) -> int:
+    """Records one example; returns its index (the TFDS key).
+
+    Args:
+      file_name, label, defect_type: the example's fields.
+      content_sha256: hash of the source bytes (goes into the split's content hash).
+      stored: the (image, mask) PNG bytes written to the dataset.
+    """
+    self.stored_sha256.append(
+        stored_digest(stored[0], stored[1], label, defect_type, file_name))
     self.file_names.append(file_name)
     self.labels.append(int(label))
     self.defect_types.append(defect_type)
@@ -102,6 +129,7 @@ class SplitRecorder:
         "file_names": list(self.file_names),
         "labels": list(self.labels),
         "defect_types": list(self.defect_types),
+        "stored_sha256": list(self.stored_sha256),
         "content_sha256": self._content.hexdigest(),
     }
 
@@ -110,3 +138,31 @@ def store_split_metadata(info: tfds.core.DatasetInfo, split: str, recorder: Spli
   """Puts a finished split's record into ``info.metadata`` (saved with the dataset)."""
   info.metadata["format"] = METADATA_FORMAT
   info.metadata.setdefault("splits", {})[split] = recorder.as_metadata()
+
+
+def shard_files(data_dir) -> list[str]:
+  """Names of the record files of a prepared dataset folder, sorted."""
+  return sorted(n for n in os.listdir(os.fspath(data_dir))
+                if ".array_record-" in n and not n.startswith("."))
+
+
+class IntegrityMixin:
+  """Builder mixin: records file sizes and split counts when a build finishes.
+
+  Runs inside TFDS's temporary ``incomplete.*`` folder, after the records are
+  written and before the folder is renamed into place, so the record is part
+  of the atomic result: a prepared folder always has it (``INTEGRITY_FILE``).
+  """
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    super()._download_and_prepare(dl_manager, download_config)
+    data_dir = os.fspath(self.data_dir)
+    doc = {
+        "format": INTEGRITY_FORMAT,
+        "files": {n: os.path.getsize(os.path.join(data_dir, n)) for n in shard_files(data_dir)},
+        "num_examples": {name: int(info.num_examples)
+                         for name, info in self.info.splits.items()},
+    }
+    # A plain write is enough: the folder it is in is renamed into place whole afterwards.
+    with open(os.path.join(data_dir, INTEGRITY_FILE), "w", encoding="utf-8") as f:
+      json.dump(doc, f, indent=1, sort_keys=True)

@@ -398,7 +398,7 @@ class SyntheticAdConfig(tfds.core.BuilderConfig):
   size: int = DEFAULT_SIZE
 
 
-class SyntheticAd(tfds.core.GeneratorBasedBuilder):
+class SyntheticAd(common.IntegrityMixin, tfds.core.GeneratorBasedBuilder):
   """Synthetic anomaly-detection images (texture and object), generated from a seed."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -433,7 +433,9 @@ class SyntheticAd(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # nothing to download
     cfg = self.builder_config
     _check_args(cfg.category, cfg.seed, cfg.n_train, cfg.n_test, cfg.size)
-    return {split: self._generate_examples(split) for split in common.SPLITS}
+    # A split without examples (n_test=0) is left out: TFDS cannot write an empty one.
+    return {split: self._generate_examples(split) for split in common.SPLITS
+            if split == "train" or cfg.n_test > 0}
 
   def _generate_examples(self, split):
     cfg = self.builder_config
@@ -443,10 +445,12 @@ class SyntheticAd(tfds.core.GeneratorBasedBuilder):
       content = common.sha256(
           repr((ex["image"].shape, ex["mask"].shape)).encode()
           + ex["image"].tobytes() + ex["mask"].tobytes())
-      key = recorder.add(ex["file_name"], ex["label"], ex["defect_type"], content)
+      image_png, mask_png = common.encode_png(ex["image"]), common.encode_png(ex["mask"])
+      key = recorder.add(ex["file_name"], ex["label"], ex["defect_type"], content,
+                         stored=(image_png, mask_png))
       yield key, {
-          "image": common.encode_png(ex["image"]),
-          "mask": common.encode_png(ex["mask"]),
+          "image": image_png,
+          "mask": mask_png,
           "label": ex["label"],
           "defect_type": ex["defect_type"],
           "file_name": ex["file_name"],

@@ -1,0 +1,528 @@
+"""A fitted anomaly detector: backbone identity, per-level Gaussians, thresholds; saved safely.
+
+A :class:`Detector` holds everything needed to score new images the way the
+protocol scores test images: which backbone (arch, the checkpoint's sha256,
+input size, mean/std, dtype), which levels, the optional PCA / NPCA projection
+of each level, the Ledoit-Wolf Gaussian of each level, the aggregation of the
+level scores (their mean, as in the paper: ``total = mean_l d_l`` with ``d_l``
+the Mahalanobis distance at level ``l``) and the decision thresholds:
+
+* ``threshold``: calibrated from normal images only. The training images are
+  split into k folds (``jax_gad.data.folds``, KFold(shuffle=True,
+  random_state=0)); each image is scored by a detector fitted on the other
+  folds ("out of fold"), and the threshold is the out-of-fold score quantile at
+  the target false-positive rate ``a`` (``target_fpr``): with the n scores
+  sorted ascending, ``s_(m)`` with ``m = ceil(n (1 - a))`` (numpy's
+  ``quantile(..., method='inverted_cdf')``). An image is flagged when its
+  total score is strictly above the threshold, so on the out-of-fold scores the
+  false-positive rate is at most ``a`` (0 when ``n a < 1``).
+* ``sigma_thresholds``: the poster's chi-squared thresholds, per level the
+  distance with the n-sigma tail mass of a ``k_l``-dimensional Gaussian
+  (``jax_gad.metrics.sigma_threshold``) for n in ``sigmas``; the threshold of
+  the total score at n sigma is their mean over levels (the same aggregation
+  as the scores).
+
+The detector's own pieces (Gaussians, projections, thresholds) are a pytree
+(``flax.struct.dataclass``); the backbone weights are not part of it: they
+stay in the checkpoint file, identified by sha256, and are attached when the
+detector is fitted or loaded.
+
+File format (``Detector.save`` / :func:`load_detector`): one JSON header
+line (format name ``jax_gad.detector``, ``format_version``, the sha256 and
+length of the payload, and every non-array field), a newline, then the
+payload: the arrays as msgpack (``flax.serialization``, plain numbers and
+arrays only). Nothing in the file can run code when loaded (no pickle); a
+truncated, altered, foreign or other-version file is refused naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, NamedTuple, Sequence
+
+import flax.struct
+import numpy as np
+
+FORMAT_NAME = "jax_gad.detector"
+FORMAT_VERSION = 1
+DEFAULT_SIGMAS = tuple(range(1, 9))
+_MAX_HEADER = 1 << 20
+
+
+class Scores(NamedTuple):
+  """Scores of n images: ``per_level`` (n, L) Mahalanobis distances, ``total`` (n,) their mean."""
+
+  per_level: np.ndarray
+  total: np.ndarray
+
+
+class Backbone(NamedTuple):
+  """A loaded backbone: Flax module, its variables and the checkpoint file it came from."""
+
+  module: Any
+  variables: Any
+  path: str
+
+
+@flax.struct.dataclass
+class Detector:
+  """A fitted detector (see the module docstring). Build with :func:`jax_gad.fit`.
+
+  Attributes:
+    states: per level, a ``jax_gad.gaussian.GaussianState``.
+    projections: per level, a ``jax_gad.pca.Projection`` or None.
+    calibration_scores: (n_train,) out-of-fold total scores of the training images.
+    arch, checkpoint_sha256, image_size, mean, std, dtype: the backbone's identity.
+    levels: the level indices used, in order.
+    reduction: None, or ``{'mode': 'pca' | 'npca', 'threshold': t}``.
+    aggregation: 'mean' (the total score is the mean of the level scores).
+    threshold: calibrated threshold of the total score.
+    target_fpr: the false-positive rate it was calibrated for.
+    n_folds: folds of the calibration.
+    sigmas, sigma_thresholds: chi-squared thresholds, (L, len(sigmas)) per
+      level; ``total_sigma_thresholds`` their mean over levels.
+    info: provenance (dataset, category, data fingerprint, counts, versions).
+    backbone: the attached :class:`Backbone` (not saved; None until attached).
+  """
+
+  states: tuple
+  projections: tuple
+  calibration_scores: Any
+  arch: str = flax.struct.field(pytree_node=False, default="")
+  checkpoint_sha256: str = flax.struct.field(pytree_node=False, default="")
+  image_size: int = flax.struct.field(pytree_node=False, default=0)
+  mean: tuple = flax.struct.field(pytree_node=False, default=())
+  std: tuple = flax.struct.field(pytree_node=False, default=())
+  dtype: str = flax.struct.field(pytree_node=False, default="float32")
+  levels: tuple = flax.struct.field(pytree_node=False, default=())
+  reduction: Any = flax.struct.field(pytree_node=False, default=None)
+  aggregation: str = flax.struct.field(pytree_node=False, default="mean")
+  threshold: float = flax.struct.field(pytree_node=False, default=math.inf)
+  target_fpr: float = flax.struct.field(pytree_node=False, default=0.01)
+  n_folds: int = flax.struct.field(pytree_node=False, default=5)
+  sigmas: tuple = flax.struct.field(pytree_node=False, default=DEFAULT_SIGMAS)
+  sigma_thresholds: tuple = flax.struct.field(pytree_node=False, default=())
+  info: Any = flax.struct.field(pytree_node=False, default=None)
+  backbone: Any = flax.struct.field(pytree_node=False, default=None)
+
+  @property
+  def total_sigma_thresholds(self) -> tuple:
+    return tuple(
+      float(np.mean([row[i] for row in self.sigma_thresholds])) for i in range(len(self.sigmas))
+    )
+
+  def score_features(self, features: Sequence[np.ndarray]) -> Scores:
+    """Scores pooled features (one (n, C_l) array per level of ``self.levels``)."""
+    return score_features(self, features)
+
+  def decide(self, total, sigma: int | None = None) -> np.ndarray:
+    """bool (n,): total score strictly above the calibrated (or n-sigma) threshold."""
+    return np.asarray(total) > self.threshold_for(sigma)
+
+  def threshold_for(self, sigma: int | None = None) -> float:
+    if sigma is None:
+      return float(self.threshold)
+    if sigma not in self.sigmas:
+      raise ValueError(f"sigma must be one of {list(self.sigmas)}, got {sigma!r}")
+    return self.total_sigma_thresholds[list(self.sigmas).index(sigma)]
+
+  def extractor(self, batch_size: int = 8, mesh=None):
+    """A compiled ``jax_gad.features.LevelExtractor`` for this detector's backbone and levels."""
+    from jax_gad import features
+
+    if self.backbone is None:
+      raise ValueError(
+        "this detector has no backbone attached; load it with "
+        "jax_gad.load_detector(path) or attach_backbone(...)"
+      )
+    return features.LevelExtractor(
+      self.backbone.module,
+      self.backbone.variables,
+      image_size=self.image_size,
+      mesh=mesh,
+      levels=self.levels,
+      batch_size=batch_size,
+    )
+
+  def score(
+    self, images, *, batch_size: int = 8, num_workers: int = 2, progress: bool = False
+  ) -> Scores:
+    """Scores images: a sequence of uint8 (H, W, 3) arrays, or a dataset ``Split``.
+
+    Returns:
+      :class:`Scores` (per-level and total), float64.
+    """
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+      images = [images]
+    from jax_gad.data import pipeline
+
+    source = images if _is_source(images) else _ArraySource(images)
+    feats = pipeline.pooled_features(
+      self.extractor(batch_size),
+      source,
+      image_size=self.image_size,
+      mean=self.mean,
+      std=self.std,
+      num_workers=num_workers,
+      progress=progress,
+      desc="score",
+    )
+    return score_features(self, feats)
+
+  def save(self, path) -> None:
+    """Writes the detector to ``path`` atomically (format in the module docstring)."""
+    save_detector(self, path)
+
+
+def _is_source(obj) -> bool:
+  try:
+    first = obj[0] if len(obj) else None
+  except Exception:  # noqa: BLE001 - anything not indexable is not a source
+    return False
+  return isinstance(first, dict)
+
+
+class _ArraySource:
+  def __init__(self, images):
+    self._images = list(images)
+
+  def __len__(self):
+    return len(self._images)
+
+  def __getitem__(self, i):
+    image = np.asarray(self._images[i])
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f"images[{i}] must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    return {"image": image}
+
+
+# ---------------------------------------------------------------------------
+# Fitting and scoring (pure functions on features)
+# ---------------------------------------------------------------------------
+
+
+def _fit_levels(features: Sequence[np.ndarray], reduction):
+  from jax_gad import gaussian, pca
+
+  states, projections = [], []
+  for x in features:
+    x = np.asarray(x, np.float32)
+    projection = None
+    if reduction is not None:
+      projection = pca.reduce(pca.fit_pca(x), reduction["mode"], reduction["threshold"])
+      x = pca.project(projection, x)
+    states.append(gaussian.fit_gaussian(x))
+    projections.append(projection)
+  return tuple(states), tuple(projections)
+
+
+def _score_levels(states, projections, features) -> Scores:
+  from jax_gad import gaussian, pca
+
+  if len(features) != len(states):
+    raise ValueError(f"expected features of {len(states)} levels, got {len(features)}")
+  per_level = []
+  for state, projection, x in zip(states, projections, features):
+    x = np.asarray(x, np.float32)
+    if projection is not None:
+      x = pca.project(projection, x)
+    per_level.append(np.asarray(gaussian.mahalanobis(state, x), np.float64))
+  per_level = np.stack(per_level, axis=1)
+  return Scores(per_level, per_level.mean(axis=1))
+
+
+def score_features(detector: Detector, features: Sequence[np.ndarray]) -> Scores:
+  """Per-level Mahalanobis distances and their mean, for pooled features of ``detector.levels``."""
+  return _score_levels(detector.states, detector.projections, features)
+
+
+def calibrated_threshold(scores, target_fpr: float) -> float:
+  """The ``ceil(n (1 - a))``-th smallest score (numpy ``inverted_cdf`` quantile)."""
+  s = np.sort(np.asarray(scores, np.float64))
+  m = math.ceil(len(s) * (1.0 - target_fpr) - 1e-12)
+  return float(s[max(m, 1) - 1])
+
+
+def check_target_fpr(target_fpr) -> float:
+  if (
+    isinstance(target_fpr, bool)
+    or not isinstance(target_fpr, (int, float, np.floating))
+    or not 0.0 < float(target_fpr) < 1.0
+  ):
+    raise ValueError(f"--target_fpr must be a false-positive rate in (0, 1), got {target_fpr!r}")
+  return float(target_fpr)
+
+
+def out_of_fold_scores(features: Sequence[np.ndarray], n_folds: int, reduction=None):
+  """Total score of every training row from a fit on the folds that do not contain it."""
+  from jax_gad import data
+
+  n = len(features[0])
+  oof = np.full(n, np.nan)
+  for fit_idx in data.folds(n, n_folds):
+    held = np.setdiff1d(np.arange(n), fit_idx)
+    states, projections = _fit_levels([f[fit_idx] for f in features], reduction)
+    oof[held] = _score_levels(states, projections, [f[held] for f in features]).total
+  return oof
+
+
+def fit_features(
+  features: Sequence[np.ndarray],
+  *,
+  levels: Sequence[int],
+  target_fpr=0.01,
+  n_folds: int = 5,
+  reduction=None,
+  sigmas=DEFAULT_SIGMAS,
+  **identity,
+) -> Detector:
+  """Fits a detector on pooled training features (one (n, C_l) array per level).
+
+  The Gaussians are fitted on all rows; the calibrated threshold comes from
+  out-of-fold scores (module docstring). ``identity`` holds the backbone
+  fields (arch, checkpoint_sha256, image_size, mean, std, dtype) and ``info``.
+  """
+  from jax_gad import metrics
+
+  target_fpr = check_target_fpr(target_fpr)
+  if len(features) != len(levels):
+    raise ValueError(f"expected one feature array per level ({len(levels)}), got {len(features)}")
+  n = len(features[0])
+  if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
+    raise ValueError(f"n_folds must be an int >= 2, got {n_folds!r}")
+  if n < max(n_folds, 3):
+    raise ValueError(
+      f"calibrating with {n_folds} folds needs at least {max(n_folds, 3)} training images, got {n}"
+    )
+  if reduction is not None:
+    reduction = {"mode": str(reduction["mode"]), "threshold": float(reduction["threshold"])}
+  states, projections = _fit_levels(features, reduction)
+  oof = out_of_fold_scores(features, n_folds, reduction)
+  widths = [int(s.mean.shape[0]) for s in states]
+  sigma_thresholds = tuple(
+    tuple(float(t) for t in np.atleast_1d(metrics.sigma_threshold(np.asarray(sigmas, float), k)))
+    for k in widths
+  )
+  return Detector(
+    states=states,
+    projections=projections,
+    calibration_scores=oof,
+    levels=tuple(int(l) for l in levels),
+    reduction=reduction,
+    threshold=calibrated_threshold(oof, target_fpr),
+    target_fpr=target_fpr,
+    n_folds=n_folds,
+    sigmas=tuple(int(s) for s in sigmas),
+    sigma_thresholds=sigma_thresholds,
+    **identity,
+  )
+
+
+# ---------------------------------------------------------------------------
+# Backbone
+# ---------------------------------------------------------------------------
+
+
+def load_backbone(
+  arch: str, checkpoint=None, checkpoint_dir="checkpoints", dtype="float32", depthwise=None
+):
+  """(Backbone, checkpoint metadata, sha256) for an arch: an explicit file or the default one."""
+  import jax.numpy as jnp
+
+  from jax_gad import checkpoint as checkpoint_lib
+  from jax_gad import files
+  from jax_gad.models import efficientnet
+
+  if checkpoint:
+    checkpoint = os.path.expanduser(os.fspath(checkpoint))
+    if os.path.isdir(checkpoint):
+      raise ValueError(f"--checkpoint={checkpoint} is a folder; give the converted .msgpack file")
+    if not os.path.isfile(checkpoint):
+      raise ValueError(
+        f"--checkpoint={checkpoint} does not exist; convert weights with "
+        f"`python -m jax_gad.convert --arch={arch} --output={checkpoint}`"
+      )
+    path = checkpoint
+  else:
+    path = checkpoint_lib.ensure_checkpoint(arch, os.path.expanduser(os.fspath(checkpoint_dir)))
+  variables, meta = checkpoint_lib.load_checkpoint(path, arch=arch)
+  dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+  module = efficientnet.create(arch, depthwise=depthwise, dtype=dt)
+  return Backbone(module, variables, os.path.abspath(path)), meta, files.sha256(path)
+
+
+# ---------------------------------------------------------------------------
+# Saving and loading
+# ---------------------------------------------------------------------------
+
+
+def _arrays(detector: Detector) -> dict:
+  out = {"calibration_scores": np.asarray(detector.calibration_scores, np.float64), "levels": {}}
+  for i, (state, projection) in enumerate(zip(detector.states, detector.projections)):
+    entry = {f"state_{k}": np.asarray(v) for k, v in state._asdict().items()}
+    if projection is not None:
+      entry["projection_mean"] = np.asarray(projection.mean)
+      entry["projection_components"] = np.asarray(projection.components)
+    out["levels"][str(i)] = entry
+  return out
+
+
+_HEADER_FIELDS = (
+  "arch",
+  "checkpoint_sha256",
+  "image_size",
+  "mean",
+  "std",
+  "dtype",
+  "levels",
+  "reduction",
+  "aggregation",
+  "threshold",
+  "target_fpr",
+  "n_folds",
+  "sigmas",
+  "sigma_thresholds",
+  "info",
+)
+
+
+def save_detector(detector: Detector, path) -> None:
+  """Writes ``detector`` to ``path`` atomically; the folder is created if missing."""
+  import flax.serialization
+
+  from jax_gad import files
+
+  payload = flax.serialization.msgpack_serialize(_arrays(detector))
+  header = {
+    "format": FORMAT_NAME,
+    "format_version": FORMAT_VERSION,
+    "payload_sha256": _sha256(payload),
+    "payload_bytes": len(payload),
+  }
+  for name in _HEADER_FIELDS:
+    header[name] = getattr(detector, name)
+  line = json.dumps(header, sort_keys=True, allow_nan=False).encode("utf-8")
+  path = os.path.expanduser(os.fspath(path))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  files.atomic_write(path, line + b"\n" + payload)
+
+
+def _sha256(data: bytes) -> str:
+  import hashlib
+
+  return hashlib.sha256(data).hexdigest()
+
+
+def read_detector(path) -> Detector:
+  """Reads a detector file without attaching a backbone; refuses anything not written by save."""
+  import flax.serialization
+
+  from jax_gad import gaussian, pca
+
+  path = os.path.expanduser(os.fspath(path))
+  if os.path.isdir(path):
+    raise ValueError(f"--detector={path} is a folder; give the file written by jax_gad.fit")
+  try:
+    with open(path, "rb") as f:
+      blob = f.read()
+  except FileNotFoundError:
+    raise ValueError(f"--detector={path} does not exist") from None
+  bad = f"{path}: not a jax_gad detector file"
+  newline = blob.find(b"\n", 0, _MAX_HEADER)
+  if newline < 0:
+    raise ValueError(f"{bad} (no header line)")
+  try:
+    header = json.loads(blob[:newline].decode("utf-8"))
+  except (UnicodeDecodeError, ValueError):
+    raise ValueError(f"{bad} (header is not JSON)") from None
+  if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+    raise ValueError(
+      f"{bad} (format {header.get('format') if isinstance(header, dict) else None!r}"
+      f", expected {FORMAT_NAME!r})"
+    )
+  if header.get("format_version") != FORMAT_VERSION:
+    raise ValueError(
+      f"{path}: detector format_version {header.get('format_version')!r}; this "
+      f"jax_gad reads version {FORMAT_VERSION}: fit the detector again"
+    )
+  payload = blob[newline + 1 :]
+  if len(payload) != header.get("payload_bytes"):
+    raise ValueError(
+      f"{path}: detector file is truncated or padded ({len(payload)} payload "
+      f"bytes, the header says {header.get('payload_bytes')})"
+    )
+  if _sha256(payload) != header.get("payload_sha256"):
+    raise ValueError(f"{path}: detector file is corrupt (payload sha256 differs from the header)")
+  try:
+    arrays = flax.serialization.msgpack_restore(payload)
+    states, projections = [], []
+    for i in range(len(header["levels"])):
+      entry = arrays["levels"][str(i)]
+      states.append(
+        gaussian.GaussianState(
+          **{k: np.asarray(entry[f"state_{k}"]) for k in gaussian.GaussianState._fields}
+        )
+      )
+      projections.append(
+        pca.Projection(
+          np.asarray(entry["projection_mean"]), np.asarray(entry["projection_components"])
+        )
+        if "projection_mean" in entry
+        else None
+      )
+    fields = {name: header[name] for name in _HEADER_FIELDS}
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{bad} (missing or malformed field: {e})") from None
+  for name in ("mean", "std", "levels", "sigmas"):
+    fields[name] = tuple(fields[name])
+  fields["sigma_thresholds"] = tuple(tuple(r) for r in fields["sigma_thresholds"])
+  return Detector(
+    states=tuple(states),
+    projections=tuple(projections),
+    calibration_scores=np.asarray(arrays["calibration_scores"]),
+    **fields,
+  )
+
+
+def attach_backbone(
+  detector: Detector,
+  checkpoint=None,
+  checkpoint_dir="checkpoints",
+  depthwise=None,
+  where: str = "detector",
+) -> Detector:
+  """Loads the detector's backbone and checks it is the checkpoint the detector was fitted with."""
+  backbone, meta, sha = load_backbone(
+    detector.arch, checkpoint, checkpoint_dir, detector.dtype, depthwise
+  )
+  if sha != detector.checkpoint_sha256:
+    raise ValueError(
+      f"{where} was fitted with {detector.arch} checkpoint sha256 "
+      f"{detector.checkpoint_sha256[:16]}..., but {backbone.path} has sha256 {sha[:16]}...: "
+      "pass the matching --checkpoint or fit the detector again"
+    )
+  del meta
+  return detector.replace(backbone=backbone)
+
+
+def load_detector(path, checkpoint=None, checkpoint_dir="checkpoints", depthwise=None) -> Detector:
+  """Reads a detector file and attaches its backbone (checked by sha256).
+
+  Args:
+    path: a file written by ``Detector.save``.
+    checkpoint: the converted weights; default ``<checkpoint_dir>/<arch>.msgpack``
+      (Lite0-2 converted there on first use).
+    checkpoint_dir: see ``checkpoint``.
+    depthwise: depthwise-convolution implementation (None: the backend's default).
+
+  Raises:
+    ValueError: a one-line message naming the file: missing, truncated,
+      corrupt, foreign, another format version, or a checkpoint whose sha256
+      differs from the one the detector was fitted with.
+  """
+  detector = read_detector(path)
+  return attach_backbone(
+    detector, checkpoint, checkpoint_dir, depthwise, where=f"detector {os.fspath(path)}"
+  )

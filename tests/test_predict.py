@@ -1,0 +1,200 @@
+"""Tests for python -m jax_gad.predict: fit + predict on a custom folder, CSV, errors."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+from fakes import write_mvtec
+import numpy as np
+from PIL import Image
+import pytest
+
+import jax_gad
+from jax_gad import checkpoint as ckpt
+from jax_gad import fit as fit_module
+from jax_gad import metrics, predict
+
+ARCH = "efficientnet-lite0"
+SIZE = 64
+LEVELS = (3, 5, 7, 8)
+CATEGORY = "bracket"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  return ckpt.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, checkpoint):
+  """A custom-name folder without masks, fitted through the fit CLI entry point."""
+  root = tmp_path_factory.mktemp("raw")
+  write_mvtec(
+    root,
+    categories=((CATEGORY, "rgb"),),
+    n_train=10,
+    n_good_test=4,
+    defects=(("burr", 4), ("crack", 3)),
+    size=40,
+    seed=3,
+  )
+  shutil.rmtree(root / CATEGORY / "ground_truth")
+  work = tmp_path_factory.mktemp("work")
+  det_path = work / "det.jgd"
+  fit_module.command(
+    det_path,
+    CATEGORY,
+    dataset="folder",
+    data_dir=root,
+    arch=ARCH,
+    checkpoint=checkpoint,
+    image_size=SIZE,
+    levels=LEVELS,
+    batch_size=8,
+    tfds_dir=work / "tfds",
+    progress=False,
+  )
+  return root, det_path
+
+
+def _rows(path):
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _predict(checkpoint, **kw):
+  """predict.command as the CLI runs it; returns the lines the CLI prints."""
+  det, result = predict.command(checkpoint=checkpoint, batch_size=8, progress=False, **kw)
+  return predict.summary(det, result, kw.get("sigma"))
+
+
+def test_predict_folder_equals_in_memory_scores(setup, checkpoint, tmp_path):
+  root, det_path = setup
+  test_dir = root / CATEGORY / "test"
+  out = tmp_path / "scores.csv"
+  printed = "\n".join(_predict(checkpoint, detector=det_path, input=test_dir, output=out))
+  rows = _rows(out)
+  paths = sorted(str(p) for p in test_dir.rglob("*.png"))
+  assert [r["path"] for r in rows] == paths
+  assert list(rows[0]) == ["path"] + [f"level_{l}" for l in LEVELS] + ["total", "decision", "error"]
+  det = jax_gad.load_detector(det_path, checkpoint=checkpoint)
+  images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+  ref = det.score(images)
+  got_levels = np.array([[float(r[f"level_{l}"]) for l in LEVELS] for r in rows])
+  got_total = np.array([float(r["total"]) for r in rows])
+  np.testing.assert_allclose(got_levels, ref.per_level, rtol=1e-6)
+  np.testing.assert_allclose(got_total, ref.total, rtol=1e-6)
+  assert [r["decision"] for r in rows] == [
+    "anomalous" if t > det.threshold else "normal" for t in ref.total
+  ]
+  # MVTec test layout: AUROC and TPR/FPR printed, equal to a recomputation.
+  labels = np.array([int("/good/" not in p) for p in paths])
+  assert f"image AUROC {100 * metrics.auroc(ref.total, labels):.2f} %" in printed
+  flagged = ref.total > det.threshold
+  assert f"FPR {flagged[labels == 0].mean():.3f}" in printed
+
+
+def test_predict_single_file_and_glob(setup, checkpoint, tmp_path):
+  root, det_path = setup
+  one = root / CATEGORY / "test" / "crack" / "001.png"
+  _predict(checkpoint, detector=det_path, input=one, output=tmp_path / "a.csv")
+  assert [r["path"] for r in _rows(tmp_path / "a.csv")] == [str(one)]
+  pattern = str(root / CATEGORY / "test" / "**" / "00[01].png")
+  _predict(checkpoint, detector=det_path, input=pattern, output=tmp_path / "b.csv")
+  rows = _rows(tmp_path / "b.csv")
+  assert len(rows) == 3 * 2
+  assert {os.path.basename(r["path"]) for r in rows} == {"000.png", "001.png"}
+
+
+def _bad_images(tmp_path):
+  d = tmp_path / "imgs"
+  d.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(d / f"{i}.png")
+  (d / "1.png").write_bytes(b"")  # zero bytes
+  (d / "2.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+  return d
+
+
+def test_on_error_fail_writes_nothing(setup, checkpoint, tmp_path):
+  _, det_path = setup
+  d = _bad_images(tmp_path)
+  out = tmp_path / "s.csv"
+  with pytest.raises(ValueError) as err:
+    _predict(checkpoint, detector=det_path, input=d, output=out)
+  msg = str(err.value)
+  assert str(d / "1.png") in msg and "BytesIO" not in msg and "\n" not in msg
+  assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_on_error_skip_lists_the_bad_images(setup, checkpoint, tmp_path):
+  _, det_path = setup
+  d = _bad_images(tmp_path)
+  out = tmp_path / "s.csv"
+  lines = _predict(checkpoint, detector=det_path, input=d, output=out, on_error="skip")
+  assert "2 skipped with errors" in lines[0]
+  rows = {os.path.basename(r["path"]): r for r in _rows(out)}
+  assert set(rows) == {"0.png", "1.png", "2.png"}
+  assert rows["0.png"]["decision"] in ("normal", "anomalous") and not rows["0.png"]["error"]
+  for bad in ("1.png", "2.png"):
+    assert rows[bad]["decision"] == "error" and str(d / bad) in rows[bad]["error"]
+    assert rows[bad]["total"] == ""
+
+
+@pytest.mark.parametrize(
+  "kind", ["empty folder", "no images", "missing", "bad sigma", "bad detector"]
+)
+def test_bad_input_one_line_error(kind, setup, checkpoint, tmp_path):
+  _, det_path = setup
+  args = {"detector": det_path, "input": tmp_path / "in"}
+  (tmp_path / "in").mkdir()
+  if kind == "empty folder":
+    expect = "holds no images"
+  elif kind == "no images":
+    (tmp_path / "in" / "readme.txt").write_text("hi")
+    expect = "holds no images"
+  elif kind == "missing":
+    args["input"] = tmp_path / "nowhere"
+    expect = "does not exist"
+  elif kind == "bad sigma":
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in" / "x.png")
+    args["sigma"] = 42
+    expect = "sigma"
+  elif kind == "bad detector":
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in" / "x.png")
+    (tmp_path / "det.jgd").write_bytes(b"\x80\x04garbage")
+    args["detector"] = tmp_path / "det.jgd"
+    expect = "not a jax_gad detector"
+  out = tmp_path / "s.csv"
+  with pytest.raises(ValueError) as err:
+    _predict(checkpoint, output=out, **args)
+  assert expect in str(err.value) and "\n" not in str(err.value)
+  assert not out.exists()
+
+
+def test_cli_exit_code_in_a_subprocess(setup, checkpoint, tmp_path):
+  _, det_path = setup
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jax_gad.predict",
+      f"--detector={det_path}",
+      f"--input={tmp_path / 'none'}",
+      f"--output={tmp_path / 'o.csv'}",
+      f"--checkpoint={checkpoint}",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith("jax_gad.predict: error:")
+  assert "does not exist" in proc.stderr
+  assert not (tmp_path / "o.csv").exists()
