@@ -132,7 +132,7 @@ def _per_location(fn, batched: tuple[int, ...]):
 
 
 # maps (N, H, W, C): the H axis is 1, and after vmapping it out, the W axis is 1 again.
-_moments_loc = _per_location(gaussian._moments_impl, (1, None))  # pylint: disable=protected-access
+_moments_loc = _per_location(gaussian.moments_kernel, (1, None))  # pylint: disable=protected-access
 _merge_loc = _per_location(gaussian._merge_impl, (0, 0))  # pylint: disable=protected-access
 
 
