@@ -396,7 +396,16 @@ def run(cfg: Config) -> dict:
       )
       if cfg.maps:
         map_outputs[c] = _maps_for_category(
-          cfg, c, train, test, model, variables, meta, image_size, mesh, batch_size,
+          cfg,
+          c,
+          train,
+          test,
+          model,
+          variables,
+          meta,
+          image_size,
+          mesh,
+          batch_size,
           [all_folds[k] for k in cfg.folds],
         )
 
@@ -534,9 +543,7 @@ def maps_table(doc) -> str:
 
   text = mp.table_markdown(doc["maps"]["per_category"], _pooled_cells(doc))
   if doc["maps"]["no_masks"]:
-    text += (
-      "\nNo defect masks (image metrics only): " + ", ".join(doc["maps"]["no_masks"]) + "\n"
-    )
+    text += "\nNo defect masks (image metrics only): " + ", ".join(doc["maps"]["no_masks"]) + "\n"
   return text
 
 

@@ -28,8 +28,9 @@ def _maps(seed, n, h=2, w=3, c=5, dtype=np.float32):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('n,c,shrinkage', [(12, 5, 'ledoit_wolf'), (6, 9, 'ledoit_wolf'),
-                                           (10, 4, 0.3), (4, 6, 0.0)])
+@pytest.mark.parametrize(
+  'n,c,shrinkage', [(12, 5, 'ledoit_wolf'), (6, 9, 'ledoit_wolf'), (10, 4, 0.3), (4, 6, 0.0)]
+)
 def test_per_location_fit_equals_fit_gaussian_per_location(n, c, shrinkage):
   train = _maps(0, n, c=c)
   test = _maps(1, 4, c=c)
@@ -45,8 +46,7 @@ def test_per_location_fit_equals_fit_gaussian_per_location(n, c, shrinkage):
       prec = np.asarray(gaussian.precision(ref), np.float64)
       scale = np.abs(prec).max()
       np.testing.assert_allclose(w @ w.T / scale, prec / scale, rtol=1e-4, atol=1e-5)
-      np.testing.assert_allclose(dist[:, i, j], gaussian.mahalanobis(ref, test[:, i, j]),
-                                 rtol=1e-5)
+      np.testing.assert_allclose(dist[:, i, j], gaussian.mahalanobis(ref, test[:, i, j]), rtol=1e-5)
 
 
 def test_ridge_adds_to_the_shrunk_covariance():
@@ -66,7 +66,7 @@ def test_streamed_fit_equals_one_shot_float64():
     # Uneven batches, a padded (masked) last batch, and a merge of two halves.
     stats = mfit.empty((3, 2, 6), jnp.float64)
     for start in range(0, 20, 7):
-      stats = mfit.accumulate(stats, maps[start:min(start + 7, 20)])
+      stats = mfit.accumulate(stats, maps[start : min(start + 7, 20)])
     padded = np.concatenate([maps[20:], np.zeros((4,) + maps.shape[1:])])
     stats = mfit.accumulate(stats, padded, mask=np.arange(7) < 3)
     streamed = mfit.finalize(stats)
@@ -119,8 +119,7 @@ def test_fit_bad_input():
 @pytest.mark.parametrize('sigma', [0.7, 2.0, 4.0])
 def test_blur_equals_scipy_gaussian_filter(sigma):
   x = np.random.default_rng(6).normal(size=(2, 13, 7)).astype(np.float32)
-  ref = np.stack([ndimage.gaussian_filter(a.astype(np.float64), sigma, mode='reflect')
-                  for a in x])
+  ref = np.stack([ndimage.gaussian_filter(a.astype(np.float64), sigma, mode='reflect') for a in x])
   np.testing.assert_allclose(postprocess.blur(x, sigma), ref, atol=1e-5)
 
 
@@ -136,13 +135,16 @@ def test_combine_mean_and_chi():
   a, b = rng.uniform(size=(2, 4, 4)), rng.uniform(size=(2, 2, 2))
   ref = [preprocess.resize_bilinear(m, 16) for m in a]
   ref_b = [preprocess.resize_bilinear(m, 16) for m in b]
-  mean = np.stack([ndimage.gaussian_filter((x + y) / 2, 1.5, mode='reflect')
-                   for x, y in zip(ref, ref_b)])
-  chi = np.stack([ndimage.gaussian_filter((x / 2 + y / 3) / 2, 1.5, mode='reflect')
-                  for x, y in zip(ref, ref_b)])
+  mean = np.stack(
+    [ndimage.gaussian_filter((x + y) / 2, 1.5, mode='reflect') for x, y in zip(ref, ref_b)]
+  )
+  chi = np.stack(
+    [ndimage.gaussian_filter((x / 2 + y / 3) / 2, 1.5, mode='reflect') for x, y in zip(ref, ref_b)]
+  )
   np.testing.assert_allclose(postprocess.combine([a, b], 16, sigma=1.5), mean, atol=1e-5)
-  np.testing.assert_allclose(postprocess.combine([a, b], 16, rule='chi', widths=[4, 9], sigma=1.5),
-                             chi, atol=1e-5)
+  np.testing.assert_allclose(
+    postprocess.combine([a, b], 16, rule='chi', widths=[4, 9], sigma=1.5), chi, atol=1e-5
+  )
   with pytest.raises(ValueError, match='combine rule'):
     postprocess.combine([a], 16, rule='max')
 
@@ -209,7 +211,8 @@ def test_pixel_auroc_equals_sklearn_and_aupro_equals_reference(seed):
   assert got.n_regions == 4
   for limit in (0.05, 1.0):
     assert metrics.aupro(maps, masks, limit) == pytest.approx(
-        _reference_aupro(maps, masks, limit), abs=1e-6)
+      _reference_aupro(maps, masks, limit), abs=1e-6
+    )
 
 
 def test_aupro_perfect_and_no_defects():
@@ -238,6 +241,7 @@ def test_select_first_per_defect_type():
 
 def test_write_overlay_png(tmp_path):
   from PIL import Image
+
   image = np.random.default_rng(10).integers(0, 255, size=(24, 32, 3), dtype=np.uint8)
   amap = np.random.default_rng(11).uniform(size=(24, 32)).astype(np.float32)
   mask = np.zeros((24, 32), np.uint8)

@@ -2,10 +2,10 @@
 
 import json
 
+from fakes import write_mvtec
 import jax
 import numpy as np
 import pytest
-from fakes import write_mvtec
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
@@ -41,10 +41,22 @@ def test_fold_parts_cover_each_fold_once():
 
 def test_main_maps_equal_independent_computation(tmp_path, mvtec, checkpoint):
   cfg = main.config(
-    workdir=str(tmp_path / "work"), dataset="mvtec_ad", data_dir=mvtec,
-    tfds_dir=str(tmp_path / "tfds"), arch=ARCH, checkpoint=checkpoint, image_size=SIZE,
-    batch_size=4, cache_dir=None, plots=False, categories=("bottle",), folds=(0, 3),
-    distances=("mahalanobis",), maps=True, save_maps=True, map_levels=LEVELS,
+    workdir=str(tmp_path / "work"),
+    dataset="mvtec_ad",
+    data_dir=mvtec,
+    tfds_dir=str(tmp_path / "tfds"),
+    arch=ARCH,
+    checkpoint=checkpoint,
+    image_size=SIZE,
+    batch_size=4,
+    cache_dir=None,
+    plots=False,
+    categories=("bottle",),
+    folds=(0, 3),
+    distances=("mahalanobis",),
+    maps=True,
+    save_maps=True,
+    map_levels=LEVELS,
   )
   doc = main.run(cfg)
   work = tmp_path / "work"
@@ -61,12 +73,18 @@ def test_main_maps_equal_independent_computation(tmp_path, mvtec, checkpoint):
   # numpy/scipy postprocessing, scikit-learn AUROC.
   variables, meta = ckpt.load_checkpoint(checkpoint, arch=ARCH)
   model = efficientnet.create(ARCH)
-  splits = {s: data.load("mvtec_ad", "bottle", s, data_dir=mvtec, tfds_dir=cfg.tfds_dir)
-            for s in ("train", "test")}
+  splits = {
+    s: data.load("mvtec_ad", "bottle", s, data_dir=mvtec, tfds_dir=cfg.tfds_dir)
+    for s in ("train", "test")
+  }
   levels = {}
   for s, src in splits.items():
-    x = np.stack([preprocess.prepare_image(src[i]["image"], SIZE, meta["mean"], meta["std"])
-                  for i in range(len(src))])
+    x = np.stack(
+      [
+        preprocess.prepare_image(src[i]["image"], SIZE, meta["mean"], meta["std"])
+        for i in range(len(src))
+      ]
+    )
     out = model.apply(variables, x)
     levels[s] = [np.asarray(out[l], np.float32) for l in LEVELS]
   test = splits["test"]
@@ -100,8 +118,10 @@ def test_category_without_masks_reports_image_metrics_only():
     pass
 
   rng = np.random.default_rng(0)
-  source = Source({"image": np.zeros((8, 8, 3), np.uint8), "mask": np.zeros((8, 8), np.uint8),
-                   "label": i % 2} for i in range(4))
+  source = Source(
+    {"image": np.zeros((8, 8, 3), np.uint8), "mask": np.zeros((8, 8), np.uint8), "label": i % 2}
+    for i in range(4)
+  )
   maps = rng.uniform(size=(1, 4, 8, 8)).astype(np.float32)
   runs, _, _ = mp.evaluate_category("c", maps, [0], source, lambda s, y: roc_auc_score(y, s))
   assert runs[0].pixel_auroc is None and runs[0].aupro is None
@@ -118,8 +138,9 @@ def test_save_maps_needs_maps(tmp_path):
 def test_map_extractor_returns_unpooled_levels(checkpoint):
   variables, _ = ckpt.load_checkpoint(checkpoint, arch=ARCH)
   model = efficientnet.create(ARCH)
-  ex = mp.MapExtractor(model, variables, image_size=SIZE, levels=(4, 6), batch_size=2,
-                       channels=((0, 5, 7), None))
+  ex = mp.MapExtractor(
+    model, variables, image_size=SIZE, levels=(4, 6), batch_size=2, channels=((0, 5, 7), None)
+  )
   x = np.random.default_rng(1).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
   got = ex(x)
   ref = model.apply(variables, x)

@@ -40,8 +40,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.scipy.linalg import solve_triangular
+import numpy as np
 
 from jax_gad import gaussian
 
@@ -61,6 +61,7 @@ class MapState(NamedTuple):
     shrinkage: (H, W) Ledoit-Wolf (or fixed) shrinkage coefficient used.
     n: (H, W) number of training images (the same at every location).
   """
+
   mean: Array
   whitening: Array
   shrinkage: Array
@@ -83,22 +84,32 @@ def _check_maps(maps, name: str = 'maps', shape: tuple | None = None) -> Array:
   if kind not in 'fiub' and np.dtype(maps.dtype) != jnp.bfloat16:
     raise ValueError(f'{name} must hold real numbers, got dtype {maps.dtype}.')
   if shape is not None and tuple(maps.shape[1:]) != tuple(shape):
-    raise ValueError(f'{name} has per-image shape {tuple(maps.shape[1:])}; the statistics '
-                     f'were built for (H, W, C) = {tuple(shape)}.')
+    raise ValueError(
+      f'{name} has per-image shape {tuple(maps.shape[1:])}; the statistics '
+      f'were built for (H, W, C) = {tuple(shape)}.'
+    )
   return maps
 
 
 def _check_stats(stats, name: str = 'stats') -> tuple[int, int, int]:
   if not isinstance(stats, gaussian.Moments):
-    raise TypeError(f'{name} must be a jax_gad.gaussian.Moments with leading (H, W) axes, '
-                     f'got {type(stats).__name__}.')
+    raise TypeError(
+      f'{name} must be a jax_gad.gaussian.Moments with leading (H, W) axes, '
+      f'got {type(stats).__name__}.'
+    )
   if stats.mean.ndim != 3:
     raise ValueError(f'{name}.mean must be (H, W, C), got shape {tuple(stats.mean.shape)}.')
   h, w, c = stats.mean.shape
-  if (stats.scatter.shape != (h, w, c, c) or stats.third.shape != (h, w, c)
-      or stats.n.shape != (h, w) or stats.fourth.shape != (h, w)):
-    raise ValueError(f'{name} is inconsistent: mean {tuple(stats.mean.shape)}, scatter '
-                     f'{tuple(stats.scatter.shape)}, n {tuple(stats.n.shape)}.')
+  if (
+    stats.scatter.shape != (h, w, c, c)
+    or stats.third.shape != (h, w, c)
+    or stats.n.shape != (h, w)
+    or stats.fourth.shape != (h, w)
+  ):
+    raise ValueError(
+      f'{name} is inconsistent: mean {tuple(stats.mean.shape)}, scatter '
+      f'{tuple(stats.scatter.shape)}, n {tuple(stats.n.shape)}.'
+    )
   return h, w, c
 
 
@@ -108,14 +119,18 @@ def _check_mask(mask, n: int):
   if not hasattr(mask, 'shape') or not hasattr(mask, 'dtype'):
     mask = np.asarray(mask)
   if tuple(mask.shape) != (n,) or np.dtype(mask.dtype) != np.bool_:
-    raise ValueError(f'mask must be a boolean array of shape ({n},), got {mask.dtype} '
-                     f'{tuple(mask.shape)}.')
+    raise ValueError(
+      f'mask must be a boolean array of shape ({n},), got {mask.dtype} {tuple(mask.shape)}.'
+    )
   return jnp.asarray(mask)
 
 
 def _check_ridge(ridge) -> float:
-  if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not (
-      0.0 <= float(ridge) < float('inf')):
+  if (
+    isinstance(ridge, bool)
+    or not isinstance(ridge, numbers.Real)
+    or not (0.0 <= float(ridge) < float('inf'))
+  ):
     raise ValueError(f'ridge must be a finite number >= 0, got {ridge!r}.')
   return float(ridge)
 
@@ -284,15 +299,15 @@ def _fit_cholesky(m: gaussian.Moments, mode: str, value, ridge):
 
 @functools.partial(jax.jit, static_argnames='mode')
 def _finalize_fast_jit(stats, mode, value, ridge):
-  whitening, shrinkage, ok = _per_location(
-      lambda m: _fit_cholesky(m, mode, value, ridge), (0,))(stats)
+  whitening, shrinkage, ok = _per_location(lambda m: _fit_cholesky(m, mode, value, ridge), (0,))(
+    stats
+  )
   return MapState(mean=stats.mean, whitening=whitening, shrinkage=shrinkage, n=stats.n), ok
 
 
 @functools.partial(jax.jit, static_argnames='mode')
 def _finalize_full_jit(stats, mode, value, ridge):
-  whitening, shrinkage = _per_location(
-      lambda m: _fit_location(m, mode, value, ridge), (0,))(stats)
+  whitening, shrinkage = _per_location(lambda m: _fit_location(m, mode, value, ridge), (0,))(stats)
   return MapState(mean=stats.mean, whitening=whitening, shrinkage=shrinkage, n=stats.n)
 
 
@@ -316,8 +331,9 @@ def finalize(stats: gaussian.Moments, shrinkage='ledoit_wolf', ridge: float = 0.
   mode, value = gaussian._check_shrinkage(shrinkage)  # pylint: disable=protected-access
   ridge = _check_ridge(ridge)
   if float(jnp.min(stats.n)) < 2:
-    raise ValueError(f'stats hold {float(jnp.min(stats.n)):g} image(s); at least 2 are needed '
-                     'to fit.')
+    raise ValueError(
+      f'stats hold {float(jnp.min(stats.n)):g} image(s); at least 2 are needed to fit.'
+    )
   dtype = stats.mean.dtype
   value, ridge = jnp.asarray(value, dtype), jnp.asarray(ridge, dtype)
   state, ok = _finalize_fast_jit(stats, mode, value, ridge)
@@ -355,8 +371,9 @@ def score(state: MapState, maps) -> Array:
   return _score_jit(state, jnp.asarray(maps))
 
 
-def fit(maps, shrinkage='ledoit_wolf', ridge: float = 0.0, batch_size: int | None = None
-        ) -> MapState:
+def fit(
+  maps, shrinkage='ledoit_wolf', ridge: float = 0.0, batch_size: int | None = None
+) -> MapState:
   """One-call fit of per-location Gaussians on in-memory maps (streams in batches).
 
   Args:
@@ -376,7 +393,7 @@ def fit(maps, shrinkage='ledoit_wolf', ridge: float = 0.0, batch_size: int | Non
   dtype = _maps_dtype(maps)
   stats = empty(maps.shape[1:], dtype)
   for start in range(0, n, step):
-    stats = accumulate(stats, jnp.asarray(maps[start:start + step], dtype))
+    stats = accumulate(stats, jnp.asarray(maps[start : start + step], dtype))
   return finalize(stats, shrinkage, ridge)
 
 

@@ -22,8 +22,8 @@ it, so the whole curve is a cumulative sum in sort order.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -35,6 +35,7 @@ STRUCTURE = np.ones((3, 3), dtype=int)  # 8-connectivity, as in the MVTec AD eva
 
 class PixelMetrics(NamedTuple):
   """Localisation metrics of one test set (NaN when the set has no defect pixels)."""
+
   pixel_auroc: float
   aupro: float
   n_regions: int
@@ -44,8 +45,7 @@ class PixelMetrics(NamedTuple):
 
 def _check(maps, masks) -> tuple[list[np.ndarray], list[np.ndarray]]:
   if len(maps) != len(masks):
-    raise ValueError(f'maps and masks must have the same length, got {len(maps)} and '
-                     f'{len(masks)}.')
+    raise ValueError(f'maps and masks must have the same length, got {len(maps)} and {len(masks)}.')
   if len(maps) == 0:
     raise ValueError('maps is empty; at least one image is needed.')
   out_maps, out_masks = [], []
@@ -53,8 +53,9 @@ def _check(maps, masks) -> tuple[list[np.ndarray], list[np.ndarray]]:
     m = np.asarray(m)
     g = np.asarray(g)
     if m.ndim != 2 or m.shape != g.shape:
-      raise ValueError(f'maps[{i}] and masks[{i}] must be 2-D of the same shape, got '
-                       f'{m.shape} and {g.shape}.')
+      raise ValueError(
+        f'maps[{i}] and masks[{i}] must be 2-D of the same shape, got {m.shape} and {g.shape}.'
+      )
     if not np.isfinite(m).all():
       raise ValueError(f'maps[{i}] contains NaN or inf.')
     out_maps.append(m)
@@ -63,8 +64,11 @@ def _check(maps, masks) -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 
 def _check_limit(fpr_limit) -> float:
-  if (isinstance(fpr_limit, bool) or not isinstance(fpr_limit, numbers.Real)
-      or not 0.0 < float(fpr_limit) <= 1.0):
+  if (
+    isinstance(fpr_limit, bool)
+    or not isinstance(fpr_limit, numbers.Real)
+    or not 0.0 < float(fpr_limit) <= 1.0
+  ):
     raise ValueError(f'fpr_limit must be a number in (0, 1], got {fpr_limit!r}.')
   return float(fpr_limit)
 
@@ -80,8 +84,9 @@ def _trapezoid_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
   return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2.0))
 
 
-def pixel_metrics(maps: Sequence, masks: Sequence, fpr_limit: float = DEFAULT_FPR_LIMIT
-                  ) -> PixelMetrics:
+def pixel_metrics(
+  maps: Sequence, masks: Sequence, fpr_limit: float = DEFAULT_FPR_LIMIT
+) -> PixelMetrics:
   """Pixel AUROC and AUPRO of anomaly maps against ground-truth masks.
 
   Args:

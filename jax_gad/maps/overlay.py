@@ -14,10 +14,10 @@ percentiles of all its test-map pixels), so colours compare across images.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import io
 import os
 import re
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -50,8 +50,15 @@ def file_name(index: int, file_name_in_split: str) -> str:
   return f'{index:03d}_{stem}.png'
 
 
-def render(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, *, vmin: float,
-           vmax: float, title: str = '') -> bytes:
+def render(
+  image: np.ndarray,
+  amap: np.ndarray,
+  mask: np.ndarray | None,
+  *,
+  vmin: float,
+  vmax: float,
+  title: str = '',
+) -> bytes:
   """PNG bytes of the two-panel overlay of one image.
 
   Args:
@@ -62,14 +69,16 @@ def render(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, *, vmin
     title: figure title.
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg', force=False)
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
   image = np.asarray(image)
   amap = np.asarray(amap, np.float32)
   if image.ndim != 3 or image.shape[:2] != amap.shape:
-    raise ValueError(f'image (H, W, 3) and map (H, W) must agree, got {image.shape} and '
-                     f'{amap.shape}.')
+    raise ValueError(
+      f'image (H, W, 3) and map (H, W) must agree, got {image.shape} and {amap.shape}.'
+    )
   fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.4), dpi=80)
   try:
     axes[0].imshow(image)
@@ -92,7 +101,8 @@ def render(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, *, vmin
     plt.close(fig)
 
 
-def write_overlay(path: str, image, amap, mask, *, vmin: float, vmax: float,
-                  title: str = '') -> None:
+def write_overlay(
+  path: str, image, amap, mask, *, vmin: float, vmax: float, title: str = ''
+) -> None:
   """Writes :func:`render`'s PNG to ``path`` atomically."""
   files.atomic_write(path, render(image, amap, mask, vmin=vmin, vmax=vmax, title=title))

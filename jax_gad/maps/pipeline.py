@@ -17,15 +17,15 @@ pass over the training images serves every fold.
 from __future__ import annotations
 
 import functools
-import math
 import os
+import time
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from jax_gad import features, files
 from jax_gad.data import pipeline as data_pipeline
@@ -85,26 +85,40 @@ class MapExtractor(features.LevelExtractor):
   array per level, left sharded over the batch axis on the devices.
   """
 
-  def __init__(self, module, variables, *, image_size: int, levels: Sequence[int],
-               channels: Sequence | None = None, mesh=None, batch_size: int = 8):
-    super().__init__(module, variables, image_size=image_size, levels=levels, mesh=mesh,
-                     batch_size=batch_size)
+  def __init__(
+    self,
+    module,
+    variables,
+    *,
+    image_size: int,
+    levels: Sequence[int],
+    channels: Sequence | None = None,
+    mesh=None,
+    batch_size: int = 8,
+  ):
+    super().__init__(
+      module, variables, image_size=image_size, levels=levels, mesh=mesh, batch_size=batch_size
+    )
     if channels is not None:
       if len(channels) != len(self.levels):
-        raise ValueError(f'channels must give one entry per level ({len(self.levels)}), got '
-                         f'{len(channels)}.')
+        raise ValueError(
+          f'channels must give one entry per level ({len(self.levels)}), got {len(channels)}.'
+        )
       channels = tuple(None if c is None else tuple(int(i) for i in c) for c in channels)
     self.channels = channels
 
   def compile(self) -> float:
     if self._compiled is None:
-      import time
-
       start = time.perf_counter()
       spec = jax.ShapeDtypeStruct(self.input_shape, jnp.float32, sharding=self._batch_sharding)
       self._compiled = _level_maps.lower(
-        self.variables, spec, module=self.module, levels=self.levels, channels=self.channels,
-        mesh=self.mesh).compile()
+        self.variables,
+        spec,
+        module=self.module,
+        levels=self.levels,
+        channels=self.channels,
+        mesh=self.mesh,
+      ).compile()
       self.compile_seconds = time.perf_counter() - start
     return self.compile_seconds
 
@@ -113,26 +127,41 @@ class MapExtractor(features.LevelExtractor):
     out = self.compiled.out_info if hasattr(self.compiled, 'out_info') else None
     if out is None:
       spec = jax.ShapeDtypeStruct(self.input_shape, jnp.float32)
-      out = jax.eval_shape(functools.partial(
-        _level_maps, module=self.module, levels=self.levels, channels=self.channels,
-        mesh=self.mesh), self.variables, spec)
+      out = jax.eval_shape(
+        functools.partial(
+          _level_maps,
+          module=self.module,
+          levels=self.levels,
+          channels=self.channels,
+          mesh=self.mesh,
+        ),
+        self.variables,
+        spec,
+      )
     return [tuple(int(s) for s in o.shape[1:]) for o in out]
 
 
-def channel_subsets(extractor_shapes: Sequence[tuple[int, int, int]], k: int | None,
-                    seed: int = 0) -> tuple | None:
+def channel_subsets(
+  extractor_shapes: Sequence[tuple[int, int, int]], k: int | None, seed: int = 0
+) -> tuple | None:
   """Per level, a fixed random subset of k channels (None when k is None)."""
   if k is None:
     return None
-  return tuple(tuple(mfit.random_channels(c, k, seed + i).tolist())
-               for i, (_, _, c) in enumerate(extractor_shapes))
+  return tuple(
+    tuple(mfit.random_channels(c, k, seed + i).tolist())
+    for i, (_, _, c) in enumerate(extractor_shapes)
+  )
 
 
 def _batches(extractor, source, preprocess, num_workers):
   return data_pipeline.prefetch_batches(
-    source, preprocess=preprocess, batch_size=extractor.batch_size,
-    image_shape=(extractor.image_size, extractor.image_size, 3), rows=extractor.local_rows,
-    num_workers=num_workers)
+    source,
+    preprocess=preprocess,
+    batch_size=extractor.batch_size,
+    image_shape=(extractor.image_size, extractor.image_size, 3),
+    rows=extractor.local_rows,
+    num_workers=num_workers,
+  )
 
 
 def fold_parts(n_train: int, fold_indices: Sequence[np.ndarray]) -> tuple[np.ndarray, list]:
@@ -148,9 +177,16 @@ def fold_parts(n_train: int, fold_indices: Sequence[np.ndarray]) -> tuple[np.nda
   return part, per_fold
 
 
-def fit_folds(extractor: MapExtractor, source, fold_indices: Sequence[np.ndarray], *,
-              preprocess, settings: MapSettings, num_workers: int = 2,
-              progress=None) -> list[list[mfit.MapState]]:
+def fit_folds(
+  extractor: MapExtractor,
+  source,
+  fold_indices: Sequence[np.ndarray],
+  *,
+  preprocess,
+  settings: MapSettings,
+  num_workers: int = 2,
+  progress=None,
+) -> list[list[mfit.MapState]]:
   """Streams the training images once and fits per-location Gaussians for every fold.
 
   Args:
@@ -199,9 +235,16 @@ def fit_folds(extractor: MapExtractor, source, fold_indices: Sequence[np.ndarray
   return states
 
 
-def score_folds(extractor: MapExtractor, source, states: Sequence[Sequence[mfit.MapState]], *,
-                preprocess, settings: MapSettings, num_workers: int = 2,
-                progress=None) -> np.ndarray:
+def score_folds(
+  extractor: MapExtractor,
+  source,
+  states: Sequence[Sequence[mfit.MapState]],
+  *,
+  preprocess,
+  settings: MapSettings,
+  num_workers: int = 2,
+  progress=None,
+) -> np.ndarray:
   """Anomaly maps of every test image under every fold's fit, at the network input size.
 
   Returns:
@@ -221,8 +264,9 @@ def score_folds(extractor: MapExtractor, source, states: Sequence[Sequence[mfit.
       stop = min(start + batch, n)
       for k, fold_states in enumerate(states):
         dists = [mfit.score(st, m) for st, m in zip(fold_states, maps)]
-        combined = postprocess.combine(dists, size, rule=settings.rule, widths=widths,
-                                       sigma=settings.sigma)
+        combined = postprocess.combine(
+          dists, size, rule=settings.rule, widths=widths, sigma=settings.sigma
+        )
         out[k, start:stop] = np.asarray(jax.device_get(combined))[: stop - start]
       if progress is not None:
         progress(stop - start)
@@ -241,8 +285,9 @@ class FoldMaps(NamedTuple):
   aupro: float | None
 
 
-def evaluate_category(category: str, maps: np.ndarray, folds: Sequence[int], source,
-                      image_auroc_fn) -> tuple[list[FoldMaps], list, list]:
+def evaluate_category(
+  category: str, maps: np.ndarray, folds: Sequence[int], source, image_auroc_fn
+) -> tuple[list[FoldMaps], list, list]:
   """Metrics of each fold's maps against the test masks, at the original image sizes.
 
   Args:
@@ -278,8 +323,16 @@ def evaluate_category(category: str, maps: np.ndarray, folds: Sequence[int], sou
   return out, masks, sizes
 
 
-def write_overlays(folder: str, category: str, source, maps_fold: np.ndarray, sizes,
-                   masks, fold: int, per_type: int = 2) -> list[str]:
+def write_overlays(
+  folder: str,
+  category: str,
+  source,
+  maps_fold: np.ndarray,
+  sizes,
+  masks,
+  fold: int,
+  per_type: int = 2,
+) -> list[str]:
   """Overlay PNGs of the documented subset (:func:`jax_gad.maps.overlay.select`) for one fold."""
   chosen = moverlay.select(list(source.defect_types), per_type)
   if not chosen:
@@ -293,14 +346,14 @@ def write_overlays(folder: str, category: str, source, maps_fold: np.ndarray, si
     item = source[i]
     name = moverlay.file_name(i, source.file_names[i])
     title = f'{category} / {source.defect_types[i]} (fold {fold}), max {float(amap.max()):.2f}'
-    moverlay.write_overlay(os.path.join(sub, name), item['image'], amap, masks[i], vmin=vmin,
-                           vmax=vmax, title=title)
+    moverlay.write_overlay(
+      os.path.join(sub, name), item['image'], amap, masks[i], vmin=vmin, vmax=vmax, title=title
+    )
     written.append(os.path.join('overlays', category, name))
   return written
 
 
-def save_maps(folder: str, category: str, maps: np.ndarray, folds: Sequence[int],
-              source) -> str:
+def save_maps(folder: str, category: str, maps: np.ndarray, folds: Sequence[int], source) -> str:
   """Writes ``maps_<category>.npz``: one (n_test, S, S) float32 array per fold + names, labels."""
   path = os.path.join(folder, f'maps_{category}.npz')
   arrays = {f'fold_{f}': maps[k] for k, f in enumerate(folds)}
@@ -317,7 +370,8 @@ def summarize(runs: Sequence[FoldMaps]) -> list[dict]:
   rows = []
   categories = sorted({r.category for r in runs})
   for name, sel in [(c, [r for r in runs if r.category == c]) for c in categories] + [
-      ('mean', list(runs))]:
+    ('mean', list(runs))
+  ]:
     row = {'category': name}
     for field in ('image_auroc', 'pixel_auroc', 'aupro'):
       values = [100 * getattr(r, field) for r in sel if getattr(r, field) is not None]
@@ -337,24 +391,16 @@ def _cell(mean, sem) -> str:
 
 def table_markdown(rows: Sequence[dict], pooled: dict | None = None) -> str:
   """Markdown: per category, image AUROC (pooled Sum, map max), pixel AUROC, AUPRO."""
-  lines = ['| Category | Image AUROC (pooled) | Image AUROC (map max) | Pixel AUROC | AUPRO |',
-           '|---|---|---|---|---|']
+  lines = [
+    '| Category | Image AUROC (pooled) | Image AUROC (map max) | Pixel AUROC | AUPRO |',
+    '|---|---|---|---|---|',
+  ]
   for row in rows:
     pooled_cell = (pooled or {}).get(row['category'], '-')
-    lines.append(f"| {row['category']} | {pooled_cell} | "
-                 f"{_cell(row['image_auroc_mean'], row['image_auroc_sem'])} | "
-                 f"{_cell(row['pixel_auroc_mean'], row['pixel_auroc_sem'])} | "
-                 f"{_cell(row['aupro_mean'], row['aupro_sem'])} |")
+    lines.append(
+      f"| {row['category']} | {pooled_cell} | "
+      f"{_cell(row['image_auroc_mean'], row['image_auroc_sem'])} | "
+      f"{_cell(row['pixel_auroc_mean'], row['pixel_auroc_sem'])} | "
+      f"{_cell(row['aupro_mean'], row['aupro_sem'])} |"
+    )
   return '\n'.join(lines) + '\n'
-
-
-def positive_int(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f'{name} must be a positive int, got {value!r}.')
-  return int(value)
-
-
-__all__ = [
-  'DEFAULT_MAP_LEVELS', 'FoldMaps', 'MapExtractor', 'MapSettings', 'channel_subsets',
-  'default_map_levels', 'evaluate_category', 'fit_folds', 'fold_parts', 'save_maps',
-  'score_folds', 'summarize', 'table_markdown', 'write_overlays', 'math']

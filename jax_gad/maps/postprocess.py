@@ -21,10 +21,10 @@ host (bilinear, as step 1), and the image score is the map's maximum
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import functools
 import math
 import numbers
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +87,8 @@ def _blur_jit(maps, sigma):
     padded = jnp.take(maps, jnp.asarray(_mirror_index(n, r)), axis=axis)
     out = jnp.zeros_like(maps)
     for k, weight in enumerate(kernel):
-      out = out + jnp.asarray(weight, maps.dtype) * jax.lax.slice_in_dim(padded, k, k + n, axis=axis)
+      window = jax.lax.slice_in_dim(padded, k, k + n, axis=axis)
+      out = out + jnp.asarray(weight, maps.dtype) * window
     maps = out
   return maps
 
@@ -134,8 +135,14 @@ def _check_rule(rule: str) -> None:
     raise ValueError(f'combine rule must be one of {list(COMBINE_RULES)}, got {rule!r}.')
 
 
-def combine(level_maps: Sequence, image_size: int, *, rule: str = 'mean',
-            widths: Sequence[int] | None = None, sigma: float = DEFAULT_SIGMA) -> jax.Array:
+def combine(
+  level_maps: Sequence,
+  image_size: int,
+  *,
+  rule: str = 'mean',
+  widths: Sequence[int] | None = None,
+  sigma: float = DEFAULT_SIGMA,
+) -> jax.Array:
   """Per-level Mahalanobis maps of a batch -> one blurred (N, S, S) map per image.
 
   Args:
@@ -176,8 +183,10 @@ def to_original(maps, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
   """
   maps = np.asarray(maps)
   if maps.ndim != 3 or len(sizes) != maps.shape[0]:
-    raise ValueError(f'maps must be (N, S, S) with one size per map, got shape {maps.shape} '
-                     f'and {len(sizes)} sizes.')
+    raise ValueError(
+      f'maps must be (N, S, S) with one size per map, got shape {maps.shape} '
+      f'and {len(sizes)} sizes.'
+    )
   out = []
   for m, (h, w) in zip(maps, sizes):
     if m.shape == (h, w):
