@@ -1,10 +1,10 @@
 """Benchmark of the per-location map fit: constant memory and speed against numpy + scikit-learn.
 
-  python -m jax_gad.benchmark.maps                      # the default: Lite0 and B4 map shapes
-  python -m jax_gad.benchmark.maps --counts=100,1000 --output=maps_bench.json
+  python -m jax_gad.benchmark --map_fit                 # adds this section
+  python -m jax_gad.benchmark --map_fit --map_counts=100,1000 --json=bench.json
 
-An optional section, separate from ``python -m jax_gad.benchmark`` so that the
-default benchmark stays short. The level maps are random (the fit's cost does
+An optional section of ``python -m jax_gad.benchmark`` (off by default, so the
+default benchmark stays short). The level maps are random (the fit's cost does
 not depend on the values), shaped as the default ``--map_levels`` (3, 4, 5) of
 each architecture at its native resolution:
 
@@ -22,7 +22,6 @@ each architecture at its native resolution:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -184,37 +183,17 @@ def format_report(res: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-    prog='python -m jax_gad.benchmark.maps', description=__doc__.splitlines()[0]
-  )
-  parser.add_argument('--archs', default='efficientnet-lite0,efficientnet-b4')
-  parser.add_argument('--counts', default='100,1000', help='image counts for the memory section')
-  parser.add_argument('--n_train', type=int, default=64)
-  parser.add_argument('--n_test', type=int, default=32)
-  parser.add_argument('--output', default=None, help='also write the results as JSON here')
-  args = parser.parse_args(argv)
-  archs = [a for a in args.archs.split(',') if a]
+def run_section(
+  archs=tuple(SHAPES), counts=(100, 1000), n_train: int = 64, n_test: int = 32, log=print
+) -> dict:
+  """The whole section: memory at each image count and speed, for each architecture."""
   bad = [a for a in archs if a not in SHAPES]
   if bad:
-    raise SystemExit(f'--archs: unknown {bad}; choose from {sorted(SHAPES)}')
-  try:
-    counts = [int(c) for c in args.counts.split(',') if c]
-  except ValueError:
-    raise SystemExit(f'--counts must be comma-separated ints, got {args.counts!r}') from None
-  from jax_gad.benchmark import measure
-
-  res = {'machine': measure.machine_info(), 'memory': [], 'speed': []}
+    raise ValueError(f'map benchmark archs: unknown {bad}; choose from {sorted(SHAPES)}')
+  res = {'memory': [], 'speed': []}
   for arch in archs:
+    log(f'maps: per-location fit of {arch} level-3..5 maps on {list(counts)} images ...')
     res['memory'] += memory(arch, counts)
-    res['speed'].append(speed(arch, args.n_train, args.n_test))
-  print(format_report(res))
-  if args.output:
-    from jax_gad import files
-
-    files.atomic_write(args.output, json.dumps(res, indent=1) + '\n')
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
+    log(f'maps: fit / score time per image, {arch}, vs numpy + scikit-learn ...')
+    res['speed'].append(speed(arch, n_train, n_test))
+  return res
