@@ -215,6 +215,16 @@ def test_pixel_auroc_equals_sklearn_and_aupro_equals_reference(seed):
     )
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_metrics_do_not_depend_on_the_chunk_size(monkeypatch, chunk):
+  maps, masks = _masks_and_maps(3)
+  whole = metrics.pixel_metrics(maps, masks)
+  monkeypatch.setattr(metrics, "_CHUNK", chunk)
+  chunked = metrics.pixel_metrics(maps, masks)
+  assert chunked.pixel_auroc == pytest.approx(whole.pixel_auroc, abs=1e-12)
+  assert chunked.aupro == pytest.approx(whole.aupro, abs=1e-12)
+
+
 def test_aupro_perfect_and_no_defects():
   _, masks = _masks_and_maps(0)
   perfect = [(g > 0).astype(np.float32) for g in masks]

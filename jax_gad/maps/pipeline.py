@@ -78,6 +78,12 @@ def _level_maps(variables, images, *, module, levels, channels, mesh):
   return jax.lax.with_sharding_constraint(tuple(out), NamedSharding(mesh, P(mesh.axis_names[0])))
 
 
+@functools.partial(jax.jit, static_argnames='mesh')
+def _replicated(x, *, mesh):
+  """``x`` replicated on every device, so every process (multi-host) can read it."""
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
+
+
 class MapExtractor(features.LevelExtractor):
   """A :class:`~jax_gad.features.LevelExtractor` returning unpooled float32 level maps.
 
@@ -267,6 +273,7 @@ def score_folds(
         combined = postprocess.combine(
           dists, size, rule=settings.rule, widths=widths, sigma=settings.sigma
         )
+        combined = _replicated(combined, mesh=extractor.mesh)
         out[k, start:stop] = np.asarray(jax.device_get(combined))[: stop - start]
       if progress is not None:
         progress(stop - start)
