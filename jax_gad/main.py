@@ -520,7 +520,7 @@ def _maps_doc(cfg, outputs, doc) -> dict:
     "runs": [r._asdict() for r in runs],
     "per_category": rows,
     "no_masks": sorted(c for c, out in outputs.items() if not out.has_masks),
-    "overlays": {},
+    "overlays": {c: mp.overlay_paths(c, out.test) for c, out in outputs.items()},
   }
 
 
@@ -548,32 +548,16 @@ def maps_table(doc) -> str:
 
 
 def _write_maps(folder, cfg, outputs, doc) -> None:
+  """Overlays (first evaluated fold), raw maps if asked, and the maps table."""
+  from jax_gad import files
   from jax_gad.maps import pipeline as mp
 
   for c, out in outputs.items():
-    fold = cfg.folds[0]
-    doc["maps"]["overlays"][c] = mp.write_overlays(
-      folder, c, out.test, out.maps[0], out.sizes, out.masks, fold
-    )
+    mp.write_overlays(folder, c, out.test, out.maps[0], out.sizes, out.masks, cfg.folds[0])
     if cfg.save_maps:
       mp.save_maps(folder, c, out.maps, cfg.folds, out.test)
-  files_md = maps_table(doc)
-  from jax_gad import files
-
-  files.atomic_write(os.path.join(folder, "maps.md"), files_md)
-  files.atomic_write(os.path.join(folder, "maps.csv"), _maps_csv(doc["maps"]["per_category"]))
-
-
-def _maps_csv(rows) -> str:
-  import csv
-  import io
-
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-  writer.writeheader()
-  for row in rows:
-    writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-  return buf.getvalue()
+  files.atomic_write(os.path.join(folder, "maps.md"), maps_table(doc))
+  files.atomic_write(os.path.join(folder, "maps.csv"), mp.table_csv(doc["maps"]["per_category"]))
 
 
 def main(argv):

@@ -16,7 +16,9 @@ pass over the training images serves every fold.
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import os
 import time
 from typing import NamedTuple, Sequence
@@ -330,6 +332,14 @@ def evaluate_category(
   return out, masks, sizes
 
 
+def overlay_paths(category: str, source, per_type: int = 2) -> list[str]:
+  """Workdir-relative paths of the overlays :func:`write_overlays` writes for ``source``."""
+  chosen = moverlay.select(list(source.defect_types), per_type)
+  return [
+    os.path.join('overlays', category, moverlay.file_name(i, source.file_names[i])) for i in chosen
+  ]
+
+
 def write_overlays(
   folder: str,
   category: str,
@@ -388,6 +398,16 @@ def summarize(runs: Sequence[FoldMaps]) -> list[dict]:
         row[f'{field}_mean'] = row[f'{field}_sem'] = None
     rows.append(row)
   return rows
+
+
+def table_csv(rows: Sequence[dict]) -> str:
+  """The :func:`summarize` rows as CSV (empty cells for categories without masks)."""
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator='\n')
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: ('' if v is None else v) for k, v in row.items()})
+  return buf.getvalue()
 
 
 def _cell(mean, sem) -> str:
