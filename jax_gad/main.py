@@ -43,6 +43,37 @@ cli.DEFINE_int_list(
 )
 cli.DEFINE_enum_list("distances", list(DISTANCES), DISTANCES, "Distances to evaluate.")
 flags.DEFINE_bool("plots", True, "Write ROC and per-level plots (PNG).")
+flags.DEFINE_bool(
+  "maps",
+  False,
+  "Also compute anomaly maps (per-location Gaussians on the unpooled --map_levels): pixel AUROC "
+  "and AUPRO per category and fold, and overlay PNGs (docs/maps.md).",
+)
+cli.DEFINE_int_list(
+  "map_levels",
+  [],
+  0,
+  8,
+  "Levels whose unpooled maps are modelled with --maps (default: the measured choice of the "
+  "arch, docs/maps.md: 3,4,5).",
+  allow_empty=True,
+)
+flags.DEFINE_bool(
+  "save_maps", False, "With --maps: also write the maps as maps_<category>.npz (input resolution)."
+)
+flags.DEFINE_integer(
+  "map_channels",
+  None,
+  "With --maps: keep a fixed random subset of this many channels per level (PaDiM's reduction; "
+  "default: all channels).",
+  lower_bound=1,
+)
+flags.DEFINE_float(
+  "map_sigma", 4.0, "With --maps: Gaussian blur sigma in network-input pixels.", lower_bound=0.0
+)
+flags.DEFINE_enum(
+  "map_combine", "mean", ["mean", "chi"], "With --maps: how level maps are combined (docs/maps.md)."
+)
 
 FLAGS = flags.FLAGS
 
@@ -74,6 +105,12 @@ class Config(NamedTuple):
   depthwise: str
   cache_dir: str | None
   plots: bool
+  maps: bool
+  map_levels: tuple
+  save_maps: bool
+  map_channels: int | None
+  map_sigma: float
+  map_combine: str
 
 
 def config(**overrides) -> Config:
@@ -82,7 +119,7 @@ def config(**overrides) -> Config:
   if unknown:
     raise ValueError(f"unknown Config field(s) {sorted(unknown)}; valid: {list(Config._fields)}")
   v = cli.values(Config._fields, overrides)
-  for name in ("categories", "folds", "levels", "distances"):
+  for name in ("categories", "folds", "levels", "distances", "map_levels"):
     v[name] = tuple(v[name])
   v["cache_dir"] = v["cache_dir"] or None
   return Config(**v)
@@ -114,6 +151,8 @@ def _validate(cfg: Config):
     "levels": (cfg.levels, cli.IntListParser(0, 8)),
     "categories": (cfg.categories, cli.UniqueListParser()),
   }
+  if cfg.map_levels:
+    lists["map_levels"] = (cfg.map_levels, cli.IntListParser(0, 8))
   for name, (value, parser) in lists.items():
     try:
       parser.parse(list(value))
@@ -141,6 +180,14 @@ def _validate(cfg: Config):
     raise ValueError(f"--num_workers must be positive, got {cfg.num_workers}.")
   if cfg.image_size is not None and cfg.image_size < 16:
     raise ValueError(f"--image_size must be at least 16, got {cfg.image_size}.")
+  if cfg.save_maps and not cfg.maps:
+    raise ValueError("--save_maps needs --maps (the maps are computed only with --maps).")
+  if cfg.map_channels is not None and cfg.map_channels < 1:
+    raise ValueError(f"--map_channels must be a positive int, got {cfg.map_channels}.")
+  if cfg.map_sigma < 0:
+    raise ValueError(f"--map_sigma must be >= 0, got {cfg.map_sigma}.")
+  if cfg.map_combine not in ("mean", "chi"):
+    raise ValueError(f"--map_combine must be 'mean' or 'chi', got {cfg.map_combine!r}.")
   return reduction
 
 
@@ -328,6 +375,7 @@ def run(cfg: Config) -> dict:
     return cache.get_or_compute(key, compute)
 
   results = {}
+  map_outputs = {}
   n_fits = len(categories) * len(cfg.folds) * len(levels)
   with tqdm(total=n_fits, desc="fit + score", unit="fit", disable=None) as bar:
     for c in categories:
@@ -346,6 +394,20 @@ def run(cfg: Config) -> dict:
         reduction=reduction,
         progress=bar.update,
       )
+      if cfg.maps:
+        map_outputs[c] = _maps_for_category(
+          cfg,
+          c,
+          train,
+          test,
+          model,
+          variables,
+          meta,
+          image_size,
+          mesh,
+          batch_size,
+          [all_folds[k] for k in cfg.folds],
+        )
 
   config_doc = cfg._asdict()
   config_doc.update(
@@ -379,13 +441,123 @@ def run(cfg: Config) -> dict:
     data=json.loads(json.dumps(data_doc)),
     versions=_versions(),
   )
+  if cfg.maps:
+    doc["maps"] = _maps_doc(cfg, map_outputs, doc)
   # In a multi-host run every process holds the same results; process 0 writes them.
   if jax.process_index() == 0:
-    files.write_dir(
-      cfg.workdir,
-      lambda folder: report.write_reports(folder, doc, results, cfg.distances, plots=cfg.plots),
-    )
+
+    def write(folder):
+      if cfg.maps:
+        _write_maps(folder, cfg, map_outputs, doc)
+      report.write_reports(folder, doc, results, cfg.distances, plots=cfg.plots)
+
+    files.write_dir(cfg.workdir, write)
   return doc
+
+
+class _CategoryMaps(NamedTuple):
+  runs: list
+  maps: object  # (n_folds, n_test, S, S) float32
+  test: object
+  masks: list
+  sizes: list
+  has_masks: bool
+
+
+def _maps_for_category(
+  cfg, category, train, test, model, variables, meta, image_size, mesh, batch_size, fold_indices
+):
+  """Per-location fits streamed over the training batches, test maps and their metrics."""
+  from jax_gad import metrics
+  from jax_gad.data import pipeline as data_pipeline
+  from jax_gad.maps import pipeline as mp
+
+  levels = tuple(cfg.map_levels) or mp.default_map_levels(cfg.arch)
+  extractor = mp.MapExtractor(
+    model, variables, image_size=image_size, levels=levels, mesh=mesh, batch_size=batch_size
+  )
+  channels = mp.channel_subsets(extractor.map_shapes(), cfg.map_channels)
+  if channels is not None:
+    extractor = mp.MapExtractor(
+      model,
+      variables,
+      image_size=image_size,
+      levels=levels,
+      channels=channels,
+      mesh=mesh,
+      batch_size=batch_size,
+    )
+  settings = mp.MapSettings(
+    levels=levels, channels=channels, rule=cfg.map_combine, sigma=cfg.map_sigma
+  )
+  preprocess = data_pipeline.image_preprocessor(image_size, meta["mean"], meta["std"])
+  workers = cfg.num_workers or os.cpu_count() or 2
+  states = mp.fit_folds(
+    extractor, train, fold_indices, preprocess=preprocess, settings=settings, num_workers=workers
+  )
+  maps = mp.score_folds(
+    extractor, test, states, preprocess=preprocess, settings=settings, num_workers=workers
+  )
+  del states
+  runs, masks, sizes = mp.evaluate_category(category, maps, cfg.folds, test, metrics.auroc)
+  has_masks = runs[0].pixel_auroc is not None
+  if not has_masks:
+    logging.warning("category %s has no defect masks: map metrics are image-level only.", category)
+  return _CategoryMaps(runs, maps, test, masks, sizes, has_masks)
+
+
+def _maps_doc(cfg, outputs, doc) -> dict:
+  from jax_gad.maps import pipeline as mp
+
+  runs = [r for out in outputs.values() for r in out.runs]
+  rows = mp.summarize(runs)
+  return {
+    "levels": list(cfg.map_levels) or list(mp.default_map_levels(cfg.arch)),
+    "channels": cfg.map_channels,
+    "combine": cfg.map_combine,
+    "sigma": cfg.map_sigma,
+    "fpr_limit": 0.3,
+    "runs": [r._asdict() for r in runs],
+    "per_category": rows,
+    "no_masks": sorted(c for c, out in outputs.items() if not out.has_masks),
+    "overlays": {c: mp.overlay_paths(c, out.test) for c, out in outputs.items()},
+  }
+
+
+def _pooled_cells(doc) -> dict:
+  from jax_gad.report import _fmt
+
+  cells = {}
+  for row in doc["per_category"]:
+    if row["level"] == "sum" and "mahalanobis_mean" in row:
+      cells[row["category"]] = _fmt(row["mahalanobis_mean"], row["mahalanobis_sem"])
+  for row in doc["table1"]:
+    if row["level"] == "sum" and "mahalanobis_mean" in row:
+      cells["mean"] = _fmt(row["mahalanobis_mean"], row["mahalanobis_sem"])
+  return cells
+
+
+def maps_table(doc) -> str:
+  """The per-category maps table (markdown) of a results document with ``maps``."""
+  from jax_gad.maps import pipeline as mp
+
+  text = mp.table_markdown(doc["maps"]["per_category"], _pooled_cells(doc))
+  if doc["maps"]["no_masks"]:
+    text += "\nNo defect masks (image metrics only): " + ", ".join(doc["maps"]["no_masks"]) + "\n"
+  return text
+
+
+def _write_maps(folder, cfg, outputs, doc) -> None:
+  """Overlays (first evaluated fold), raw maps if asked, and the maps table."""
+  from jax_gad import files
+  from jax_gad.maps import pipeline as mp
+
+  for c, out in outputs.items():
+    mp.write_overlays(folder, c, out.test, out.maps[0], out.sizes, out.masks, cfg.folds[0])
+    if cfg.save_maps:
+      mp.save_maps(folder, c, out.maps, cfg.folds, out.test)
+  files.atomic_write(os.path.join(folder, "maps.md"), maps_table(doc))
+  files.atomic_write(os.path.join(folder, "maps.csv"), mp.table_csv(doc["maps"]["per_category"]))
 
 
 def main(argv):
@@ -412,6 +584,9 @@ def main(argv):
   print(report.table1_markdown(doc["table1"], cfg.distances, title=title))
   print("Sum row per category:")
   print(report.per_category_markdown(doc["per_category"], cfg.distances))
+  if "maps" in doc:
+    print("Anomaly maps (%), mean ± SEM over folds (docs/maps.md):")
+    print(maps_table(doc))
   print(f"Wrote results.json, tables and plots to {os.path.abspath(cfg.workdir)}")
 
 

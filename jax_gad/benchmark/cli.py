@@ -134,6 +134,15 @@ flags.DEFINE_integer(
   lower_bound=1,
 )
 flags.DEFINE_integer('seed', _D.seed, 'Seed of inputs and random weights.')
+flags.DEFINE_bool(
+  'map_fit',
+  _D.map_fit,
+  'Add the anomaly-map section: per-location fit memory at --map_counts images (fresh '
+  'processes) and fit / score time vs numpy + scikit-learn, Lite0 and B4 map shapes.',
+)
+cli.DEFINE_int_list(
+  'map_counts', list(_D.map_counts), 1, 1 << 20, 'Image counts of the map memory measurement.'
+)
 cli.DEFINE_path('json', None, 'Write the measurements to this JSON file.')
 
 FLAGS = flags.FLAGS
@@ -142,7 +151,15 @@ FLAGS = flags.FLAGS
 def config(**overrides) -> Config:
   """A benchmark :class:`Config` from the flags, with ``overrides`` on top."""
   v = cli.values(Config._fields, overrides)
-  for name in ('batch_sizes', 'dtypes', 'depthwise_impls', 'kernel_widths', 'sweep_d', 'sweep_n'):
+  for name in (
+    'batch_sizes',
+    'dtypes',
+    'depthwise_impls',
+    'kernel_widths',
+    'sweep_d',
+    'sweep_n',
+    'map_counts',
+  ):
     v[name] = tuple(v[name])
   return Config(**v)
 

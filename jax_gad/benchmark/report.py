@@ -241,6 +241,10 @@ def format_report(result: dict) -> str:
         rows.append([c, d, _f(a['float32']), _f(a['bfloat16']), _f(a['difference'], '{:+.2f}')])
     out.append(_table(['category', 'distance', 'AUROC f32', 'AUROC bf16', 'diff'], rows))
     out.append('')
+  if result.get('maps'):
+    from jax_gad.benchmark.maps import format_report as format_maps
+
+    out.append(format_maps(result['maps']))
   mem = result.get('peak_host_memory_mb')
   dev = [r['device_peak_bytes'] for r in result['extraction'] if r['device_peak_bytes'] is not None]
   out.append(

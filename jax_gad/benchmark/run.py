@@ -49,6 +49,8 @@ class Config(NamedTuple):
   feature_diff_n_test: int = 50
   checkpoint_dir: str = 'checkpoints'
   seed: int = 0
+  map_fit: bool = False  # the anomaly-map section (jax_gad.benchmark.maps)
+  map_counts: tuple[int, ...] = (100, 1000)
 
 
 def _check_config(cfg: Config) -> None:
@@ -127,6 +129,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
     'sweeps_other_cpu': None,
     'pipeline': None,
     'predict': None,
+    'maps': None,
   }
   phases = result['peak_host_memory_mb_after']
 
@@ -312,6 +315,11 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
       batch_size=max(cfg.batch_sizes),
     )
     phases['feature_diff'] = measure.peak_host_memory_mb()
+
+  if cfg.map_fit:
+    from jax_gad.benchmark import maps as bench_maps
+
+    result['maps'] = bench_maps.run_section(counts=cfg.map_counts, log=log)
 
   result['machine']['load_average_end'] = measure.load_average()
   result['peak_host_memory_mb'] = measure.peak_host_memory_mb()
