@@ -390,6 +390,24 @@ def test_synthetic_load_default_config(tmp_path):
   assert len(train) == synthetic_ad.DEFAULT_N_TRAIN and not train.labels.any()
 
 
+def test_leftovers_of_killed_builds_and_outdated_generated_data_are_rebuilt(tmp_path):
+  """A killed build's incomplete.* folder is removed; synthetic data of an older format rebuilt."""
+  import json
+
+  first = data.load("synthetic_ad", "texture", "test", tfds_dir=tmp_path)
+  version_dir = tmp_path / "synthetic_ad" / "texture" / "1.0.0"
+  leftover = version_dir.parent / "incomplete.ABC123_1.0.0"
+  leftover.mkdir()
+  (leftover / "synthetic_ad-train.array_record-00000-of-00001").write_bytes(b"half")
+  meta = json.loads((version_dir / "metadata.json").read_text())
+  meta["format"] = 1  # as written by an older jax_gad
+  (version_dir / "metadata.json").write_text(json.dumps(meta))
+  again = data.load("synthetic_ad", "texture", "test", tfds_dir=tmp_path)
+  assert not leftover.exists()
+  assert json.loads((version_dir / "metadata.json").read_text())["format"] == 2
+  assert again.fingerprint == first.fingerprint  # the same generated data
+
+
 def test_synthetic_bad_arguments():
   with pytest.raises(ValueError, match="texture, object"):
     synthetic_ad.generate("carpet")

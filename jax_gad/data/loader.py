@@ -7,7 +7,9 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -295,6 +297,15 @@ def build_lock(builder):
       fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def _remove_incomplete(builder) -> None:
+  """Deletes TFDS's ``incomplete.*`` build folders of this config (call under the lock)."""
+  config_dir = Path(builder.data_dir).parent
+  if config_dir.is_dir():
+    for leftover in config_dir.glob("incomplete.*"):
+      logging.warning("removing %s, left by a build that did not finish", leftover)
+      shutil.rmtree(leftover, ignore_errors=True)
+
+
 def prepare(dataset: str, category: str, *, data_dir=None, tfds_dir=None
             ) -> tfds.core.DatasetBuilder:
   """Returns the category's builder, building the dataset first if needed.
@@ -335,6 +346,15 @@ def prepare(dataset: str, category: str, *, data_dir=None, tfds_dir=None
     builder_kwargs["data_dir"] = os.fspath(os.path.expanduser(os.fspath(tfds_dir)))
   builder = cls(**builder_kwargs)
   with build_lock(builder):
+    # Holding the lock, no other build of this config runs: TFDS's temporary
+    # folders here are leftovers of a killed build.
+    _remove_incomplete(builder)
+    if builder.is_prepared() and dataset == "synthetic_ad" and (
+        (builder.info.metadata or {}).get("format") != common.METADATA_FORMAT):
+      # Generated data written by an older jax_gad: rebuild it, nothing is lost.
+      logging.warning("rebuilding %s (prepared by an older jax_gad)", builder.data_dir)
+      shutil.rmtree(builder.data_dir)
+      builder = cls(**builder_kwargs)
     if not builder.is_prepared():
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
           compute_stats=tfds.download.ComputeStatsMode.SKIP))
