@@ -348,25 +348,13 @@ def _taps(xp, k, stride, oh, ow):
           (1, stride, stride, 1))
 
 
-def _stem_conv(x, kernel, stride, impl):
-  """Dense KxK stem convolution with TF "SAME" padding; kernel HWIO.
-
-  ``'shift'``: the K*K shifted views are concatenated on the channel axis
-  (im2col) and multiplied by the ``(K*K*Cin, Cout)`` kernel in one matrix
-  product; ``'xla'``: ``lax.conv_general_dilated``.
-  """
+def _stem_conv(x, kernel, stride):
+  """Dense KxK stem convolution with TF "SAME" padding; kernel HWIO."""
   k = kernel.shape[0]
   pads = [_same_padding(x.shape[1], k, stride), _same_padding(x.shape[2], k, stride)]
-  kernel = kernel.astype(x.dtype)
-  if impl != "shift":
-    return lax.conv_general_dilated(
-        x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  oh = (xp.shape[1] - k) // stride + 1
-  ow = (xp.shape[2] - k) // stride + 1
-  cols = jnp.concatenate([tap for _, _, tap in _taps(xp, k, stride, oh, ow)], axis=-1)
-  # HWIO flattens to rows ordered (i, j, c), the order of the columns.
-  return _conv1x1(cols, (kernel.reshape(1, 1, -1, kernel.shape[-1]), None))
+  return lax.conv_general_dilated(
+      x, kernel.astype(x.dtype), (stride, stride), pads,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _depthwise(x, kernel, stride, pads, impl):
@@ -458,11 +446,20 @@ def _mbconv(w, inputs, b: BlockSpec, act, impl: str, split_bytes: int):
       parts.append(front(rows, ((max(-first, 0), max(last - h, 0)), pads_w)))
     x = jnp.concatenate(parts, axis=1)
   x = act(_affine(x, w["depthwise_bn"]))
+  project = w["project_conv"][0].reshape(b.mid_filters, b.out_filters).astype(x.dtype)
   if b.se_filters:
     sq = jnp.mean(x, axis=(1, 2), keepdims=True)
     sq = act(_conv1x1(sq, w["se_reduce"]))
-    x = x * nn.sigmoid(_conv1x1(sq, w["se_expand"]))
-  x = _affine(_conv1x1(x, w["project_conv"]), w["project_bn"])
+    gate = nn.sigmoid(_conv1x1(sq, w["se_expand"]))  # (N, 1, 1, mid)
+    if x.shape[1] * x.shape[2] > b.out_filters:
+      # Scale the projection's rows instead of the (larger) activation.
+      project = gate.reshape(x.shape[0], b.mid_filters, 1) * project
+      x = jnp.einsum("nhwc,nco->nhwo", x, project)
+    else:
+      x = _conv1x1(x * gate, (project, None))
+  else:
+    x = _conv1x1(x, (project, None))
+  x = _affine(x, w["project_bn"])
   if b.residual:
     x = x + inputs
   return x
@@ -520,7 +517,7 @@ class EfficientNet(nn.Module):
       """Blocks ``first..stop-1`` (the stem when ``first == 0``); returns levels, x."""
       levels = []
       if first == 0:
-        x = act(_affine(_stem_conv(x, stem_w, 2, impl), stem_bn))
+        x = act(_affine(_stem_conv(x, stem_w, 2), stem_bn))
         levels.append(x)
       for i in range(first, stop):
         x = _mbconv(block_w[i], x, blocks[i], act, impl, self.split_bytes)
