@@ -22,8 +22,13 @@ Two numerically equal implementations of the depthwise convolution exist:
 ``'xla'`` (``lax.conv_general_dilated`` with ``feature_group_count=C``) and
 ``'shift'`` (K*K strided slices of the padded input, multiplied by one kernel
 tap each and summed). All 1x1 convolutions are matrix products on the
-``(N*H*W, C)`` view. :func:`default_depthwise` picks an implementation per
-backend from measurements on CPU (see the README).
+``(N*H*W, C)`` view; where the activation is larger than the projection
+kernel, the squeeze-excite gate scales the kernel instead of the activation.
+:func:`default_depthwise` picks an implementation per backend from
+measurements on CPU (see the README). ``split_bytes`` (default per backend,
+:func:`default_split_bytes`) keeps the working set in cache on CPU: leading
+blocks of a large batch run one image at a time, and a huge expanded map is
+computed in bands of rows (docs/performance.md).
 """
 
 from __future__ import annotations
