@@ -33,6 +33,8 @@ TINY = [
   '--sweep_n_d=6',
   '--host_image_side=48',
   '--pipeline_images=7',
+  '--pipeline_archs=efficientnet-lite0',
+  '--versus_rounds=2',
   '--num_workers=2',
 ]
 
@@ -172,6 +174,23 @@ def test_cli_tiny_configuration_writes_documented_json(tmp_path):
   pipe = result['pipeline']
   assert pipe['n_images'] == 7 and pipe['side'] == 48 and pipe['dtype'] == 'float32'
   assert est['pipeline_images_per_s'] == pipe['images_per_s']
+  (lite,) = result['pipelines']
+  assert lite['arch'] == 'efficientnet-lite0' and lite['image_size'] == 32
+  assert lite['n_images'] == 7 and lite['batch_size'] >= 3 and _positive(lite['images_per_s'])
+  assert '| efficientnet-lite0 | 32 |' in proc.stdout
+  versus = result['versus']
+  if measure.torch_available() is None:
+    assert versus['rounds'] == 2 and versus['threads'] == 1 and versus['depthwise'] == 'shift'
+    (v,) = versus['rows']
+    assert v['batch_size'] == rows[0]['batch_size']
+    assert len(v['step_s_all']) == len(v['torch_step_s_all']) == 2
+    # The ratio is the median of per-round ratios of the recorded step times.
+    per_round = [t / j for j, t in zip(v['step_s_all'], v['torch_step_s_all'])]
+    assert v['speedup_vs_torch'] == pytest.approx(float(np.median(per_round)))
+    assert v['images_per_s'] == pytest.approx(v['batch_size'] / np.median(v['step_s_all']))
+    assert f'{v["speedup_vs_torch"]:.2f}x' in proc.stdout
+  else:
+    assert versus is None
   assert est['host_preprocess_s'] == 0.0
   assert result['feature_diff'] is None
   assert result['peak_host_memory_mb'] >= result['peak_host_memory_mb_after']['extraction'] > 0
@@ -276,3 +295,7 @@ def test_config_validation():
     benchmark.run_benchmark(benchmark.Config(kernel_n_fit=2))
   with pytest.raises(ValueError, match='torch_reference'):
     benchmark.run_benchmark(benchmark.Config(torch_reference='yes'))
+  with pytest.raises(ValueError, match='pipeline_archs'):
+    benchmark.run_benchmark(benchmark.Config(pipeline_archs=('resnet',)))
+  with pytest.raises(ValueError, match='versus_rounds'):
+    benchmark.run_benchmark(benchmark.Config(versus_rounds=-1))

@@ -257,3 +257,35 @@ def test_init_gives_finite_varied_levels():
     assert [m.shape[-1] for m in maps] == list(effnet.level_widths(arch))
     for m in maps:
         assert np.all(np.isfinite(m)) and float(jnp.std(m)) > 0
+
+
+@pytest.mark.parametrize("depthwise", ["shift", "xla"])
+def test_split_bytes_keeps_results(random_net, depthwise):
+    """Per-image lax.map and row bands (tiny split_bytes) give the torch levels."""
+    arch = "efficientnet-b0"
+    model, variables = random_net(arch)
+    x = torch.randn(3, 3, 67, 61, generator=torch.Generator().manual_seed(4))
+    ref = _torch_levels(model, x)
+    xj = jnp.asarray(x.permute(0, 2, 3, 1).numpy())
+    whole = jax.jit(effnet.create(arch, depthwise=depthwise, split_bytes=0).apply)(variables, xj)
+    _assert_levels_close(whole, ref, 1e-4)
+    # 3 images x 34 x 31 x 96 float32 expanded maps are ~1.2 MB: 256 KiB splits the
+    # batch into images for the first blocks and their largest maps into bands.
+    module = effnet.create(arch, depthwise=depthwise, split_bytes=1 << 18)
+    assert 0 < effnet._per_image_blocks(effnet.block_specs(arch), xj.shape, 4, 1 << 18) < 16
+    split = jax.jit(module.apply)(variables, xj)
+    _assert_levels_close(split, ref, 1e-4)
+    _assert_levels_close(split, [np.asarray(w) for w in whole], 1e-5)
+
+
+def test_split_bytes_default_and_checks():
+    assert effnet.default_split_bytes("cpu") > 0
+    assert effnet.default_split_bytes("gpu") == 0
+    assert effnet.create("efficientnet-b0", split_bytes=0).split_bytes == 0
+    assert effnet.create("efficientnet-b0").split_bytes == effnet.default_split_bytes(
+            jax.default_backend())
+    for bad in (-1, 1.5, True, "8M"):
+        with pytest.raises(ValueError, match="split_bytes"):
+            effnet.create("efficientnet-b0", split_bytes=bad)
+    with pytest.raises(ValueError, match="backend"):
+        effnet.default_split_bytes("")

@@ -13,6 +13,8 @@ Measures, on whatever devices JAX sees:
   reported apart from the steady-state step time, and, when ``torch`` and
   ``efficientnet_pytorch`` import, ``EfficientNet.extract_features`` on the
   same input size and batch in the same run (ratio = JAX img/s / torch img/s);
+  with ``--versus_rounds=R``, both timed batch by batch in alternation over R
+  rounds, so that other processes' load falls on both alike;
 * the Gaussian kernels per level width of the architecture: fit (mean,
   Ledoit-Wolf covariance, precision factor, std) on ``N`` rows and scoring of
   ``M`` rows with L2, SED and Mahalanobis, against scikit-learn's
@@ -66,11 +68,20 @@ JSON fields (``--json=FILE``, written atomically):
   covers both sweeps.
 ``host_preprocess_s_per_image``: seconds to decode a PNG of side
   ``--host_image_side`` and resize + normalise it to the input size (one thread).
-``pipeline``: null, or the end-to-end run of ``LevelExtractor.extract`` over
+``pipeline``: null, or the end-to-end run of ``pooled_features`` over
   ``n_images`` in-memory PNGs of ``side`` pixels decoded by ``num_workers``
   threads while the device computes (fastest float32 extraction row):
   ``batch_size``, ``dtype``, ``depthwise``, ``wall_s``, ``images_per_s``,
   ``device_only_images_per_s``, ``other_cpu``.
+``pipelines``: one row per (architecture of ``--pipeline_archs``, batch size),
+  at ``--image_size`` or else each architecture's native input size: the
+  ``pipeline`` fields plus ``arch`` and ``image_size``; empty when not requested.
+``versus``: null, or (``--versus_rounds`` > 0 with torch) jax_gad and
+  efficientnet-pytorch float32 extraction timed in alternation: ``arch``,
+  ``image_size``, ``depthwise``, ``threads``, ``rounds``, ``other_cpu``,
+  ``rows`` (per batch size: ``batch_size``, ``images_per_s``,
+  ``torch_images_per_s``, ``speedup_vs_torch`` (median of the per-round
+  ratios), ``step_s_all``, ``torch_step_s_all``).
 ``estimate``: the full-protocol estimate: ``dataset``, ``categories``,
   ``folds``, ``levels``, ``distances``, ``images``, ``fits``, ``scorings``,
   ``images_per_s``, ``pipeline_images_per_s`` (used for the image part when

@@ -105,6 +105,19 @@ flags.DEFINE_integer(
   'run (0: skip).',
   lower_bound=0,
 )
+cli.DEFINE_unique_list(
+  'pipeline_archs',
+  list(_D.pipeline_archs),
+  'More architectures for the end-to-end run, at every batch size and --image_size (default: '
+  'each one\'s native size).',
+)
+flags.DEFINE_integer(
+  'versus_rounds',
+  _D.versus_rounds,
+  'Rounds of jax_gad vs efficientnet_pytorch float32 extraction timed in alternation at every '
+  'batch size (0: skip).',
+  lower_bound=0,
+)
 flags.DEFINE_bool(
   'feature_diff',
   _D.feature_diff,
@@ -159,6 +172,7 @@ def config(**overrides) -> Config:
     'sweep_d',
     'sweep_n',
     'map_counts',
+    'pipeline_archs',
   ):
     v[name] = tuple(v[name])
   return Config(**v)

@@ -314,6 +314,92 @@ def bench_torch(
   }
 
 
+def bench_versus_torch(
+  arch: str,
+  image_size: int,
+  batch_sizes: Sequence[int],
+  depthwise: str,
+  variables,
+  *,
+  rounds: int,
+  threads: int,
+  mesh=None,
+  seed: int = 0,
+) -> dict:
+  """jax_gad and ``efficientnet_pytorch`` float32 extraction, timed in alternation.
+
+  Every round times one batch of each (implementation, batch size) in turn,
+  so load from other processes falls on both alike; rates are medians over
+  the rounds and ``speedup_vs_torch`` is the median of the per-round ratios.
+
+  Returns:
+    ``arch``, ``image_size``, ``depthwise``, ``threads``, ``rounds``,
+    ``other_cpu``, ``rows`` (per batch size: ``batch_size``,
+    ``images_per_s``, ``torch_images_per_s``, ``speedup_vs_torch``,
+    ``step_s_all``, ``torch_step_s_all``).
+  """
+  from efficientnet_pytorch import EfficientNet  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  if efficientnet.ARCHS[arch].family != 'b':
+    raise ValueError(f'efficientnet_pytorch has only the B family, got arch {arch!r}')
+  torch.set_num_threads(threads)
+  torch.manual_seed(seed)
+  model = EfficientNet.from_name(arch, image_size=image_size).eval()
+  module = efficientnet.create(arch, depthwise=depthwise)
+  rng = np.random.default_rng(seed)
+  steps = []
+  for batch in batch_sizes:
+    extractor = features.LevelExtractor(
+      module, variables, image_size=image_size, levels=_LEVELS, mesh=mesh, batch_size=batch
+    )
+    extractor.compile()
+    host = rng.normal(size=(len(extractor.local_rows), image_size, image_size, 3))
+    host = host.astype(np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(host.transpose(0, 3, 1, 2)))
+
+    def jax_step(extractor=extractor, host=host):
+      jax.device_get(extractor(extractor.device_batch(host)))
+
+    def torch_step(x=x):
+      with torch.no_grad():
+        model.extract_features(x)
+
+    jax_step()  # warm-up
+    torch_step()
+    steps.append((extractor.batch_size, jax_step, torch_step))
+  times = {(b, who): [] for b, _, _ in steps for who in ('jax', 'torch')}
+  before = cpu_snapshot()
+  for r in range(max(1, rounds)):
+    for b, jax_step, torch_step in steps:
+      pair = [('jax', jax_step), ('torch', torch_step)]
+      for who, step in pair if r % 2 == 0 else pair[::-1]:
+        times[(b, who)].append(_timed(step, 1, 0.0)[0])
+  others = other_cpu_fraction(before, cpu_snapshot())
+  rows = []
+  for b, _, _ in steps:
+    jt, tt = times[(b, 'jax')], times[(b, 'torch')]
+    rows.append(
+      {
+        'batch_size': b,
+        'images_per_s': b / float(np.median(jt)),
+        'torch_images_per_s': b / float(np.median(tt)),
+        'speedup_vs_torch': float(np.median([t / j for j, t in zip(jt, tt)])),
+        'step_s_all': jt,
+        'torch_step_s_all': tt,
+      }
+    )
+  return {
+    'arch': arch,
+    'image_size': image_size,
+    'depthwise': depthwise,
+    'threads': threads,
+    'rounds': max(1, rounds),
+    'other_cpu': others,
+    'rows': rows,
+  }
+
+
 # ---------------------------------------------------------------------------
 # Gaussian kernels
 # ---------------------------------------------------------------------------
@@ -521,7 +607,7 @@ def bench_pipeline(
   executable is compiled before timing.
 
   Returns:
-    ``n_images``, ``side``, ``num_workers``, ``batch_size``, ``dtype``,
+    ``arch``, ``image_size``, ``n_images``, ``side``, ``num_workers``, ``batch_size``, ``dtype``,
     ``depthwise``, ``wall_s``, ``images_per_s``, ``other_cpu``.
   """
   spec = efficientnet.ARCHS[arch]
@@ -547,6 +633,8 @@ def bench_pipeline(
   )
   wall = time.perf_counter() - t0
   return {
+    'arch': arch,
+    'image_size': image_size,
     'n_images': n_images,
     'side': side,
     'num_workers': num_workers,

@@ -98,6 +98,24 @@ def format_report(result: dict) -> str:
     if result['torch_skipped']:
       out.append(f'(torch reference skipped: {result["torch_skipped"]})')
     out.append('')
+  v = result.get('versus')
+  if v is not None:
+    out.append(
+      f'jax_gad ({v["depthwise"]}) vs efficientnet-pytorch extract_features ({v["threads"]} '
+      f'threads), {v["arch"]} at {v["image_size"]}x{v["image_size"]}, float32, timed in '
+      f'alternation over {v["rounds"]} rounds (medians; other CPU {_pct(v["other_cpu"])}):'
+    )
+    rows = [
+      [
+        r['batch_size'],
+        _f(r['images_per_s']),
+        _f(r['torch_images_per_s']),
+        _f(r['speedup_vs_torch'], '{:.2f}x'),
+      ]
+      for r in v['rows']
+    ]
+    out.append(_table(['batch', 'jax_gad img/s', 'efficientnet-pytorch img/s', 'ratio'], rows))
+    out.append('')
   k = result['kernel']
   if k is not None:
     out.append(
@@ -190,6 +208,25 @@ def format_report(result: dict) -> str:
       f'{q["num_workers"]} decode threads): {q["images_per_s"]:.2f} img/s at batch '
       f'{q["batch_size"]}; one image {_ms(q["latency_s"])} ms (batch 1).'
     )
+    out.append('')
+  if result.get('pipelines'):
+    out.append(
+      'End-to-end decode + extract per architecture (in-memory PNGs decoded and resized by '
+      'worker threads while the device computes; float32):'
+    )
+    rows = [
+      [
+        p['arch'],
+        p['image_size'],
+        p['batch_size'],
+        p['depthwise'],
+        f'{p["n_images"]} x {p["side"]}px',
+        _f(p['images_per_s']),
+        _pct(p['other_cpu']),
+      ]
+      for p in result['pipelines']
+    ]
+    out.append(_table(['arch', 'input', 'batch', 'depthwise', 'PNGs', 'img/s', 'other CPU'], rows))
     out.append('')
   e = result['estimate']
   if e is not None:

@@ -42,6 +42,8 @@ class Config(NamedTuple):
   host_image_side: int = 1024
   pipeline_images: int = 32  # 0: skip the decode + extract pipeline run
   predict_images: int = 0  # 0: skip the predict throughput / latency run (files on disk)
+  pipeline_archs: tuple[str, ...] = ()  # more archs for the pipeline run, each per batch size
+  versus_rounds: int = 0  # >0: jax_gad vs torch float32, alternating, this many rounds
   num_workers: int | None = None  # None: os.cpu_count()
   feature_diff: bool = False
   feature_diff_arch: str = 'efficientnet-lite0'
@@ -95,6 +97,11 @@ def _check_config(cfg: Config) -> None:
     raise ValueError(f'predict_images must be >= 0, got {cfg.predict_images}')
   if cfg.pipeline_images < 0:
     raise ValueError(f'pipeline_images must be >= 0, got {cfg.pipeline_images}')
+  for arch in cfg.pipeline_archs:
+    if arch not in efficientnet.ARCHS:
+      raise ValueError(f'pipeline_archs must be among {sorted(efficientnet.ARCHS)}, got {arch!r}')
+  if cfg.versus_rounds < 0:
+    raise ValueError(f'versus_rounds must be >= 0, got {cfg.versus_rounds}')
   if cfg.torch_threads < 0:
     raise ValueError(f'torch_threads must be >= 0 (0: cpu count), got {cfg.torch_threads}')
 
@@ -130,6 +137,8 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
     'pipeline': None,
     'predict': None,
     'maps': None,
+    'pipelines': [],
+    'versus': None,
   }
   phases = result['peak_host_memory_mb_after']
 
@@ -183,6 +192,27 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
       if trow is not None:
         row['torch_images_per_s'] = trow['images_per_s']
         row['speedup_vs_torch'] = measure.ratio(row['images_per_s'], trow['images_per_s'])
+    if cfg.versus_rounds:
+      log(
+        f'versus: jax_gad ({depthwise[0]}) and efficientnet_pytorch float32, batches '
+        f'{tuple(cfg.batch_sizes)}, {cfg.versus_rounds} alternating rounds ...'
+      )
+      result['versus'] = measure.bench_versus_torch(
+        cfg.arch,
+        image_size,
+        cfg.batch_sizes,
+        depthwise[0],
+        variables,
+        rounds=cfg.versus_rounds,
+        threads=threads,
+        mesh=mesh,
+        seed=cfg.seed,
+      )
+      for r in result['versus']['rows']:
+        log(
+          f'  batch {r["batch_size"]}: {r["images_per_s"]:.2f} vs '
+          f'{r["torch_images_per_s"]:.2f} img/s, {r["speedup_vs_torch"]:.2f}x'
+        )
     phases['torch'] = measure.peak_host_memory_mb()
   result['torch_skipped'] = why
 
@@ -271,6 +301,30 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
     )
     result['pipeline']['device_only_images_per_s'] = best['images_per_s']
     log(f'  {result["pipeline"]["images_per_s"]:.2f} img/s end to end')
+  if cfg.pipeline_images:
+    for arch in cfg.pipeline_archs:
+      size = cfg.image_size or efficientnet.native_resolution(arch)
+      arch_vars = variables if arch == cfg.arch else efficientnet.init(arch, jax.random.key(0))
+      for batch in cfg.batch_sizes:
+        log(
+          f'pipeline: {arch} {size}px batch {batch} float32 {depthwise[0]}, '
+          f'{cfg.pipeline_images} PNGs ...'
+        )
+        row = measure.bench_pipeline(
+          arch,
+          size,
+          batch,
+          'float32',
+          depthwise[0],
+          arch_vars,
+          n_images=cfg.pipeline_images,
+          side=cfg.host_image_side,
+          num_workers=num_workers,
+          mesh=mesh,
+          seed=cfg.seed,
+        )
+        log(f'  {row["images_per_s"]:.2f} img/s end to end')
+        result['pipelines'].append(row)
   if cfg.estimate and best is not None and result['kernel'] is not None:
     result['estimate'] = estimate_protocol(
       images_per_s=best['images_per_s'],

@@ -22,12 +22,18 @@ Two numerically equal implementations of the depthwise convolution exist:
 ``'xla'`` (``lax.conv_general_dilated`` with ``feature_group_count=C``) and
 ``'shift'`` (K*K strided slices of the padded input, multiplied by one kernel
 tap each and summed). All 1x1 convolutions are matrix products on the
-``(N*H*W, C)`` view. :func:`default_depthwise` picks an implementation per
-backend from measurements on CPU (see the README).
+``(N*H*W, C)`` view; where the activation is larger than the projection
+kernel, the squeeze-excite gate scales the kernel instead of the activation.
+:func:`default_depthwise` picks an implementation per backend from
+measurements on CPU (see the README). ``split_bytes`` (default per backend,
+:func:`default_split_bytes`) keeps the working set in cache on CPU: leading
+blocks of a large batch run one image at a time, and a huge expanded map is
+computed in bands of rows (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import types
 from typing import Any, Callable, Mapping, NamedTuple
@@ -49,6 +55,7 @@ __all__ = [
     "classify",
     "create",
     "default_depthwise",
+    "default_split_bytes",
     "init",
     "level_widths",
     "native_resolution",
@@ -263,231 +270,357 @@ def default_depthwise(backend: str) -> str:
 
 # ----------------------------------------------------------------------------
 # Layers
+#
+# The Flax modules below only declare the variables (names and shapes as in the
+# converted state dicts) and return them; the arithmetic is in plain functions
+# of those arrays, so that parts of the network can run inside ``lax.map`` (see
+# ``split_bytes``) without Flax's lifted transforms.
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """TF "SAME" padding (before, after) of one spatial dimension."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
+  """TF "SAME" padding (before, after) of one spatial dimension."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
 
 
 def _activation(family: str) -> Callable[[jax.Array], jax.Array]:
-    if family == "lite":
-        return lambda x: jnp.clip(x, 0, 6)
-    return nn.swish
+  if family == "lite":
+    return lambda x: jnp.clip(x, 0, 6)
+  return nn.swish
 
 
 class _BatchNorm(nn.Module):
-    """Inference BatchNorm over the last axis, epsilon 1e-3.
+  """Inference BatchNorm over the last axis, epsilon 1e-3.
 
-    Parameters ``scale``/``bias`` and statistics ``mean``/``var`` (collection
-    ``batch_stats``) use the names of ``flax.linen.BatchNorm``. The affine map
-    is formed in float32 and applied in ``dtype``.
-    """
+  Parameters ``scale``/``bias`` and statistics ``mean``/``var`` (collection
+  ``batch_stats``) use the names of ``flax.linen.BatchNorm``. Returns the affine
+  map ``(mul, add)`` formed in float32; :func:`_affine` applies it.
+  """
 
-    dtype: Any = jnp.float32
+  features: int
 
-    @nn.compact
-    def __call__(self, x):
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
-        var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-        mul = scale * lax.rsqrt(var.value + BN_EPSILON)
-        add = bias - mean.value * mul
-        return x * mul.astype(self.dtype) + add.astype(self.dtype)
+  @nn.compact
+  def __call__(self):
+    c = self.features
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    mul = scale * lax.rsqrt(var.value + BN_EPSILON)
+    return mul, bias - mean.value * mul
+
+
+def _affine(x, mul_add):
+  mul, add = mul_add
+  return x * mul.astype(x.dtype) + add.astype(x.dtype)
 
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "truncated_normal")
 
 
-class _Conv1x1(nn.Module):
-    """1x1 convolution as a matrix product; kernel stored HWIO ``(1, 1, I, O)``."""
+class _Kernel(nn.Module):
+  """A convolution kernel (HWIO ``shape``) and, if ``use_bias``, a bias."""
 
-    features: int
-    use_bias: bool = False
-    dtype: Any = jnp.float32
+  shape: tuple[int, ...]
+  use_bias: bool = False
 
-    @nn.compact
-    def __call__(self, x):
-        cin = x.shape[-1]
-        kernel = self.param("kernel", _conv_init, (1, 1, cin, self.features), jnp.float32)
-        y = jnp.dot(x.reshape(-1, cin), kernel.reshape(cin, self.features).astype(self.dtype))
-        y = y.reshape(*x.shape[:-1], self.features)
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-            y = y + bias.astype(self.dtype)
-        return y
+  @nn.compact
+  def __call__(self):
+    kernel = self.param("kernel", _conv_init, self.shape, jnp.float32)
+    if not self.use_bias:
+      return kernel, None
+    return kernel, self.param("bias", nn.initializers.zeros, (self.shape[-1],), jnp.float32)
 
 
-class _StemConv(nn.Module):
-    """Dense KxK convolution with TF "SAME" padding; kernel HWIO."""
-
-    features: int
-    kernel_size: int = 3
-    stride: int = 2
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        k, s = self.kernel_size, self.stride
-        kernel = self.param("kernel", _conv_init, (k, k, x.shape[-1], self.features), jnp.float32)
-        pads = [_same_padding(x.shape[1], k, s), _same_padding(x.shape[2], k, s)]
-        return lax.conv_general_dilated(
-            x, kernel.astype(self.dtype), (s, s), pads,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def _conv1x1(x, kernel_bias):
+  """1x1 convolution as a matrix product on the ``(N*H*W, C)`` view."""
+  kernel, bias = kernel_bias
+  cin, cout = kernel.shape[-2:]
+  y = jnp.dot(x.reshape(-1, cin), kernel.reshape(cin, cout).astype(x.dtype))
+  y = y.reshape(*x.shape[:-1], cout)
+  return y if bias is None else y + bias.astype(x.dtype)
 
 
-def _depthwise_xla(x, kernel, stride, pads):
+def _taps(xp, k, stride, oh, ow):
+  """The K*K strided views ``xp[:, i::stride, j::stride]`` of a padded input."""
+  n, _, _, c = xp.shape
+  for i in range(k):
+    for j in range(k):
+      yield i, j, lax.slice(
+          xp, (0, i, j, 0),
+          (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+          (1, stride, stride, 1))
+
+
+def _stem_conv(x, kernel, stride):
+  """Dense KxK stem convolution with TF "SAME" padding; kernel HWIO."""
+  k = kernel.shape[0]
+  pads = [_same_padding(x.shape[1], k, stride), _same_padding(x.shape[2], k, stride)]
+  return lax.conv_general_dilated(
+      x, kernel.astype(x.dtype), (stride, stride), pads,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _depthwise(x, kernel, stride, pads, impl):
+  """Depthwise KxK convolution of ``x`` zero-padded by ``pads``; kernel ``(K, K, 1, C)``.
+
+  ``'shift'``: K*K strided slices of the padded input, each multiplied by one
+  kernel tap, summed; ``'xla'``: grouped ``lax.conv_general_dilated``.
+  """
+  kernel = kernel.astype(x.dtype)
+  if impl != "shift":
     return lax.conv_general_dilated(
         x, kernel, (stride, stride), pads,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=x.shape[-1])
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+  k = kernel.shape[0]
+  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  oh = (xp.shape[1] - k) // stride + 1
+  ow = (xp.shape[2] - k) // stride + 1
+  out = None
+  for i, j, tap in _taps(xp, k, stride, oh, ow):
+    term = tap * kernel[i, j, 0]
+    out = term if out is None else out + term
+  return out
 
 
-def _depthwise_shift(x, kernel, stride, pads):
-    n, h, w, c = x.shape
-    k = kernel.shape[0]
-    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    oh = (h + sum(pads[0]) - k) // stride + 1
-    ow = (w + sum(pads[1]) - k) // stride + 1
-    out = None
-    for i in range(k):
-        for j in range(k):
-            tap = lax.slice(
-                xp, (0, i, j, 0),
-                (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
-                (1, stride, stride, 1))
-            term = tap * kernel[i, j, 0]
-            out = term if out is None else out + term
-    return out
+def _band_rows(out_rows: int, bands: int) -> list[tuple[int, int]]:
+  """``bands`` contiguous ranges of output rows covering ``range(out_rows)``."""
+  edges = [round(b * out_rows / bands) for b in range(bands + 1)]
+  return [(lo, hi) for lo, hi in itertools.pairwise(edges) if hi > lo]
 
 
-class _DepthwiseConv(nn.Module):
-    """Depthwise KxK convolution, TF "SAME" padding; kernel ``(K, K, 1, C)``."""
-
-    kernel_size: int
-    stride: int
-    impl: str = "xla"
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        k, s = self.kernel_size, self.stride
-        kernel = self.param("kernel", _conv_init, (k, k, 1, x.shape[-1]), jnp.float32)
-        kernel = kernel.astype(self.dtype)
-        pads = (_same_padding(x.shape[1], k, s), _same_padding(x.shape[2], k, s))
-        if self.impl == "shift":
-            return _depthwise_shift(x, kernel, s, pads)
-        return _depthwise_xla(x, kernel, s, pads)
+def _expanded_bytes(spec: BlockSpec, n: int, h: int, w: int, itemsize: int) -> int:
+  """Size of a block's expanded activation (before the depthwise convolution)."""
+  return n * h * w * spec.mid_filters * itemsize if spec.expand_ratio != 1 else 0
 
 
 class _MBConv(nn.Module):
-    """Mobile inverted bottleneck block (expand, depthwise, SE, project)."""
+  """Variables of one mobile inverted bottleneck block (expand, depthwise, SE, project)."""
 
-    spec: BlockSpec
-    family: str
-    depthwise: str
-    dtype: Any = jnp.float32
+  spec: BlockSpec
 
-    @nn.compact
-    def __call__(self, inputs):
-        b, act, dt = self.spec, _activation(self.family), self.dtype
-        x = inputs
-        if b.expand_ratio != 1:
-            x = _Conv1x1(b.mid_filters, dtype=dt, name="expand_conv")(x)
-            x = act(_BatchNorm(dtype=dt, name="expand_bn")(x))
-        x = _DepthwiseConv(b.kernel_size, b.stride, self.depthwise, dt,
-                           name="depthwise_conv")(x)
-        x = act(_BatchNorm(dtype=dt, name="depthwise_bn")(x))
-        if b.se_filters:
-            s = jnp.mean(x, axis=(1, 2), keepdims=True)
-            s = act(_Conv1x1(b.se_filters, use_bias=True, dtype=dt, name="se_reduce")(s))
-            s = _Conv1x1(b.mid_filters, use_bias=True, dtype=dt, name="se_expand")(s)
-            x = x * nn.sigmoid(s)
-        x = _Conv1x1(b.out_filters, dtype=dt, name="project_conv")(x)
-        x = _BatchNorm(dtype=dt, name="project_bn")(x)
-        if b.residual:
-            x = x + inputs
-        return x
+  @nn.compact
+  def __call__(self):
+    b = self.spec
+    w = {}
+    if b.expand_ratio != 1:
+      w["expand_conv"] = _Kernel((1, 1, b.in_filters, b.mid_filters), name="expand_conv")()
+      w["expand_bn"] = _BatchNorm(b.mid_filters, name="expand_bn")()
+    w["depthwise_conv"] = _Kernel((b.kernel_size, b.kernel_size, 1, b.mid_filters),
+                                  name="depthwise_conv")()[0]
+    w["depthwise_bn"] = _BatchNorm(b.mid_filters, name="depthwise_bn")()
+    if b.se_filters:
+      w["se_reduce"] = _Kernel((1, 1, b.mid_filters, b.se_filters), True, name="se_reduce")()
+      w["se_expand"] = _Kernel((1, 1, b.se_filters, b.mid_filters), True, name="se_expand")()
+    w["project_conv"] = _Kernel((1, 1, b.mid_filters, b.out_filters), name="project_conv")()
+    w["project_bn"] = _BatchNorm(b.out_filters, name="project_bn")()
+    return w
+
+
+def _mbconv(w, inputs, b: BlockSpec, act, impl: str, split_bytes: int):
+  """One MBConv block on ``inputs`` with the variables ``w`` from :class:`_MBConv`.
+
+  When the expanded activation is larger than ``split_bytes`` (> 0), expand +
+  depthwise run on bands of output rows, each band expanding only the input
+  rows (with their halo) it needs: the same arithmetic per element, on pieces
+  that stay in cache.
+  """
+  n, h, wd, _ = inputs.shape
+  k, s = b.kernel_size, b.stride
+  pads_h, pads_w = _same_padding(h, k, s), _same_padding(wd, k, s)
+  oh = -(-h // s)
+  bands = 1
+  if split_bytes > 0:
+    size = _expanded_bytes(b, n, h, wd, inputs.dtype.itemsize)
+    bands = min(max(1, -(-size // split_bytes)), oh)
+
+  def front(x, pads):
+    if b.expand_ratio != 1:
+      x = act(_affine(_conv1x1(x, w["expand_conv"]), w["expand_bn"]))
+    return _depthwise(x, w["depthwise_conv"], s, pads, impl)
+
+  if bands == 1:
+    x = front(inputs, (pads_h, pads_w))
+  else:
+    parts = []
+    for lo, hi in _band_rows(oh, bands):
+      first = lo * s - pads_h[0]  # input rows [first, last) feed output rows [lo, hi)
+      last = (hi - 1) * s - pads_h[0] + k
+      rows = inputs[:, max(first, 0):min(last, h)]
+      parts.append(front(rows, ((max(-first, 0), max(last - h, 0)), pads_w)))
+    x = jnp.concatenate(parts, axis=1)
+  x = act(_affine(x, w["depthwise_bn"]))
+  project = w["project_conv"][0].reshape(b.mid_filters, b.out_filters).astype(x.dtype)
+  if b.se_filters:
+    sq = jnp.mean(x, axis=(1, 2), keepdims=True)
+    sq = act(_conv1x1(sq, w["se_reduce"]))
+    gate = nn.sigmoid(_conv1x1(sq, w["se_expand"]))  # (N, 1, 1, mid)
+    if x.shape[1] * x.shape[2] > b.out_filters:
+      # Scale the projection's rows instead of the (larger) activation.
+      project = gate.reshape(x.shape[0], b.mid_filters, 1) * project
+      x = jnp.einsum("nhwc,nco->nhwo", x, project)
+    else:
+      x = _conv1x1(x * gate, (project, None))
+  else:
+    x = _conv1x1(x, (project, None))
+  x = _affine(x, w["project_bn"])
+  if b.residual:
+    x = x + inputs
+  return x
 
 
 class EfficientNet(nn.Module):
-    """EfficientNet feature extractor returning the 9 level maps.
+  """EfficientNet feature extractor returning the 9 level maps.
 
-    Attributes:
-      arch: architecture name, a key of :data:`ARCHS`.
-      depthwise: ``'shift'`` or ``'xla'`` (see module docstring).
-      dtype: computation dtype; parameters stay float32.
+  Attributes:
+    arch: architecture name, a key of :data:`ARCHS`.
+    depthwise: ``'shift'`` or ``'xla'`` (see module docstring).
+    dtype: computation dtype; parameters stay float32.
+    split_bytes: working-set target in bytes; 0 computes every layer on the
+      whole batch at once. When positive, a batch whose per-block activations
+      exceed it runs the leading blocks one image at a time (``lax.map``), and
+      a block whose expanded activation still exceeds it runs expand +
+      depthwise on bands of rows. Results are the same up to float rounding;
+      it only changes memory traffic (see :func:`default_split_bytes`).
 
-    Call with ``x`` of shape ``(N, H, W, 3)``, already normalised with the
-    checkpoint's mean/std; any ``H, W >= 1``. Returns a tuple of 9 arrays
-    ``(N, h_l, w_l, level_widths(arch)[l])`` in ``dtype``.
-    """
+  Call with ``x`` of shape ``(N, H, W, 3)``, already normalised with the
+  checkpoint's mean/std; any ``H, W >= 1``. Returns a tuple of 9 arrays
+  ``(N, h_l, w_l, level_widths(arch)[l])`` in ``dtype``.
+  """
 
-    arch: str
-    depthwise: str = "xla"
-    dtype: Any = jnp.float32
+  arch: str
+  depthwise: str = "xla"
+  dtype: Any = jnp.float32
+  split_bytes: int = 0
 
-    @nn.compact
-    def __call__(self, x):
-        spec = _check_arch(self.arch)
-        if self.depthwise not in DEPTHWISE_IMPLS:
-            raise ValueError(
-                f"depthwise must be one of {DEPTHWISE_IMPLS}; got {self.depthwise!r}")
-        if getattr(x, "ndim", None) != 4 or x.shape[-1] != 3:
-            raise ValueError(
-                "x must be an NHWC batch of shape (N, H, W, 3); got shape "
-                f"{getattr(x, 'shape', type(x).__name__)}")
-        if min(x.shape[:3]) < 1:
-            raise ValueError(f"x must have non-empty N, H and W; got shape {x.shape}")
-        act, dt = _activation(spec.family), self.dtype
-        stem, head = _stem_head_filters(spec)
-        ends = set(stage_ends(self.arch))
+  @nn.compact
+  def __call__(self, x):
+    spec = _check_arch(self.arch)
+    if self.depthwise not in DEPTHWISE_IMPLS:
+      raise ValueError(
+          f"depthwise must be one of {DEPTHWISE_IMPLS}; got {self.depthwise!r}")
+    _check_split_bytes(self.split_bytes)
+    if getattr(x, "ndim", None) != 4 or x.shape[-1] != 3:
+      raise ValueError(
+          "x must be an NHWC batch of shape (N, H, W, 3); got shape "
+          f"{getattr(x, 'shape', type(x).__name__)}")
+    if min(x.shape[:3]) < 1:
+      raise ValueError(f"x must have non-empty N, H and W; got shape {x.shape}")
+    act, dt, impl = _activation(spec.family), jnp.dtype(self.dtype), self.depthwise
+    stem, head = _stem_head_filters(spec)
+    blocks = block_specs(self.arch)
+    ends = set(stage_ends(self.arch))
 
-        x = jnp.asarray(x).astype(dt)
-        x = _StemConv(stem, dtype=dt, name="stem_conv")(x)
-        x = act(_BatchNorm(dtype=dt, name="stem_bn")(x))
-        levels = [x]
-        for i, block in enumerate(block_specs(self.arch)):
-            x = _MBConv(block, spec.family, self.depthwise, dt, name=f"blocks_{i}")(x)
-            if i in ends:
-                levels.append(x)
-        x = _Conv1x1(head, dtype=dt, name="head_conv")(x)
-        x = act(_BatchNorm(dtype=dt, name="head_bn")(x))
+    stem_w = _Kernel((3, 3, 3, stem), name="stem_conv")()[0]
+    stem_bn = _BatchNorm(stem, name="stem_bn")()
+    block_w = [_MBConv(b, name=f"blocks_{i}")() for i, b in enumerate(blocks)]
+    head_w = _Kernel((1, 1, blocks[-1].out_filters, head), name="head_conv")()
+    head_bn = _BatchNorm(head, name="head_bn")()
+
+    def run(x, first, stop):
+      """Blocks ``first..stop-1`` (the stem when ``first == 0``); returns levels, x."""
+      levels = []
+      if first == 0:
+        x = act(_affine(_stem_conv(x, stem_w, 2), stem_bn))
         levels.append(x)
-        return tuple(levels)
+      for i in range(first, stop):
+        x = _mbconv(block_w[i], x, blocks[i], act, impl, self.split_bytes)
+        if i in ends:
+          levels.append(x)
+      return levels, x
+
+    x = jnp.asarray(x).astype(dt)
+    split = _per_image_blocks(blocks, x.shape, dt.itemsize, self.split_bytes)
+    if split:
+      # One image at a time through the blocks whose whole-batch activations
+      # would not stay in cache; the rest on the whole batch.
+      levels, x = lax.map(lambda xi: run(xi[None], 0, split), x)
+      levels = [lv[:, 0] for lv in levels]
+      x = x[:, 0]
+      more, x = run(x, split, len(blocks))
+      levels += more
+    else:
+      levels, x = run(x, 0, len(blocks))
+    x = act(_affine(_conv1x1(x, head_w), head_bn))
+    levels.append(x)
+    return tuple(levels)
 
 
-def create(arch: str, *, depthwise: str | None = None, dtype: Any = jnp.float32) -> EfficientNet:
-    """Builds the feature extractor for ``arch``.
+def _check_split_bytes(split_bytes) -> None:
+  if isinstance(split_bytes, bool) or not isinstance(split_bytes, int) or split_bytes < 0:
+    raise ValueError(f"split_bytes must be an int >= 0; got {split_bytes!r}")
 
-    Args:
-      arch: one of :data:`ARCHS` (``efficientnet-b0`` ... ``b7``,
-        ``efficientnet-lite0`` ... ``lite4``).
-      depthwise: ``'shift'``, ``'xla'`` or None for
-        ``default_depthwise(jax.default_backend())``.
-      dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay
-        float32 and outputs come out in this dtype.
 
-    Returns:
-      An :class:`EfficientNet`; ``module.apply(variables, x)`` maps a float
-      NHWC batch to the tuple of 9 level maps.
-    """
-    _check_arch(arch)
-    if depthwise is None:
-        depthwise = default_depthwise(jax.default_backend())
-    if depthwise not in DEPTHWISE_IMPLS:
-        raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS} or None; got {depthwise!r}")
-    try:
-        dtype = jnp.dtype(dtype)
-    except TypeError as e:
-        raise ValueError(f"dtype must be a floating dtype; got {dtype!r}") from e
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"dtype must be a floating dtype; got {dtype}")
-    return EfficientNet(arch=arch, depthwise=depthwise, dtype=dtype)
+def _per_image_blocks(blocks, shape, itemsize: int, split_bytes: int) -> int:
+  """How many leading blocks run one image at a time (0: none).
+
+  The longest run of leading blocks whose widest activation (input or
+  expanded) for the whole batch exceeds ``split_bytes``; none for a single
+  image or ``split_bytes == 0``.
+  """
+  n, h, w = shape[:3]
+  if n == 1 or split_bytes <= 0:
+    return 0
+  h, w = -(-h // 2), -(-w // 2)  # after the stride-2 stem
+  for i, b in enumerate(blocks):
+    if n * h * w * max(b.in_filters, b.mid_filters) * itemsize <= split_bytes:
+      return i
+    h, w = -(-h // b.stride), -(-w // b.stride)
+  return len(blocks)
+
+
+def default_split_bytes(backend: str) -> int:
+  """``EfficientNet.split_bytes`` to use on a JAX backend.
+
+  8 MiB on CPU, where splitting batches and large activations into pieces of
+  about that size was measured faster than whole-batch layers (README,
+  "Performance"); 0 (no splitting) everywhere else.
+
+  Args:
+    backend: a JAX backend name such as ``jax.default_backend()``.
+
+  Returns:
+    A byte count, or 0.
+  """
+  if not isinstance(backend, str) or not backend:
+    raise ValueError(f"backend must be a non-empty string; got {backend!r}")
+  return 8 << 20 if backend.lower() == "cpu" else 0
+
+
+def create(arch: str, *, depthwise: str | None = None, dtype: Any = jnp.float32,
+           split_bytes: int | None = None) -> EfficientNet:
+  """Builds the feature extractor for ``arch``.
+
+  Args:
+    arch: one of :data:`ARCHS` (``efficientnet-b0`` ... ``b7``,
+      ``efficientnet-lite0`` ... ``lite4``).
+    depthwise: ``'shift'``, ``'xla'`` or None for
+      ``default_depthwise(jax.default_backend())``.
+    dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay
+      float32 and outputs come out in this dtype.
+    split_bytes: working-set target (see :class:`EfficientNet`); None for
+      ``default_split_bytes(jax.default_backend())``, 0 for none.
+
+  Returns:
+    An :class:`EfficientNet`; ``module.apply(variables, x)`` maps a float
+    NHWC batch to the tuple of 9 level maps.
+  """
+  _check_arch(arch)
+  if depthwise is None:
+    depthwise = default_depthwise(jax.default_backend())
+  if depthwise not in DEPTHWISE_IMPLS:
+    raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS} or None; got {depthwise!r}")
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError as e:
+    raise ValueError(f"dtype must be a floating dtype; got {dtype!r}") from e
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"dtype must be a floating dtype; got {dtype}")
+  if split_bytes is None:
+    split_bytes = default_split_bytes(jax.default_backend())
+  _check_split_bytes(split_bytes)
+  return EfficientNet(arch=arch, depthwise=depthwise, dtype=dtype, split_bytes=split_bytes)
 
 
 def init(arch: str, rng: jax.Array, image_size: int = 32) -> dict:
@@ -512,7 +645,7 @@ def init(arch: str, rng: jax.Array, image_size: int = 32) -> dict:
     _check_arch(arch)
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int; got {image_size!r}")
-    module = create(arch, depthwise="xla")
+    module = create(arch, depthwise="xla", split_bytes=0)
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     # Tracing gives the variable shapes; filling them on the host avoids
     # compiling ~300 separate initializers (tens of seconds on CPU).
