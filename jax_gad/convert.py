@@ -211,7 +211,7 @@ def convert_file(arch: str, input_path: str | None, output_path: str) -> dict:
   """
   from jax_gad import checkpoint
 
-  spec = effnet._check_arch(arch)
+  spec = effnet.check_arch(arch)
   if input_path is None:
     input_path = checkpoint.packaged_weights_path(arch)
     source = (

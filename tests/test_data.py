@@ -10,17 +10,17 @@ from PIL import Image
 import pytest
 from scipy import ndimage
 from sklearn.model_selection import KFold
+import tensorflow_datasets as tfds
 
 import jax_gad.data as data
 from jax_gad.data import mvtec_ad, synthetic_ad
-import tensorflow_datasets as tfds
 
 # A tiny MVTec-shaped folder: one RGB and one grayscale category, masks, several
 # defect types. Files are written in an order different from the sorted one.
 SPEC = {
-    # category: (image (height, width), grayscale?, n_train, {test folder: n})
-    "bottle": ((16, 16), False, 7, {"good": 3, "broken_large": 2, "contamination": 3}),
-    "grid": ((12, 20), True, 6, {"thread": 2, "good": 2, "bent": 1}),
+  # category: (image (height, width), grayscale?, n_train, {test folder: n})
+  "bottle": ((16, 16), False, 7, {"good": 3, "broken_large": 2, "contamination": 3}),
+  "grid": ((12, 20), True, 6, {"thread": 2, "good": 2, "bent": 1}),
 }
 
 
@@ -55,17 +55,19 @@ def write_mvtec(root, spec=SPEC, seed=0):
       mask = np.zeros(shape, np.uint8)
       if defect != "good":
         y, x = rng.integers(0, shape[0] - 4), rng.integers(0, shape[1] - 4)
-        mask[y:y + 4, x:x + 3] = 255
+        mask[y : y + 4, x : x + 3] = 255
         mask_path = root / category / "ground_truth" / defect / name.replace(".png", "_mask.png")
         # The grayscale category's masks are stored as 1-bit PNGs.
         _save_png(mask_path, mask, mode="1" if gray else None)
-      out[split].append({
+      out[split].append(
+        {
           "file_name": f"{split}/{defect}/{name}",
           "image": rgb,
           "mask": mask,
           "label": int(defect != "good"),
           "defect_type": defect,
-      })
+        }
+      )
     for split in out:
       out[split].sort(key=lambda e: e["file_name"])
     expected[category] = out
@@ -77,8 +79,12 @@ def _leftovers(tfds_dir):
   found = []
   for dirpath, dirnames, filenames in os.walk(tfds_dir):
     for name in dirnames + filenames:
-      if "incomplete" in name or name.endswith(".array_record") or "array_record-" in name \
-          or name == "dataset_info.json":
+      if (
+        "incomplete" in name
+        or name.endswith(".array_record")
+        or "array_record-" in name
+        or name == "dataset_info.json"
+      ):
         found.append(os.path.join(dirpath, name))
   return found
 
@@ -89,8 +95,9 @@ def built(tmp_path_factory):
   expected = write_mvtec(root)
   tfds_dir = tmp_path_factory.mktemp("tfds")
   splits = {
-      (c, s): data.load("mvtec_ad", c, s, data_dir=root, tfds_dir=tfds_dir)
-      for c in SPEC for s in ("train", "test")
+    (c, s): data.load("mvtec_ad", c, s, data_dir=root, tfds_dir=tfds_dir)
+    for c in SPEC
+    for s in ("train", "test")
   }
   return root, tfds_dir, expected, splits
 
@@ -161,12 +168,10 @@ def test_mvtec_reload_needs_data_dir_and_fingerprints(built, tmp_path):
   pixels = np.asarray(Image.open(path)).copy()
   pixels[0, 0, 0] ^= 1
   _save_png(path, pixels)
-  changed = data.load("mvtec_ad", "bottle", "test", data_dir=root2,
-                      tfds_dir=tmp_path / "tfds2")
+  changed = data.load("mvtec_ad", "bottle", "test", data_dir=root2, tfds_dir=tmp_path / "tfds2")
   assert changed.file_names == again.file_names
   assert changed.fingerprint != again.fingerprint
-  same = data.load("mvtec_ad", "bottle", "train", data_dir=root2,
-                   tfds_dir=tmp_path / "tfds2")
+  same = data.load("mvtec_ad", "bottle", "train", data_dir=root2, tfds_dir=tmp_path / "tfds2")
   assert same.fingerprint == splits[("bottle", "train")].fingerprint
 
 
@@ -354,14 +359,14 @@ def test_synthetic_defects_are_where_their_masks_are():
 
 def test_synthetic_builder_twice_gives_identical_data(tmp_path):
   cfg = lambda seed: synthetic_ad.SyntheticAdConfig(
-      name=f"tiny_object_{seed}", category="object", seed=seed,
-      n_train=3, n_test=10, size=64)
-  download = tfds.download.DownloadConfig(
-      compute_stats=tfds.download.ComputeStatsMode.SKIP)
+    name=f"tiny_object_{seed}", category="object", seed=seed, n_train=3, n_test=10, size=64
+  )
+  download = tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
   splits = []
   for d, seed in (("a", 0), ("b", 0), ("c", 1)):
-    builder = synthetic_ad.SyntheticAd(config=cfg(seed), data_dir=tmp_path / d,
-                                       file_format="array_record")
+    builder = synthetic_ad.SyntheticAd(
+      config=cfg(seed), data_dir=tmp_path / d, file_format="array_record"
+    )
     builder.download_and_prepare(download_config=download)
     splits.append(data.Split.from_builder(builder, "test"))
   a, b, c = splits
@@ -437,9 +442,11 @@ def test_build_and_read_without_tensorflow_or_torch(tmp_path):
   """)
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(
-      [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-      + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=env, timeout=300)
+    [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+  )
+  res = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+  )
   assert res.returncode == 0, res.stderr[-3000:]
   assert res.stdout.strip().endswith("ok")

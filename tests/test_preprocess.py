@@ -9,14 +9,14 @@ cv2 = pytest.importorskip("cv2")
 
 # (in_h, in_w, out_h, out_w): up, down, non-square, exact halving, identity, 1-pixel.
 SHAPES = [
-    (16, 16, 224, 224),
-    (300, 300, 224, 224),
-    (90, 70, 38, 38),
-    (7, 13, 5, 29),
-    (200, 200, 100, 100),
-    (31, 17, 31, 17),
-    (1, 1, 4, 4),
-    (3, 50, 1, 1),
+  (16, 16, 224, 224),
+  (300, 300, 224, 224),
+  (90, 70, 38, 38),
+  (7, 13, 5, 29),
+  (200, 200, 100, 100),
+  (31, 17, 31, 17),
+  (1, 1, 4, 4),
+  (3, 50, 1, 1),
 ]
 
 
@@ -82,15 +82,15 @@ def test_resize_is_deterministic():
 
 
 @pytest.mark.parametrize(
-    "image, size, match",
-    [
-        (np.zeros((4,), np.uint8), 2, "shape"),
-        (np.zeros((0, 4, 3), np.uint8), 2, "non-empty"),
-        (np.zeros((4, 4, 3), np.uint8), 0, "positive"),
-        (np.zeros((4, 4, 3), np.uint8), (2, 2, 2), "pair"),
-        (np.zeros((4, 4, 3), np.uint8), "big", "pair"),
-        (np.zeros((4, 4, 3), bool), 2, "real dtype"),
-    ],
+  "image, size, match",
+  [
+    (np.zeros((4,), np.uint8), 2, "shape"),
+    (np.zeros((0, 4, 3), np.uint8), 2, "non-empty"),
+    (np.zeros((4, 4, 3), np.uint8), 0, "positive"),
+    (np.zeros((4, 4, 3), np.uint8), (2, 2, 2), "pair"),
+    (np.zeros((4, 4, 3), np.uint8), "big", "pair"),
+    (np.zeros((4, 4, 3), bool), 2, "real dtype"),
+  ],
 )
 def test_resize_rejects_bad_input(image, size, match):
   with pytest.raises(ValueError, match=match):
@@ -102,7 +102,7 @@ def test_normalize_matches_formula():
   x = rng.uniform(0, 1, (5, 6, 3)).astype(np.float32)
   out = preprocess.normalize(x, preprocess.IMAGENET_MEAN, preprocess.IMAGENET_STD)
   ref = (x.astype(np.float64) - np.array(preprocess.IMAGENET_MEAN)) / np.array(
-      preprocess.IMAGENET_STD
+    preprocess.IMAGENET_STD
   )
   assert out.dtype == np.float32
   np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
@@ -115,11 +115,11 @@ def test_lite_constants_give_x255_minus_127_over_128():
 
 
 @pytest.mark.parametrize(
-    "mean, std, match",
-    [
-        ((0.5, 0.5), (0.2, 0.2, 0.2), "one value per channel"),
-        ((0.5, 0.5, 0.5), (0.2, 0.0, 0.2), "positive"),
-    ],
+  "mean, std, match",
+  [
+    ((0.5, 0.5), (0.2, 0.2, 0.2), "one value per channel"),
+    ((0.5, 0.5, 0.5), (0.2, 0.0, 0.2), "positive"),
+  ],
 )
 def test_normalize_rejects_bad_stats(mean, std, match):
   with pytest.raises(ValueError, match=match):
@@ -129,9 +129,7 @@ def test_normalize_rejects_bad_stats(mean, std, match):
 def test_prepare_image_against_opencv_pipeline():
   rng = np.random.default_rng(4)
   image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
-  out = preprocess.prepare_image(
-      image, 24, preprocess.IMAGENET_MEAN, preprocess.IMAGENET_STD
-  )
+  out = preprocess.prepare_image(image, 24, preprocess.IMAGENET_MEAN, preprocess.IMAGENET_STD)
   ref = cv2.resize(image, (24, 24), interpolation=cv2.INTER_LINEAR) / 255.0
   ref = (ref - np.array(preprocess.IMAGENET_MEAN)) / np.array(preprocess.IMAGENET_STD)
   assert out.shape == (24, 24, 3) and out.dtype == np.float32
@@ -144,7 +142,7 @@ def test_prepare_image_grayscale_becomes_three_channels():
   gray = rng.integers(0, 256, (20, 20), dtype=np.uint8)
   out2d = preprocess.prepare_image(gray, 8, preprocess.LITE_MEAN, preprocess.LITE_STD)
   out3d = preprocess.prepare_image(
-      np.repeat(gray[..., None], 3, axis=-1), 8, preprocess.LITE_MEAN, preprocess.LITE_STD
+    np.repeat(gray[..., None], 3, axis=-1), 8, preprocess.LITE_MEAN, preprocess.LITE_STD
   )
   assert out2d.shape == (8, 8, 3)
   assert np.array_equal(out2d, out3d)
@@ -153,9 +151,9 @@ def test_prepare_image_grayscale_becomes_three_channels():
 def test_prepare_image_rejects_non_uint8_and_bad_channels():
   with pytest.raises(ValueError, match="uint8"):
     preprocess.prepare_image(
-        np.zeros((4, 4, 3), np.float32), 2, preprocess.LITE_MEAN, preprocess.LITE_STD
+      np.zeros((4, 4, 3), np.float32), 2, preprocess.LITE_MEAN, preprocess.LITE_STD
     )
   with pytest.raises(ValueError, match="shape"):
     preprocess.prepare_image(
-        np.zeros((4, 4, 4), np.uint8), 2, preprocess.LITE_MEAN, preprocess.LITE_STD
+      np.zeros((4, 4, 4), np.uint8), 2, preprocess.LITE_MEAN, preprocess.LITE_STD
     )

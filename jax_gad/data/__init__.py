@@ -11,26 +11,26 @@ from jax_gad.data import preprocess
 from jax_gad.data.folder import IMAGE_EXTENSIONS
 from jax_gad.data.loader import CATEGORIES, DamagedDatasetError, Split, folds, load, prepare
 from jax_gad.data.mvtec_ad import (
-    GRAYSCALE_CATEGORIES,
-    MVTEC_CATEGORIES,
-    MVTEC_COUNTS,
-    TEXTURES,
+  GRAYSCALE_CATEGORIES,
+  MVTEC_CATEGORIES,
+  MVTEC_COUNTS,
+  TEXTURES,
 )
 from jax_gad.data.synthetic_ad import SYNTHETIC_CATEGORIES, SYNTHETIC_DEFECTS
 
 __all__ = [
-    "CATEGORIES",
-    "DamagedDatasetError",
-    "IMAGE_EXTENSIONS",
-    "GRAYSCALE_CATEGORIES",
-    "MVTEC_CATEGORIES",
-    "MVTEC_COUNTS",
-    "SYNTHETIC_CATEGORIES",
-    "SYNTHETIC_DEFECTS",
-    "Split",
-    "TEXTURES",
-    "folds",
-    "load",
-    "prepare",
-    "preprocess",
+  "CATEGORIES",
+  "DamagedDatasetError",
+  "IMAGE_EXTENSIONS",
+  "GRAYSCALE_CATEGORIES",
+  "MVTEC_CATEGORIES",
+  "MVTEC_COUNTS",
+  "SYNTHETIC_CATEGORIES",
+  "SYNTHETIC_DEFECTS",
+  "Split",
+  "TEXTURES",
+  "folds",
+  "load",
+  "prepare",
+  "preprocess",
 ]

@@ -34,20 +34,23 @@ METADATA_FORMAT = 2
 
 def features() -> tfds.features.FeaturesDict:
   """The feature spec shared by mvtec_ad and synthetic_ad."""
-  return tfds.features.FeaturesDict({
+  return tfds.features.FeaturesDict(
+    {
       "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
       "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
       "label": tfds.features.ClassLabel(names=LABEL_NAMES),
       "defect_type": tfds.features.Text(),
       "file_name": tfds.features.Text(),
-  })
+    }
+  )
 
 
 def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
   """uint8 (H, W) or (H, W, 3) -> PNG bytes (PIL; zlib level 0..9)."""
   buffer = io.BytesIO()
   Image.fromarray(np.ascontiguousarray(array)).save(
-      buffer, format="PNG", compress_level=compress_level)
+    buffer, format="PNG", compress_level=compress_level
+  )
   return buffer.getvalue()
 
 
@@ -60,7 +63,7 @@ def open_png(data: bytes, source: Any) -> Image.Image:
     raise ValueError(f"cannot decode image file {os.fspath(source)}: {e}") from e
   if image.format != "PNG":
     raise ValueError(
-        f"image file {os.fspath(source)} is not a PNG (PIL reads it as {image.format})"
+      f"image file {os.fspath(source)} is not a PNG (PIL reads it as {image.format})"
     )
   return image
 
@@ -85,8 +88,7 @@ def sha256(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
 
 
-def stored_digest(image: bytes, mask: bytes, label: int, defect_type: str,
-                  file_name: str) -> str:
+def stored_digest(image: bytes, mask: bytes, label: int, defect_type: str, file_name: str) -> str:
   """sha256 of one stored example (its PNG bytes and fields), as written and as read back."""
   digest = hashlib.sha256()
   for part in (image, mask):
@@ -106,8 +108,15 @@ class SplitRecorder:
     self.stored_sha256: list[str] = []
     self._content = hashlib.sha256()
 
-  def add(self, file_name: str, label: int, defect_type: str, content_sha256: str, *,
-          stored: tuple[bytes, bytes]) -> int:
+  def add(
+    self,
+    file_name: str,
+    label: int,
+    defect_type: str,
+    content_sha256: str,
+    *,
+    stored: tuple[bytes, bytes],
+  ) -> int:
     """Records one example; returns its index (the TFDS key).
 
     Args:
@@ -115,8 +124,7 @@ class SplitRecorder:
       content_sha256: hash of the source bytes (goes into the split's content hash).
       stored: the (image, mask) PNG bytes written to the dataset.
     """
-    self.stored_sha256.append(
-        stored_digest(stored[0], stored[1], label, defect_type, file_name))
+    self.stored_sha256.append(stored_digest(stored[0], stored[1], label, defect_type, file_name))
     self.file_names.append(file_name)
     self.labels.append(int(label))
     self.defect_types.append(defect_type)
@@ -126,11 +134,11 @@ class SplitRecorder:
 
   def as_metadata(self) -> dict:
     return {
-        "file_names": list(self.file_names),
-        "labels": list(self.labels),
-        "defect_types": list(self.defect_types),
-        "stored_sha256": list(self.stored_sha256),
-        "content_sha256": self._content.hexdigest(),
+      "file_names": list(self.file_names),
+      "labels": list(self.labels),
+      "defect_types": list(self.defect_types),
+      "stored_sha256": list(self.stored_sha256),
+      "content_sha256": self._content.hexdigest(),
     }
 
 
@@ -142,8 +150,9 @@ def store_split_metadata(info: tfds.core.DatasetInfo, split: str, recorder: Spli
 
 def shard_files(data_dir) -> list[str]:
   """Names of the record files of a prepared dataset folder, sorted."""
-  return sorted(n for n in os.listdir(os.fspath(data_dir))
-                if ".array_record-" in n and not n.startswith("."))
+  return sorted(
+    n for n in os.listdir(os.fspath(data_dir)) if ".array_record-" in n and not n.startswith(".")
+  )
 
 
 class IntegrityMixin:
@@ -158,10 +167,9 @@ class IntegrityMixin:
     super()._download_and_prepare(dl_manager, download_config)
     data_dir = os.fspath(self.data_dir)
     doc = {
-        "format": INTEGRITY_FORMAT,
-        "files": {n: os.path.getsize(os.path.join(data_dir, n)) for n in shard_files(data_dir)},
-        "num_examples": {name: int(info.num_examples)
-                         for name, info in self.info.splits.items()},
+      "format": INTEGRITY_FORMAT,
+      "files": {n: os.path.getsize(os.path.join(data_dir, n)) for n in shard_files(data_dir)},
+      "num_examples": {name: int(info.num_examples) for name, info in self.info.splits.items()},
     }
     # A plain write is enough: the folder it is in is renamed into place whole afterwards.
     with open(os.path.join(data_dir, INTEGRITY_FILE), "w", encoding="utf-8") as f:

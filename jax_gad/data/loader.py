@@ -9,17 +9,14 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
+import shutil
 
 import numpy as np
 from sklearn.model_selection import KFold
 import tensorflow_datasets as tfds
 
-from jax_gad.data import common
-from jax_gad.data import folder
-from jax_gad.data import mvtec_ad
-from jax_gad.data import synthetic_ad
+from jax_gad.data import common, folder, mvtec_ad, synthetic_ad
 
 
 class OpenCategories(tuple):
@@ -37,26 +34,26 @@ class OpenCategories(tuple):
 
 
 CATEGORIES: dict[str, tuple[str, ...]] = {
-    "mvtec_ad": mvtec_ad.MVTEC_CATEGORIES,
-    "synthetic_ad": synthetic_ad.SYNTHETIC_CATEGORIES,
-    "folder": OpenCategories(),
+  "mvtec_ad": mvtec_ad.MVTEC_CATEGORIES,
+  "synthetic_ad": synthetic_ad.SYNTHETIC_CATEGORIES,
+  "folder": OpenCategories(),
 }
 
 _BUILDERS = {
-    "mvtec_ad": mvtec_ad.MvtecAd,
-    "synthetic_ad": synthetic_ad.SyntheticAd,
-    "folder": folder.Folder,
+  "mvtec_ad": mvtec_ad.MvtecAd,
+  "synthetic_ad": synthetic_ad.SyntheticAd,
+  "folder": folder.Folder,
 }
 # Datasets built from a raw folder: their prepared data is keyed on the folder's fingerprint.
 RAW_FOLDER_DATASETS = ("mvtec_ad", "folder")
 
 # Config fields that describe a config rather than define its content.
-_DESCRIPTIVE_CONFIG_FIELDS = ("description", "release_notes", "tags",
-                              "supported_versions")
+_DESCRIPTIVE_CONFIG_FIELDS = ("description", "release_notes", "tags", "supported_versions")
 # Fields of raw-folder configs that say where the data came from, not what it is
 # (the recorded content hash says that): left out of the data fingerprint so that
 # identical images in another folder, or touched files, share cached features.
 _SOURCE_CONFIG_FIELDS = ("name", "raw_dir", "raw_fingerprint")
+
 
 class DamagedDatasetError(ValueError):
   """A prepared dataset's files do not match what was recorded when it was built."""
@@ -66,13 +63,14 @@ def _rebuild_hint(builder) -> str:
   data_dir = os.fspath(builder.data_dir)
   raw = getattr(builder.builder_config, "raw_dir", "") or ""
   source = f" from {raw}" if raw else ""
-  return (f"delete that folder (rm -r '{data_dir}') and run again to rebuild it{source}")
+  return f"delete that folder (rm -r '{data_dir}') and run again to rebuild it{source}"
 
 
 def _damaged(builder, what: str) -> DamagedDatasetError:
   return DamagedDatasetError(
-      f"the prepared dataset at {os.fspath(builder.data_dir)} is damaged ({what}); "
-      + _rebuild_hint(builder))
+    f"the prepared dataset at {os.fspath(builder.data_dir)} is damaged ({what}); "
+    + _rebuild_hint(builder)
+  )
 
 
 def _verify_files(builder, split: str) -> None:
@@ -129,10 +127,23 @@ class Split(collections.abc.Sequence):
   :class:`DamagedDatasetError` naming the prepared folder and how to rebuild.
   """
 
-  def __init__(self, source, *, dataset: str, category: str, split: str,
-               labels, defect_types, file_names, fingerprint: str,
-               stored_sha256=None, has_masks: bool = True, prepared_dir: str = "",
-               raw_dir: str = "", damaged=None):
+  def __init__(
+    self,
+    source,
+    *,
+    dataset: str,
+    category: str,
+    split: str,
+    labels,
+    defect_types,
+    file_names,
+    fingerprint: str,
+    stored_sha256=None,
+    has_masks: bool = True,
+    prepared_dir: str = "",
+    raw_dir: str = "",
+    damaged=None,
+  ):
     self._source = source
     self.dataset = dataset
     self.category = category
@@ -156,8 +167,9 @@ class Split(collections.abc.Sequence):
     if not self.has_masks:
       where = f" ({self.raw_dir})" if self.raw_dir else ""
       raise ValueError(
-          f"{self.dataset} category {self.category!r}{where} has no ground-truth masks (no "
-          f"ground_truth/ folder), so {what} is not available; image-level results are")
+        f"{self.dataset} category {self.category!r}{where} has no ground-truth masks (no "
+        f"ground_truth/ folder), so {what} is not available; image-level results are"
+      )
 
   @classmethod
   def from_builder(cls, builder: tfds.core.DatasetBuilder, split: str) -> "Split":
@@ -167,8 +179,9 @@ class Split(collections.abc.Sequence):
     meta = builder.info.metadata or {}
     if meta.get("format") != common.METADATA_FORMAT:
       raise DamagedDatasetError(
-          f"the prepared dataset at {builder.data_dir} lacks jax_gad's split "
-          f"metadata (format {common.METADATA_FORMAT}); " + _rebuild_hint(builder))
+        f"the prepared dataset at {builder.data_dir} lacks jax_gad's split "
+        f"metadata (format {common.METADATA_FORMAT}); " + _rebuild_hint(builder)
+      )
     record = (meta.get("splits") or {}).get(split)
     config = builder.builder_config
     raw_dir = getattr(config, "raw_dir", "") or ""
@@ -182,47 +195,48 @@ class Split(collections.abc.Sequence):
     _verify_files(builder, split)
     try:
       source = builder.as_data_source(
-          split,
-          decoders={"image": tfds.decode.SkipDecoding(),
-                    "mask": tfds.decode.SkipDecoding()},
+        split,
+        decoders={"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()},
       )
       n_source = len(source)
     except Exception as e:  # the record reader's own errors
       raise _damaged(builder, f"{split} records unreadable: {type(e).__name__}: {e}") from None
     if n_source != len(record["file_names"]):
-      raise _damaged(builder, f"it holds {n_source} {split} examples but its metadata lists "
-                              f"{len(record['file_names'])}")
+      raise _damaged(
+        builder,
+        f"it holds {n_source} {split} examples but its metadata lists {len(record['file_names'])}",
+      )
     source_fields = _SOURCE_CONFIG_FIELDS if raw_dir else ()
     config_fields = {
-        f.name: str(getattr(config, f.name)) for f in dataclasses.fields(config)
-        if f.name not in _DESCRIPTIVE_CONFIG_FIELDS + source_fields
+      f.name: str(getattr(config, f.name))
+      for f in dataclasses.fields(config)
+      if f.name not in _DESCRIPTIVE_CONFIG_FIELDS + source_fields
     }
     key = {
-        "builder": builder.name,
-        "version": str(builder.version),
-        "config": config_fields,
-        "split": split,
-        "metadata_format": meta["format"],
-        "num_examples": len(source),
-        "file_names_sha256": common.sha256(
-            "\n".join(record["file_names"]).encode("utf-8")),
-        "content_sha256": record["content_sha256"],
+      "builder": builder.name,
+      "version": str(builder.version),
+      "config": config_fields,
+      "split": split,
+      "metadata_format": meta["format"],
+      "num_examples": len(source),
+      "file_names_sha256": common.sha256("\n".join(record["file_names"]).encode("utf-8")),
+      "content_sha256": record["content_sha256"],
     }
     fingerprint = common.sha256(json.dumps(key, sort_keys=True).encode("utf-8"))
     return cls(
-        source,
-        dataset=builder.name,
-        category=getattr(config, "category", config.name),
-        split=split,
-        labels=record["labels"],
-        defect_types=record["defect_types"],
-        file_names=record["file_names"],
-        fingerprint=fingerprint,
-        stored_sha256=record["stored_sha256"],
-        has_masks=bool(meta.get("has_masks", True)),
-        prepared_dir=os.fspath(builder.data_dir),
-        raw_dir=raw_dir,
-        damaged=lambda what: _damaged(builder, what),
+      source,
+      dataset=builder.name,
+      category=getattr(config, "category", config.name),
+      split=split,
+      labels=record["labels"],
+      defect_types=record["defect_types"],
+      file_names=record["file_names"],
+      fingerprint=fingerprint,
+      stored_sha256=record["stored_sha256"],
+      has_masks=bool(meta.get("has_masks", True)),
+      prepared_dir=os.fspath(builder.data_dir),
+      raw_dir=raw_dir,
+      damaged=lambda what: _damaged(builder, what),
     )
 
   def __len__(self) -> int:
@@ -240,39 +254,43 @@ class Split(collections.abc.Sequence):
     except Exception as e:  # the record reader's own errors: a damaged file
       if self._damaged is None:
         raise
-      raise self._damaged(f"example {i} of {self.split} unreadable: "
-                          f"{type(e).__name__}: {e}") from None
+      raise self._damaged(
+        f"example {i} of {self.split} unreadable: {type(e).__name__}: {e}"
+      ) from None
     text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
     if self._stored_sha256 is not None:
-      digest = common.stored_digest(ex["image"], ex["mask"], int(ex["label"]),
-                                    text(ex["defect_type"]), text(ex["file_name"]))
+      digest = common.stored_digest(
+        ex["image"], ex["mask"], int(ex["label"]), text(ex["defect_type"]), text(ex["file_name"])
+      )
       if digest != self._stored_sha256[i] or text(ex["file_name"]) != self.file_names[i]:
-        raise self._damaged(f"example {i} of {self.split} ({self.file_names[i]}) differs "
-                            "from what was written")
+        raise self._damaged(
+          f"example {i} of {self.split} ({self.file_names[i]}) differs from what was written"
+        )
     return {
-        "image": common.decode_image(ex["image"]),
-        "mask": common.decode_mask(ex["mask"]),
-        "label": int(ex["label"]),
-        "defect_type": text(ex["defect_type"]),
-        "file_name": text(ex["file_name"]),
+      "image": common.decode_image(ex["image"]),
+      "mask": common.decode_mask(ex["mask"]),
+      "label": int(ex["label"]),
+      "defect_type": text(ex["defect_type"]),
+      "file_name": text(ex["file_name"]),
     }
 
   def __repr__(self) -> str:
-    return (f"Split(dataset={self.dataset!r}, category={self.category!r}, "
-            f"split={self.split!r}, n={len(self)}, good={int((self.labels == 0).sum())}, "
-            f"defect={int((self.labels == 1).sum())})")
+    return (
+      f"Split(dataset={self.dataset!r}, category={self.category!r}, "
+      f"split={self.split!r}, n={len(self)}, good={int((self.labels == 0).sum())}, "
+      f"defect={int((self.labels == 1).sum())})"
+    )
 
 
 def _check_names(dataset: str, category: str, split: str) -> None:
   if dataset not in CATEGORIES:
-    raise ValueError(
-        f"unknown dataset {dataset!r}; valid datasets: {', '.join(CATEGORIES)}")
+    raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(CATEGORIES)}")
   if dataset == "folder":
     folder.check_category_name(category)
   elif category not in CATEGORIES[dataset]:
     raise ValueError(
-        f"unknown {dataset} category {category!r}; valid categories: "
-        f"{', '.join(CATEGORIES[dataset])}")
+      f"unknown {dataset} category {category!r}; valid categories: {', '.join(CATEGORIES[dataset])}"
+    )
   if split not in common.SPLITS:
     raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(common.SPLITS)}")
 
@@ -306,8 +324,9 @@ def _remove_incomplete(builder) -> None:
       shutil.rmtree(leftover, ignore_errors=True)
 
 
-def prepare(dataset: str, category: str, *, data_dir=None, tfds_dir=None
-            ) -> tfds.core.DatasetBuilder:
+def prepare(
+  dataset: str, category: str, *, data_dir=None, tfds_dir=None
+) -> tfds.core.DatasetBuilder:
   """Returns the category's builder, building the dataset first if needed.
 
   Building writes ``array_record`` files under
@@ -337,8 +356,9 @@ def prepare(dataset: str, category: str, *, data_dir=None, tfds_dir=None
   if dataset == "mvtec_ad":
     config = folder.make_config(mvtec_ad.MvtecAdConfig, mvtec_ad.scan(data_dir, category), category)
   elif dataset == "folder":
-    config = folder.make_config(folder.FolderConfig, folder.Folder.scan(data_dir, category),
-                                category)
+    config = folder.make_config(
+      folder.FolderConfig, folder.Folder.scan(data_dir, category), category
+    )
   else:
     config = category
   builder_kwargs = {"config": config, "file_format": "array_record"}
@@ -349,21 +369,26 @@ def prepare(dataset: str, category: str, *, data_dir=None, tfds_dir=None
     # Holding the lock, no other build of this config runs: TFDS's temporary
     # folders here are leftovers of a killed build.
     _remove_incomplete(builder)
-    if builder.is_prepared() and dataset == "synthetic_ad" and (
-        (builder.info.metadata or {}).get("format") != common.METADATA_FORMAT):
+    if (
+      builder.is_prepared()
+      and dataset == "synthetic_ad"
+      and ((builder.info.metadata or {}).get("format") != common.METADATA_FORMAT)
+    ):
       # Generated data written by an older jax_gad: rebuild it, nothing is lost.
       logging.warning("rebuilding %s (prepared by an older jax_gad)", builder.data_dir)
       shutil.rmtree(builder.data_dir)
       builder = cls(**builder_kwargs)
     if not builder.is_prepared():
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          compute_stats=tfds.download.ComputeStatsMode.SKIP))
+      builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP
+        )
+      )
   # A fresh builder reads the dataset info (and jax_gad's metadata) from disk.
   return cls(**builder_kwargs)
 
 
-def load(dataset: str, category: str, split: str, *, data_dir=None,
-         tfds_dir=None) -> Split:
+def load(dataset: str, category: str, split: str, *, data_dir=None, tfds_dir=None) -> Split:
   """Loads one split of one category, building the TFDS dataset on first use.
 
   Args:
@@ -405,8 +430,7 @@ def folds(n_train: int, n_splits: int = 5, seed: int = 0) -> list[np.ndarray]:
       raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
   if n_splits > n_train:
     raise ValueError(
-        f"n_splits={n_splits} folds need at least as many training images, "
-        f"got n_train={n_train}")
+      f"n_splits={n_splits} folds need at least as many training images, got n_train={n_train}"
+    )
   kfold = KFold(n_splits=n_splits, shuffle=True, random_state=seed)
-  return [np.sort(train).astype(np.int64)
-          for train, _ in kfold.split(np.arange(n_train))]
+  return [np.sort(train).astype(np.int64) for train, _ in kfold.split(np.arange(n_train))]

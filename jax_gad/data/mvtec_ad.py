@@ -23,13 +23,24 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from jax_gad.data import common
-from jax_gad.data import folder
+from jax_gad.data import common, folder
 
 MVTEC_CATEGORIES: tuple[str, ...] = (
-    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
-    "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",
-    "zipper",
+  "bottle",
+  "cable",
+  "capsule",
+  "carpet",
+  "grid",
+  "hazelnut",
+  "leather",
+  "metal_nut",
+  "pill",
+  "screw",
+  "tile",
+  "toothbrush",
+  "transistor",
+  "wood",
+  "zipper",
 )
 TEXTURES: tuple[str, ...] = ("carpet", "grid", "leather", "tile", "wood")
 OBJECTS: tuple[str, ...] = tuple(c for c in MVTEC_CATEGORIES if c not in TEXTURES)
@@ -37,11 +48,21 @@ OBJECTS: tuple[str, ...] = tuple(c for c in MVTEC_CATEGORIES if c not in TEXTURE
 GRAYSCALE_CATEGORIES: tuple[str, ...] = ("grid", "screw", "zipper")
 # Number of (train, test) images per category in the official release.
 MVTEC_COUNTS: dict[str, tuple[int, int]] = {
-    "bottle": (209, 83), "cable": (224, 150), "capsule": (219, 132),
-    "carpet": (280, 117), "grid": (264, 78), "hazelnut": (391, 110),
-    "leather": (245, 124), "metal_nut": (220, 115), "pill": (267, 167),
-    "screw": (320, 160), "tile": (230, 117), "toothbrush": (60, 42),
-    "transistor": (213, 100), "wood": (247, 79), "zipper": (240, 151),
+  "bottle": (209, 83),
+  "cable": (224, 150),
+  "capsule": (219, 132),
+  "carpet": (280, 117),
+  "grid": (264, 78),
+  "hazelnut": (391, 110),
+  "leather": (245, 124),
+  "metal_nut": (220, 115),
+  "pill": (267, 167),
+  "screw": (320, 160),
+  "tile": (230, 117),
+  "toothbrush": (60, 42),
+  "transistor": (213, 100),
+  "wood": (247, 79),
+  "zipper": (240, 151),
 }
 
 HOMEPAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
@@ -79,8 +100,7 @@ Source = folder.Source
 def check_category(category: str) -> None:
   if category not in MVTEC_CATEGORIES:
     raise ValueError(
-        f"unknown mvtec_ad category {category!r}; valid categories: "
-        f"{', '.join(MVTEC_CATEGORIES)}"
+      f"unknown mvtec_ad category {category!r}; valid categories: {', '.join(MVTEC_CATEGORIES)}"
     )
 
 
@@ -107,15 +127,14 @@ def scan(data_dir, category: str) -> folder.Layout:
   check_category(category)
   if data_dir is None:
     raise ValueError(
-        "mvtec_ad needs data_dir and no data_dir was given: pass the folder holding the "
-        "extracted MVTec AD data (jax_gad checks the prepared data against it at every "
-        f"load).\n{_DOWNLOAD_INSTRUCTIONS}"
+      "mvtec_ad needs data_dir and no data_dir was given: pass the folder holding the "
+      "extracted MVTec AD data (jax_gad checks the prepared data against it at every "
+      f"load).\n{_DOWNLOAD_INSTRUCTIONS}"
     )
   root = Path(os.fspath(data_dir)).expanduser()
   if not root.is_dir():
     raise ValueError(
-        f"MVTec AD data_dir {root} does not exist or is not a folder.\n"
-        f"{_DOWNLOAD_INSTRUCTIONS}"
+      f"MVTec AD data_dir {root} does not exist or is not a folder.\n{_DOWNLOAD_INSTRUCTIONS}"
     )
   return MvtecAd.scan(root, category)
 
@@ -142,8 +161,8 @@ class MvtecAd(folder.Folder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {
-      "1.0.0": "First release: images (3 channels), masks (0/255), labels, "
-               "defect types and file names in the protocol's sorted order.",
+    "1.0.0": "First release: images (3 channels), masks (0/255), labels, "
+    "defect types and file names in the protocol's sorted order.",
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = _DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIG_CLASS = MvtecAdConfig
@@ -153,27 +172,27 @@ class MvtecAd(folder.Folder):
   REQUIRE_MASKS = True
   LAYOUT_HELP = EXPECTED_LAYOUT
   BUILDER_CONFIGS = [
-      MvtecAdConfig(
-          name=c, category=c,
-          description=f"MVTec AD category '{c}' "
-                      f"({'texture' if c in TEXTURES else 'object'}).",
-      )
-      for c in MVTEC_CATEGORIES
+    MvtecAdConfig(
+      name=c,
+      category=c,
+      description=f"MVTec AD category '{c}' ({'texture' if c in TEXTURES else 'object'}).",
+    )
+    for c in MVTEC_CATEGORIES
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=(
-            "MVTec AD: industrial images of 15 categories; training images are "
-            "all defect-free, test images are defect-free or show one of "
-            "several defect types, with pixel masks."
-        ),
-        features=common.features(),
-        homepage=HOMEPAGE,
-        citation=_CITATION,
-        disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(),
+      builder=self,
+      description=(
+        "MVTec AD: industrial images of 15 categories; training images are "
+        "all defect-free, test images are defect-free or show one of "
+        "several defect types, with pixel masks."
+      ),
+      features=common.features(),
+      homepage=HOMEPAGE,
+      citation=_CITATION,
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _layout(self, dl_manager) -> folder.Layout:

@@ -32,13 +32,9 @@ def _output_size(size: Size) -> tuple[int, int]:
     try:
       out = tuple(int(s) for s in size)
     except (TypeError, ValueError):
-      raise ValueError(
-          f"size must be an int or a (height, width) pair, got {size!r}"
-      ) from None
+      raise ValueError(f"size must be an int or a (height, width) pair, got {size!r}") from None
     if len(out) != 2:
-      raise ValueError(
-          f"size must be an int or a (height, width) pair, got {size!r}"
-      )
+      raise ValueError(f"size must be an int or a (height, width) pair, got {size!r}")
   if min(out) < 1:
     raise ValueError(f"size must be positive, got {size!r}")
   return out
@@ -79,13 +75,10 @@ def resize_bilinear(image: np.ndarray, size: Size) -> np.ndarray:
   """
   image = np.asarray(image)
   if image.ndim not in (2, 3):
-    raise ValueError(
-        f"image must have shape (H, W, C) or (H, W), got shape {image.shape}"
-    )
+    raise ValueError(f"image must have shape (H, W, C) or (H, W), got shape {image.shape}")
   if image.shape[0] < 1 or image.shape[1] < 1:
     raise ValueError(f"image must be non-empty, got shape {image.shape}")
-  if not (np.issubdtype(image.dtype, np.integer)
-          or np.issubdtype(image.dtype, np.floating)):
+  if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
     raise ValueError(f"image must have a real dtype, got {image.dtype}")
   out_h, out_w = _output_size(size)
   in_h, in_w = image.shape[:2]
@@ -119,8 +112,8 @@ def normalize(x01: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
   channels = x01.shape[-1] if x01.ndim else 0
   if mean.shape != (channels,) or std.shape != (channels,):
     raise ValueError(
-        f"mean and std must have one value per channel ({channels}), got "
-        f"mean of shape {mean.shape} and std of shape {std.shape}"
+      f"mean and std must have one value per channel ({channels}), got "
+      f"mean of shape {mean.shape} and std of shape {std.shape}"
     )
   if not np.all(std > 0):
     raise ValueError(f"std must be positive, got {std.tolist()}")
@@ -128,10 +121,10 @@ def normalize(x01: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
 
 
 def prepare_image(
-    image: np.ndarray,
-    size: Size,
-    mean: Sequence[float],
-    std: Sequence[float],
+  image: np.ndarray,
+  size: Size,
+  mean: Sequence[float],
+  std: Sequence[float],
 ) -> np.ndarray:
   """Resize + scale to [0, 1] + normalise: the model input for one image.
 
@@ -151,9 +144,7 @@ def prepare_image(
   if image.ndim == 2:
     image = image[:, :, None]
   if image.ndim != 3 or image.shape[-1] not in (1, 3):
-    raise ValueError(
-        f"image must have shape (H, W, 3), (H, W, 1) or (H, W), got {image.shape}"
-    )
+    raise ValueError(f"image must have shape (H, W, 3), (H, W, 1) or (H, W), got {image.shape}")
   if image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
   x = resize_bilinear(image, size) / np.float32(255.0)

@@ -36,8 +36,8 @@ from jax_gad.data import common
 # Category -> sorted defect types. Stable codes for seeding come from the order
 # of SYNTHETIC_CATEGORIES and the sorted defect names, never from hash().
 SYNTHETIC_DEFECTS: dict[str, tuple[str, ...]] = {
-    "texture": ("cut", "hole", "stain", "thread"),
-    "object": ("color", "contamination", "crack", "deformed", "missing"),
+  "texture": ("cut", "hole", "stain", "thread"),
+  "object": ("color", "contamination", "crack", "deformed", "missing"),
 }
 SYNTHETIC_CATEGORIES: tuple[str, ...] = ("texture", "object")
 
@@ -94,11 +94,11 @@ def _curve_distance(rng, yy, xx, start, length) -> np.ndarray:
   lo = np.floor(pts.min(0) - 4).astype(int).clip(0, yy.shape[0])
   hi = np.ceil(pts.max(0) + 4).astype(int).clip(0, yy.shape[0])
   dist = np.full(yy.shape, np.inf)
-  by, bx = yy[lo[0]:hi[0], lo[1]:hi[1]], xx[lo[0]:hi[0], lo[1]:hi[1]]
+  by, bx = yy[lo[0] : hi[0], lo[1] : hi[1]], xx[lo[0] : hi[0], lo[1] : hi[1]]
   if by.size:
     dy = by[..., None] - pts[:, 0]
     dx = bx[..., None] - pts[:, 1]
-    dist[lo[0]:hi[0], lo[1]:hi[1]] = np.sqrt((dy * dy + dx * dx).min(-1))
+    dist[lo[0] : hi[0], lo[1] : hi[1]] = np.sqrt((dy * dy + dx * dx).min(-1))
   return dist
 
 
@@ -285,8 +285,9 @@ def _nut(rng: np.random.Generator, drng: np.random.Generator, size: int, defect:
 _DRAW = {"texture": _fabric, "object": _nut}
 
 
-def draw_example(category: str, defect: str, seed: int, split: str, index: int,
-                 size: int, with_defect: bool = True):
+def draw_example(
+  category: str, defect: str, seed: int, split: str, index: int, size: int, with_defect: bool = True
+):
   """Draws one example: (image uint8 (size, size, 3), mask uint8 (size, size) 0/255).
 
   The normal appearance (pose, lighting, texture, noise) and the defect are
@@ -295,12 +296,12 @@ def draw_example(category: str, defect: str, seed: int, split: str, index: int,
   same image without its defect (and an all-zero mask): the defect-free twin.
   """
   defect_code = 0 if defect == "good" else 1 + SYNTHETIC_DEFECTS[category].index(defect)
-  entropy = [seed, SYNTHETIC_CATEGORIES.index(category), _SPLIT_CODES[split],
-             defect_code, index]
+  entropy = [seed, SYNTHETIC_CATEGORIES.index(category), _SPLIT_CODES[split], defect_code, index]
   base_seq, defect_seq = np.random.SeedSequence(entropy).spawn(2)
   drawn = defect if with_defect else "good"
-  rgb, mask = _DRAW[category](np.random.default_rng(base_seq),
-                              np.random.default_rng(defect_seq), size, drawn)
+  rgb, mask = _DRAW[category](
+    np.random.default_rng(base_seq), np.random.default_rng(defect_seq), size, drawn
+  )
   if drawn == "good":
     mask = np.zeros((size, size), bool)
   elif not mask.any():
@@ -308,8 +309,7 @@ def draw_example(category: str, defect: str, seed: int, split: str, index: int,
   return _to_uint8(rgb), mask.astype(np.uint8) * 255
 
 
-def split_layout(category: str, split: str, n_train: int, n_test: int
-                 ) -> list[tuple[str, int]]:
+def split_layout(category: str, split: str, n_train: int, n_test: int) -> list[tuple[str, int]]:
   """(defect type, index within its folder) of every image of a split, in order.
 
   The train split holds ``n_train`` good images. Half the test images (rounded
@@ -322,8 +322,7 @@ def split_layout(category: str, split: str, n_train: int, n_test: int
   defects = SYNTHETIC_DEFECTS[category]
   n_good = (n_test + 1) // 2
   n_bad = n_test - n_good
-  counts = {d: n_bad // len(defects) + (i < n_bad % len(defects))
-            for i, d in enumerate(defects)}
+  counts = {d: n_bad // len(defects) + (i < n_bad % len(defects)) for i, d in enumerate(defects)}
   counts["good"] = n_good
   return [(d, i) for d in sorted(counts) for i in range(counts[d])]
 
@@ -331,21 +330,25 @@ def split_layout(category: str, split: str, n_train: int, n_test: int
 def _check_args(category, seed, n_train, n_test, size):
   if category not in SYNTHETIC_DEFECTS:
     raise ValueError(
-        f"unknown synthetic_ad category {category!r}; valid categories: "
-        f"{', '.join(SYNTHETIC_CATEGORIES)}"
+      f"unknown synthetic_ad category {category!r}; valid categories: "
+      f"{', '.join(SYNTHETIC_CATEGORIES)}"
     )
-  for name, value, low in (("seed", seed, 0), ("n_train", n_train, 1),
-                           ("n_test", n_test, 0), ("size", size, 64)):
+  for name, value, low in (
+    ("seed", seed, 0),
+    ("n_train", n_train, 1),
+    ("n_test", n_test, 0),
+    ("size", size, 64),
+  ):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
       raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def generate(
-    category: str,
-    seed: int = DEFAULT_SEED,
-    n_train: int = DEFAULT_N_TRAIN,
-    n_test: int = DEFAULT_N_TEST,
-    size: int = DEFAULT_SIZE,
+  category: str,
+  seed: int = DEFAULT_SEED,
+  n_train: int = DEFAULT_N_TRAIN,
+  n_test: int = DEFAULT_N_TEST,
+  size: int = DEFAULT_SIZE,
 ) -> dict[str, list[dict]]:
   """Generates one category in memory.
 
@@ -362,8 +365,7 @@ def generate(
     'label' int (0 good, 1 defect), 'defect_type' str and 'file_name' str
     (e.g. 'test/crack/003.png'), in dataset order.
   """
-  return {s: list(_iter_split(category, s, seed, n_train, n_test, size))
-          for s in ("train", "test")}
+  return {s: list(_iter_split(category, s, seed, n_train, n_test, size)) for s in ("train", "test")}
 
 
 def _iter_split(category, split, seed, n_train, n_test, size) -> Iterator[dict]:
@@ -371,11 +373,11 @@ def _iter_split(category, split, seed, n_train, n_test, size) -> Iterator[dict]:
   for defect, index in split_layout(category, split, n_train, n_test):
     image, mask = draw_example(category, defect, seed, split, index, size)
     yield {
-        "image": image,
-        "mask": mask,
-        "label": int(defect != "good"),
-        "defect_type": defect,
-        "file_name": f"{split}/{defect}/{index:03d}.png",
+      "image": image,
+      "mask": mask,
+      "label": int(defect != "good"),
+      "defect_type": defect,
+      "file_name": f"{split}/{defect}/{index:03d}.png",
     }
 
 
@@ -403,30 +405,30 @@ class SyntheticAd(common.IntegrityMixin, tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {
-      "1.0.0": "First release: 'texture' (woven fabric, 4 defect types) and "
-               "'object' (hexagonal nut, 5 defect types), 60 train / 50 test "
-               "images of 192x192 each.",
+    "1.0.0": "First release: 'texture' (woven fabric, 4 defect types) and "
+    "'object' (hexagonal nut, 5 defect types), 60 train / 50 test "
+    "images of 192x192 each.",
   }
   BUILDER_CONFIGS = [
-      SyntheticAdConfig(
-          name=c, category=c,
-          description=f"Synthetic '{c}' category, defects: "
-                      f"{', '.join(SYNTHETIC_DEFECTS[c])}.",
-      )
-      for c in SYNTHETIC_CATEGORIES
+    SyntheticAdConfig(
+      name=c,
+      category=c,
+      description=f"Synthetic '{c}' category, defects: {', '.join(SYNTHETIC_DEFECTS[c])}.",
+    )
+    for c in SYNTHETIC_CATEGORIES
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=(
-            "Synthetic anomaly detection data in the MVTec AD layout: defect-free "
-            "training images, test images that are defect-free or show one of "
-            "several small defects, with pixel masks. Drawn with numpy from a seed."
-        ),
-        features=common.features(),
-        disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(),
+      builder=self,
+      description=(
+        "Synthetic anomaly detection data in the MVTec AD layout: defect-free "
+        "training images, test images that are defect-free or show one of "
+        "several small defects, with pixel masks. Drawn with numpy from a seed."
+      ),
+      features=common.features(),
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
@@ -434,25 +436,33 @@ class SyntheticAd(common.IntegrityMixin, tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     _check_args(cfg.category, cfg.seed, cfg.n_train, cfg.n_test, cfg.size)
     # A split without examples (n_test=0) is left out: TFDS cannot write an empty one.
-    return {split: self._generate_examples(split) for split in common.SPLITS
-            if split == "train" or cfg.n_test > 0}
+    return {
+      split: self._generate_examples(split)
+      for split in common.SPLITS
+      if split == "train" or cfg.n_test > 0
+    }
 
   def _generate_examples(self, split):
     cfg = self.builder_config
     recorder = common.SplitRecorder()
-    for ex in _iter_split(cfg.category, split, cfg.seed, cfg.n_train, cfg.n_test,
-                          cfg.size):
+    for ex in _iter_split(cfg.category, split, cfg.seed, cfg.n_train, cfg.n_test, cfg.size):
       content = common.sha256(
-          repr((ex["image"].shape, ex["mask"].shape)).encode()
-          + ex["image"].tobytes() + ex["mask"].tobytes())
+        repr((ex["image"].shape, ex["mask"].shape)).encode()
+        + ex["image"].tobytes()
+        + ex["mask"].tobytes()
+      )
       image_png, mask_png = common.encode_png(ex["image"]), common.encode_png(ex["mask"])
-      key = recorder.add(ex["file_name"], ex["label"], ex["defect_type"], content,
-                         stored=(image_png, mask_png))
-      yield key, {
+      key = recorder.add(
+        ex["file_name"], ex["label"], ex["defect_type"], content, stored=(image_png, mask_png)
+      )
+      yield (
+        key,
+        {
           "image": image_png,
           "mask": mask_png,
           "label": ex["label"],
           "defect_type": ex["defect_type"],
           "file_name": ex["file_name"],
-      }
+        },
+      )
     common.store_split_metadata(self.info, split, recorder)

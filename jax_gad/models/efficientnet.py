@@ -40,26 +40,27 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 __all__ = [
-    "ARCHS",
-    "ArchSpec",
-    "BlockSpec",
-    "DEPTHWISE_IMPLS",
-    "NUM_LEVELS",
-    "EfficientNet",
-    "block_specs",
-    "classify",
-    "create",
-    "default_depthwise",
-    "default_split_bytes",
-    "init",
-    "level_widths",
-    "native_resolution",
-    "stage_ends",
+  "ARCHS",
+  "check_arch",
+  "ArchSpec",
+  "BlockSpec",
+  "DEPTHWISE_IMPLS",
+  "NUM_LEVELS",
+  "EfficientNet",
+  "block_specs",
+  "classify",
+  "create",
+  "default_depthwise",
+  "default_split_bytes",
+  "init",
+  "level_widths",
+  "native_resolution",
+  "stage_ends",
 ]
 
 BN_EPSILON = 1e-3
@@ -75,38 +76,39 @@ _LITE_STD = (128.0 / 255.0,) * 3
 
 
 class ArchSpec(NamedTuple):
-    """Scaling coefficients and input conventions of one architecture.
+  """Scaling coefficients and input conventions of one architecture.
 
-    Attributes:
-      family: ``'b'`` (efficientnet-pytorch layout) or ``'lite'``
-        (efficientnet-lite-pytorch layout).
-      width: channel multiplier.
-      depth: repeat multiplier.
-      resolution: native square input size in pixels.
-      dropout: dropout rate before the classifier (training only; kept for
-        reference).
-      mean: per-channel mean for inputs scaled to [0, 1].
-      std: per-channel std for inputs scaled to [0, 1].
-    """
+  Attributes:
+    family: ``'b'`` (efficientnet-pytorch layout) or ``'lite'``
+      (efficientnet-lite-pytorch layout).
+    width: channel multiplier.
+    depth: repeat multiplier.
+    resolution: native square input size in pixels.
+    dropout: dropout rate before the classifier (training only; kept for
+      reference).
+    mean: per-channel mean for inputs scaled to [0, 1].
+    std: per-channel std for inputs scaled to [0, 1].
+  """
 
-    family: str
-    width: float
-    depth: float
-    resolution: int
-    dropout: float
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+  family: str
+  width: float
+  depth: float
+  resolution: int
+  dropout: float
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
 
 
 def _b(width, depth, resolution, dropout):
-    return ArchSpec("b", width, depth, resolution, dropout, _IMAGENET_MEAN, _IMAGENET_STD)
+  return ArchSpec("b", width, depth, resolution, dropout, _IMAGENET_MEAN, _IMAGENET_STD)
 
 
 def _lite(width, depth, resolution, dropout):
-    return ArchSpec("lite", width, depth, resolution, dropout, _LITE_MEAN, _LITE_STD)
+  return ArchSpec("lite", width, depth, resolution, dropout, _LITE_MEAN, _LITE_STD)
 
 
-ARCHS: Mapping[str, ArchSpec] = types.MappingProxyType({
+ARCHS: Mapping[str, ArchSpec] = types.MappingProxyType(
+  {
     "efficientnet-b0": _b(1.0, 1.0, 224, 0.2),
     "efficientnet-b1": _b(1.0, 1.1, 240, 0.2),
     "efficientnet-b2": _b(1.1, 1.2, 260, 0.3),
@@ -120,18 +122,19 @@ ARCHS: Mapping[str, ArchSpec] = types.MappingProxyType({
     "efficientnet-lite2": _lite(1.1, 1.2, 260, 0.3),
     "efficientnet-lite3": _lite(1.2, 1.4, 280, 0.3),
     "efficientnet-lite4": _lite(1.4, 1.8, 300, 0.3),
-})
+  }
+)
 
 # The seven stages of EfficientNet-B0:
 # (repeats, kernel size, stride, expand ratio, input filters, output filters).
 _BASE_STAGES = (
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
+  (1, 3, 1, 1, 32, 16),
+  (2, 3, 2, 6, 16, 24),
+  (2, 5, 2, 6, 24, 40),
+  (3, 3, 2, 6, 40, 80),
+  (3, 5, 1, 6, 80, 112),
+  (4, 5, 2, 6, 112, 192),
+  (1, 3, 1, 6, 192, 320),
 )
 _SE_RATIO = 0.25
 _STEM_FILTERS = 32
@@ -140,132 +143,139 @@ _DEPTH_DIVISOR = 8
 
 
 class BlockSpec(NamedTuple):
-    """Static description of one MBConv block.
+  """Static description of one MBConv block.
 
-    Attributes:
-      stage: stage index, 0..6.
-      in_filters: input channels.
-      out_filters: output channels.
-      expand_ratio: expansion factor (1 means no expansion convolution).
-      kernel_size: depthwise kernel size.
-      stride: depthwise stride (1 or 2).
-      se_filters: squeeze-excite bottleneck width, 0 when the block has none.
-      residual: whether the block adds its input to its output.
-    """
+  Attributes:
+    stage: stage index, 0..6.
+    in_filters: input channels.
+    out_filters: output channels.
+    expand_ratio: expansion factor (1 means no expansion convolution).
+    kernel_size: depthwise kernel size.
+    stride: depthwise stride (1 or 2).
+    se_filters: squeeze-excite bottleneck width, 0 when the block has none.
+    residual: whether the block adds its input to its output.
+  """
 
-    stage: int
-    in_filters: int
-    out_filters: int
-    expand_ratio: int
-    kernel_size: int
-    stride: int
-    se_filters: int
-    residual: bool
+  stage: int
+  in_filters: int
+  out_filters: int
+  expand_ratio: int
+  kernel_size: int
+  stride: int
+  se_filters: int
+  residual: bool
 
-    @property
-    def mid_filters(self) -> int:
-        return self.in_filters * self.expand_ratio
+  @property
+  def mid_filters(self) -> int:
+    return self.in_filters * self.expand_ratio
 
 
-def _check_arch(arch: str) -> ArchSpec:
-    if not isinstance(arch, str) or arch not in ARCHS:
-        raise ValueError(
-            f"arch must be one of {', '.join(ARCHS)}; got {arch!r}")
-    return ARCHS[arch]
+def check_arch(arch: str) -> ArchSpec:
+  """The :class:`ArchSpec` of ``arch``; ValueError naming the valid architectures otherwise."""
+  if not isinstance(arch, str) or arch not in ARCHS:
+    raise ValueError(f"arch must be one of {', '.join(ARCHS)}; got {arch!r}")
+  return ARCHS[arch]
 
 
 def _round_filters(filters: int, width: float) -> int:
-    """Channel count scaled by ``width``, rounded to a multiple of 8 (TF rule)."""
-    scaled = filters * width
-    rounded = max(_DEPTH_DIVISOR,
-                  int(scaled + _DEPTH_DIVISOR / 2) // _DEPTH_DIVISOR * _DEPTH_DIVISOR)
-    if rounded < 0.9 * scaled:  # never round down by more than 10 %
-        rounded += _DEPTH_DIVISOR
-    return int(rounded)
+  """Channel count scaled by ``width``, rounded to a multiple of 8 (TF rule)."""
+  scaled = filters * width
+  rounded = max(_DEPTH_DIVISOR, int(scaled + _DEPTH_DIVISOR / 2) // _DEPTH_DIVISOR * _DEPTH_DIVISOR)
+  if rounded < 0.9 * scaled:  # never round down by more than 10 %
+    rounded += _DEPTH_DIVISOR
+  return int(rounded)
 
 
 def _round_repeats(repeats: int, depth: float) -> int:
-    return int(math.ceil(depth * repeats))
+  return int(math.ceil(depth * repeats))
 
 
 def _stem_head_filters(spec: ArchSpec) -> tuple[int, int]:
-    if spec.family == "lite":
-        return _STEM_FILTERS, _HEAD_FILTERS
-    return (_round_filters(_STEM_FILTERS, spec.width),
-            _round_filters(_HEAD_FILTERS, spec.width))
+  if spec.family == "lite":
+    return _STEM_FILTERS, _HEAD_FILTERS
+  return (_round_filters(_STEM_FILTERS, spec.width), _round_filters(_HEAD_FILTERS, spec.width))
 
 
 def block_specs(arch: str) -> tuple[BlockSpec, ...]:
-    """All MBConv blocks of ``arch`` in execution order.
+  """All MBConv blocks of ``arch`` in execution order.
 
-    Args:
-      arch: architecture name, a key of :data:`ARCHS`.
+  Args:
+    arch: architecture name, a key of :data:`ARCHS`.
 
-    Returns:
-      Tuple of :class:`BlockSpec`; index i corresponds to ``_blocks.{i}`` in
-      the PyTorch state dicts and to ``params['blocks_{i}']`` here.
-    """
-    spec = _check_arch(arch)
-    stem, _ = _stem_head_filters(spec)
-    blocks = []
-    last_stage = len(_BASE_STAGES) - 1
-    for stage, (repeats, k, s, e, fin, fout) in enumerate(_BASE_STAGES):
-        in_filters = _round_filters(fin, spec.width)
-        out_filters = _round_filters(fout, spec.width)
-        if spec.family == "lite" and stage in (0, last_stage):
-            n = repeats  # Lite keeps the first and last stage depth fixed
-        else:
-            n = _round_repeats(repeats, spec.depth)
-        if stage == 0:
-            in_filters = stem
-        for r in range(n):
-            block_in = in_filters if r == 0 else out_filters
-            stride = s if r == 0 else 1
-            se = max(1, int(block_in * _SE_RATIO)) if spec.family == "b" else 0
-            blocks.append(BlockSpec(
-                stage=stage, in_filters=block_in, out_filters=out_filters,
-                expand_ratio=e, kernel_size=k, stride=stride, se_filters=se,
-                residual=(stride == 1 and block_in == out_filters)))
-    return tuple(blocks)
+  Returns:
+    Tuple of :class:`BlockSpec`; index i corresponds to ``_blocks.{i}`` in
+    the PyTorch state dicts and to ``params['blocks_{i}']`` here.
+  """
+  spec = check_arch(arch)
+  stem, _ = _stem_head_filters(spec)
+  blocks = []
+  last_stage = len(_BASE_STAGES) - 1
+  for stage, (repeats, k, s, e, fin, fout) in enumerate(_BASE_STAGES):
+    in_filters = _round_filters(fin, spec.width)
+    out_filters = _round_filters(fout, spec.width)
+    if spec.family == "lite" and stage in (0, last_stage):
+      n = repeats  # Lite keeps the first and last stage depth fixed
+    else:
+      n = _round_repeats(repeats, spec.depth)
+    if stage == 0:
+      in_filters = stem
+    for r in range(n):
+      block_in = in_filters if r == 0 else out_filters
+      stride = s if r == 0 else 1
+      se = max(1, int(block_in * _SE_RATIO)) if spec.family == "b" else 0
+      blocks.append(
+        BlockSpec(
+          stage=stage,
+          in_filters=block_in,
+          out_filters=out_filters,
+          expand_ratio=e,
+          kernel_size=k,
+          stride=stride,
+          se_filters=se,
+          residual=(stride == 1 and block_in == out_filters),
+        )
+      )
+  return tuple(blocks)
 
 
 def stage_ends(arch: str) -> tuple[int, ...]:
-    """Index of the last block of each of the 7 stages (levels 1..7)."""
-    blocks = block_specs(arch)
-    return tuple(max(i for i, b in enumerate(blocks) if b.stage == s)
-                 for s in range(len(_BASE_STAGES)))
+  """Index of the last block of each of the 7 stages (levels 1..7)."""
+  blocks = block_specs(arch)
+  return tuple(
+    max(i for i, b in enumerate(blocks) if b.stage == s) for s in range(len(_BASE_STAGES))
+  )
 
 
 def level_widths(arch: str) -> tuple[int, ...]:
-    """Channel counts of the 9 level maps, e.g. B4: (48, 24, 32, ..., 1792)."""
-    spec = _check_arch(arch)
-    stem, head = _stem_head_filters(spec)
-    blocks = block_specs(arch)
-    return (stem, *(blocks[i].out_filters for i in stage_ends(arch)), head)
+  """Channel counts of the 9 level maps, e.g. B4: (48, 24, 32, ..., 1792)."""
+  spec = check_arch(arch)
+  stem, head = _stem_head_filters(spec)
+  blocks = block_specs(arch)
+  return (stem, *(blocks[i].out_filters for i in stage_ends(arch)), head)
 
 
 def native_resolution(arch: str) -> int:
-    """Square input size (pixels) the published weights were trained at."""
-    return _check_arch(arch).resolution
+  """Square input size (pixels) the published weights were trained at."""
+  return check_arch(arch).resolution
 
 
 def default_depthwise(backend: str) -> str:
-    """Depthwise implementation to use on a JAX backend.
+  """Depthwise implementation to use on a JAX backend.
 
-    ``'shift'`` on CPU, where it was measured several times faster than XLA's
-    grouped convolution (README, "Depthwise convolution"); ``'xla'``
-    everywhere else, where the grouped convolution is the native op.
+  ``'shift'`` on CPU, where it was measured several times faster than XLA's
+  grouped convolution (docs/architecture.md, "Depthwise convolution"); ``'xla'``
+  everywhere else, where the grouped convolution is the native op.
 
-    Args:
-      backend: a JAX backend name such as ``jax.default_backend()``
-        (``'cpu'``, ``'gpu'``, ``'cuda'``, ``'rocm'``, ``'tpu'``, ...).
+  Args:
+    backend: a JAX backend name such as ``jax.default_backend()``
+      (``'cpu'``, ``'gpu'``, ``'cuda'``, ``'rocm'``, ``'tpu'``, ...).
 
-    Returns:
-      ``'shift'`` or ``'xla'``.
-    """
-    if not isinstance(backend, str) or not backend:
-        raise ValueError(f"backend must be a non-empty string; got {backend!r}")
-    return "shift" if backend.lower() == "cpu" else "xla"
+  Returns:
+    ``'shift'`` or ``'xla'``.
+  """
+  if not isinstance(backend, str) or not backend:
+    raise ValueError(f"backend must be a non-empty string; got {backend!r}")
+  return "shift" if backend.lower() == "cpu" else "xla"
 
 
 # ----------------------------------------------------------------------------
@@ -347,10 +357,16 @@ def _taps(xp, k, stride, oh, ow):
   n, _, _, c = xp.shape
   for i in range(k):
     for j in range(k):
-      yield i, j, lax.slice(
-          xp, (0, i, j, 0),
+      yield (
+        i,
+        j,
+        lax.slice(
+          xp,
+          (0, i, j, 0),
           (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
-          (1, stride, stride, 1))
+          (1, stride, stride, 1),
+        ),
+      )
 
 
 def _stem_conv(x, kernel, stride):
@@ -358,8 +374,8 @@ def _stem_conv(x, kernel, stride):
   k = kernel.shape[0]
   pads = [_same_padding(x.shape[1], k, stride), _same_padding(x.shape[2], k, stride)]
   return lax.conv_general_dilated(
-      x, kernel.astype(x.dtype), (stride, stride), pads,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x, kernel.astype(x.dtype), (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 def _depthwise(x, kernel, stride, pads, impl):
@@ -371,8 +387,13 @@ def _depthwise(x, kernel, stride, pads, impl):
   kernel = kernel.astype(x.dtype)
   if impl != "shift":
     return lax.conv_general_dilated(
-        x, kernel, (stride, stride), pads,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+      x,
+      kernel,
+      (stride, stride),
+      pads,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x.shape[-1],
+    )
   k = kernel.shape[0]
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
   oh = (xp.shape[1] - k) // stride + 1
@@ -407,8 +428,9 @@ class _MBConv(nn.Module):
     if b.expand_ratio != 1:
       w["expand_conv"] = _Kernel((1, 1, b.in_filters, b.mid_filters), name="expand_conv")()
       w["expand_bn"] = _BatchNorm(b.mid_filters, name="expand_bn")()
-    w["depthwise_conv"] = _Kernel((b.kernel_size, b.kernel_size, 1, b.mid_filters),
-                                  name="depthwise_conv")()[0]
+    w["depthwise_conv"] = _Kernel(
+      (b.kernel_size, b.kernel_size, 1, b.mid_filters), name="depthwise_conv"
+    )()[0]
     w["depthwise_bn"] = _BatchNorm(b.mid_filters, name="depthwise_bn")()
     if b.se_filters:
       w["se_reduce"] = _Kernel((1, 1, b.mid_filters, b.se_filters), True, name="se_reduce")()
@@ -447,7 +469,7 @@ def _mbconv(w, inputs, b: BlockSpec, act, impl: str, split_bytes: int):
     for lo, hi in _band_rows(oh, bands):
       first = lo * s - pads_h[0]  # input rows [first, last) feed output rows [lo, hi)
       last = (hi - 1) * s - pads_h[0] + k
-      rows = inputs[:, max(first, 0):min(last, h)]
+      rows = inputs[:, max(first, 0) : min(last, h)]
       parts.append(front(rows, ((max(-first, 0), max(last - h, 0)), pads_w)))
     x = jnp.concatenate(parts, axis=1)
   x = act(_affine(x, w["depthwise_bn"]))
@@ -496,15 +518,15 @@ class EfficientNet(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    spec = _check_arch(self.arch)
+    spec = check_arch(self.arch)
     if self.depthwise not in DEPTHWISE_IMPLS:
-      raise ValueError(
-          f"depthwise must be one of {DEPTHWISE_IMPLS}; got {self.depthwise!r}")
+      raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS}; got {self.depthwise!r}")
     _check_split_bytes(self.split_bytes)
     if getattr(x, "ndim", None) != 4 or x.shape[-1] != 3:
       raise ValueError(
-          "x must be an NHWC batch of shape (N, H, W, 3); got shape "
-          f"{getattr(x, 'shape', type(x).__name__)}")
+        "x must be an NHWC batch of shape (N, H, W, 3); got shape "
+        f"{getattr(x, 'shape', type(x).__name__)}"
+      )
     if min(x.shape[:3]) < 1:
       raise ValueError(f"x must have non-empty N, H and W; got shape {x.shape}")
     act, dt, impl = _activation(spec.family), jnp.dtype(self.dtype), self.depthwise
@@ -588,8 +610,13 @@ def default_split_bytes(backend: str) -> int:
   return 8 << 20 if backend.lower() == "cpu" else 0
 
 
-def create(arch: str, *, depthwise: str | None = None, dtype: Any = jnp.float32,
-           split_bytes: int | None = None) -> EfficientNet:
+def create(
+  arch: str,
+  *,
+  depthwise: str | None = None,
+  dtype: Any = jnp.float32,
+  split_bytes: int | None = None,
+) -> EfficientNet:
   """Builds the feature extractor for ``arch``.
 
   Args:
@@ -606,7 +633,7 @@ def create(arch: str, *, depthwise: str | None = None, dtype: Any = jnp.float32,
     An :class:`EfficientNet`; ``module.apply(variables, x)`` maps a float
     NHWC batch to the tuple of 9 level maps.
   """
-  _check_arch(arch)
+  check_arch(arch)
   if depthwise is None:
     depthwise = default_depthwise(jax.default_backend())
   if depthwise not in DEPTHWISE_IMPLS:
@@ -624,78 +651,80 @@ def create(arch: str, *, depthwise: str | None = None, dtype: Any = jnp.float32,
 
 
 def init(arch: str, rng: jax.Array, image_size: int = 32) -> dict:
-    """Random variables (``params`` and ``batch_stats``) for ``arch``.
+  """Random variables (``params`` and ``batch_stats``) for ``arch``.
 
-    Convolution kernels are He-normal (variance 2 / fan_in; a depthwise
-    kernel's fan-in is its K x K taps), BatchNorm scales and running variances
-    uniform in [0.5, 1.5], biases and running means normal with std 0.1, so
-    every part of the network, BatchNorm included, is exercised. Good for
-    timing and for equality tests; values come from numpy, seeded by ``rng``.
-    Variable shapes do not depend on ``image_size``; it only sets the size of
-    the dummy input that traces the network. The result has no classifier head.
+  Convolution kernels are He-normal (variance 2 / fan_in; a depthwise
+  kernel's fan-in is its K x K taps), BatchNorm scales and running variances
+  uniform in [0.5, 1.5], biases and running means normal with std 0.1, so
+  every part of the network, BatchNorm included, is exercised. Good for
+  timing and for equality tests; values come from numpy, seeded by ``rng``.
+  Variable shapes do not depend on ``image_size``; it only sets the size of
+  the dummy input that traces the network. The result has no classifier head.
 
-    Args:
-      arch: architecture name.
-      rng: a ``jax.random`` key.
-      image_size: side of the square dummy input.
+  Args:
+    arch: architecture name.
+    rng: a ``jax.random`` key.
+    image_size: side of the square dummy input.
 
-    Returns:
-      ``{'params': ..., 'batch_stats': ...}`` of float32 numpy arrays.
-    """
-    _check_arch(arch)
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int; got {image_size!r}")
-    module = create(arch, depthwise="xla", split_bytes=0)
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    # Tracing gives the variable shapes; filling them on the host avoids
-    # compiling ~300 separate initializers (tens of seconds on CPU).
-    shapes = jax.eval_shape(module.init, rng, x)
-    gen = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
+  Returns:
+    ``{'params': ..., 'batch_stats': ...}`` of float32 numpy arrays.
+  """
+  check_arch(arch)
+  if not isinstance(image_size, int) or image_size < 1:
+    raise ValueError(f"image_size must be a positive int; got {image_size!r}")
+  module = create(arch, depthwise="xla", split_bytes=0)
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  # Tracing gives the variable shapes; filling them on the host avoids
+  # compiling ~300 separate initializers (tens of seconds on CPU).
+  shapes = jax.eval_shape(module.init, rng, x)
+  gen = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
 
-    def fill(path, leaf):
-        name, shape = path[-1].key, leaf.shape
-        if name == "kernel":
-            fan_in = math.prod(shape[:2]) if shape[-2] == 1 else math.prod(shape[:-1])
-            value = gen.normal(size=shape) * math.sqrt(2.0 / fan_in)
-        elif name in ("scale", "var"):
-            value = gen.uniform(0.5, 1.5, size=shape)
-        else:  # bias, mean
-            value = gen.normal(size=shape) * 0.1
-        return np.asarray(value, np.float32)
+  def fill(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if name == "kernel":
+      fan_in = math.prod(shape[:2]) if shape[-2] == 1 else math.prod(shape[:-1])
+      value = gen.normal(size=shape) * math.sqrt(2.0 / fan_in)
+    elif name in ("scale", "var"):
+      value = gen.uniform(0.5, 1.5, size=shape)
+    else:  # bias, mean
+      value = gen.normal(size=shape) * 0.1
+    return np.asarray(value, np.float32)
 
-    return jax.tree_util.tree_map_with_path(
-        fill, {"params": shapes["params"], "batch_stats": shapes["batch_stats"]})
+  return jax.tree_util.tree_map_with_path(
+    fill, {"params": shapes["params"], "batch_stats": shapes["batch_stats"]}
+  )
 
 
 def classify(variables: Mapping[str, Any], arch: str, pooled_last_level: jax.Array) -> jax.Array:
-    """ImageNet logits from the global-average-pooled level 8.
+  """ImageNet logits from the global-average-pooled level 8.
 
-    Applies the converted PyTorch ``_fc`` layer stored by
-    :func:`jax_gad.convert.from_torch` under ``variables['params']['classifier']``
-    (``kernel`` ``(head_width, num_classes)``, ``bias`` ``(num_classes,)``).
+  Applies the converted PyTorch ``_fc`` layer stored by
+  :func:`jax_gad.convert.from_torch` under ``variables['params']['classifier']``
+  (``kernel`` ``(head_width, num_classes)``, ``bias`` ``(num_classes,)``).
 
-    Args:
-      variables: converted variables holding a classifier.
-      arch: architecture name (checks the head width).
-      pooled_last_level: ``(N, level_widths(arch)[8])``, e.g.
-        ``levels[8].mean(axis=(1, 2))``.
+  Args:
+    variables: converted variables holding a classifier.
+    arch: architecture name (checks the head width).
+    pooled_last_level: ``(N, level_widths(arch)[8])``, e.g.
+      ``levels[8].mean(axis=(1, 2))``.
 
-    Returns:
-      float32 logits ``(N, num_classes)``.
-    """
-    width = level_widths(arch)[-1]
-    params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
-    if "classifier" not in params:
-        raise ValueError(
-            "variables['params'] has no 'classifier': the converted state dict "
-            "had no _fc.weight/_fc.bias, so these weights cannot classify")
-    head = params["classifier"]
-    x = jnp.asarray(pooled_last_level, jnp.float32)
-    if x.ndim != 2 or x.shape[1] != width:
-        raise ValueError(
-            f"pooled_last_level must have shape (N, {width}) for {arch}; got {x.shape}")
-    if head["kernel"].shape[0] != width:
-        raise ValueError(
-            f"classifier kernel has shape {head['kernel'].shape}, expected "
-            f"({width}, num_classes) for {arch}")
-    return x @ jnp.asarray(head["kernel"], jnp.float32) + jnp.asarray(head["bias"], jnp.float32)
+  Returns:
+    float32 logits ``(N, num_classes)``.
+  """
+  width = level_widths(arch)[-1]
+  params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
+  if "classifier" not in params:
+    raise ValueError(
+      "variables['params'] has no 'classifier': the converted state dict "
+      "had no _fc.weight/_fc.bias, so these weights cannot classify"
+    )
+  head = params["classifier"]
+  x = jnp.asarray(pooled_last_level, jnp.float32)
+  if x.ndim != 2 or x.shape[1] != width:
+    raise ValueError(f"pooled_last_level must have shape (N, {width}) for {arch}; got {x.shape}")
+  if head["kernel"].shape[0] != width:
+    raise ValueError(
+      f"classifier kernel has shape {head['kernel'].shape}, expected "
+      f"({width}, num_classes) for {arch}"
+    )
+  return x @ jnp.asarray(head["kernel"], jnp.float32) + jnp.asarray(head["bias"], jnp.float32)
