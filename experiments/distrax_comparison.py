@@ -31,6 +31,7 @@ EPOCHS, BATCH, LAYERS, HIDDEN = 60, 128, 6, 64
 
 class Conditioner(nn.Module):
   """Same MLP as jax_gad.densities.flow.Coupling, returning (log_scale, shift) params."""
+
   d: int
 
   @nn.compact
@@ -51,7 +52,7 @@ class DistraxFlow(nn.Module):
       cond = Conditioner(self.d)
 
       def bij(params):
-        raw, shift = params[..., :self.d], params[..., self.d:]
+        raw, shift = params[..., : self.d], params[..., self.d :]
         return distrax.ScalarAffine(shift=shift, log_scale=3.0 * jnp.tanh(raw / 3.0))
 
       layers.append(distrax.MaskedCoupling(mask=mask, conditioner=cond, bijector=bij))
@@ -72,7 +73,7 @@ def train(logp, params, x, key):
 
   @jax.jit
   def epoch(params, opt, key):
-    idx = jax.random.permutation(key, x.shape[0])[:steps * BATCH].reshape(steps, BATCH)
+    idx = jax.random.permutation(key, x.shape[0])[: steps * BATCH].reshape(steps, BATCH)
 
     def step(carry, i):
       p, o = carry
@@ -101,12 +102,16 @@ def main():
   key = jax.random.key(0)
   ours = flow.RealNVP(LAYERS, HIDDEN, 2, 3.0).init(key, train_x[:1], jnp.ones(2))
   theirs = DistraxFlow(2).init(key, train_x[:1])
-  for name, logp, params in [('jax_gad Coupling', ours_logp, ours),
-                             ('distrax MaskedCoupling', DistraxFlow(2).apply, theirs)]:
+  for name, logp, params in [
+    ('jax_gad Coupling', ours_logp, ours),
+    ('distrax MaskedCoupling', DistraxFlow(2).apply, theirs),
+  ]:
     params, compile_s, per_epoch = train(logp, params, train_x, key)
     ll = float(jnp.mean(logp(params, test_x)))
-    print(f'{name}: compile {compile_s:.2f} s, {1e3 * per_epoch:.2f} ms/epoch, '
-          f'test log-likelihood {ll:.4f} (standardised units)')
+    print(
+      f'{name}: compile {compile_s:.2f} s, {1e3 * per_epoch:.2f} ms/epoch, '
+      f'test log-likelihood {ll:.4f} (standardised units)'
+    )
 
 
 if __name__ == '__main__':

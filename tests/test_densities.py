@@ -49,8 +49,15 @@ def test_registry_lists_the_three_densities_and_rejects_unknown_names():
   with pytest.raises(ValueError, match=r"density must be one of .*'nope'"):
     densities.get('nope')
   with pytest.raises(ValueError, match='already registered'):
-    densities.register(densities.Density(name='gmm', config=gmm.GMMConfig, fit=gmm.fit,
-                                         scorers={'nll': gmm.score}, default_scorer='nll'))
+    densities.register(
+      densities.Density(
+        name='gmm',
+        config=gmm.GMMConfig,
+        fit=gmm.fit,
+        scorers={'nll': gmm.score},
+        default_scorer='nll',
+      )
+    )
 
 
 def test_gaussian_streaming_equals_fit_on_rows():
@@ -60,9 +67,11 @@ def test_gaussian_streaming_equals_fit_on_rows():
   with jax.enable_x64(True):
     whole = model.fit(config, x, jax.random.key(0))
     streamed = densities.fit_batches(model, config, [x[:50], x[50:51], x[51:]])
-    stats = model.streaming.merge(config, model.streaming.accumulate(
-        config, model.streaming.init(config, 6, np.float64), x[:70]),
-        core.moments(x[70:]))
+    stats = model.streaming.merge(
+      config,
+      model.streaming.accumulate(config, model.streaming.init(config, 6, np.float64), x[:70]),
+      core.moments(x[70:]),
+    )
     merged = model.streaming.finalize(config, stats)
     for state in (streamed, merged):
       np.testing.assert_allclose(model.score(state, x), model.score(whole, x), rtol=1e-9)
@@ -87,11 +96,20 @@ def test_gmm_em_iterates_equal_scikit_learn():
   moved = 0.0
   with jax.enable_x64(True):
     for it in range(1, 11):
-      ours = gmm.fit(gmm.GMMConfig(**{**config.__dict__, 'max_iter': it}), x, jax.random.key(0),
-                     init=init)
-      ref = GaussianMixture(k, covariance_type='full', reg_covar=1e-3, tol=0.0, max_iter=it,
-                            weights_init=w0, means_init=m0,
-                            precisions_init=np.linalg.inv(c0), random_state=0)
+      ours = gmm.fit(
+        gmm.GMMConfig(**{**config.__dict__, 'max_iter': it}), x, jax.random.key(0), init=init
+      )
+      ref = GaussianMixture(
+        k,
+        covariance_type='full',
+        reg_covar=1e-3,
+        tol=0.0,
+        max_iter=it,
+        weights_init=w0,
+        means_init=m0,
+        precisions_init=np.linalg.inv(c0),
+        random_state=0,
+      )
       with warnings.catch_warnings():
         warnings.simplefilter('ignore', ConvergenceWarning)
         ref.fit(x)
@@ -114,8 +132,9 @@ def test_gmm_one_component_ledoit_wolf_ranks_as_mahalanobis():
   d = 8
   a = rng.normal(size=(d, d))
   train = rng.normal(size=(60, d)) @ a
-  test = np.concatenate([rng.normal(size=(30, d)) @ a,
-                         rng.normal(size=(30, d)) @ a * 1.3 + rng.normal(0, 1.0, d)])
+  test = np.concatenate(
+    [rng.normal(size=(30, d)) @ a, rng.normal(size=(30, d)) @ a * 1.3 + rng.normal(0, 1.0, d)]
+  )
   labels = np.r_[np.zeros(30), np.ones(30)]
   with jax.enable_x64(True):
     state = gmm.fit(gmm.GMMConfig(n_components=1, reg_covar=0.0), train, jax.random.key(0))
@@ -170,8 +189,12 @@ def test_gmm_rejects_more_components_than_rows_and_bad_settings():
   with pytest.raises(ValueError, match='reg_covar'):
     gmm.GMMConfig(reg_covar=-1.0)
   with pytest.raises(ValueError, match='init.weights'):
-    gmm.fit(gmm.GMMConfig(n_components=2), x, jax.random.key(0),
-            init=gmm.GMMParams(np.array([0.9, 0.9]), x[:2], np.stack([np.eye(2)] * 2)))
+    gmm.fit(
+      gmm.GMMConfig(n_components=2),
+      x,
+      jax.random.key(0),
+      init=gmm.GMMParams(np.array([0.9, 0.9]), x[:2], np.stack([np.eye(2)] * 2)),
+    )
 
 
 def test_gmm_singular_covariance_without_regularisation_is_reported():
@@ -184,8 +207,9 @@ def test_gmm_singular_covariance_without_regularisation_is_reported():
 # Normalizing flow
 # ---------------------------------------------------------------------------
 
-_MOONS_CONFIG = flow.FlowConfig(n_layers=6, hidden=64, epochs=60, batch_size=128,
-                                learning_rate=3e-3, patience=10)
+_MOONS_CONFIG = flow.FlowConfig(
+  n_layers=6, hidden=64, epochs=60, batch_size=128, learning_rate=3e-3, patience=10
+)
 
 
 @pytest.fixture(scope='module')
@@ -222,9 +246,18 @@ def _random_state(x, width, seed):
   module = flow.RealNVP(n_layers=4, hidden=16, depth=2, scale_bound=3.0)
   mask = (np.arange(width) < d).astype(x.dtype)
   params = module.init(jax.random.key(seed), np.zeros((1, width), x.dtype), mask)
-  state = flow.FlowState(params=params, mean=x.mean(0), std=x.std(0), dim_mask=mask,
-                         held_out_nll=np.float64(0.0), epochs=np.int32(0), n_layers=4, hidden=16,
-                         depth=2, scale_bound=3.0)
+  state = flow.FlowState(
+    params=params,
+    mean=x.mean(0),
+    std=x.std(0),
+    dim_mask=mask,
+    held_out_nll=np.float64(0.0),
+    epochs=np.int32(0),
+    n_layers=4,
+    hidden=16,
+    depth=2,
+    scale_bound=3.0,
+  )
   return _perturbed(state, scale=0.15, seed=seed)
 
 
@@ -289,8 +322,9 @@ def test_flow_non_finite_loss_names_epoch_and_level():
     densities.fit_levels(model, config, [x, x[:, :1]], jax.random.key(0), names=['head', 'x'])
 
 
-@pytest.mark.parametrize('field,value', [('epochs', 0), ('val_fraction', 1.0),
-                                         ('learning_rate', -1.0), ('hidden', 2.5)])
+@pytest.mark.parametrize(
+  'field,value', [('epochs', 0), ('val_fraction', 1.0), ('learning_rate', -1.0), ('hidden', 2.5)]
+)
 def test_flow_config_rejects_bad_values(field, value):
   with pytest.raises(ValueError, match=f'FlowConfig.{field}'):
     flow.FlowConfig(**{field: value})

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from typing import Callable, Sequence
+import warnings
 
 import jax
 import numpy as np
@@ -65,10 +65,18 @@ def _gmm_init(rng, x: np.ndarray, k: int) -> gmm.GMMParams:
 def _sklearn_gmm(x, init: gmm.GMMParams, iters: int):
   from sklearn.exceptions import ConvergenceWarning
   from sklearn.mixture import GaussianMixture
+
   precisions = np.linalg.inv(init.covariances)
-  model = GaussianMixture(init.weights.shape[0], covariance_type='full', tol=0.0, max_iter=iters,
-                          reg_covar=1e-6, weights_init=init.weights, means_init=init.means,
-                          precisions_init=precisions)
+  model = GaussianMixture(
+    init.weights.shape[0],
+    covariance_type='full',
+    tol=0.0,
+    max_iter=iters,
+    reg_covar=1e-6,
+    weights_init=init.weights,
+    means_init=init.means,
+    precisions_init=precisions,
+  )
 
   def run():
     with warnings.catch_warnings():
@@ -78,11 +86,21 @@ def _sklearn_gmm(x, init: gmm.GMMParams, iters: int):
   return run
 
 
-def bench_density_fits(widths: Sequence[int] = B4_WIDTHS, ns: Sequence[int] = (200, 2000), *,
-                       names: Sequence[str] = ('gaussian', 'gmm', 'flow'), gmm_k: int = 4,
-                       gmm_iter: int = 10, flow_epochs: int = 5, flow_config=None,
-                       use_sklearn: bool = True, vmap: bool = True, repeats: int = 1,
-                       seed: int = 0, log: Callable[[str], None] | None = None) -> dict:
+def bench_density_fits(
+  widths: Sequence[int] = B4_WIDTHS,
+  ns: Sequence[int] = (200, 2000),
+  *,
+  names: Sequence[str] = ('gaussian', 'gmm', 'flow'),
+  gmm_k: int = 4,
+  gmm_iter: int = 10,
+  flow_epochs: int = 5,
+  flow_config=None,
+  use_sklearn: bool = True,
+  vmap: bool = True,
+  repeats: int = 1,
+  seed: int = 0,
+  log: Callable[[str], None] | None = None,
+) -> dict:
   """Times each density's fit per level width; see the module docstring.
 
   Returns:
@@ -98,8 +116,9 @@ def bench_density_fits(widths: Sequence[int] = B4_WIDTHS, ns: Sequence[int] = (2
   for name in names:
     densities.get(name)
   base_flow = flow_config or flow.FlowConfig()
-  fcfg = dataclasses.replace(base_flow, epochs=flow_epochs, patience=flow_epochs + 1,
-                             vmap_levels=False)
+  fcfg = dataclasses.replace(
+    base_flow, epochs=flow_epochs, patience=flow_epochs + 1, vmap_levels=False
+  )
   gcfg = gmm.GMMConfig(n_components=gmm_k, tol=0.0, max_iter=gmm_iter)
   rng = np.random.default_rng(seed)
   key = jax.random.key(seed)
@@ -135,29 +154,49 @@ def bench_density_fits(widths: Sequence[int] = B4_WIDTHS, ns: Sequence[int] = (2
         except ValueError as err:
           row['error'] = str(err)
         rows.append(row)
-        log(f'density fit n={n} D={d} {name}: '
-            + (row.get('error') or f"{row['fit_s']:.3f} s (compile {row['compile_s']:.2f} s)"))
+        log(
+          f'density fit n={n} D={d} {name}: '
+          + (row.get('error') or f"{row['fit_s']:.3f} s (compile {row['compile_s']:.2f} s)")
+        )
     if vmap and 'flow' in names:
       vcfg = dataclasses.replace(fcfg, vmap_levels=True)
       keys = densities.level_keys(key, len(xs))
       labels = [str(d) for d in widths]
-      first, best = _time(lambda: [s.params for s in flow.fit_many(vcfg, xs, keys, labels)],
-                          repeats)
-      vmap_rows.append({'n': int(n), 'widths': [int(d) for d in widths],
-                        'loop_fit_s': loop_total, 'vmap_compile_s': max(first - best, 0.0),
-                        'vmap_fit_s': best, 'vmap_speedup': loop_total / best})
+      first, best = _time(
+        lambda: [s.params for s in flow.fit_many(vcfg, xs, keys, labels)], repeats
+      )
+      vmap_rows.append(
+        {
+          'n': int(n),
+          'widths': [int(d) for d in widths],
+          'loop_fit_s': loop_total,
+          'vmap_compile_s': max(first - best, 0.0),
+          'vmap_fit_s': best,
+          'vmap_speedup': loop_total / best,
+        }
+      )
       log(f'flow n={n}: loop {loop_total:.2f} s, vmap {best:.2f} s')
-  settings = {'widths': [int(d) for d in widths], 'ns': [int(n) for n in ns],
-              'densities': list(names), 'gmm_k': gmm_k, 'gmm_iter': gmm_iter,
-              'flow_epochs': flow_epochs, 'flow_config': dataclasses.asdict(fcfg),
-              'sklearn': use_sklearn, 'repeats': repeats, 'seed': seed}
+  settings = {
+    'widths': [int(d) for d in widths],
+    'ns': [int(n) for n in ns],
+    'densities': list(names),
+    'gmm_k': gmm_k,
+    'gmm_iter': gmm_iter,
+    'flow_epochs': flow_epochs,
+    'flow_config': dataclasses.asdict(fcfg),
+    'sklearn': use_sklearn,
+    'repeats': repeats,
+    'seed': seed,
+  }
   return {'rows': rows, 'flow_vmap': vmap_rows, 'settings': settings}
 
 
 def format_rows(result: dict) -> str:
   """A markdown table of :func:`bench_density_fits` rows plus the vmap comparison."""
-  lines = ['| N | width | density | fit s | compile s | per iter/epoch s | sklearn s | speedup |',
-           '|---|---|---|---|---|---|---|---|']
+  lines = [
+    '| N | width | density | fit s | compile s | per iter/epoch s | sklearn s | speedup |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
   for r in result['rows']:
     if 'error' in r:
       lines.append(f"| {r['n']} | {r['width']} | {r['density']} | error: {r['error']} |||||")
@@ -165,12 +204,16 @@ def format_rows(result: dict) -> str:
     per = r.get('per_iter_s', r.get('per_epoch_s'))
     sk = r.get('sklearn_fit_s')
     sp = r.get('speedup_vs_sklearn')
-    lines.append(f"| {r['n']} | {r['width']} | {r['density']} | {r['fit_s']:.3f} | "
-                 f"{r['compile_s']:.2f} | {'' if per is None else f'{per:.4f}'} | "
-                 f"{'' if sk is None else f'{sk:.3f}'} | {'' if sp is None else f'{sp:.2f}x'} |")
+    lines.append(
+      f"| {r['n']} | {r['width']} | {r['density']} | {r['fit_s']:.3f} | "
+      f"{r['compile_s']:.2f} | {'' if per is None else f'{per:.4f}'} | "
+      f"{'' if sk is None else f'{sk:.3f}'} | {'' if sp is None else f'{sp:.2f}x'} |"
+    )
   for v in result['flow_vmap']:
     lines.append('')
-    lines.append(f"flow, N={v['n']}, all {len(v['widths'])} levels: one program per level "
-                 f"{v['loop_fit_s']:.2f} s; one vmapped program {v['vmap_fit_s']:.2f} s "
-                 f"(compile {v['vmap_compile_s']:.2f} s), speedup {v['vmap_speedup']:.2f}x")
+    lines.append(
+      f"flow, N={v['n']}, all {len(v['widths'])} levels: one program per level "
+      f"{v['loop_fit_s']:.2f} s; one vmapped program {v['vmap_fit_s']:.2f} s "
+      f"(compile {v['vmap_compile_s']:.2f} s), speedup {v['vmap_speedup']:.2f}x"
+    )
   return '\n'.join(lines)

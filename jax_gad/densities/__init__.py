@@ -57,6 +57,7 @@ class Streaming(NamedTuple):
       device axis (inside ``shard_map`` / ``pmap``).
     finalize: ``(config, stats) -> state``; equals ``fit`` on all the rows.
   """
+
   init: Callable[..., Any]
   accumulate: Callable[..., Any]
   merge: Callable[..., Any]
@@ -78,6 +79,7 @@ class Density:
     fit_many: optional ``(config, xs, keys, names) -> list of states``.
     streaming: optional :class:`Streaming` route.
   """
+
   name: str
   config: type
   fit: Callable[..., Any]
@@ -88,8 +90,10 @@ class Density:
 
   def __post_init__(self):
     if self.default_scorer not in self.scorers:
-      raise ValueError(f'default_scorer {self.default_scorer!r} of density {self.name!r} is not '
-                       f'one of its scorers {sorted(self.scorers)}.')
+      raise ValueError(
+        f'default_scorer {self.default_scorer!r} of density {self.name!r} is not '
+        f'one of its scorers {sorted(self.scorers)}.'
+      )
     if not dataclasses.is_dataclass(self.config) or not self.config.__dataclass_params__.frozen:
       raise ValueError(f'config of density {self.name!r} must be a frozen dataclass type.')
 
@@ -173,6 +177,7 @@ def fit_batches(density: Density, config, batches) -> Any:
   if density.streaming is None:
     raise ValueError(f'density {density.name!r} has no streaming fit; call its fit() on rows.')
   from jax_gad import gaussian  # local: only for validating the first batch
+
   stream = density.streaming
   stats = None
   for i, batch in enumerate(batches):
@@ -191,5 +196,13 @@ for _module in _BUILTIN:
   importlib.import_module(f'{__name__}.{_module}')
 del _module
 
-__all__ = ['Density', 'Streaming', 'DENSITIES', 'register', 'get', 'fit_levels', 'fit_batches',
-           'level_keys']
+__all__ = [
+  'Density',
+  'Streaming',
+  'DENSITIES',
+  'register',
+  'get',
+  'fit_levels',
+  'fit_batches',
+  'level_keys',
+]

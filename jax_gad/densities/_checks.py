@@ -18,8 +18,9 @@ def nonneg_int(owner: str, field: str, value) -> int:
   return int(value)
 
 
-def real(owner: str, field: str, value, *, low=None, high=None, low_open=False,
-         high_open=False) -> float:
+def real(
+  owner: str, field: str, value, *, low=None, high=None, low_open=False, high_open=False
+) -> float:
   """A finite real number in [low, high] (or open ends)."""
   if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
     raise ValueError(f'{owner}.{field} must be a finite number, got {value!r}.')
@@ -29,8 +30,9 @@ def real(owner: str, field: str, value, *, low=None, high=None, low_open=False,
   if bad_low or bad_high:
     lo = '' if low is None else f"{'>' if low_open else '>='} {low:g}"
     hi = '' if high is None else f"{'<' if high_open else '<='} {high:g}"
-    raise ValueError(f'{owner}.{field} must be {" and ".join(s for s in (lo, hi) if s)}, '
-                     f'got {value!r}.')
+    raise ValueError(
+      f'{owner}.{field} must be {" and ".join(s for s in (lo, hi) if s)}, got {value!r}.'
+    )
   return v
 
 

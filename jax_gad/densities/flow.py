@@ -46,12 +46,12 @@ import functools
 import math
 from typing import Any, Sequence
 
+from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
 
 from jax_gad import densities
 from jax_gad import gaussian as core
@@ -84,6 +84,7 @@ class FlowConfig:
     vmap_levels: train all levels of :func:`fit_many` in one vmapped program
       (padded to the widest level) instead of one program per level.
   """
+
   n_layers: int = 6
   hidden: int = 128
   depth: int = 2
@@ -107,8 +108,9 @@ class FlowConfig:
     _checks.real(o, 'weight_decay', self.weight_decay, low=0.0)
     _checks.real(o, 'warmup', self.warmup, low=0.0, high=1.0, high_open=True)
     _checks.real(o, 'clip_norm', self.clip_norm, low=0.0, low_open=True)
-    _checks.real(o, 'val_fraction', self.val_fraction, low=0.0, high=1.0, low_open=True,
-                 high_open=True)
+    _checks.real(
+      o, 'val_fraction', self.val_fraction, low=0.0, high=1.0, low_open=True, high_open=True
+    )
     if not isinstance(self.vmap_levels, bool):
       raise ValueError(f'{o}.vmap_levels must be a bool, got {self.vmap_levels!r}.')
 
@@ -127,6 +129,7 @@ class Coupling(nn.Module):
     depth: conditioner hidden layers.
     scale_bound: bound on the log-scale.
   """
+
   parity: int
   hidden: int
   depth: int
@@ -150,6 +153,7 @@ class Coupling(nn.Module):
 
 class RealNVP(nn.Module):
   """A stack of :class:`Coupling` layers with alternating parity."""
+
   n_layers: int
   hidden: int
   depth: int
@@ -186,6 +190,7 @@ class FlowState:
     epochs: () epochs trained.
     n_layers, hidden, depth, scale_bound: the module's shape (static).
   """
+
   params: Any
   mean: Array
   std: Array
@@ -218,7 +223,7 @@ def _standardise(state: FlowState, x: Array) -> Array:
 def _forward_jit(state: FlowState, x: Array) -> tuple[Array, Array]:
   module = RealNVP(state.n_layers, state.hidden, state.depth, state.scale_bound)
   y, log_det = module.apply(state.params, _standardise(state, x), state.dim_mask)
-  return y[:, :x.shape[1]], log_det - jnp.sum(jnp.log(state.std))
+  return y[:, : x.shape[1]], log_det - jnp.sum(jnp.log(state.std))
 
 
 @jax.jit
@@ -235,8 +240,9 @@ def _check_state(state) -> None:
 
 def _input(state: FlowState, x) -> Array:
   _check_state(state)
-  return core.check_features(x, 'x', min_samples=0, width=state.mean.shape[0],
-                             dtype=state.mean.dtype)
+  return core.check_features(
+    x, 'x', min_samples=0, width=state.mean.shape[0], dtype=state.mean.dtype
+  )
 
 
 def forward(state: FlowState, x) -> tuple[Array, Array]:
@@ -271,6 +277,7 @@ def score(state: FlowState, x) -> Array:
 @struct.dataclass
 class _Train:
   """Per-level training state (stacked over levels)."""
+
   params: Any
   opt_state: Any
   best_params: Any
@@ -283,15 +290,19 @@ class _Train:
 def _schedule(config: FlowConfig, total_steps: int):
   warmup = int(config.warmup * total_steps)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0 if warmup else config.learning_rate, peak_value=config.learning_rate,
-      warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-      end_value=0.01 * config.learning_rate)
+    init_value=0.0 if warmup else config.learning_rate,
+    peak_value=config.learning_rate,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=0.01 * config.learning_rate,
+  )
 
 
 def _optimizer(config: FlowConfig, total_steps: int):
   return optax.chain(
-      optax.clip_by_global_norm(config.clip_norm),
-      optax.adamw(_schedule(config, total_steps), weight_decay=config.weight_decay))
+    optax.clip_by_global_norm(config.clip_norm),
+    optax.adamw(_schedule(config, total_steps), weight_decay=config.weight_decay),
+  )
 
 
 def _split_sizes(config: FlowConfig, n: int) -> tuple[int, int, int, int]:
@@ -314,7 +325,8 @@ def _make_epoch(config: FlowConfig, batch: int, steps: int):
   patience = config.patience
 
   def one_level(tr: _Train, x_fit, x_val, mask, key):
-    perm = jax.random.permutation(key, x_fit.shape[0])[:steps * batch].reshape(steps, batch)
+    perm = jax.random.permutation(key, x_fit.shape[0])[: steps * batch].reshape(steps, batch)
+
     def loss_fn(p, xb):
       return _std_loss(module, p, xb, mask)
 
@@ -329,15 +341,20 @@ def _make_epoch(config: FlowConfig, batch: int, steps: int):
     val = loss_fn(params, x_val)
     act = tr.active
     better = act & (val < tr.best_val)
+
     def pick(flag, new, old):
       return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
 
     bad = jnp.where(act, jnp.where(better, 0, tr.bad + 1), tr.bad)
-    new = _Train(params=pick(act, params, tr.params),
-                 opt_state=pick(act, opt_state, tr.opt_state),
-                 best_params=pick(better, params, tr.best_params),
-                 best_val=jnp.where(better, val, tr.best_val), bad=bad,
-                 active=act & (bad < patience), epochs=tr.epochs + act.astype(jnp.int32))
+    new = _Train(
+      params=pick(act, params, tr.params),
+      opt_state=pick(act, opt_state, tr.opt_state),
+      best_params=pick(better, params, tr.best_params),
+      best_val=jnp.where(better, val, tr.best_val),
+      bad=bad,
+      active=act & (bad < patience),
+      epochs=tr.epochs + act.astype(jnp.int32),
+    )
     # Losses of levels that already stopped are reported as 0 (not checked).
     return new, jnp.where(act, train_loss, 0.0), jnp.where(act, val, 0.0)
 
@@ -362,15 +379,22 @@ def _train_stack(config: FlowConfig, zs: list, keys: list, names: list, width: i
     masks.append(mask)
     params.append(module.init(k_init, zp[:1], mask))
     epoch_keys.append(k_epochs)
+
   def stack(xs):
     return jax.tree.map(lambda *a: jnp.stack(a), *xs)
 
   params = stack(params)
   x_fit, x_val, mask = stack(fits), stack(vals), stack(masks)
   levels = len(zs)
-  train = _Train(params=params, opt_state=jax.vmap(tx.init)(params), best_params=params,
-                 best_val=jnp.full((levels,), jnp.inf, dtype), bad=jnp.zeros((levels,), jnp.int32),
-                 active=jnp.ones((levels,), bool), epochs=jnp.zeros((levels,), jnp.int32))
+  train = _Train(
+    params=params,
+    opt_state=jax.vmap(tx.init)(params),
+    best_params=params,
+    best_val=jnp.full((levels,), jnp.inf, dtype),
+    bad=jnp.zeros((levels,), jnp.int32),
+    active=jnp.ones((levels,), bool),
+    epochs=jnp.zeros((levels,), jnp.int32),
+  )
   for epoch in range(config.epochs):
     ekeys = jnp.stack([jax.random.fold_in(k, epoch) for k in epoch_keys])
     train, loss, val = epoch_fn(train, x_fit, x_val, mask, ekeys)
@@ -379,9 +403,11 @@ def _train_stack(config: FlowConfig, zs: list, keys: list, names: list, width: i
     if bad.size:
       i = int(bad[0])
       which, value = ('training', loss[i]) if not np.isfinite(loss[i]) else ('held-out', val[i])
-      raise ValueError(f'flow {which} loss became non-finite ({value}) at epoch {epoch + 1} of '
-                       f'level {names[i]}; lower FlowConfig.learning_rate (now '
-                       f'{config.learning_rate:g}) or check the features.')
+      raise ValueError(
+        f'flow {which} loss became non-finite ({value}) at epoch {epoch + 1} of '
+        f'level {names[i]}; lower FlowConfig.learning_rate (now '
+        f'{config.learning_rate:g}) or check the features.'
+      )
     if not bool(np.asarray(train.active).any()):
       break
   return train, masks
@@ -401,9 +427,20 @@ def _states(config: FlowConfig, train: _Train, masks, means, stds) -> list:
     params = jax.tree.map(lambda a: a[i], train.best_params)
     # held-out NLL in raw units: standardised NLL + sum log std.
     nll = train.best_val[i] + jnp.sum(jnp.log(std))
-    out.append(FlowState(params=params, mean=mean, std=std, dim_mask=mask, held_out_nll=nll,
-                         epochs=train.epochs[i], n_layers=config.n_layers, hidden=config.hidden,
-                         depth=config.depth, scale_bound=config.scale_bound))
+    out.append(
+      FlowState(
+        params=params,
+        mean=mean,
+        std=std,
+        dim_mask=mask,
+        held_out_nll=nll,
+        epochs=train.epochs[i],
+        n_layers=config.n_layers,
+        hidden=config.hidden,
+        depth=config.depth,
+        scale_bound=config.scale_bound,
+      )
+    )
   return out
 
 
@@ -452,14 +489,23 @@ def fit_many(config: FlowConfig, xs: Sequence, keys: Sequence, names: Sequence[s
   prepared = [_prepare(x, str(nm)) for x, nm in zip(xs, names)]
   rows = {p[0].shape[0] for p in prepared}
   if len(rows) != 1:
-    raise ValueError('FlowConfig.vmap_levels needs the same number of rows in every level, got '
-                     f'{sorted(rows)}.')
+    raise ValueError(
+      f'FlowConfig.vmap_levels needs the same number of rows in every level, got {sorted(rows)}.'
+    )
   width = max(p[0].shape[1] for p in prepared)
-  train, masks = _train_stack(config, [p[3] for p in prepared], list(keys),
-                              [str(n) for n in names], width)
+  train, masks = _train_stack(
+    config, [p[3] for p in prepared], list(keys), [str(n) for n in names], width
+  )
   return _states(config, train, masks, [p[1] for p in prepared], [p[2] for p in prepared])
 
 
-DENSITY = densities.register(densities.Density(
-    name='flow', config=FlowConfig, fit=fit, scorers={'nll': score}, default_scorer='nll',
-    fit_many=fit_many))
+DENSITY = densities.register(
+  densities.Density(
+    name='flow',
+    config=FlowConfig,
+    fit=fit,
+    scorers={'nll': score},
+    default_scorer='nll',
+    fit_many=fit_many,
+  )
+)

@@ -26,6 +26,7 @@ class GaussianConfig:
     shrinkage: ``'ledoit_wolf'`` (default, the paper's) or a fixed
       coefficient in [0, 1], as in :func:`jax_gad.gaussian.fit_gaussian`.
   """
+
   shrinkage: str | float = 'ledoit_wolf'
 
   def __post_init__(self):
@@ -34,8 +35,10 @@ class GaussianConfig:
     elif isinstance(self.shrinkage, numbers.Real) and not isinstance(self.shrinkage, bool):
       _checks.real('GaussianConfig', 'shrinkage', self.shrinkage, low=0.0, high=1.0)
     else:
-      raise ValueError("GaussianConfig.shrinkage must be 'ledoit_wolf' or a number in [0, 1], "
-                       f'got {self.shrinkage!r}.')
+      raise ValueError(
+        "GaussianConfig.shrinkage must be 'ledoit_wolf' or a number in [0, 1], "
+        f'got {self.shrinkage!r}.'
+      )
 
 
 def fit(config: GaussianConfig, x_train, key=None) -> core.GaussianState:
@@ -49,17 +52,19 @@ def _init(config, dim, dtype=None):
   return core.empty_moments(dim) if dtype is None else core.empty_moments(dim, dtype)
 
 
-DENSITY = densities.register(densities.Density(
+DENSITY = densities.register(
+  densities.Density(
     name='gaussian',
     config=GaussianConfig,
     fit=fit,
     scorers=dict(core.DISTANCES),
     default_scorer='mahalanobis',
     streaming=densities.Streaming(
-        init=_init,
-        accumulate=lambda config, stats, x: core.accumulate(stats, x),
-        merge=lambda config, a, b: core.merge(a, b),
-        psum=lambda config, stats, axis_name: core.psum_moments(stats, axis_name),
-        finalize=lambda config, stats: core.fit_from_moments(stats, config.shrinkage),
+      init=_init,
+      accumulate=lambda config, stats, x: core.accumulate(stats, x),
+      merge=lambda config, a, b: core.merge(a, b),
+      psum=lambda config, stats, axis_name: core.psum_moments(stats, axis_name),
+      finalize=lambda config, stats: core.fit_from_moments(stats, config.shrinkage),
     ),
-))
+  )
+)

@@ -61,11 +61,11 @@ import numbers
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax import lax
+import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 from jax.scipy.special import logsumexp
+import numpy as np
 
 from jax_gad import densities
 from jax_gad import gaussian as core
@@ -95,6 +95,7 @@ class GMMConfig:
     max_iter: maximum number of EM iterations (>= 1).
     kmeans_iter: Lloyd iterations after k-means++ seeding (>= 0).
   """
+
   n_components: int | tuple = (1, 2, 4, 8)
   regularization: str = 'ledoit_wolf'
   reg_covar: float = 1e-6
@@ -108,8 +109,10 @@ class GMMConfig:
     if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
       ks = (ks,)
     if not isinstance(ks, (tuple, list)) or not ks:
-      raise ValueError(f'{owner}.n_components must be a positive integer or a non-empty tuple of '
-                       f'them, got {self.n_components!r}.')
+      raise ValueError(
+        f'{owner}.n_components must be a positive integer or a non-empty tuple of '
+        f'them, got {self.n_components!r}.'
+      )
     ks = tuple(sorted({_checks.positive_int(owner, 'n_components', k) for k in ks}))
     _checks.set_field(self, 'n_components', ks)
     _checks.choice(owner, 'regularization', self.regularization, REGULARIZATIONS)
@@ -127,6 +130,7 @@ class GMMParams(NamedTuple):
     means: (k, D).
     covariances: (k, D, D) symmetric positive definite.
   """
+
   weights: Array
   means: Array
   covariances: Array
@@ -147,6 +151,7 @@ class GMMState(NamedTuple):
       returned parameters.
     bic: () scikit-learn's BIC of the training rows.
   """
+
   weights: Array
   means: Array
   covariances: Array
@@ -208,8 +213,9 @@ def _m_step(x, resp, prev_means, prev_covs, reg_covar, regularization):
   eps = jnp.finfo(x.dtype).eps
   nk = jnp.sum(resp, axis=0) + 10.0 * eps
   means = jnp.matmul(resp.T, x, precision=_HIGHEST) / nk[:, None]
-  covs, shrink = jax.vmap(lambda r, m, n: _weighted_cov(x, r, m, n, regularization),
-                          in_axes=(1, 0, 0))(resp, means, nk)
+  covs, shrink = jax.vmap(
+    lambda r, m, n: _weighted_cov(x, r, m, n, regularization), in_axes=(1, 0, 0)
+  )(resp, means, nk)
   dim = x.shape[1]
   covs = covs + reg_covar * jnp.eye(dim, dtype=x.dtype)
   # A component with less than one row of mass keeps its previous mean and covariance.
@@ -225,8 +231,16 @@ def _cholesky(covs):
 
 
 def _em_impl(x, weights, means, covs, shrink, reg_covar, tol, max_iter, regularization):
-  init = (jnp.asarray(0, jnp.int32), weights, means, covs, _cholesky(covs), shrink,
-          jnp.asarray(-jnp.inf, x.dtype), jnp.asarray(False))
+  init = (
+    jnp.asarray(0, jnp.int32),
+    weights,
+    means,
+    covs,
+    _cholesky(covs),
+    shrink,
+    jnp.asarray(-jnp.inf, x.dtype),
+    jnp.asarray(False),
+  )
 
   def cond(carry):
     it, *_, done = carry
@@ -261,9 +275,9 @@ def _kmeans_pp(x, k, key):
     key, sub = jax.random.split(key)
     positive = d2 > 0
     # All rows already chosen (duplicates): draw uniformly instead of from -inf logits.
-    logits = jnp.where(jnp.any(positive),
-                       jnp.where(positive, jnp.log(jnp.where(positive, d2, 1.0)), -jnp.inf),
-                       0.0)
+    logits = jnp.where(
+      jnp.any(positive), jnp.where(positive, jnp.log(jnp.where(positive, d2, 1.0)), -jnp.inf), 0.0
+    )
     c = x[jax.random.categorical(sub, logits)]
     return centres.at[j].set(c), jnp.minimum(d2, jnp.sum(jnp.square(x - c), axis=1)), key
 
@@ -272,8 +286,11 @@ def _kmeans_pp(x, k, key):
 
 
 def _assign(x, centres):
-  d2 = (jnp.sum(x * x, axis=1)[:, None] - 2.0 * jnp.matmul(x, centres.T, precision=_HIGHEST)
-        + jnp.sum(centres * centres, axis=1)[None, :])
+  d2 = (
+    jnp.sum(x * x, axis=1)[:, None]
+    - 2.0 * jnp.matmul(x, centres.T, precision=_HIGHEST)
+    + jnp.sum(centres * centres, axis=1)[None, :]
+  )
   return jnp.argmin(d2, axis=1)
 
 
@@ -289,8 +306,9 @@ def _init_impl(x, key, k, kmeans_iter, reg_covar, regularization):
   centres = lax.fori_loop(0, kmeans_iter, lloyd, centres)
   resp = jax.nn.one_hot(_assign(x, centres), k, dtype=x.dtype)
   n = x.shape[0]
-  pooled, _ = _weighted_cov(x, jnp.ones((n,), x.dtype), jnp.mean(x, axis=0),
-                            jnp.asarray(n, x.dtype), regularization)
+  pooled, _ = _weighted_cov(
+    x, jnp.ones((n,), x.dtype), jnp.mean(x, axis=0), jnp.asarray(n, x.dtype), regularization
+  )
   pooled = pooled + reg_covar * jnp.eye(x.shape[1], dtype=x.dtype)
   prev_covs = jnp.broadcast_to(pooled, (k,) + pooled.shape)
   return _m_step(x, resp, centres, prev_covs, reg_covar, regularization)
@@ -322,11 +340,14 @@ def _check_init(init: GMMParams, k_config, dim: int, dtype) -> GMMParams:
     raise ValueError(f'init.weights must be 1-D (k,), got shape {w.shape}.')
   k = w.size
   if k_config != (k,):
-    raise ValueError(f'GMMConfig.n_components must be ({k},) to match init with {k} components, '
-                     f'got {k_config}.')
+    raise ValueError(
+      f'GMMConfig.n_components must be ({k},) to match init with {k} components, got {k_config}.'
+    )
   if np.shape(init.means) != (k, dim) or np.shape(init.covariances) != (k, dim, dim):
-    raise ValueError(f'init.means must be ({k}, {dim}) and init.covariances ({k}, {dim}, {dim}), '
-                     f'got {np.shape(init.means)} and {np.shape(init.covariances)}.')
+    raise ValueError(
+      f'init.means must be ({k}, {dim}) and init.covariances ({k}, {dim}, {dim}), '
+      f'got {np.shape(init.means)} and {np.shape(init.covariances)}.'
+    )
   if not (np.all(np.isfinite(w)) and np.all(w > 0) and abs(w.sum() - 1.0) < 1e-6):
     raise ValueError(f'init.weights must be positive and sum to 1, got {w.tolist()}.')
   for name in ('means', 'covariances'):
@@ -339,26 +360,52 @@ def _finish(x, config: GMMConfig, out) -> GMMState:
   w, mu, cov, chol, sh, it, done, ll = out
   if not (bool(jnp.all(jnp.isfinite(chol))) and bool(jnp.isfinite(ll))):
     bad = np.flatnonzero(~np.all(np.isfinite(np.asarray(chol)), axis=(1, 2)))
-    raise ValueError(f'GMM component(s) {bad.tolist()} got a covariance that is not positive '
-                     f'definite (k={w.shape[0]}, regularization={config.regularization!r}); '
-                     f'raise GMMConfig.reg_covar (now {config.reg_covar:g}).')
+    raise ValueError(
+      f'GMM component(s) {bad.tolist()} got a covariance that is not positive '
+      f'definite (k={w.shape[0]}, regularization={config.regularization!r}); '
+      f'raise GMMConfig.reg_covar (now {config.reg_covar:g}).'
+    )
   n, dim = x.shape
   k = int(w.shape[0])
   bic = -2.0 * float(ll) * n + n_parameters(k, dim) * math.log(n)
-  return GMMState(weights=w, means=mu, covariances=cov, chol=chol, shrinkage=sh, n_iter=it,
-                  converged=done, log_likelihood=ll, bic=jnp.asarray(bic, x.dtype))
+  return GMMState(
+    weights=w,
+    means=mu,
+    covariances=cov,
+    chol=chol,
+    shrinkage=sh,
+    n_iter=it,
+    converged=done,
+    log_likelihood=ll,
+    bic=jnp.asarray(bic, x.dtype),
+  )
 
 
 def _fit_k(config: GMMConfig, x: Array, key, k: int, init: GMMParams | None) -> GMMState:
   reg = jnp.asarray(config.reg_covar, x.dtype)
   if init is None:
-    w, mu, cov, sh = _init_jit(x, key, k=k, kmeans_iter=config.kmeans_iter, reg_covar=reg,
-                               regularization=config.regularization)
+    w, mu, cov, sh = _init_jit(
+      x,
+      key,
+      k=k,
+      kmeans_iter=config.kmeans_iter,
+      reg_covar=reg,
+      regularization=config.regularization,
+    )
   else:
     w, mu, cov = init
     sh = jnp.zeros((k,), x.dtype)
-  out = _em_jit(x, w, mu, cov, sh, reg, jnp.asarray(config.tol, x.dtype),
-                jnp.asarray(config.max_iter, jnp.int32), regularization=config.regularization)
+  out = _em_jit(
+    x,
+    w,
+    mu,
+    cov,
+    sh,
+    reg,
+    jnp.asarray(config.tol, x.dtype),
+    jnp.asarray(config.max_iter, jnp.int32),
+    regularization=config.regularization,
+  )
   return _finish(x, config, out)
 
 
@@ -367,8 +414,10 @@ def _check_rows(config: GMMConfig, x_train):
   n = x.shape[0]
   too_many = [k for k in config.n_components if k > n]
   if too_many:
-    raise ValueError(f'GMMConfig.n_components {list(too_many)} exceeds the {n} training rows; '
-                     'each component needs at least one row.')
+    raise ValueError(
+      f'GMMConfig.n_components {list(too_many)} exceeds the {n} training rows; '
+      'each component needs at least one row.'
+    )
   return x
 
 
@@ -433,8 +482,9 @@ def score(state: GMMState, x) -> Array:
   """Negative log-likelihood ``-log sum_k w_k N(x | mu_k, C_k)`` of each row, (n,)."""
   if not isinstance(state, GMMState):
     raise ValueError(f'state must be a GMMState, got {type(state).__name__}.')
-  x = core.check_features(x, 'x', min_samples=0, width=state.means.shape[1],
-                          dtype=state.means.dtype)
+  x = core.check_features(
+    x, 'x', min_samples=0, width=state.means.shape[1], dtype=state.means.dtype
+  )
   return _score_jit(state, x)
 
 
@@ -443,5 +493,8 @@ def log_likelihood(state: GMMState, x) -> Array:
   return -score(state, x)
 
 
-DENSITY = densities.register(densities.Density(
-    name='gmm', config=GMMConfig, fit=fit, scorers={'nll': score}, default_scorer='nll'))
+DENSITY = densities.register(
+  densities.Density(
+    name='gmm', config=GMMConfig, fit=fit, scorers={'nll': score}, default_scorer='nll'
+  )
+)
