@@ -146,7 +146,7 @@ flags.DEFINE_integer(
   'Test images per synthetic category.',
   lower_bound=1,
 )
-flags.DEFINE_integer('seed', _D.seed, 'Seed of inputs and random weights.')
+# --seed (inputs and random weights) is the shared flag of jax_gad.cli.
 flags.DEFINE_bool(
   'map_fit',
   _D.map_fit,

@@ -41,8 +41,12 @@ values (the seed centre and the pooled covariance at initialisation) and its
 weight becomes ``N_k / sum N`` (tiny but positive, since ``N_k >= 10 eps``), so
 no NaN arises and the component can pick rows up again later. scikit-learn
 instead recomputes such a component from its vanishing responsibilities.
-Components with one row or more are updated normally; with ``reg_covar > 0``
-their covariance is positive definite whatever their rank.
+Components with one row or more are updated normally; besides ``reg_covar``
+each covariance diagonal gets a rounding floor ``D eps max(diag C_k)`` (scipy
+``pinvh``'s cut-off), so that the Cholesky factor of a component with two or
+three rows (rank-deficient, and for two rows the Ledoit-Wolf coefficient is
+exactly 0) exists in float32 too; in float64 the floor is ~1e-16 relative and
+leaves the scikit-learn equality intact.
 
 BIC follows scikit-learn: ``-2 log L + p log n`` with
 ``p = k D (D + 1) / 2 + k D + k - 1``; :func:`choose_k` fits each candidate k
@@ -208,6 +212,22 @@ def _weighted_cov(x, resp_k, mean_k, nk, regularization):
   return (1.0 - shrink) * emp + (shrink * mu) * eye, shrink
 
 
+def _regularize(covs, reg_covar):
+  """Adds ``reg_covar`` plus the rounding floor ``D eps max(diag C_k)`` to each diagonal.
+
+  The floor (scipy ``pinvh``'s cut-off) keeps the Cholesky factor of a
+  component with very few rows (a rank-1 covariance of two rows, where the
+  Ledoit-Wolf coefficient is 0) computable in float32, where ``reg_covar = 1e-6``
+  alone can be below the factorisation's rounding; in float64 it is ~1e-16
+  relative and does not change the iterates.
+  """
+  dim = covs.shape[-1]
+  eye = jnp.eye(dim, dtype=covs.dtype)
+  diag_max = jnp.max(jnp.diagonal(covs, axis1=-2, axis2=-1), axis=-1)
+  floor = dim * jnp.finfo(covs.dtype).eps * jnp.maximum(diag_max, 0.0)
+  return covs + (reg_covar + floor)[..., None, None] * eye
+
+
 def _m_step(x, resp, prev_means, prev_covs, reg_covar, regularization):
   """New (weights, means, covariances, shrinkage) from responsibilities (n, k)."""
   eps = jnp.finfo(x.dtype).eps
@@ -216,8 +236,7 @@ def _m_step(x, resp, prev_means, prev_covs, reg_covar, regularization):
   covs, shrink = jax.vmap(
     lambda r, m, n: _weighted_cov(x, r, m, n, regularization), in_axes=(1, 0, 0)
   )(resp, means, nk)
-  dim = x.shape[1]
-  covs = covs + reg_covar * jnp.eye(dim, dtype=x.dtype)
+  covs = _regularize(covs, reg_covar)
   # A component with less than one row of mass keeps its previous mean and covariance.
   small = nk < 1.0
   means = jnp.where(small[:, None], prev_means, means)
@@ -309,7 +328,7 @@ def _init_impl(x, key, k, kmeans_iter, reg_covar, regularization):
   pooled, _ = _weighted_cov(
     x, jnp.ones((n,), x.dtype), jnp.mean(x, axis=0), jnp.asarray(n, x.dtype), regularization
   )
-  pooled = pooled + reg_covar * jnp.eye(x.shape[1], dtype=x.dtype)
+  pooled = _regularize(pooled, reg_covar)
   prev_covs = jnp.broadcast_to(pooled, (k,) + pooled.shape)
   return _m_step(x, resp, centres, prev_covs, reg_covar, regularization)
 
