@@ -160,7 +160,7 @@ def _break(kind, tmp_path, mvtec):
   if kind == "flow loss not finite":
     return (
       dict(density="flow", flow_learning_rate=1e30, flow_epochs=2, levels=(0, 8)),
-      "bottle, fold 0: flow training loss became non-finite",
+      "loss became non-finite (nan) at epoch 1 of level 0;",
     )
   if kind == "workdir is a file":
     (tmp_path / "work").write_text("I am a file")
