@@ -288,9 +288,12 @@ class _Train:
 
 
 def _schedule(config: FlowConfig, total_steps: int):
+  """Linear warm-up from 0 over ``warmup`` of the steps, then cosine decay to 1 % of the peak."""
   warmup = int(config.warmup * total_steps)
+  if warmup == 0:  # (optax logs a warning for a zero-step warm-up)
+    return optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1), alpha=0.01)
   return optax.warmup_cosine_decay_schedule(
-    init_value=0.0 if warmup else config.learning_rate,
+    init_value=0.0,
     peak_value=config.learning_rate,
     warmup_steps=warmup,
     decay_steps=max(total_steps, warmup + 1),
