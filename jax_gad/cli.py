@@ -24,6 +24,9 @@ from typing import Iterable, Sequence
 
 from absl import flags
 
+from jax_gad import densities
+from jax_gad.densities import flow as _dens_flow
+from jax_gad.densities import gmm as _dens_gmm
 from jax_gad.models import efficientnet
 
 FLAGS = flags.FLAGS
@@ -74,9 +77,10 @@ class UniqueListParser(flags.ListParser):
 class EnumListParser(UniqueListParser):
   """A comma-separated list of distinct values from a fixed set."""
 
-  def __init__(self, choices: Iterable[str]):
+  def __init__(self, choices: Iterable[str], allow_empty: bool = False):
     super().__init__()
     self.choices = tuple(choices)
+    self.allow_empty = allow_empty
     self.syntactic_help = f"a comma-separated list of distinct values from {list(self.choices)}"
 
   def parse(self, argument):
@@ -84,7 +88,7 @@ class EnumListParser(UniqueListParser):
     unknown = [v for v in values if v not in self.choices]
     if unknown:
       raise ValueError(f"unknown {unknown}; choose from {list(self.choices)}")
-    if not values:
+    if not values and not self.allow_empty:
       raise ValueError(f"give at least one of {list(self.choices)}")
     return values
 
@@ -135,11 +139,18 @@ def DEFINE_unique_list(name: str, default, help_: str, **kwargs):  # noqa: N802
   )
 
 
-def DEFINE_enum_list(name: str, default, choices: Iterable[str], help_: str, **kwargs):  # noqa: N802
-  """A comma-separated list flag of distinct values from ``choices``."""
+def DEFINE_enum_list(  # noqa: N802
+  name: str, default, choices: Iterable[str], help_: str, allow_empty: bool = False, **kwargs
+):
+  """A comma-separated list flag of distinct values from ``choices`` (empty if allowed)."""
   kwargs.setdefault("module_name", _caller_module())
   return flags.DEFINE(
-    EnumListParser(choices), name, default, help_, serializer=flags.CsvListSerializer(","), **kwargs
+    EnumListParser(choices, allow_empty),
+    name,
+    default,
+    help_,
+    serializer=flags.CsvListSerializer(","),
+    **kwargs,
   )
 
 
@@ -249,6 +260,118 @@ flags.register_validator("pca", _open_unit_interval, "--pca must lie in (0, 1)")
 flags.register_validator("npca", _open_unit_interval, "--npca must lie in (0, 1)")
 flags.mark_flags_as_mutual_exclusive(["pca", "npca"])
 
+# Density model (jax_gad.densities; docs/densities.md). Defaults are those of the configs.
+_GMM = _dens_gmm.GMMConfig()
+_FLOW = _dens_flow.FlowConfig()
+flags.DEFINE_enum(
+  "density",
+  "gaussian",
+  sorted(densities.DENSITIES),
+  "Density fitted per (fold, level): gaussian (the paper's Ledoit-Wolf Gaussian; scores "
+  "l2, sed, mahalanobis), gmm (Gaussian mixture, EM) or flow (RealNVP normalizing flow); "
+  "the last two score with their negative log-likelihood, 'nll'.",
+)
+flags.DEFINE_integer(
+  "seed",
+  0,
+  "PRNG seed: of the density fits (GMM initialisation, flow split/weights/minibatches; "
+  "fold f, level l use fold_in(fold_in(key(seed), f), l)); in the benchmark, of its inputs "
+  "and random weights.",
+)
+DEFINE_int_list(
+  "gmm_components",
+  list(_GMM.n_components),
+  1,
+  1 << 16,
+  "--density=gmm: numbers of components to try; the lowest BIC wins (one value: fixed k).",
+)
+flags.DEFINE_enum(
+  "gmm_regularization",
+  _GMM.regularization,
+  list(_dens_gmm.REGULARIZATIONS),
+  "--density=gmm: covariance regularisation, ledoit_wolf (per-component shrinkage, then "
+  "+gmm_reg_covar) or reg_covar (scikit-learn's: only +gmm_reg_covar on the diagonal).",
+)
+flags.DEFINE_float(
+  "gmm_reg_covar",
+  _GMM.reg_covar,
+  "--density=gmm: added to every covariance diagonal.",
+  lower_bound=0.0,
+)
+flags.DEFINE_float(
+  "gmm_tol",
+  _GMM.tol,
+  "--density=gmm: EM stops when the mean log-likelihood changes less.",
+  lower_bound=0.0,
+)
+flags.DEFINE_integer(
+  "gmm_max_iter", _GMM.max_iter, "--density=gmm: maximum EM iterations.", lower_bound=1
+)
+flags.DEFINE_integer(
+  "flow_layers", _FLOW.n_layers, "--density=flow: affine coupling layers.", lower_bound=1
+)
+flags.DEFINE_integer(
+  "flow_hidden", _FLOW.hidden, "--density=flow: width of the conditioner MLPs.", lower_bound=1
+)
+flags.DEFINE_integer(
+  "flow_epochs", _FLOW.epochs, "--density=flow: maximum training epochs.", lower_bound=1
+)
+flags.DEFINE_integer(
+  "flow_batch_size", _FLOW.batch_size, "--density=flow: minibatch rows.", lower_bound=1
+)
+flags.DEFINE_float(
+  "flow_learning_rate",
+  _FLOW.learning_rate,
+  "--density=flow: peak AdamW learning rate (warm-up, then cosine decay).",
+  lower_bound=0.0,
+)
+flags.DEFINE_float(
+  "flow_weight_decay", _FLOW.weight_decay, "--density=flow: AdamW weight decay.", lower_bound=0.0
+)
+flags.DEFINE_float(
+  "flow_val_fraction",
+  _FLOW.val_fraction,
+  "--density=flow: held-out share of the training rows for early stopping, in (0, 1).",
+)
+flags.DEFINE_integer(
+  "flow_patience",
+  _FLOW.patience,
+  "--density=flow: epochs without a better held-out loss before stopping.",
+  lower_bound=1,
+)
+flags.DEFINE_bool(
+  "flow_vmap_levels",
+  _FLOW.vmap_levels,
+  "--density=flow: train all levels of a fold in one vmapped program (padded to the widest "
+  "level; pays on accelerators, not on CPU: docs/densities.md).",
+)
+flags.register_validator(
+  "flow_val_fraction", _open_unit_interval, "--flow_val_fraction must lie in (0, 1)"
+)
+
+# Flag -> config field, per density.
+DENSITY_CONFIG_FLAGS = {
+  "gaussian": {},
+  "gmm": {
+    "gmm_components": "n_components",
+    "gmm_regularization": "regularization",
+    "gmm_reg_covar": "reg_covar",
+    "gmm_tol": "tol",
+    "gmm_max_iter": "max_iter",
+  },
+  "flow": {
+    "flow_layers": "n_layers",
+    "flow_hidden": "hidden",
+    "flow_epochs": "epochs",
+    "flow_batch_size": "batch_size",
+    "flow_learning_rate": "learning_rate",
+    "flow_weight_decay": "weight_decay",
+    "flow_val_fraction": "val_fraction",
+    "flow_patience": "patience",
+    "flow_vmap_levels": "vmap_levels",
+  },
+}
+
 # Multi-host.
 flags.DEFINE_string(
   "coordinator_address",
@@ -293,6 +416,7 @@ BACKBONE_FLAGS = (
   "cache_dir",
 )
 FIT_FLAGS = ("levels", "pca", "npca")
+DENSITY_FLAGS = ("density", "seed", *(f for m in DENSITY_CONFIG_FLAGS.values() for f in m))
 MULTIHOST_FLAGS = ("coordinator_address", "num_processes", "process_id")
 
 
@@ -323,6 +447,30 @@ def values(names: Iterable[str], overrides: dict | None = None) -> dict:
       value = FLAGS[name].parser.parse(value)
     out[name] = value
   return out
+
+
+def density_config(density: str, overrides: dict | None = None):
+  """The config of ``density`` from its flags (see :data:`DENSITY_CONFIG_FLAGS`).
+
+  Args:
+    density: a registered density name.
+    overrides: ``{flag name: value}`` on top of the parsed flags (or their defaults).
+
+  Returns:
+    The density's frozen config dataclass (its own checks raise ValueError
+    naming the field).
+  """
+  model = densities.get(density)
+  mapping = DENSITY_CONFIG_FLAGS.get(density, {})
+  v = values(mapping, {k: w for k, w in (overrides or {}).items() if k in mapping})
+  kwargs = {mapping[k]: (tuple(w) if isinstance(w, list) else w) for k, w in v.items()}
+  try:
+    return model.config(**kwargs)
+  except ValueError as err:  # name the flag, not only the field
+    flag = next(
+      (k for k, f in mapping.items() if f"{model.config.__name__}.{f} " in str(err)), None
+    )
+    raise ValueError(f"--{flag}: {err}" if flag else str(err)) from None
 
 
 def initialize_multihost() -> None:

@@ -16,6 +16,7 @@ weights) leaves the workdir as it was; each output file is written atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,9 +26,11 @@ from typing import NamedTuple
 from absl import app, flags
 import numpy as np
 
-from jax_gad import cli
+from jax_gad import cli, densities
 
 DISTANCES = ("l2", "sed", "mahalanobis")
+# Every score name of every registered density (the Gaussian's distances, 'nll').
+SCORES = tuple(dict.fromkeys(d for m in densities.DENSITIES.values() for d in m.scorers))
 
 cli.DEFINE_path(
   "workdir",
@@ -41,7 +44,14 @@ cli.DEFINE_int_list(
   4,
   "Which of the 5 KFold(shuffle=True, random_state=0) folds to evaluate.",
 )
-cli.DEFINE_enum_list("distances", list(DISTANCES), DISTANCES, "Distances to evaluate.")
+cli.DEFINE_enum_list(
+  "distances",
+  [],
+  SCORES,
+  "Distances (scores) to evaluate; default: every score of --density (l2, sed, mahalanobis "
+  "for the Gaussian; nll for gmm and flow).",
+  allow_empty=True,
+)
 flags.DEFINE_bool("plots", True, "Write ROC and per-level plots (PNG).")
 flags.DEFINE_bool(
   "maps",
@@ -111,6 +121,22 @@ class Config(NamedTuple):
   map_channels: int | None
   map_sigma: float
   map_combine: str
+  density: str
+  seed: int
+  gmm_components: tuple
+  gmm_regularization: str
+  gmm_reg_covar: float
+  gmm_tol: float
+  gmm_max_iter: int
+  flow_layers: int
+  flow_hidden: int
+  flow_epochs: int
+  flow_batch_size: int
+  flow_learning_rate: float
+  flow_weight_decay: float
+  flow_val_fraction: float
+  flow_patience: int
+  flow_vmap_levels: bool
 
 
 def config(**overrides) -> Config:
@@ -119,17 +145,22 @@ def config(**overrides) -> Config:
   if unknown:
     raise ValueError(f"unknown Config field(s) {sorted(unknown)}; valid: {list(Config._fields)}")
   v = cli.values(Config._fields, overrides)
-  for name in ("categories", "folds", "levels", "distances", "map_levels"):
+  for name in ("categories", "folds", "levels", "distances", "map_levels", "gmm_components"):
     v[name] = tuple(v[name])
+  if not v["distances"] and v["density"] in densities.DENSITIES:
+    v["distances"] = tuple(densities.get(v["density"]).scorers)
   v["cache_dir"] = v["cache_dir"] or None
   return Config(**v)
 
 
 def _validate(cfg: Config):
-  """Checks what can be checked without touching data or weights. Returns the reduction.
+  """Checks what can be checked without touching data or weights.
 
   The flags' parsers already enforce these rules on the command line; this
   repeats them for a :class:`Config` built in Python.
+
+  Returns:
+    (the PCA / NPCA reduction or None, the density's config).
   """
   from jax_gad import data, protocol
 
@@ -145,8 +176,12 @@ def _validate(cfg: Config):
       if not 0.0 < t < 1.0:
         raise ValueError(f"--{mode} must be a cumulative variance threshold in (0, 1), got {t}.")
       reduction = protocol.Reduction(mode, float(t))
+  try:
+    model = densities.get(cfg.density)
+  except ValueError as err:
+    raise ValueError(f"--density: {err}") from None
   lists = {
-    "distances": (cfg.distances, cli.EnumListParser(DISTANCES)),
+    "distances": (cfg.distances, cli.EnumListParser(tuple(model.scorers))),
     "folds": (cfg.folds, cli.IntListParser(0, 4)),
     "levels": (cfg.levels, cli.IntListParser(0, 8)),
     "categories": (cfg.categories, cli.UniqueListParser()),
@@ -188,7 +223,10 @@ def _validate(cfg: Config):
     raise ValueError(f"--map_sigma must be >= 0, got {cfg.map_sigma}.")
   if cfg.map_combine not in ("mean", "chi"):
     raise ValueError(f"--map_combine must be 'mean' or 'chi', got {cfg.map_combine!r}.")
-  return reduction
+  if cfg.seed < 0:
+    raise ValueError(f"--seed must be a non-negative integer, got {cfg.seed}.")
+  overrides = {f: getattr(cfg, f) for f in cli.DENSITY_CONFIG_FLAGS.get(cfg.density, {})}
+  return reduction, cli.density_config(cfg.density, overrides)
 
 
 def _check_folder(flag: str, path: str | None) -> None:
@@ -271,7 +309,7 @@ def run(cfg: Config) -> dict:
   from jax_gad.data import pipeline
   from jax_gad.models import efficientnet
 
-  reduction = _validate(cfg)
+  reduction, density_config = _validate(cfg)
   categories = cfg.categories or tuple(data.CATEGORIES[cfg.dataset])
   _check_workdir(cfg.workdir)
   tfds_dir = (
@@ -393,6 +431,9 @@ def run(cfg: Config) -> dict:
         distances=cfg.distances,
         reduction=reduction,
         progress=bar.update,
+        density=cfg.density,
+        density_config=density_config,
+        seed=cfg.seed,
       )
       if cfg.maps:
         map_outputs[c] = _maps_for_category(
@@ -410,6 +451,16 @@ def run(cfg: Config) -> dict:
         )
 
   config_doc = cfg._asdict()
+  # The density settings: absent for the Gaussian (its results.json is unchanged), else
+  # {"name", "seed", "config"} with every field of the density's config.
+  for name in cli.DENSITY_FLAGS:
+    config_doc.pop(name)
+  if cfg.density != "gaussian":
+    config_doc["density"] = {
+      "name": cfg.density,
+      "seed": cfg.seed,
+      "config": dataclasses.asdict(density_config),
+    }
   config_doc.update(
     categories=list(categories),
     checkpoint=path,

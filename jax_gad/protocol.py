@@ -4,10 +4,13 @@ It receives pooled level features (one ``(n_images, width)`` array per level,
 computed by :mod:`jax_gad.features`) and turns them into the numbers of the
 paper's tables (docs/method.md):
 
-1. :func:`evaluate_category` fits one Gaussian per (fold, level) on the
-   fold's training features (after an optional PCA / NPCA), scores the test
-   images with every requested distance, averages the per-level scores into
-   the "sum" score (the poster's "Sum" row is the *mean* over levels) and
+1. :func:`evaluate_category` fits one density per (fold, level) on the
+   fold's training features (after an optional PCA / NPCA): the paper's
+   Gaussian by default, or any model of :mod:`jax_gad.densities` (GMM, flow);
+   it scores the test images with every requested distance (the density's
+   scorers: L2 / SED / Mahalanobis for the Gaussian, ``nll`` for the others),
+   averages the per-level scores into the "sum" score (the poster's "Sum" row
+   is the *mean* over levels) and
    records one :class:`Run` per (fold, level or ``"sum"``, distance) with its
    AUROC, plus the chi-squared threshold rates.
 2. :func:`summarize` aggregates runs into mean ± SEM over (category, fold):
@@ -23,7 +26,7 @@ import warnings
 
 import numpy as np
 
-from jax_gad import gaussian, metrics, pca
+from jax_gad import metrics, pca
 
 SUM = "sum"
 
@@ -111,6 +114,13 @@ class ThresholdRow(NamedTuple):
 # ---------------------------------------------------------------------------
 
 
+def _fold_key(seed: int, fold: int, level: int):
+  """The PRNG key of the density fit of (fold, level): independent of the other levels chosen."""
+  import jax
+
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), fold), level)
+
+
 def evaluate_category(
   category: str,
   train_features: Sequence[np.ndarray],
@@ -122,8 +132,11 @@ def evaluate_category(
   distances: Sequence[str],
   reduction: Reduction | None = None,
   progress=None,
+  density: str = "gaussian",
+  density_config=None,
+  seed: int = 0,
 ) -> CategoryResult:
-  """Fits a Gaussian per (fold, level) and scores the whole test split.
+  """Fits the density per (fold, level) and scores the whole test split.
 
   Args:
     category: name used in the returned runs.
@@ -134,26 +147,43 @@ def evaluate_category(
     fold_indices: per fold, the indices into the train list it fits on.
     levels: the level index of each entry of ``train_features`` (used in the
       run records; the features are already selected).
-    distances: names in :data:`jax_gad.gaussian.DISTANCES`.
+    distances: names of the density's scorers (``densities.get(density).scorers``;
+      for the Gaussian, :data:`jax_gad.gaussian.DISTANCES`).
     reduction: optional PCA / NPCA applied per (fold, level) before the fit.
     progress: optional callable invoked once per finished (fold, level).
+    density: a name in :data:`jax_gad.densities.DENSITIES`.
+    density_config: its config (default: ``densities.get(density).config()``).
+    seed: PRNG seed; (fold, level) is fitted with the key
+      ``fold_in(fold_in(key(seed), fold), level)``.
 
   Returns:
     A :class:`CategoryResult`.
   """
+  from jax_gad import densities
+
+  model = densities.get(density)
+  config = model.config() if density_config is None else density_config
+  if not isinstance(config, model.config):
+    raise ValueError(
+      f"density_config must be a {model.config.__name__} for density {density!r}, got "
+      f"{type(config).__name__}."
+    )
   if len(train_features) != len(levels) or len(test_features) != len(levels):
     raise ValueError(
       f"expected one feature array per level ({len(levels)} levels), got "
       f"{len(train_features)} train and {len(test_features)} test arrays."
     )
-  unknown = [d for d in distances if d not in gaussian.DISTANCES]
+  unknown = [d for d in distances if d not in model.scorers]
   if unknown:
-    raise ValueError(f"unknown distance(s) {unknown}; valid: {sorted(gaussian.DISTANCES)}.")
+    raise ValueError(
+      f"unknown distance(s) {unknown} for density {density!r}; valid: {sorted(model.scorers)}."
+    )
   labels = np.asarray(test_labels).astype(np.int64)
 
   runs, fold_scores, threshold_rows, degenerate = [], [], [], []
   for fold, idx in enumerate(fold_indices):
     per_level = {d: [] for d in distances}
+    xs_train, xs_test, states = [], [], []
     for level, x_train_all, x_test in zip(levels, train_features, test_features):
       try:
         x_train = np.asarray(x_train_all)[np.asarray(idx)]
@@ -162,8 +192,25 @@ def evaluate_category(
           projection = pca.reduce(pca.fit_pca(x_train), reduction.mode, reduction.threshold)
           x_train = pca.project(projection, x_train)
           x_test = pca.project(projection, x_test)
-        state = gaussian.fit_gaussian(x_train)
-        if not np.any(np.asarray(state.std) > 0):
+        if model.fit_many is None:
+          states.append(model.fit(config, x_train, _fold_key(seed, fold, int(level))))
+      except ValueError as err:  # say where: NaN features, say, come from one level
+        raise ValueError(f"{category}, fold {fold}, level {level}: {err}") from err
+      xs_train.append(x_train)
+      xs_test.append(x_test)
+    if model.fit_many is not None:  # the model fits the levels together (and names them)
+      keys = [_fold_key(seed, fold, int(level)) for level in levels]
+      try:
+        states = model.fit_many(config, xs_train, keys, [str(level) for level in levels])
+      except ValueError as err:
+        raise ValueError(f"{category}, fold {fold}: {err}") from err
+    for level, x_train, x_test, state in zip(levels, xs_train, xs_test, states):
+      try:
+        if density == "gaussian":
+          varies = np.any(np.asarray(state.std) > 0)
+        else:
+          varies = np.any(np.ptp(np.asarray(x_train), axis=0) > 0)
+        if not varies:
           note = Degenerate(
             category,
             fold,
@@ -177,7 +224,12 @@ def evaluate_category(
           warnings.warn(note.message, DegenerateFeaturesWarning, stacklevel=2)
           degenerate.append(note)
         for d in distances:
-          scores = np.asarray(gaussian.DISTANCES[d](state, x_test), dtype=np.float64)
+          scores = np.asarray(model.scorers[d](state, x_test), dtype=np.float64)
+          if not np.all(np.isfinite(scores)):
+            raise ValueError(
+              f"the {density} {d} scores of {int(np.sum(~np.isfinite(scores)))} test image(s) "
+              "are not finite"
+            )
           per_level[d].append(scores)
           runs.append(Run(category, fold, int(level), d, metrics.auroc(scores, labels)))
           if d == "mahalanobis":

@@ -299,3 +299,27 @@ def test_config_validation():
     benchmark.run_benchmark(benchmark.Config(pipeline_archs=('resnet',)))
   with pytest.raises(ValueError, match='versus_rounds'):
     benchmark.run_benchmark(benchmark.Config(versus_rounds=-1))
+
+
+def test_density_fit_times_section():
+  from jax_gad.benchmark import densities as density_bench
+
+  result = density_bench.bench_density_fits(
+    (3, 5), (12,), gmm_k=2, gmm_iter=2, flow_epochs=1, use_sklearn=True, vmap=True
+  )
+  rows = result['rows']
+  assert [(r['width'], r['density']) for r in rows] == [
+    (w, d) for w in (3, 5) for d in ('gaussian', 'gmm', 'flow')
+  ]
+  for r in rows:
+    assert 'error' not in r, r
+    assert r['n'] == 12 and _positive(r['fit_s']) and r['compile_s'] >= 0
+    if r['density'] == 'gmm':
+      assert _positive(r['sklearn_fit_s']) and _positive(r['speedup_vs_sklearn'])
+      assert r['per_iter_s'] == pytest.approx(r['fit_s'] / 2)
+    if r['density'] == 'flow':
+      assert r['epochs'] == 1
+  (v,) = result['flow_vmap']
+  assert v['widths'] == [3, 5] and _positive(v['vmap_fit_s']) and _positive(v['loop_fit_s'])
+  text = density_bench.format_rows(result)
+  assert '| 12 | 5 | gmm |' in text and 'one vmapped program' in text

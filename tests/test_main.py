@@ -149,6 +149,19 @@ def _break(kind, tmp_path, mvtec):
     return dict(checkpoint=str(tmp_path / "none.msgpack")), "jax_gad.convert"
   if kind == "arch mismatch":
     return dict(arch="efficientnet-b0"), "efficientnet-b0"
+  if kind == "unknown density":
+    return dict(density="kde"), "density must be one of"
+  if kind == "distance of another density":
+    return dict(density="gmm", distances=("mahalanobis",)), "--distances"
+  if kind == "gmm components > rows":  # 10 training images: 8 per fold
+    return dict(density="gmm", gmm_components=(2, 9), levels=(0,)), "exceeds the 8 training rows"
+  if kind == "gmm components not positive":
+    return dict(density="gmm", gmm_components=(0,)), "--gmm_components"
+  if kind == "flow loss not finite":
+    return (
+      dict(density="flow", flow_learning_rate=1e30, flow_epochs=2, levels=(0, 8)),
+      "loss became non-finite (nan) at epoch 1 of level 0;",
+    )
   if kind == "workdir is a file":
     (tmp_path / "work").write_text("I am a file")
     return {}, "is a file"
@@ -167,6 +180,11 @@ def _break(kind, tmp_path, mvtec):
     "pca and npca",
     "checkpoint missing",
     "arch mismatch",
+    "unknown density",
+    "distance of another density",
+    "gmm components > rows",
+    "gmm components not positive",
+    "flow loss not finite",
     "workdir is a file",
   ],
 )
@@ -188,6 +206,8 @@ def test_bad_input_clear_error_and_no_partial_files(kind, tmp_path, mvtec, check
     (["--folds=0,7"], "0..4"),
     (["--num_processes=2"], "go together"),
     (["--batch_size=0"], "--batch_size"),
+    (["--density=kde"], "--density"),
+    (["--density=gmm", "--gmm_components=0"], "--gmm_components"),
   ],
 )
 def test_cli_reports_error_and_exit_code(tmp_path, mvtec, checkpoint, args, message):
@@ -211,3 +231,63 @@ def test_cli_reports_error_and_exit_code(tmp_path, mvtec, checkpoint, args, mess
   assert message in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "w").exists()
+
+
+def _files(folder):
+  """{relative path: (size, mtime_ns)} of every file under ``folder``."""
+  out = {}
+  for root, _, names in os.walk(folder):
+    for n in names:
+      st = os.stat(os.path.join(root, n))
+      out[os.path.relpath(os.path.join(root, n), folder)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+@pytest.mark.parametrize(
+  "density, settings",
+  [
+    ("gmm", dict(gmm_components=(1, 2), gmm_max_iter=20)),
+    ("flow", dict(flow_epochs=3, flow_layers=2, flow_hidden=16, flow_batch_size=4)),
+  ],
+)
+def test_density_end_to_end_same_command_twice_identical(
+  density, settings, tmp_path, mvtec, checkpoint
+):
+  common = dict(
+    categories=("bottle",),
+    levels=(0, 4, 8),
+    folds=(0, 1),
+    cache_dir=str(tmp_path / "cache"),
+    seed=3,
+  )
+  # The Gaussian fills the feature cache; the density change only refits.
+  main.run(_config(tmp_path, mvtec, checkpoint, **common))
+  cached = _files(tmp_path / "cache")
+  assert cached
+  work = tmp_path / "work"
+  doc = main.run(_config(tmp_path, mvtec, checkpoint, density=density, **common, **settings))
+  assert _files(tmp_path / "cache") == cached
+  first = (work / "results.json").read_bytes()
+  assert doc["config"]["density"]["name"] == density
+  assert doc["config"]["density"]["seed"] == 3
+  assert doc["config"]["distances"] == ["nll"]
+  assert len(doc["runs"]) == 2 * 4  # folds x (3 levels + sum), one score
+  assert all(0.0 <= r["auroc"] <= 1.0 for r in doc["runs"])
+  # The same command again (same workdir, replaced whole): byte-identical results.json.
+  main.run(_config(tmp_path, mvtec, checkpoint, density=density, **common, **settings))
+  assert (work / "results.json").read_bytes() == first
+  # Another seed is another fit.
+  other = main.run(
+    _config(tmp_path, mvtec, checkpoint, density=density, **{**common, "seed": 4}, **settings)
+  )
+  assert other["config"]["density"]["seed"] == 4
+
+
+def test_density_gaussian_leaves_results_json_as_without_densities(tmp_path, mvtec, checkpoint):
+  """--density=gaussian: no density entry in results.json, the same runs as the default."""
+  common = dict(categories=("bottle",), levels=(0, 8), folds=(0,))
+  default = main.run(_config(tmp_path, mvtec, checkpoint, **common))
+  explicit = main.run(_config(tmp_path, mvtec, checkpoint, density="gaussian", seed=9, **common))
+  assert "density" not in default["config"] and "seed" not in default["config"]
+  assert default == explicit
+  assert default["config"]["distances"] == ["l2", "sed", "mahalanobis"]

@@ -51,3 +51,68 @@ def test_errors_name_category_fold_and_level():
     protocol.evaluate_category(
       "toy", train, test, labels, [np.arange(0, 32)], levels=[0, 1, 2], distances=["mahalanobis"]
     )
+
+
+def test_other_densities_score_nll_with_keys_per_fold_and_level():
+  from sklearn.metrics import roc_auc_score
+
+  from jax_gad.densities import flow, gmm
+
+  train, test, labels = _toy_features()
+  folds = [np.arange(0, 32), np.arange(8, 40)]
+  config = gmm.GMMConfig(n_components=(1, 2), max_iter=20)
+  run = lambda levels, seed: protocol.evaluate_category(
+    "toy",
+    [train[i] for i in levels],
+    [test[i] for i in levels],
+    labels,
+    folds,
+    levels=levels,
+    distances=["nll"],
+    density="gmm",
+    density_config=config,
+    seed=seed,
+  )
+  res = run([0, 1, 2], 0)
+  assert len(res.runs) == 2 * (3 + 1) and {r.distance for r in res.runs} == {"nll"}
+  assert res.thresholds == []
+  # The per-level AUROC of the sum score agrees with scikit-learn's.
+  for fold in range(2):
+    (auc,) = [r.auroc for r in res.runs if r.fold == fold and r.level == protocol.SUM]
+    assert auc == pytest.approx(roc_auc_score(labels, res.scores[fold]["nll"]), abs=1e-12)
+  # (fold, level) keys do not depend on the other levels selected; reruns are identical.
+  alone = run([2], 0)
+  assert [r.auroc for r in alone.runs if r.level == 2] == [
+    r.auroc for r in res.runs if r.level == 2
+  ]
+  again = run([0, 1, 2], 0)
+  assert again.runs == res.runs
+  with pytest.raises(ValueError, match="unknown distance.*'mahalanobis'.*'gmm'"):
+    protocol.evaluate_category(
+      "toy", train, test, labels, folds, levels=[0, 1, 2], distances=["mahalanobis"], density="gmm"
+    )
+  with pytest.raises(ValueError, match="must be a FlowConfig"):
+    protocol.evaluate_category(
+      "toy",
+      train,
+      test,
+      labels,
+      folds,
+      levels=[0, 1, 2],
+      distances=["nll"],
+      density="flow",
+      density_config=config,
+    )
+  bad = flow.FlowConfig(epochs=2, learning_rate=1e30, hidden=8, n_layers=2, vmap_levels=True)
+  with pytest.raises(ValueError, match=r"toy, fold 0: flow .* at epoch 1 of level \d"):
+    protocol.evaluate_category(
+      "toy",
+      train,
+      test,
+      labels,
+      folds,
+      levels=[0, 1, 2],
+      distances=["nll"],
+      density="flow",
+      density_config=bad,
+    )

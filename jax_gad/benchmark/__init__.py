@@ -25,6 +25,9 @@ Measures, on whatever devices JAX sees:
 * optionally (``--feature_diff``) the bfloat16 vs float32 difference of the
   pooled level features and of the image AUROC with real weights on the
   synthetic demo data (generated in memory);
+* optionally (``--density_bench``) the fit time per level width of every
+  density model (Gaussian, GMM with scikit-learn's ``GaussianMixture`` in the
+  same run, flow with and without vmapping the levels), N = 200 and 2,000;
 * peak host memory (``ru_maxrss``) and device memory where JAX reports it.
 
 Random weights are used for throughput (speed does not depend on the values),
@@ -94,6 +97,13 @@ JSON fields (``--json=FILE``, written atomically):
   ``rel_diff`` (Frobenius ||bf16 - f32|| / ||f32||) and ``max_abs_diff_rel``
   (max |bf16 - f32| / max |f32|), and ``auroc`` per distance with ``float32``,
   ``bfloat16`` and ``difference`` (x100, mean over the 5 folds, sum row)).
+``densities``: null unless ``--density_bench``; then ``rows`` (one per (N, width,
+  density): ``n``, ``width``, ``density``, ``compile_s``, ``fit_s``, and
+  ``per_iter_s``, ``sklearn_fit_s``, ``sklearn_per_iter_s``,
+  ``speedup_vs_sklearn`` for the GMM or ``epochs``, ``per_epoch_s`` for the
+  flow, or ``error``), ``flow_vmap`` (per N: ``loop_fit_s``, ``vmap_compile_s``,
+  ``vmap_fit_s``, ``vmap_speedup``), ``settings`` and ``other_cpu``
+  (:mod:`jax_gad.benchmark.densities`).
 ``torch_skipped`` / ``sklearn_skipped`` / ``kernel_skipped``: null, or why
   that comparison or part did not run.
 ``peak_host_memory_mb``: ``ru_maxrss`` of this process at the end, and

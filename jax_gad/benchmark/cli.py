@@ -146,7 +146,7 @@ flags.DEFINE_integer(
   'Test images per synthetic category.',
   lower_bound=1,
 )
-flags.DEFINE_integer('seed', _D.seed, 'Seed of inputs and random weights.')
+# --seed (inputs and random weights) is the shared flag of jax_gad.cli.
 flags.DEFINE_bool(
   'map_fit',
   _D.map_fit,
@@ -155,6 +155,40 @@ flags.DEFINE_bool(
 )
 cli.DEFINE_int_list(
   'map_counts', list(_D.map_counts), 1, 1 << 20, 'Image counts of the map memory measurement.'
+)
+flags.DEFINE_bool(
+  'density_bench',
+  _D.density_bench,
+  'Time the density fits (gaussian, gmm, flow; scikit-learn GaussianMixture alongside) per '
+  'level width; takes minutes at N=2000.',
+)
+cli.DEFINE_int_list(
+  'density_bench_n', list(_D.density_bench_n), 2, 1 << 24, 'Rows N per density fit.'
+)
+cli.DEFINE_int_list(
+  'density_bench_widths',
+  list(_D.density_bench_widths),
+  1,
+  1 << 16,
+  'Widths of the density benchmark; empty = the 9 level widths of --arch.',
+  allow_empty=True,
+)
+flags.DEFINE_integer(
+  'density_bench_gmm_k', _D.density_bench_gmm_k, 'GMM components timed.', lower_bound=1
+)
+flags.DEFINE_integer(
+  'density_bench_gmm_iter',
+  _D.density_bench_gmm_iter,
+  'EM iterations timed (tol=0; ours and scikit-learn from the same initial parameters).',
+  lower_bound=1,
+)
+flags.DEFINE_integer(
+  'density_bench_flow_epochs', _D.density_bench_flow_epochs, 'Flow epochs timed.', lower_bound=1
+)
+flags.DEFINE_bool(
+  'density_bench_vmap',
+  _D.density_bench_vmap,
+  'Also time all levels of the flow in one vmapped program (padded to the widest level).',
 )
 cli.DEFINE_path('json', None, 'Write the measurements to this JSON file.')
 
@@ -173,6 +207,8 @@ def config(**overrides) -> Config:
     'sweep_n',
     'map_counts',
     'pipeline_archs',
+    'density_bench_n',
+    'density_bench_widths',
   ):
     v[name] = tuple(v[name])
   return Config(**v)

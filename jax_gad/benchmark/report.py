@@ -289,6 +289,17 @@ def format_report(result: dict) -> str:
     + (f'{max(dev) / 2**20:.0f} MiB' if dev else 'not reported by this backend')
     + f'; wall time {_f(result.get("wall_s"), "{:.0f}")} s'
   )
+  if result.get('densities'):
+    from jax_gad.benchmark.densities import format_rows
+
+    d = result['densities']
+    st = d['settings']
+    out.append(
+      f'\nDensity fits per level width (GMM: k={st["gmm_k"]}, {st["gmm_iter"]} EM iterations '
+      f'from the same initial parameters as scikit-learn; flow: {st["flow_epochs"]} epochs); '
+      f'other CPU load {_pct(d.get("other_cpu"))}:\n'
+    )
+    out.append(format_rows(d))
   return '\n'.join(out)
 
 

@@ -53,6 +53,14 @@ class Config(NamedTuple):
   seed: int = 0
   map_fit: bool = False  # the anomaly-map section (jax_gad.benchmark.maps)
   map_counts: tuple[int, ...] = (100, 1000)
+  # Density fit times (jax_gad.benchmark.densities): optional, off by default (minutes).
+  density_bench: bool = False
+  density_bench_n: tuple[int, ...] = (200, 2000)
+  density_bench_widths: tuple[int, ...] = ()  # empty: level_widths(arch)
+  density_bench_gmm_k: int = 4
+  density_bench_gmm_iter: int = 10
+  density_bench_flow_epochs: int = 5
+  density_bench_vmap: bool = True
 
 
 def _check_config(cfg: Config) -> None:
@@ -60,7 +68,14 @@ def _check_config(cfg: Config) -> None:
     raise ValueError(f'arch must be one of {sorted(efficientnet.ARCHS)}, got {cfg.arch!r}')
   if cfg.image_size is not None and cfg.image_size < 16:
     raise ValueError(f'image_size must be >= 16 (or None: native), got {cfg.image_size}')
-  for name in ('batch_sizes', 'sweep_d', 'sweep_n', 'kernel_widths'):
+  for name in (
+    'batch_sizes',
+    'sweep_d',
+    'sweep_n',
+    'kernel_widths',
+    'density_bench_n',
+    'density_bench_widths',
+  ):
     for value in getattr(cfg, name):
       if value < 1:
         raise ValueError(f'{name} must hold positive ints, got {getattr(cfg, name)!r}')
@@ -85,6 +100,9 @@ def _check_config(cfg: Config) -> None:
     'sweep_n_d',
     'host_image_side',
     'feature_diff_n_test',
+    'density_bench_gmm_k',
+    'density_bench_gmm_iter',
+    'density_bench_flow_epochs',
   ):
     if getattr(cfg, name) < 1:
       raise ValueError(f'{name} must be >= 1, got {getattr(cfg, name)}')
@@ -139,6 +157,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
     'maps': None,
     'pipelines': [],
     'versus': None,
+    'densities': None,
   }
   phases = result['peak_host_memory_mb_after']
 
@@ -358,6 +377,26 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
       f'{1000 * result["predict"]["latency_s"]:.1f} ms for one image'
     )
     phases['predict'] = measure.peak_host_memory_mb()
+
+  if cfg.density_bench:
+    from jax_gad.benchmark import densities as density_bench
+
+    widths = cfg.density_bench_widths or efficientnet.level_widths(cfg.arch)
+    log(f'densities: fit times at widths {tuple(widths)}, N in {cfg.density_bench_n} ...')
+    before = measure.cpu_snapshot()
+    result['densities'] = density_bench.bench_density_fits(
+      widths,
+      cfg.density_bench_n,
+      gmm_k=cfg.density_bench_gmm_k,
+      gmm_iter=cfg.density_bench_gmm_iter,
+      flow_epochs=cfg.density_bench_flow_epochs,
+      use_sklearn=use_sklearn,
+      vmap=cfg.density_bench_vmap,
+      seed=cfg.seed,
+      log=log,
+    )
+    result['densities']['other_cpu'] = measure.other_cpu_fraction(before, measure.cpu_snapshot())
+    phases['densities'] = measure.peak_host_memory_mb()
 
   if cfg.feature_diff:
     log(f'feature_diff: {cfg.feature_diff_arch} bfloat16 vs float32 on synthetic_ad ...')
