@@ -18,8 +18,9 @@ import sys
 from typing import Sequence
 
 from jax_gad import detector as detector_lib
+from jax_gad.models import efficientnet
 
-ALL_LEVELS = tuple(range(9))
+ALL_LEVELS = tuple(range(efficientnet.NUM_LEVELS))
 # The flags of this command: the shared ones of jax_gad.cli, then its own.
 SHARED_FLAGS = (
   "dataset",

@@ -41,10 +41,11 @@ def measure(
   from jax_gad import data, features
   from jax_gad import detector as detector_lib
   from jax_gad.data import pipeline, synthetic_ad
+  from jax_gad.models import efficientnet
 
   backbone, meta, sha = detector_lib.load_backbone(arch, checkpoint, checkpoint_dir)
   side = int(image_size or meta["resolution"])
-  levels = tuple(range(9))
+  levels = tuple(range(efficientnet.NUM_LEVELS))
   extractor = features.LevelExtractor(
     backbone.module, backbone.variables, image_size=side, levels=levels, batch_size=batch_size
   )
