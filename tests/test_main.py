@@ -253,8 +253,12 @@ def _files(folder):
 def test_density_end_to_end_same_command_twice_identical(
   density, settings, tmp_path, mvtec, checkpoint
 ):
+  # On the synthetic set, as the README's density table (small inputs: 32 px).
   common = dict(
-    categories=("bottle",),
+    dataset="synthetic_ad",
+    data_dir=None,
+    categories=("object",),
+    image_size=32,
     levels=(0, 4, 8),
     folds=(0, 1),
     cache_dir=str(tmp_path / "cache"),
