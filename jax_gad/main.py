@@ -414,6 +414,12 @@ def run(cfg: Config) -> dict:
 
   results = {}
   map_outputs = {}
+  if cfg.maps:
+    from jax_gad.maps import pipeline as mp
+
+    map_settings = mp.settings_for(
+      cfg.arch, cfg.map_levels, cfg.map_channels, cfg.map_combine, cfg.map_sigma
+    )
   n_fits = len(categories) * len(cfg.folds) * len(levels)
   with tqdm(total=n_fits, desc="fit + score", unit="fit", disable=None) as bar:
     for c in categories:
@@ -436,18 +442,22 @@ def run(cfg: Config) -> dict:
         seed=cfg.seed,
       )
       if cfg.maps:
-        map_outputs[c] = _maps_for_category(
-          cfg,
+        map_outputs[c] = mp.run_category(
           c,
           train,
           test,
-          model,
-          variables,
-          meta,
-          image_size,
-          mesh,
-          batch_size,
           [all_folds[k] for k in cfg.folds],
+          cfg.folds,
+          module=model,
+          variables=variables,
+          arch=cfg.arch,
+          image_size=image_size,
+          mean=meta["mean"],
+          std=meta["std"],
+          settings=map_settings,
+          mesh=mesh,
+          batch_size=batch_size,
+          num_workers=cfg.num_workers or os.cpu_count() or 2,
         )
 
   config_doc = cfg._asdict()
@@ -493,122 +503,17 @@ def run(cfg: Config) -> dict:
     versions=_versions(),
   )
   if cfg.maps:
-    doc["maps"] = _maps_doc(cfg, map_outputs, doc)
+    doc["maps"] = mp.document(map_settings, cfg.map_channels, map_outputs)
   # In a multi-host run every process holds the same results; process 0 writes them.
   if jax.process_index() == 0:
 
     def write(folder):
       if cfg.maps:
-        _write_maps(folder, cfg, map_outputs, doc)
+        mp.write_outputs(folder, doc, map_outputs, cfg.folds, cfg.save_maps)
       report.write_reports(folder, doc, results, cfg.distances, plots=cfg.plots)
 
     files.write_dir(cfg.workdir, write)
   return doc
-
-
-class _CategoryMaps(NamedTuple):
-  runs: list
-  maps: object  # (n_folds, n_test, S, S) float32
-  test: object
-  masks: list
-  sizes: list
-  has_masks: bool
-
-
-def _maps_for_category(
-  cfg, category, train, test, model, variables, meta, image_size, mesh, batch_size, fold_indices
-):
-  """Per-location fits streamed over the training batches, test maps and their metrics."""
-  from jax_gad import metrics
-  from jax_gad.data import pipeline as data_pipeline
-  from jax_gad.maps import pipeline as mp
-
-  levels = tuple(cfg.map_levels) or mp.default_map_levels(cfg.arch)
-  extractor = mp.MapExtractor(
-    model, variables, image_size=image_size, levels=levels, mesh=mesh, batch_size=batch_size
-  )
-  channels = mp.channel_subsets(extractor.map_shapes(), cfg.map_channels)
-  if channels is not None:
-    extractor = mp.MapExtractor(
-      model,
-      variables,
-      image_size=image_size,
-      levels=levels,
-      channels=channels,
-      mesh=mesh,
-      batch_size=batch_size,
-    )
-  settings = mp.MapSettings(
-    levels=levels, channels=channels, rule=cfg.map_combine, sigma=cfg.map_sigma
-  )
-  preprocess = data_pipeline.image_preprocessor(image_size, meta["mean"], meta["std"])
-  workers = cfg.num_workers or os.cpu_count() or 2
-  states = mp.fit_folds(
-    extractor, train, fold_indices, preprocess=preprocess, settings=settings, num_workers=workers
-  )
-  maps = mp.score_folds(
-    extractor, test, states, preprocess=preprocess, settings=settings, num_workers=workers
-  )
-  del states
-  runs, masks, sizes = mp.evaluate_category(category, maps, cfg.folds, test, metrics.auroc)
-  has_masks = runs[0].pixel_auroc is not None
-  if not has_masks:
-    logging.warning("category %s has no defect masks: map metrics are image-level only.", category)
-  return _CategoryMaps(runs, maps, test, masks, sizes, has_masks)
-
-
-def _maps_doc(cfg, outputs, doc) -> dict:
-  from jax_gad.maps import pipeline as mp
-
-  runs = [r for out in outputs.values() for r in out.runs]
-  rows = mp.summarize(runs)
-  return {
-    "levels": list(cfg.map_levels) or list(mp.default_map_levels(cfg.arch)),
-    "channels": cfg.map_channels,
-    "combine": cfg.map_combine,
-    "sigma": cfg.map_sigma,
-    "fpr_limit": 0.3,
-    "runs": [r._asdict() for r in runs],
-    "per_category": rows,
-    "no_masks": sorted(c for c, out in outputs.items() if not out.has_masks),
-    "overlays": {c: mp.overlay_paths(c, out.test) for c, out in outputs.items()},
-  }
-
-
-def _pooled_cells(doc) -> dict:
-  from jax_gad.report import _fmt
-
-  cells = {}
-  for row in doc["per_category"]:
-    if row["level"] == "sum" and "mahalanobis_mean" in row:
-      cells[row["category"]] = _fmt(row["mahalanobis_mean"], row["mahalanobis_sem"])
-  for row in doc["table1"]:
-    if row["level"] == "sum" and "mahalanobis_mean" in row:
-      cells["mean"] = _fmt(row["mahalanobis_mean"], row["mahalanobis_sem"])
-  return cells
-
-
-def maps_table(doc) -> str:
-  """The per-category maps table (markdown) of a results document with ``maps``."""
-  from jax_gad.maps import pipeline as mp
-
-  text = mp.table_markdown(doc["maps"]["per_category"], _pooled_cells(doc))
-  if doc["maps"]["no_masks"]:
-    text += "\nNo defect masks (image metrics only): " + ", ".join(doc["maps"]["no_masks"]) + "\n"
-  return text
-
-
-def _write_maps(folder, cfg, outputs, doc) -> None:
-  """Overlays (first evaluated fold), raw maps if asked, and the maps table."""
-  from jax_gad import files
-  from jax_gad.maps import pipeline as mp
-
-  for c, out in outputs.items():
-    mp.write_overlays(folder, c, out.test, out.maps[0], out.sizes, out.masks, cfg.folds[0])
-    if cfg.save_maps:
-      mp.save_maps(folder, c, out.maps, cfg.folds, out.test)
-  files.atomic_write(os.path.join(folder, "maps.md"), maps_table(doc))
-  files.atomic_write(os.path.join(folder, "maps.csv"), mp.table_csv(doc["maps"]["per_category"]))
 
 
 def main(argv):
@@ -637,7 +542,9 @@ def main(argv):
   print(report.per_category_markdown(doc["per_category"], cfg.distances))
   if "maps" in doc:
     print("Anomaly maps (%), mean ± SEM over folds (docs/maps.md):")
-    print(maps_table(doc))
+    from jax_gad.maps import pipeline as mp
+
+    print(mp.table(doc))
   print(f"Wrote results.json, tables and plots to {os.path.abspath(cfg.workdir)}")
 
 

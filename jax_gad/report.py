@@ -20,7 +20,8 @@ from jax_gad import files, metrics
 from jax_gad.protocol import SUM, summarize, summarize_thresholds
 
 
-def _fmt(mean, sem) -> str:
+def fmt_cell(mean, sem) -> str:
+  """``mean ± sem`` with one decimal; the mean alone when there is no SEM (one run)."""
   return f"{mean:.1f} ± {sem:.1f}" if sem is not None else f"{mean:.1f}"
 
 
@@ -36,12 +37,13 @@ def table1_markdown(table1: list[dict], distances: Sequence[str], title: str = "
   sep = "|---|" + "---|" * len(distances)
   lines = ([f"{title}", ""] if title else []) + [head, sep]
   for row in table1:
-    cells = [_fmt(row[f"{d}_mean"], row[f"{d}_sem"]) for d in distances]
+    cells = [fmt_cell(row[f"{d}_mean"], row[f"{d}_sem"]) for d in distances]
     lines.append(f"| {_label(row['level'])} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
-def _csv(rows: list[dict]) -> str:
+def csv_text(rows: list[dict]) -> str:
+  """Rows of equal keys as CSV text; None becomes an empty cell."""
   buf = io.StringIO()
   if rows:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
@@ -57,7 +59,7 @@ def per_category_markdown(per_category: list[dict], distances: Sequence[str]) ->
   for row in per_category:
     if row["level"] != SUM:
       continue
-    cells = [_fmt(row[f"{d}_mean"], row[f"{d}_sem"]) for d in distances]
+    cells = [fmt_cell(row[f"{d}_mean"], row[f"{d}_sem"]) for d in distances]
     lines.append(f"| {row['category']} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -193,11 +195,11 @@ def write_reports(
     plots: also write the PNG plots.
   """
   outputs = {
-    "table1.csv": _csv(doc["table1"]),
+    "table1.csv": csv_text(doc["table1"]),
     "table1.md": table1_markdown(doc["table1"], distances),
-    "per_category.csv": _csv(doc["per_category"]),
+    "per_category.csv": csv_text(doc["per_category"]),
     "per_category.md": per_category_markdown(doc["per_category"], distances),
-    "thresholds.csv": _csv(doc["thresholds"]),
+    "thresholds.csv": csv_text(doc["thresholds"]),
     "thresholds.md": thresholds_markdown(doc["thresholds"]),
   }
   if plots:

@@ -193,7 +193,7 @@ _MAY_IMPORT = {
   "feature_cache": {"files"},
   "data": {"data"},
   "detector": {"gaussian", "pca", "metrics", "features", "checkpoint", "files", "models", "data"},
-  "maps": {"maps", "gaussian", "metrics", "files", "features", "data"},
+  "maps": {"maps", "gaussian", "metrics", "files", "features", "data", "models", "report"},
 }
 
 

@@ -16,9 +16,8 @@ pass over the training images serves every fold.
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
+import logging
 import os
 import time
 from typing import NamedTuple, Sequence
@@ -29,12 +28,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from jax_gad import features, files
+from jax_gad import features, files, metrics, report
 from jax_gad.data import pipeline as data_pipeline
 from jax_gad.maps import fit as mfit
 from jax_gad.maps import metrics as mmetrics
 from jax_gad.maps import overlay as moverlay
 from jax_gad.maps import postprocess
+from jax_gad.models import efficientnet
 
 # Measured on the synthetic set with EfficientNet-Lite0 (docs/maps.md); B4 by analogy
 # (the same stages: 1/8 and 1/16 of the input), not measured on MVTec AD.
@@ -149,16 +149,11 @@ class MapExtractor(features.LevelExtractor):
     return [tuple(int(s) for s in o.shape[1:]) for o in out]
 
 
-def channel_subsets(
-  extractor_shapes: Sequence[tuple[int, int, int]], k: int | None, seed: int = 0
-) -> tuple | None:
-  """Per level, a fixed random subset of k channels (None when k is None)."""
+def channel_subsets(widths: Sequence[int], k: int | None, seed: int = 0) -> tuple | None:
+  """Per level of ``widths`` channels, a fixed random subset of k (None when k is None)."""
   if k is None:
     return None
-  return tuple(
-    tuple(mfit.random_channels(c, k, seed + i).tolist())
-    for i, (_, _, c) in enumerate(extractor_shapes)
-  )
+  return tuple(tuple(mfit.random_channels(c, k, seed + i).tolist()) for i, c in enumerate(widths))
 
 
 def _batches(extractor, source, preprocess, num_workers):
@@ -400,20 +395,8 @@ def summarize(runs: Sequence[FoldMaps]) -> list[dict]:
   return rows
 
 
-def table_csv(rows: Sequence[dict]) -> str:
-  """The :func:`summarize` rows as CSV (empty cells for categories without masks)."""
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator='\n')
-  writer.writeheader()
-  for row in rows:
-    writer.writerow({k: ('' if v is None else v) for k, v in row.items()})
-  return buf.getvalue()
-
-
 def _cell(mean, sem) -> str:
-  if mean is None:
-    return 'no masks'
-  return f'{mean:.1f} ± {sem:.1f}' if sem is not None else f'{mean:.1f}'
+  return 'no masks' if mean is None else report.fmt_cell(mean, sem)
 
 
 def table_markdown(rows: Sequence[dict], pooled: dict | None = None) -> str:
@@ -431,3 +414,125 @@ def table_markdown(rows: Sequence[dict], pooled: dict | None = None) -> str:
       f"{_cell(row['aupro_mean'], row['aupro_sem'])} |"
     )
   return '\n'.join(lines) + '\n'
+
+
+# ---------------------------------------------------------------------------
+# One run of `jax_gad.main --maps`: per category, the document, the files
+# ---------------------------------------------------------------------------
+
+
+class CategoryMaps(NamedTuple):
+  """What :func:`run_category` computes for one category."""
+
+  runs: list  # FoldMaps per evaluated fold
+  maps: np.ndarray  # (n_folds, n_test, S, S) float32
+  test: object  # the test split
+  masks: list
+  sizes: list
+  has_masks: bool
+
+
+def run_category(
+  category: str,
+  train,
+  test,
+  fold_indices: Sequence[np.ndarray],
+  folds: Sequence[int],
+  *,
+  module,
+  variables,
+  arch: str,
+  image_size: int,
+  mean,
+  std,
+  settings: MapSettings,
+  mesh,
+  batch_size: int,
+  num_workers: int,
+) -> CategoryMaps:
+  """Per-location fits streamed over the training batches, test maps and their metrics."""
+  extractor = MapExtractor(
+    module,
+    variables,
+    image_size=image_size,
+    levels=settings.levels,
+    channels=settings.channels,
+    mesh=mesh,
+    batch_size=batch_size,
+  )
+  preprocess = data_pipeline.image_preprocessor(image_size, mean, std)
+  states = fit_folds(
+    extractor,
+    train,
+    fold_indices,
+    preprocess=preprocess,
+    settings=settings,
+    num_workers=num_workers,
+  )
+  maps = score_folds(
+    extractor, test, states, preprocess=preprocess, settings=settings, num_workers=num_workers
+  )
+  del states
+  runs, masks, sizes = evaluate_category(category, maps, folds, test, metrics.auroc)
+  has_masks = runs[0].pixel_auroc is not None
+  if not has_masks:
+    logging.warning("category %s has no defect masks: map metrics are image-level only.", category)
+  return CategoryMaps(runs, maps, test, masks, sizes, has_masks)
+
+
+def settings_for(
+  arch: str, levels: Sequence[int], k_channels: int | None, rule: str, sigma: float
+) -> MapSettings:
+  """The map settings of a run: default levels for ``arch``, channel subsets drawn once."""
+  levels = tuple(levels) or default_map_levels(arch)
+  widths = efficientnet.level_widths(arch)
+  channels = channel_subsets([widths[l] for l in levels], k_channels)
+  return MapSettings(levels=levels, channels=channels, rule=rule, sigma=sigma)
+
+
+def document(settings: MapSettings, k_channels: int | None, outputs: dict) -> dict:
+  """The ``maps`` entry of results.json."""
+  runs = [r for out in outputs.values() for r in out.runs]
+  return {
+    "levels": list(settings.levels),
+    "channels": k_channels,
+    "combine": settings.rule,
+    "sigma": settings.sigma,
+    "fpr_limit": mmetrics.DEFAULT_FPR_LIMIT,
+    "runs": [r._asdict() for r in runs],
+    "per_category": summarize(runs),
+    "no_masks": sorted(c for c, out in outputs.items() if not out.has_masks),
+    "overlays": {c: overlay_paths(c, out.test) for c, out in outputs.items()},
+  }
+
+
+def _pooled_cells(doc) -> dict:
+  """Sum-row Mahalanobis cells of the pooled tables, per category and overall."""
+  cells = {}
+  for row in doc["per_category"]:
+    if row["level"] == report.SUM and "mahalanobis_mean" in row:
+      cells[row["category"]] = report.fmt_cell(row["mahalanobis_mean"], row["mahalanobis_sem"])
+  for row in doc["table1"]:
+    if row["level"] == report.SUM and "mahalanobis_mean" in row:
+      cells["mean"] = report.fmt_cell(row["mahalanobis_mean"], row["mahalanobis_sem"])
+  return cells
+
+
+def table(doc) -> str:
+  """The per-category maps table (markdown) of a results document with ``maps``."""
+  text = table_markdown(doc["maps"]["per_category"], _pooled_cells(doc))
+  if doc["maps"]["no_masks"]:
+    text += "\nNo defect masks (image metrics only): " + ", ".join(doc["maps"]["no_masks"]) + "\n"
+  return text
+
+
+def write_outputs(
+  folder: str, doc: dict, outputs: dict, folds: Sequence[int], save_raw: bool
+) -> None:
+  """Overlays (first evaluated fold), raw maps if asked, and the maps table."""
+  for c, out in outputs.items():
+    write_overlays(folder, c, out.test, out.maps[0], out.sizes, out.masks, folds[0])
+    if save_raw:
+      save_maps(folder, c, out.maps, folds, out.test)
+  files.atomic_write(os.path.join(folder, "maps.md"), table(doc))
+  files.atomic_write(os.path.join(folder, "maps.csv"), report.csv_text(doc["maps"]["per_category"]))
