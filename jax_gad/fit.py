@@ -85,29 +85,17 @@ def fit(
     ValueError: bad arguments or data (one line naming the culprit).
   """
   import jax
-  import numpy as np
 
-  from jax_gad import data, features
+  from jax_gad import cli, data, features, protocol
   from jax_gad.data import pipeline
 
   target_fpr = detector_lib.check_target_fpr(target_fpr)
-  levels = tuple(levels)
-  if (
-    not levels
-    or len(set(levels)) != len(levels)
-    or any(
-      isinstance(l, bool) or not isinstance(l, (int, np.integer)) or not 0 <= l <= 8 for l in levels
-    )
-  ):
-    raise ValueError(f"--levels must list distinct integers in 0..8, got {list(levels)}")
-  if pca is not None and npca is not None:
-    raise ValueError("--pca and --npca are mutually exclusive: request one reduction, not both")
-  reduction = None
-  for mode, t in (("pca", pca), ("npca", npca)):
-    if t is not None:
-      if not 0.0 < float(t) < 1.0:
-        raise ValueError(f"--{mode} must be a cumulative variance threshold in (0, 1), got {t}")
-      reduction = {"mode": mode, "threshold": float(t)}
+  try:
+    levels = tuple(cli.IntListParser(0, efficientnet.NUM_LEVELS - 1).parse(list(levels)))
+  except ValueError as err:
+    raise ValueError(f"--levels: {err}") from None
+  r = protocol.reduction_from(pca, npca)
+  reduction = None if r is None else r._asdict()
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
   if image_size is not None and image_size < 16:

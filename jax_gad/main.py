@@ -168,14 +168,7 @@ def _validate(cfg: Config):
     raise ValueError(
       "--workdir is required (the folder that receives results.json and the tables)."
     )
-  if cfg.pca is not None and cfg.npca is not None:
-    raise ValueError("--pca and --npca are mutually exclusive: request one reduction, not both.")
-  reduction = None
-  for mode, t in (("pca", cfg.pca), ("npca", cfg.npca)):
-    if t is not None:
-      if not 0.0 < t < 1.0:
-        raise ValueError(f"--{mode} must be a cumulative variance threshold in (0, 1), got {t}.")
-      reduction = protocol.Reduction(mode, float(t))
+  reduction = protocol.reduction_from(cfg.pca, cfg.npca)
   try:
     model = densities.get(cfg.density)
   except ValueError as err:

@@ -52,6 +52,18 @@ class Reduction(NamedTuple):
     return f"{self.mode}@{self.threshold:g}"
 
 
+def reduction_from(pca: float | None, npca: float | None) -> Reduction | None:
+  """The :class:`Reduction` that ``--pca`` / ``--npca`` ask for (at most one), or None."""
+  if pca is not None and npca is not None:
+    raise ValueError("--pca and --npca are mutually exclusive: request one reduction, not both.")
+  for mode, t in (("pca", pca), ("npca", npca)):
+    if t is not None:
+      if not 0.0 < float(t) < 1.0:
+        raise ValueError(f"--{mode} must be a cumulative variance threshold in (0, 1), got {t}.")
+      return Reduction(mode, float(t))
+  return None
+
+
 class Run(NamedTuple):
   """One AUROC: a (category, fold, level, distance) cell of the experiment."""
 
