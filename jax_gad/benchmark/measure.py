@@ -83,6 +83,14 @@ def _timed(fn: Callable[[], Any], repeats: int, budget_s: float) -> list[float]:
   return times
 
 
+def _timed_steps(step: Callable[[], Any], num_batches: int) -> tuple[list[float], float | None]:
+  """Seconds of each of ``num_batches`` calls after one warm-up call, and the foreign CPU share."""
+  step()  # warm-up (first execution, allocations)
+  before = cpu_snapshot()
+  times = [_timed(step, 1, 0.0)[0] for _ in range(max(1, num_batches))]
+  return times, other_cpu_fraction(before, cpu_snapshot())
+
+
 def ratio(num, den):
   if num is None or den is None or den <= 0:
     return None
@@ -234,10 +242,7 @@ def bench_extraction(
   def step():
     jax.device_get(extractor(extractor.device_batch(host)))
 
-  step()  # warm-up (first execution, allocations)
-  before = cpu_snapshot()
-  times = [_timed(step, 1, 0.0)[0] for _ in range(max(1, num_batches))]
-  others = other_cpu_fraction(before, cpu_snapshot())
+  times, others = _timed_steps(step, num_batches)
   step_s = float(np.median(times))
   return {
     'arch': arch,
@@ -296,10 +301,7 @@ def bench_torch(
     with torch.no_grad():
       model.extract_features(x)
 
-  step()
-  before = cpu_snapshot()
-  times = [_timed(step, 1, 0.0)[0] for _ in range(max(1, num_batches))]
-  others = other_cpu_fraction(before, cpu_snapshot())
+  times, others = _timed_steps(step, num_batches)
   step_s = float(np.median(times))
   return {
     'arch': arch,
