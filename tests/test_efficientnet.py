@@ -133,6 +133,29 @@ def test_b4_native_resolution_and_depthwise_impls_agree(random_net):
   _assert_levels_close(xla, [np.asarray(s) for s in shift], 1e-5)
 
 
+@pytest.mark.parametrize(
+  "shape, k, stride, pads",
+  [
+    ((2, 7, 5, 16), 3, 1, ((1, 1), (1, 1))),
+    ((1, 6, 9, 8), 5, 1, ((2, 2), (2, 2))),
+    ((1, 4, 4, 8), 5, 1, ((0, 2), (2, 2))),  # a row band: no halo above
+    ((1, 5, 3, 8), 3, 1, ((1, 0), (1, 1))),  # a row band: no halo below
+    ((1, 1, 1, 8), 5, 1, ((2, 2), (2, 2))),
+    ((2, 9, 8, 16), 3, 2, ((0, 1), (0, 1))),
+    ((1, 11, 10, 8), 5, 2, ((1, 2), (1, 2))),
+  ],
+)
+def test_shift_depthwise_equals_grouped_convolution(shape, k, stride, pads):
+  """Both depthwise forms, on odd sizes and the one-sided pads of row bands."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, 1, shape[-1])), jnp.float32)
+  shift = effnet._depthwise(x, kernel, stride, pads, "shift")
+  xla = effnet._depthwise(x, kernel, stride, pads, "xla")
+  assert shift.shape == xla.shape
+  np.testing.assert_allclose(np.asarray(shift), np.asarray(xla), rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def lite0():
   path = checkpoint.packaged_weights_path("efficientnet-lite0")

@@ -395,6 +395,8 @@ def _depthwise(x, kernel, stride, pads, impl):
       feature_group_count=x.shape[-1],
     )
   k = kernel.shape[0]
+  if stride == 1:
+    return _depthwise_rows(x, kernel, pads)
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
   oh = (xp.shape[1] - k) // stride + 1
   ow = (xp.shape[2] - k) // stride + 1
@@ -403,6 +405,33 @@ def _depthwise(x, kernel, stride, pads, impl):
     term = tap * kernel[i, j, 0]
     out = term if out is None else out + term
   return out
+
+
+def _depthwise_rows(x, kernel, pads):
+  """Stride-1 ``'shift'`` depthwise on the ``(N, H*W, C)`` view of the padded map.
+
+  With the padded rows laid end to end, tap ``(i, j)`` of every output pixel
+  is one contiguous slice starting ``i * Wp + j`` pixels in; the last
+  ``Wp - ow`` columns of each output row straddle two input rows and are cut
+  off. Same products, summed in the same order, as the strided-slice form
+  (so the same numbers), but XLA:CPU runs it 5-12 % faster within the network
+  (docs/performance.md). One extra zero row at the bottom keeps the last
+  tap's slice in bounds.
+  """
+  n, h, w, c = x.shape
+  k = kernel.shape[0]
+  (top, bottom), (left, right) = pads
+  oh, ow = h + top + bottom - k + 1, w + left + right - k + 1
+  xp = jnp.pad(x, ((0, 0), (top, bottom + 1), (left, right), (0, 0)))
+  wp = xp.shape[2]
+  flat = xp.reshape(n, -1, c)
+  out = None
+  for i in range(k):
+    for j in range(k):
+      start = i * wp + j
+      term = lax.slice_in_dim(flat, start, start + oh * wp, axis=1) * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out.reshape(n, oh, wp, c)[:, :, :ow]
 
 
 def _band_rows(out_rows: int, bands: int) -> list[tuple[int, int]]:
