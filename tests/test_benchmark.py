@@ -184,6 +184,11 @@ def test_cli_tiny_configuration_writes_documented_json(tmp_path):
     (v,) = versus['rows']
     assert v['batch_size'] == rows[0]['batch_size']
     assert len(v['step_s_all']) == len(v['torch_step_s_all']) == 2
+    # Each turn's untimed first batch is recorded apart from the timed one.
+    assert len(v['first_step_s_all']) == len(v['torch_first_step_s_all']) == 2
+    assert v['first_call_images_per_s'] == pytest.approx(
+      v['batch_size'] / np.median(v['first_step_s_all'])
+    )
     # The ratio is the median of per-round ratios of the recorded step times.
     per_round = [t / j for j, t in zip(v['step_s_all'], v['torch_step_s_all'])]
     assert v['speedup_vs_torch'] == pytest.approx(float(np.median(per_round)))

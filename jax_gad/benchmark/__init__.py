@@ -14,7 +14,8 @@ Measures, on whatever devices JAX sees:
   ``efficientnet_pytorch`` import, ``EfficientNet.extract_features`` on the
   same input size and batch in the same run (ratio = JAX img/s / torch img/s);
   with ``--versus_rounds=R``, both timed batch by batch in alternation over R
-  rounds, so that other processes' load falls on both alike;
+  rounds, so that other processes' load falls on both alike (each turn runs
+  one untimed batch first: the steady state is compared);
 * the Gaussian kernels per level width of the architecture: fit (mean,
   Ledoit-Wolf covariance, precision factor, std) on ``N`` rows and scoring of
   ``M`` rows with L2, SED and Mahalanobis, against scikit-learn's
@@ -80,11 +81,14 @@ JSON fields (``--json=FILE``, written atomically):
   at ``--image_size`` or else each architecture's native input size: the
   ``pipeline`` fields plus ``arch`` and ``image_size``; empty when not requested.
 ``versus``: null, or (``--versus_rounds`` > 0 with torch) jax_gad and
-  efficientnet-pytorch float32 extraction timed in alternation: ``arch``,
-  ``image_size``, ``depthwise``, ``threads``, ``rounds``, ``other_cpu``,
-  ``rows`` (per batch size: ``batch_size``, ``images_per_s``,
-  ``torch_images_per_s``, ``speedup_vs_torch`` (median of the per-round
-  ratios), ``step_s_all``, ``torch_step_s_all``).
+  efficientnet-pytorch float32 extraction timed in alternation, each turn one
+  untimed batch then one timed: ``arch``, ``image_size``, ``depthwise``,
+  ``threads``, ``rounds``, ``other_cpu``, ``rows`` (per batch size:
+  ``batch_size``, ``images_per_s``, ``torch_images_per_s``,
+  ``speedup_vs_torch`` (median of the per-round ratios),
+  ``first_call_images_per_s``, ``torch_first_call_images_per_s`` (the untimed
+  first batch of each turn), ``step_s_all``, ``torch_step_s_all``,
+  ``first_step_s_all``, ``torch_first_step_s_all``).
 ``estimate``: the full-protocol estimate: ``dataset``, ``categories``,
   ``folds``, ``levels``, ``distances``, ``images``, ``fits``, ``scorings``,
   ``images_per_s``, ``pipeline_images_per_s`` (used for the image part when

@@ -103,7 +103,9 @@ def format_report(result: dict) -> str:
     out.append(
       f'jax_gad ({v["depthwise"]}) vs efficientnet-pytorch extract_features ({v["threads"]} '
       f'threads), {v["arch"]} at {v["image_size"]}x{v["image_size"]}, float32, timed in '
-      f'alternation over {v["rounds"]} rounds (medians; other CPU {_pct(v["other_cpu"])}):'
+      f'alternation over {v["rounds"]} rounds, each turn one untimed batch then one timed '
+      f'(medians; other CPU {_pct(v["other_cpu"])}); the last two columns are the untimed '
+      'first batch of each turn, right after the other framework:'
     )
     rows = [
       [
@@ -111,10 +113,24 @@ def format_report(result: dict) -> str:
         _f(r['images_per_s']),
         _f(r['torch_images_per_s']),
         _f(r['speedup_vs_torch'], '{:.2f}x'),
+        _f(r.get('first_call_images_per_s')),
+        _f(r.get('torch_first_call_images_per_s')),
       ]
       for r in v['rows']
     ]
-    out.append(_table(['batch', 'jax_gad img/s', 'efficientnet-pytorch img/s', 'ratio'], rows))
+    out.append(
+      _table(
+        [
+          'batch',
+          'jax_gad img/s',
+          'efficientnet-pytorch img/s',
+          'ratio',
+          'jax_gad first call',
+          'torch first call',
+        ],
+        rows,
+      )
+    )
     out.append('')
   k = result['kernel']
   if k is not None:
