@@ -6,6 +6,8 @@ Flax model only through ``torch.save`` -> ``read_torch_checkpoint`` ->
 ``from_torch``.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -302,6 +304,21 @@ def test_split_bytes_keeps_results(random_net, depthwise):
   split = jax.jit(module.apply)(variables, xj)
   _assert_levels_close(split, ref, 1e-4)
   _assert_levels_close(split, [np.asarray(w) for w in whole], 1e-5)
+
+
+@pytest.mark.parametrize("split_bytes", [0, 1 << 18], ids=["whole", "split"])
+def test_pool_equals_mean_of_level_maps(random_net, split_bytes):
+  """pool=True (what the extractor uses) pools each level where it is produced."""
+  arch = "efficientnet-b0"
+  _, variables = random_net(arch)
+  xj = jnp.asarray(np.random.default_rng(6).normal(size=(3, 67, 61, 3)), jnp.float32)
+  module = effnet.create(arch, split_bytes=split_bytes)
+  maps = jax.jit(module.apply)(variables, xj)
+  pooled = jax.jit(functools.partial(module.apply, pool=True))(variables, xj)
+  assert len(pooled) == len(maps) == effnet.NUM_LEVELS
+  for p, m in zip(pooled, maps):
+    assert p.dtype == jnp.float32 and p.shape == (3, m.shape[-1])
+    np.testing.assert_allclose(p, np.mean(np.asarray(m, np.float64), axis=(1, 2)), atol=1e-5)
 
 
 def test_split_bytes_default_and_checks():

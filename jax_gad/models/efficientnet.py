@@ -537,7 +537,10 @@ class EfficientNet(nn.Module):
 
   Call with ``x`` of shape ``(N, H, W, 3)``, already normalised with the
   checkpoint's mean/std; any ``H, W >= 1``. Returns a tuple of 9 arrays
-  ``(N, h_l, w_l, level_widths(arch)[l])`` in ``dtype``.
+  ``(N, h_l, w_l, level_widths(arch)[l])`` in ``dtype``; with ``pool=True``,
+  each level global-average-pooled in float32, ``(N, level_widths(arch)[l])``,
+  pooled where it is produced, so that a batch run one image at a time never
+  holds whole-batch level maps (this is what the feature extractor uses).
   """
 
   arch: str
@@ -546,7 +549,7 @@ class EfficientNet(nn.Module):
   split_bytes: int = 0
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, pool: bool = False):
     spec = check_arch(self.arch)
     if self.depthwise not in DEPTHWISE_IMPLS:
       raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS}; got {self.depthwise!r}")
@@ -569,16 +572,19 @@ class EfficientNet(nn.Module):
     head_w = _Kernel((1, 1, blocks[-1].out_filters, head), name="head_conv")()
     head_bn = _BatchNorm(head, name="head_bn")()
 
+    def level(x):
+      return jnp.mean(x.astype(jnp.float32), axis=(1, 2)) if pool else x
+
     def run(x, first, stop):
       """Blocks ``first..stop-1`` (the stem when ``first == 0``); returns levels, x."""
       levels = []
       if first == 0:
         x = act(_affine(_stem_conv(x, stem_w, 2), stem_bn))
-        levels.append(x)
+        levels.append(level(x))
       for i in range(first, stop):
         x = _mbconv(block_w[i], x, blocks[i], act, impl, self.split_bytes)
         if i in ends:
-          levels.append(x)
+          levels.append(level(x))
       return levels, x
 
     x = jnp.asarray(x).astype(dt)
@@ -594,7 +600,7 @@ class EfficientNet(nn.Module):
     else:
       levels, x = run(x, 0, len(blocks))
     x = act(_affine(_conv1x1(x, head_w), head_bn))
-    levels.append(x)
+    levels.append(level(x))
     return tuple(levels)
 
 
