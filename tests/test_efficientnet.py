@@ -143,12 +143,14 @@ def test_b4_native_resolution_and_depthwise_impls_agree(random_net):
     ((1, 4, 4, 8), 5, 1, ((0, 2), (2, 2))),  # a row band: no halo above
     ((1, 5, 3, 8), 3, 1, ((1, 0), (1, 1))),  # a row band: no halo below
     ((1, 1, 1, 8), 5, 1, ((2, 2), (2, 2))),
+    ((1, 6, 5, 200), 5, 1, ((2, 2), (2, 2))),  # channels in two pieces (160 + 40)
+    ((1, 4, 6, 500), 3, 1, ((1, 1), (1, 1))),  # 448 + 52
     ((2, 9, 8, 16), 3, 2, ((0, 1), (0, 1))),
     ((1, 11, 10, 8), 5, 2, ((1, 2), (1, 2))),
   ],
 )
 def test_shift_depthwise_equals_grouped_convolution(shape, k, stride, pads):
-  """Both depthwise forms, on odd sizes and the one-sided pads of row bands."""
+  """Both depthwise forms, on odd sizes, the one-sided pads of row bands and channel pieces."""
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(k, k, 1, shape[-1])), jnp.float32)
