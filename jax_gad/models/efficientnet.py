@@ -378,25 +378,36 @@ def _stem_conv(x, kernel, stride):
   )
 
 
-def _depthwise(x, kernel, stride, pads, impl):
+def _no_epilogue(y, lo, hi):
+  del lo, hi
+  return y
+
+
+def _depthwise(x, kernel, stride, pads, impl, epilogue=None):
   """Depthwise KxK convolution of ``x`` zero-padded by ``pads``; kernel ``(K, K, 1, C)``.
 
-  ``'shift'``: K*K strided slices of the padded input, each multiplied by one
-  kernel tap, summed; ``'xla'``: grouped ``lax.conv_general_dilated``.
+  ``'shift'``: K*K slices of the padded input, each multiplied by one kernel
+  tap, summed; ``'xla'``: grouped ``lax.conv_general_dilated``. ``epilogue(y,
+  lo, hi)``, if given, maps the result for channels ``lo:hi`` (BatchNorm and
+  activation); the stride-1 ``'shift'`` form applies it to each channel piece
+  it computes, everything else to the whole result.
   """
   kernel = kernel.astype(x.dtype)
+  epilogue = epilogue or _no_epilogue
+  c = x.shape[-1]
   if impl != "shift":
-    return lax.conv_general_dilated(
+    y = lax.conv_general_dilated(
       x,
       kernel,
       (stride, stride),
       pads,
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=x.shape[-1],
+      feature_group_count=c,
     )
+    return epilogue(y, 0, c)
   k = kernel.shape[0]
   if stride == 1:
-    return _depthwise_rows(x, kernel, pads)
+    return _depthwise_rows(x, kernel, pads, epilogue)
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
   oh = (xp.shape[1] - k) // stride + 1
   ow = (xp.shape[2] - k) // stride + 1
@@ -404,7 +415,7 @@ def _depthwise(x, kernel, stride, pads, impl):
   for i, j, tap in _taps(xp, k, stride, oh, ow):
     term = tap * kernel[i, j, 0]
     out = term if out is None else out + term
-  return out
+  return epilogue(out, 0, c)
 
 
 # Channels per piece of the stride-1 ``'shift'`` depthwise: the K*K taps of one
@@ -413,17 +424,18 @@ def _depthwise(x, kernel, stride, pads, impl):
 _TAP_BYTES = 16 << 10
 
 
-def _depthwise_rows(x, kernel, pads):
+def _depthwise_rows(x, kernel, pads, epilogue):
   """Stride-1 ``'shift'`` depthwise on the ``(N, H*W, C)`` view of the padded map.
 
   With the padded rows laid end to end, tap ``(i, j)`` of every output pixel
   is one contiguous slice starting ``i * Wp + j`` pixels in; the last
   ``Wp - ow`` columns of each output row straddle two input rows and are cut
   off. One extra zero row at the bottom keeps the last tap's slice in bounds.
-  The channels are summed in pieces whose taps fit in L1 (``_TAP_BYTES``),
-  then concatenated. The same products are summed in the same order as in
-  the strided-slice form, so the numbers are the same; XLA:CPU runs this form
-  1.15-1.2x faster within B4 (docs/performance.md).
+  The channels are done in pieces whose taps fit in L1 (``_TAP_BYTES``), each
+  piece summed, cropped and passed through ``epilogue``, and the pieces are
+  concatenated. The same products are summed in the same order as in the
+  strided-slice form, so the numbers are the same; XLA:CPU runs this form
+  1.15-1.25x faster within B4 (docs/performance.md).
   """
   n, h, w, c = x.shape
   k = kernel.shape[0]
@@ -443,9 +455,8 @@ def _depthwise_rows(x, kernel, pads):
         tap = lax.slice(flat, (0, start, lo), (n, start + oh * wp, hi))
         term = tap * kernel[i, j, 0, lo:hi]
         out = term if out is None else out + term
-    parts.append(out)
-  out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
-  return out.reshape(n, oh, wp, c)[:, :, :ow]
+    parts.append(epilogue(out.reshape(n, oh, wp, hi - lo)[:, :, :ow], lo, hi))
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
 def _band_rows(out_rows: int, bands: int) -> list[tuple[int, int]]:
@@ -500,10 +511,15 @@ def _mbconv(w, inputs, b: BlockSpec, act, impl: str, split_bytes: int):
     size = _expanded_bytes(b, n, h, wd, inputs.dtype.itemsize)
     bands = min(max(1, -(-size // split_bytes)), oh)
 
+  mul, add = w["depthwise_bn"]
+
+  def bn_act(y, lo, hi):
+    return act(_affine(y, (mul[lo:hi], add[lo:hi])))
+
   def front(x, pads):
     if b.expand_ratio != 1:
       x = act(_affine(_conv1x1(x, w["expand_conv"]), w["expand_bn"]))
-    return _depthwise(x, w["depthwise_conv"], s, pads, impl)
+    return _depthwise(x, w["depthwise_conv"], s, pads, impl, bn_act)
 
   if bands == 1:
     x = front(inputs, (pads_h, pads_w))
@@ -515,7 +531,6 @@ def _mbconv(w, inputs, b: BlockSpec, act, impl: str, split_bytes: int):
       rows = inputs[:, max(first, 0) : min(last, h)]
       parts.append(front(rows, ((max(-first, 0), max(last - h, 0)), pads_w)))
     x = jnp.concatenate(parts, axis=1)
-  x = act(_affine(x, w["depthwise_bn"]))
   project = w["project_conv"][0].reshape(b.mid_filters, b.out_filters).astype(x.dtype)
   if b.se_filters:
     sq = jnp.mean(x, axis=(1, 2), keepdims=True)
