@@ -20,8 +20,9 @@ activation. Dropout and drop-connect are training-time only and absent here.
 
 Two numerically equal implementations of the depthwise convolution exist:
 ``'xla'`` (``lax.conv_general_dilated`` with ``feature_group_count=C``) and
-``'shift'`` (K*K strided slices of the padded input, multiplied by one kernel
-tap each and summed). All 1x1 convolutions are matrix products on the
+``'shift'`` (K*K slices of the padded input, multiplied by one kernel tap each
+and summed; at stride 1 contiguous slices of the row-flattened map, over
+pieces of the channels that fit in L1). All 1x1 convolutions are matrix products on the
 ``(N*H*W, C)`` view; where the activation is larger than the projection
 kernel, the squeeze-excite gate scales the kernel instead of the activation.
 :func:`default_depthwise` picks an implementation per backend from
