@@ -517,10 +517,15 @@ def _mbconv(w, inputs, b: BlockSpec, act, impl: str, split_bytes: int):
   def bn_act(y, lo, hi):
     return act(_affine(y, (mul[lo:hi], add[lo:hi])))
 
+  # At stride 1, BatchNorm + activation go to the depthwise, which applies them
+  # to each channel piece; at stride 2 they follow the (banded) whole, which
+  # measured 3x faster for B4's banded block 2 than per band.
+  inner = bn_act if s == 1 else None
+
   def front(x, pads):
     if b.expand_ratio != 1:
       x = act(_affine(_conv1x1(x, w["expand_conv"]), w["expand_bn"]))
-    return _depthwise(x, w["depthwise_conv"], s, pads, impl, bn_act)
+    return _depthwise(x, w["depthwise_conv"], s, pads, impl, inner)
 
   if bands == 1:
     x = front(inputs, (pads_h, pads_w))
@@ -532,6 +537,8 @@ def _mbconv(w, inputs, b: BlockSpec, act, impl: str, split_bytes: int):
       rows = inputs[:, max(first, 0) : min(last, h)]
       parts.append(front(rows, ((max(-first, 0), max(last - h, 0)), pads_w)))
     x = jnp.concatenate(parts, axis=1)
+  if inner is None:
+    x = bn_act(x, 0, b.mid_filters)
   project = w["project_conv"][0].reshape(b.mid_filters, b.out_filters).astype(x.dtype)
   if b.se_filters:
     sq = jnp.mean(x, axis=(1, 2), keepdims=True)
