@@ -85,6 +85,8 @@ class CategoryResult(NamedTuple):
       Mahalanobis distance (chi-squared thresholds, docs/method.md).
     degenerate: one :class:`Degenerate` per (fold, level) whose training
       features all have zero variance.
+    fits: one :class:`Fit` per (fold, level) when the density describes its
+      fits (``Density.describe``; the GMM and the flow do, the Gaussian does not).
   """
 
   runs: list
@@ -92,6 +94,16 @@ class CategoryResult(NamedTuple):
   labels: np.ndarray
   thresholds: list
   degenerate: list = []
+  fits: list = []
+
+
+class Fit(NamedTuple):
+  """What the density fit of one (category, fold, level) chose or reached (``Density.describe``)."""
+
+  category: str
+  fold: int
+  level: int
+  info: dict
 
 
 class Degenerate(NamedTuple):
@@ -192,7 +204,7 @@ def evaluate_category(
     )
   labels = np.asarray(test_labels).astype(np.int64)
 
-  runs, fold_scores, threshold_rows, degenerate = [], [], [], []
+  runs, fold_scores, threshold_rows, degenerate, fits = [], [], [], [], []
   for fold, idx in enumerate(fold_indices):
     per_level = {d: [] for d in distances}
     xs_train, xs_test, states = [], [], []
@@ -217,6 +229,8 @@ def evaluate_category(
       except ValueError as err:
         raise ValueError(f"{category}, fold {fold}: {err}") from err
     for level, x_train, x_test, state in zip(levels, xs_train, xs_test, states):
+      if model.describe is not None:
+        fits.append(Fit(category, fold, int(level), model.describe(state)))
       try:
         if density == "gaussian":
           varies = np.any(np.asarray(state.std) > 0)
@@ -260,7 +274,7 @@ def evaluate_category(
       sums[d] = np.mean(np.stack(per_level[d]), axis=0)
       runs.append(Run(category, fold, SUM, d, metrics.auroc(sums[d], labels)))
     fold_scores.append(sums)
-  return CategoryResult(runs, fold_scores, labels, threshold_rows, degenerate)
+  return CategoryResult(runs, fold_scores, labels, threshold_rows, degenerate, fits)
 
 
 # ---------------------------------------------------------------------------

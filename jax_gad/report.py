@@ -164,13 +164,15 @@ def report(
 
   Returns:
     ``{"config", "data", "versions", "runs", "table1", "per_category",
-    "thresholds", "warnings"}``; plain JSON types. ``warnings`` lists the
-    (category, fold, level) fits whose features were degenerate.
+    "thresholds", "warnings"}``, plus ``"fits"`` when the density describes
+    its fits (one ``{"category", "fold", "level", "info"}`` per fit, e.g. the
+    GMM's chosen number of components); plain JSON types. ``warnings`` lists
+    the (category, fold, level) fits whose features were degenerate.
   """
   runs = [r for res in results.values() for r in res.runs]
   table1, per_category = summarize(runs, levels, distances)
   thresholds = summarize_thresholds(row for res in results.values() for row in res.thresholds)
-  return {
+  doc = {
     "config": config,
     "data": data or {},
     "versions": versions or {},
@@ -180,6 +182,10 @@ def report(
     "thresholds": thresholds,
     "warnings": [d._asdict() for res in results.values() for d in res.degenerate],
   }
+  fits = [f._asdict() for res in results.values() for f in res.fits]
+  if fits:
+    doc["fits"] = fits
+  return doc
 
 
 def write_reports(

@@ -159,6 +159,10 @@ def test_gmm_choose_k_by_bic_and_deterministic_for_a_key():
   again = gmm.fit(config, x, jax.random.key(7))
   for a, b in zip(state, again):
     np.testing.assert_array_equal(a, b)
+  # What results.json records per fit: the k that BIC chose.
+  info = densities.get('gmm').describe(again)
+  assert info['n_components'] == k and info['n_iter'] == int(again.n_iter)
+  assert info['converged'] == bool(again.converged)
   other = gmm.fit(gmm.GMMConfig(n_components=3), x, jax.random.key(8))
   assert np.all(np.isfinite(np.asarray(other.means)))
 

@@ -1,6 +1,7 @@
 """End-to-end tests of `python -m jax_gad.main` on a small MVTec-shaped folder."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -277,6 +278,17 @@ def test_density_end_to_end_same_command_twice_identical(
   assert doc["config"]["distances"] == ["nll"]
   assert len(doc["runs"]) == 2 * 4  # folds x (3 levels + sum), one score
   assert all(0.0 <= r["auroc"] <= 1.0 for r in doc["runs"])
+  # What each (fold, level) fit chose or reached, from the fitted states.
+  fits = doc["fits"]
+  assert [(f["category"], f["fold"], f["level"]) for f in fits] == [
+    ("object", fold, level) for fold in (0, 1) for level in (0, 4, 8)
+  ]
+  if density == "gmm":
+    assert {f["info"]["n_components"] for f in fits} <= {1, 2}
+    assert all(1 <= f["info"]["n_iter"] <= 20 for f in fits)
+  else:
+    assert all(1 <= f["info"]["epochs"] <= 3 for f in fits)
+    assert all(math.isfinite(f["info"]["held_out_nll"]) for f in fits)
   # The same command again (same workdir, replaced whole): byte-identical results.json.
   main.run(_config(tmp_path, mvtec, checkpoint, density=density, **common, **settings))
   assert (work / "results.json").read_bytes() == first
@@ -293,5 +305,6 @@ def test_density_gaussian_leaves_results_json_as_without_densities(tmp_path, mvt
   default = main.run(_config(tmp_path, mvtec, checkpoint, **common))
   explicit = main.run(_config(tmp_path, mvtec, checkpoint, density="gaussian", seed=9, **common))
   assert "density" not in default["config"] and "seed" not in default["config"]
+  assert "fits" not in default  # the Gaussian does not describe its fits
   assert default == explicit
   assert default["config"]["distances"] == ["l2", "sed", "mahalanobis"]

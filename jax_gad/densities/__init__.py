@@ -78,6 +78,10 @@ class Density:
     default_scorer: the key of ``scorers`` that :attr:`score` uses.
     fit_many: optional ``(config, xs, keys, names) -> list of states``.
     streaming: optional :class:`Streaming` route.
+    describe: optional ``state -> dict`` of plain JSON values that say what
+      a fit chose or reached (the GMM's number of components, the flow's
+      epochs); the protocol records it per (fold, level) in results.json's
+      ``fits``.
   """
 
   name: str
@@ -87,6 +91,7 @@ class Density:
   default_scorer: str
   fit_many: Callable[..., list] | None = None
   streaming: Streaming | None = None
+  describe: Callable[[Any], dict] | None = None
 
   def __post_init__(self):
     if self.default_scorer not in self.scorers:

@@ -502,6 +502,11 @@ def fit_many(config: FlowConfig, xs: Sequence, keys: Sequence, names: Sequence[s
   return _states(config, train, masks, [p[1] for p in prepared], [p[2] for p in prepared])
 
 
+def describe(state: FlowState) -> dict:
+  """What training reached: ``epochs`` and the best ``held_out_nll``."""
+  return {'epochs': int(state.epochs), 'held_out_nll': float(state.held_out_nll)}
+
+
 DENSITY = densities.register(
   densities.Density(
     name='flow',
@@ -510,5 +515,6 @@ DENSITY = densities.register(
     scorers={'nll': score},
     default_scorer='nll',
     fit_many=fit_many,
+    describe=describe,
   )
 )

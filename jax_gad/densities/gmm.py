@@ -512,8 +512,23 @@ def log_likelihood(state: GMMState, x) -> Array:
   return -score(state, x)
 
 
+def describe(state: GMMState) -> dict:
+  """What a fit chose: ``n_components`` (k; by BIC when there were candidates),
+  ``n_iter`` and ``converged``."""
+  return {
+    'n_components': int(np.shape(state.weights)[0]),
+    'n_iter': int(state.n_iter),
+    'converged': bool(state.converged),
+  }
+
+
 DENSITY = densities.register(
   densities.Density(
-    name='gmm', config=GMMConfig, fit=fit, scorers={'nll': score}, default_scorer='nll'
+    name='gmm',
+    config=GMMConfig,
+    fit=fit,
+    scorers={'nll': score},
+    default_scorer='nll',
+    describe=describe,
   )
 )
