@@ -342,8 +342,9 @@ def run(cfg: Config) -> dict:
   # before any work, so that bad data stops the run before it writes anything.
   splits = {}
   for c in categories:
-    train = data.load(cfg.dataset, c, "train", data_dir=cfg.data_dir, tfds_dir=cfg.tfds_dir)
-    test = data.load(cfg.dataset, c, "test", data_dir=cfg.data_dir, tfds_dir=cfg.tfds_dir)
+    # One scan of the raw folder (and one build lock) per category, both splits from it.
+    builder = data.prepare(cfg.dataset, c, data_dir=cfg.data_dir, tfds_dir=cfg.tfds_dir)
+    train, test = (data.Split.from_builder(builder, split) for split in ("train", "test"))
     _check_splits(c, train, test)
     splits[c] = (train, test)
 

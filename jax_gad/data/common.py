@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import os
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -52,20 +51,6 @@ def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
     buffer, format="PNG", compress_level=compress_level
   )
   return buffer.getvalue()
-
-
-def open_png(data: bytes, source: Any) -> Image.Image:
-  """Fully decodes PNG bytes with PIL; ValueError naming ``source`` if corrupt."""
-  try:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-  except Exception as e:  # PIL raises several types for broken files.
-    raise ValueError(f"cannot decode image file {os.fspath(source)}: {e}") from e
-  if image.format != "PNG":
-    raise ValueError(
-      f"image file {os.fspath(source)} is not a PNG (PIL reads it as {image.format})"
-    )
-  return image
 
 
 def decode_image(data: bytes) -> np.ndarray:

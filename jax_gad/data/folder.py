@@ -171,14 +171,13 @@ def scan(
     )
   train_dir = cat_dir / "train" / "good"
   kinds = "/".join(e.lstrip(".") for e in extensions)
-  if not train_dir.is_dir() or not list_images(train_dir, extensions):
+  train_files = list_images(train_dir, extensions) if train_dir.is_dir() else []
+  if not train_files:
     raise ValueError(
       f"{dataset} category folder {cat_dir} has no training images: expected {kinds} "
       f"files in {train_dir}.\nExpected layout:\n{layout_help}"
     )
-  train = [
-    Source(f"train/good/{p.name}", 0, "good", p, None) for p in list_images(train_dir, extensions)
-  ]
+  train = [Source(f"train/good/{p.name}", 0, "good", p, None) for p in train_files]
   test_dir = cat_dir / "test"
   gt_dir = cat_dir / "ground_truth"
   # With require_masks (MVTec AD) every defect image needs its mask, ground_truth/ or not.

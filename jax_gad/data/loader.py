@@ -44,8 +44,6 @@ _BUILDERS = {
   "synthetic_ad": synthetic_ad.SyntheticAd,
   "folder": folder.Folder,
 }
-# Datasets built from a raw folder: their prepared data is keyed on the folder's fingerprint.
-RAW_FOLDER_DATASETS = ("mvtec_ad", "folder")
 
 # Config fields that describe a config rather than define its content.
 _DESCRIPTIVE_CONFIG_FIELDS = ("description", "release_notes", "tags", "supported_versions")
@@ -365,6 +363,8 @@ def prepare(
   if tfds_dir is not None:
     builder_kwargs["data_dir"] = os.fspath(os.path.expanduser(os.fspath(tfds_dir)))
   builder = cls(**builder_kwargs)
+  # Prepared before we came: this builder read its info (and metadata) from disk.
+  read_from_disk = builder.is_prepared()
   with build_lock(builder):
     # Holding the lock, no other build of this config runs: TFDS's temporary
     # folders here are leftovers of a killed build.
@@ -378,13 +378,16 @@ def prepare(
       logging.warning("rebuilding %s (prepared by an older jax_gad)", builder.data_dir)
       shutil.rmtree(builder.data_dir)
       builder = cls(**builder_kwargs)
+    if builder.is_prepared() and read_from_disk:
+      return builder
     if not builder.is_prepared():
       builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(
           compute_stats=tfds.download.ComputeStatsMode.SKIP
         )
       )
-  # A fresh builder reads the dataset info (and jax_gad's metadata) from disk.
+  # Built here or by another process meanwhile: a fresh builder reads the
+  # dataset info (and jax_gad's metadata) from disk.
   return cls(**builder_kwargs)
 
 

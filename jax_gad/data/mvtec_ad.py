@@ -94,24 +94,11 @@ download config). The folder must look like:
 {EXPECTED_LAYOUT}"""
 
 
-Source = folder.Source
-
-
 def check_category(category: str) -> None:
   if category not in MVTEC_CATEGORIES:
     raise ValueError(
       f"unknown mvtec_ad category {category!r}; valid categories: {', '.join(MVTEC_CATEGORIES)}"
     )
-
-
-def check_data_dir(data_dir, category: str) -> Path:
-  """Validates the raw MVTec AD folder for one category; returns the category folder.
-
-  Raises:
-    ValueError: unknown category, data_dir missing or not MVTec-shaped; the
-      message names what is missing and how the folder should look.
-  """
-  return scan(data_dir, category).category_dir
 
 
 def scan(data_dir, category: str) -> folder.Layout:
@@ -121,8 +108,10 @@ def scan(data_dir, category: str) -> folder.Layout:
   official category names.
 
   Raises:
-    ValueError: see ``check_data_dir``; also for a defect image whose mask
-      file is missing (naming the image and the expected mask path).
+    ValueError: unknown category, data_dir missing or not MVTec-shaped (the
+      message names what is missing and how the folder should look), or a
+      defect image whose mask file is missing (naming the image and the
+      expected mask path).
   """
   check_category(category)
   if data_dir is None:
@@ -137,12 +126,6 @@ def scan(data_dir, category: str) -> folder.Layout:
       f"MVTec AD data_dir {root} does not exist or is not a folder.\n{_DOWNLOAD_INSTRUCTIONS}"
     )
   return MvtecAd.scan(root, category)
-
-
-def scan_category(data_dir, category: str) -> dict[str, list[Source]]:
-  """Lists a category's examples in dataset order: ``{'train': [...], 'test': [...]}``."""
-  layout = scan(data_dir, category)
-  return {"train": layout.train, "test": layout.test}
 
 
 @dataclasses.dataclass

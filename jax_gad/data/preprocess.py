@@ -82,14 +82,14 @@ def resize_bilinear(image: np.ndarray, size: Size) -> np.ndarray:
     raise ValueError(f"image must have a real dtype, got {image.dtype}")
   out_h, out_w = _output_size(size)
   in_h, in_w = image.shape[:2]
-  src = image.astype(np.float32)
 
   y0, y1, wy = _source_taps(out_h, in_h)
   x0, x1, wx = _source_taps(out_w, in_w)
   # Separable: rows first, then columns. Weights broadcast over the channel axis.
   extra = (1,) * (image.ndim - 2)
   wy = wy.astype(np.float32).reshape((out_h, 1) + extra)
-  rows = src[y0] * (1.0 - wy) + src[y1] * wy
+  # Gather the rows before converting: only out_h rows of the image become float32.
+  rows = image[y0].astype(np.float32) * (1.0 - wy) + image[y1].astype(np.float32) * wy
   wx = wx.astype(np.float32).reshape((1, out_w) + extra)
   out = rows[:, x0] * (1.0 - wx) + rows[:, x1] * wx
   return out.astype(np.float32, copy=False)
