@@ -422,7 +422,7 @@ def psum_moments(m: Moments, axis_name) -> Moments:
 # ---------------------------------------------------------------------------
 
 
-def _ledoit_wolf_shrinkage(beta: Array, delta: Array) -> Array:
+def ledoit_wolf_shrinkage(beta: Array, delta: Array) -> Array:
   """Ledoit-Wolf's shrinkage min(beta, delta) / delta, 0 when delta is 0 (scikit-learn's rule)."""
   beta = jnp.clip(beta, 0.0, delta)
   return jnp.where(delta > 0, beta / jnp.where(delta > 0, delta, 1.0), 0.0)
@@ -450,7 +450,7 @@ def _shrunk_covariance(m: Moments, mode: str, value) -> tuple[Array, Array, Arra
     frob2 = jnp.sum(emp * emp)
     beta = (m.fourth / m.n - frob2) / (dim * m.n)
     delta = jnp.sum(jnp.square(emp - mu * eye)) / dim
-    shrinkage = _ledoit_wolf_shrinkage(beta, delta)
+    shrinkage = ledoit_wolf_shrinkage(beta, delta)
   else:
     shrinkage = jnp.asarray(value, emp.dtype)
   shrinkage = shrinkage.astype(emp.dtype)
@@ -529,7 +529,7 @@ def _fit_gram_impl(x: Array, mode: str, value) -> GaussianState:
     # |C - mu I|_F^2 = |C|_F^2 - D mu^2: no cancellation here, since with
     # rank(C) < n < D, |C|_F^2 >= (tr C)^2 / n = D^2 mu^2 / n > D mu^2.
     delta = jnp.maximum(frob2 - dim * mu * mu, 0.0) / dim
-    shrinkage = _ledoit_wolf_shrinkage(beta, delta)
+    shrinkage = ledoit_wolf_shrinkage(beta, delta)
   else:
     shrinkage = jnp.asarray(value, x.dtype)
   shrinkage = shrinkage.astype(x.dtype)

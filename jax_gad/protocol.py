@@ -232,11 +232,7 @@ def evaluate_category(
       if model.describe is not None:
         fits.append(Fit(category, fold, int(level), model.describe(state)))
       try:
-        if density == "gaussian":
-          varies = np.any(np.asarray(state.std) > 0)
-        else:
-          varies = np.any(np.ptp(np.asarray(x_train), axis=0) > 0)
-        if not varies:
+        if not np.any(np.ptp(np.asarray(x_train), axis=0) > 0):
           note = Degenerate(
             category,
             fold,

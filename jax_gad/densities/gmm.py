@@ -207,8 +207,7 @@ def _weighted_cov(x, resp_k, mean_k, nk, regularization):
   n_eff = nk * nk / jnp.maximum(jnp.sum(resp_k * resp_k), jnp.finfo(x.dtype).tiny)
   beta = (fourth - jnp.sum(emp * emp)) / (dim * n_eff)
   delta = jnp.sum(jnp.square(emp - mu * eye)) / dim
-  beta = jnp.clip(beta, 0.0, delta)
-  shrink = jnp.where(delta > 0, beta / jnp.where(delta > 0, delta, 1.0), 0.0)
+  shrink = core.ledoit_wolf_shrinkage(beta, delta)
   return (1.0 - shrink) * emp + (shrink * mu) * eye, shrink
 
 
@@ -490,10 +489,6 @@ def fit(config: GMMConfig, x_train, key, init: GMMParams | None = None) -> GMMSt
     x = _check_rows(config, x_train)
     init = _check_init(init, config.n_components, x.shape[1], x.dtype)
     return _fit_k(config, x, key, config.n_components[0], init)
-  if len(config.n_components) == 1:
-    x = _check_rows(config, x_train)
-    k = config.n_components[0]
-    return _fit_k(config, x, jax.random.fold_in(key, k), k, None)
   return choose_k(config, x_train, key)[0]
 
 
