@@ -9,7 +9,15 @@ Lazily exported (``import jax_gad`` stays light): ``jax_gad.fit(category, ...)
 
 __version__ = "0.1.0"
 
-__all__ = ["Detector", "fit", "load_detector"]
+__all__ = ["Detector", "fit", "load_detector", "versions"]
+
+
+def versions() -> dict:
+  """The jax_gad, jax and flax versions, as recorded with results and detectors."""
+  import flax
+  import jax
+
+  return {"jax_gad": __version__, "jax": jax.__version__, "flax": flax.__version__}
 
 
 def __getattr__(name):

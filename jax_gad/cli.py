@@ -403,19 +403,6 @@ def _multihost_together(values) -> bool:
   return all(given) or not any(given)
 
 
-DATA_FLAGS = ("dataset", "data_dir", "tfds_dir", "categories")
-BACKBONE_FLAGS = (
-  "arch",
-  "checkpoint",
-  "checkpoint_dir",
-  "image_size",
-  "batch_size",
-  "num_workers",
-  "dtype",
-  "depthwise",
-  "cache_dir",
-)
-FIT_FLAGS = ("levels", "pca", "npca")
 DENSITY_FLAGS = ("density", "seed", *(f for m in DENSITY_CONFIG_FLAGS.values() for f in m))
 MULTIHOST_FLAGS = ("coordinator_address", "num_processes", "process_id")
 
@@ -437,6 +424,8 @@ def values(names: Iterable[str], overrides: dict | None = None) -> dict:
   """``{name: value}`` of parsed flags (or their defaults before parsing), plus overrides.
 
   Overrides of path flags follow the same rule as the command line (``~`` expanded).
+  List flags (and overrides of them) come out as tuples, hashable like the rest
+  of a config.
   """
   out = {}
   for name in names:
@@ -446,6 +435,9 @@ def values(names: Iterable[str], overrides: dict | None = None) -> dict:
     if name in FLAGS and isinstance(FLAGS[name].parser, PathParser):
       value = FLAGS[name].parser.parse(value)
     out[name] = value
+  for name, value in out.items():
+    if name in FLAGS and isinstance(FLAGS[name].parser, flags.ListParser) and value is not None:
+      out[name] = tuple(value)
   return out
 
 
@@ -463,7 +455,7 @@ def density_config(density: str, overrides: dict | None = None):
   model = densities.get(density)
   mapping = DENSITY_CONFIG_FLAGS.get(density, {})
   v = values(mapping, {k: w for k, w in (overrides or {}).items() if k in mapping})
-  kwargs = {mapping[k]: (tuple(w) if isinstance(w, list) else w) for k, w in v.items()}
+  kwargs = {mapping[k]: w for k, w in v.items()}
   try:
     return model.config(**kwargs)
   except ValueError as err:  # name the flag, not only the field

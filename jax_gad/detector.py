@@ -335,18 +335,24 @@ def load_backbone(
   from jax_gad import files
   from jax_gad.models import efficientnet
 
+  checkpoint_dir = os.path.expanduser(os.fspath(checkpoint_dir))
   if checkpoint:
     checkpoint = os.path.expanduser(os.fspath(checkpoint))
     if os.path.isdir(checkpoint):
-      raise ValueError(f"--checkpoint={checkpoint} is a folder; give the converted .msgpack file")
+      raise ValueError(
+        f"--checkpoint={checkpoint} is a folder; give the converted .msgpack file, or "
+        f"--checkpoint_dir={checkpoint} to use <checkpoint_dir>/{arch}.msgpack."
+      )
     if not os.path.isfile(checkpoint):
       raise ValueError(
-        f"--checkpoint={checkpoint} does not exist; convert weights with "
-        f"`python -m jax_gad.convert --arch={arch} --output={checkpoint}`"
+        f"--checkpoint={checkpoint} does not exist. Convert weights with "
+        f"`python -m jax_gad.convert --arch={arch} --input=<file.pth> --output="
+        f"{checkpoint}` (README: 'Converting weights'), or leave --checkpoint out to use "
+        f"{checkpoint_dir}/{arch}.msgpack."
       )
     path = checkpoint
   else:
-    path = checkpoint_lib.ensure_checkpoint(arch, os.path.expanduser(os.fspath(checkpoint_dir)))
+    path = checkpoint_lib.ensure_checkpoint(arch, checkpoint_dir)
   variables, meta = checkpoint_lib.load_checkpoint(path, arch=arch)
   dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
   module = efficientnet.create(arch, depthwise=depthwise, dtype=dt)

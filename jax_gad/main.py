@@ -26,9 +26,9 @@ from typing import NamedTuple
 from absl import app, flags
 import numpy as np
 
+import jax_gad
 from jax_gad import cli, densities
 
-DISTANCES = ("l2", "sed", "mahalanobis")
 # Every score name of every registered density (the Gaussian's distances, 'nll').
 SCORES = tuple(dict.fromkeys(d for m in densities.DENSITIES.values() for d in m.scorers))
 
@@ -145,8 +145,6 @@ def config(**overrides) -> Config:
   if unknown:
     raise ValueError(f"unknown Config field(s) {sorted(unknown)}; valid: {list(Config._fields)}")
   v = cli.values(Config._fields, overrides)
-  for name in ("categories", "folds", "levels", "distances", "map_levels", "gmm_components"):
-    v[name] = tuple(v[name])
   if not v["distances"] and v["density"] in densities.DENSITIES:
     v["distances"] = tuple(densities.get(v["density"]).scorers)
   v["cache_dir"] = v["cache_dir"] or None
@@ -275,15 +273,6 @@ def _out_of_memory(err: BaseException) -> bool:
   return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
 
 
-def _versions() -> dict:
-  import flax
-  import jax
-
-  import jax_gad
-
-  return {"jax_gad": jax_gad.__version__, "jax": jax.__version__, "flax": flax.__version__}
-
-
 def run(cfg: Config) -> dict:
   """Runs the whole protocol for ``cfg`` and writes the reports. Returns results.json's content.
 
@@ -295,10 +284,9 @@ def run(cfg: Config) -> dict:
   complete run (docs/outputs.md).
   """
   import jax
-  import jax.numpy as jnp
   from tqdm import tqdm
 
-  from jax_gad import checkpoint, data, feature_cache, features, files, protocol, report
+  from jax_gad import data, detector, feature_cache, features, files, protocol, report
   from jax_gad.data import pipeline
   from jax_gad.models import efficientnet
 
@@ -316,27 +304,14 @@ def run(cfg: Config) -> dict:
       files.remove_stale_temporaries(folder)
 
   # Weights: an explicit file, or the converted default for the arch.
-  if cfg.checkpoint and os.path.isdir(cfg.checkpoint):
-    raise ValueError(
-      f"--checkpoint={cfg.checkpoint} is a folder; give the converted .msgpack file, or "
-      f"--checkpoint_dir={cfg.checkpoint} to use <checkpoint_dir>/{cfg.arch}.msgpack."
-    )
-  if cfg.checkpoint and not os.path.isfile(cfg.checkpoint):
-    raise FileNotFoundError(
-      f"--checkpoint={cfg.checkpoint} does not exist. Convert weights with "
-      f"`python -m jax_gad.convert --arch={cfg.arch} --input=<file.pth> --output="
-      f"{cfg.checkpoint}` (README: 'Converting weights'), or leave --checkpoint out to use "
-      f"{cfg.checkpoint_dir}/{cfg.arch}.msgpack."
-    )
   if not cfg.checkpoint:
     _check_folder("checkpoint_dir", cfg.checkpoint_dir)
-  path = cfg.checkpoint or checkpoint.ensure_checkpoint(cfg.arch, cfg.checkpoint_dir)
-  variables, meta = checkpoint.load_checkpoint(path, arch=cfg.arch)
-  checkpoint_sha256 = files.sha256(path)  # the weights' identity in results and cache keys
-  image_size = cfg.image_size or int(meta["resolution"])
   depthwise = None if cfg.depthwise == "auto" else cfg.depthwise
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
-  model = efficientnet.create(cfg.arch, depthwise=depthwise, dtype=dtype)
+  backbone, meta, checkpoint_sha256 = detector.load_backbone(
+    cfg.arch, cfg.checkpoint, cfg.checkpoint_dir, cfg.dtype, depthwise
+  )
+  model, variables, path = backbone
+  image_size = cfg.image_size or int(meta["resolution"])
 
   # Data: every split is opened (and, on first use, prepared) and checked
   # before any work, so that bad data stops the run before it writes anything.
@@ -494,7 +469,7 @@ def run(cfg: Config) -> dict:
     levels=levels,
     distances=cfg.distances,
     data=json.loads(json.dumps(data_doc)),
-    versions=_versions(),
+    versions=jax_gad.versions(),
   )
   if cfg.maps:
     doc["maps"] = mp.document(map_settings, cfg.map_channels, map_outputs)

@@ -198,19 +198,6 @@ FLAGS = flags.FLAGS
 def config(**overrides) -> Config:
   """A benchmark :class:`Config` from the flags, with ``overrides`` on top."""
   v = cli.values(Config._fields, overrides)
-  for name in (
-    'batch_sizes',
-    'dtypes',
-    'depthwise_impls',
-    'kernel_widths',
-    'sweep_d',
-    'sweep_n',
-    'map_counts',
-    'pipeline_archs',
-    'density_bench_n',
-    'density_bench_widths',
-  ):
-    v[name] = tuple(v[name])
   return Config(**v)
 
 
