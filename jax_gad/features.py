@@ -274,17 +274,24 @@ class LevelExtractor:
       start = time.perf_counter()
       spec = jax.ShapeDtypeStruct(self.input_shape, jnp.float32, sharding=self._batch_sharding)
       cpu = self.mesh.devices.flat[0].platform == 'cpu'
-      self._compiled = _pooled_levels.lower(
-        self.variables, spec, module=self.module, levels=self.levels, mesh=self.mesh
-      ).compile(compiler_options=CPU_COMPILER_OPTIONS if cpu else None)
+      self._compiled = self._lower(spec).compile(
+        compiler_options=CPU_COMPILER_OPTIONS if cpu else None
+      )
       self.compile_seconds = time.perf_counter() - start
       logger.info(
-        'compiled level extractor for %s on %d device(s) in %.2f s',
+        'compiled %s for %s on %d device(s) in %.2f s',
+        type(self).__name__,
         self.input_shape,
         self.mesh.size,
         self.compile_seconds,
       )
     return self.compile_seconds
+
+  def _lower(self, spec: jax.ShapeDtypeStruct):
+    """The lowered program for input ``spec``; subclasses return other outputs."""
+    return _pooled_levels.lower(
+      self.variables, spec, module=self.module, levels=self.levels, mesh=self.mesh
+    )
 
   @property
   def compiled(self):

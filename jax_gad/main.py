@@ -427,6 +427,7 @@ def run(cfg: Config) -> dict:
           mesh=mesh,
           batch_size=batch_size,
           num_workers=cfg.num_workers or os.cpu_count() or 2,
+          keep_all_folds=cfg.save_maps,
         )
 
   config_doc = cfg._asdict()

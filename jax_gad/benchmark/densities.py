@@ -29,8 +29,9 @@ import numpy as np
 
 from jax_gad import densities
 from jax_gad.densities import flow, gmm
+from jax_gad.models import efficientnet
 
-B4_WIDTHS = (48, 24, 32, 56, 112, 160, 272, 448, 1792)
+B4_WIDTHS = efficientnet.level_widths('efficientnet-b4')
 
 
 def _features(rng, n: int, d: int) -> np.ndarray:

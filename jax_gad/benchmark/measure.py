@@ -475,8 +475,6 @@ def bench_fit(
     ``fit_speedup`` and, when ``n_score > 0``, ``jax_score_s`` (per distance),
     ``jax_score_total_s``, ``numpy_score_total_s``, ``score_speedup``.
   """
-  from jax_gad import gaussian  # pylint: disable=g-import-not-at-top
-
   rng = np.random.default_rng(seed + 7919 * d + n)
   x = _features(rng, n, d)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import time
 from typing import NamedTuple, Sequence
 
 import jax
@@ -115,38 +114,19 @@ class MapExtractor(features.LevelExtractor):
       channels = tuple(None if c is None else tuple(int(i) for i in c) for c in channels)
     self.channels = channels
 
-  def compile(self) -> float:
-    if self._compiled is None:
-      start = time.perf_counter()
-      spec = jax.ShapeDtypeStruct(self.input_shape, jnp.float32, sharding=self._batch_sharding)
-      self._compiled = _level_maps.lower(
-        self.variables,
-        spec,
-        module=self.module,
-        levels=self.levels,
-        channels=self.channels,
-        mesh=self.mesh,
-      ).compile()
-      self.compile_seconds = time.perf_counter() - start
-    return self.compile_seconds
+  def _lower(self, spec):
+    return _level_maps.lower(
+      self.variables,
+      spec,
+      module=self.module,
+      levels=self.levels,
+      channels=self.channels,
+      mesh=self.mesh,
+    )
 
   def map_shapes(self) -> list[tuple[int, int, int]]:
     """(h, w, C) of each returned level map."""
-    out = self.compiled.out_info if hasattr(self.compiled, 'out_info') else None
-    if out is None:
-      spec = jax.ShapeDtypeStruct(self.input_shape, jnp.float32)
-      out = jax.eval_shape(
-        functools.partial(
-          _level_maps,
-          module=self.module,
-          levels=self.levels,
-          channels=self.channels,
-          mesh=self.mesh,
-        ),
-        self.variables,
-        spec,
-      )
-    return [tuple(int(s) for s in o.shape[1:]) for o in out]
+    return [tuple(int(s) for s in o.shape[1:]) for o in self.compiled.out_info]
 
 
 def channel_subsets(widths: Sequence[int], k: int | None, seed: int = 0) -> tuple | None:
@@ -344,25 +324,27 @@ def write_overlays(
   masks,
   fold: int,
   per_type: int = 2,
-) -> list[str]:
+) -> None:
   """Overlay PNGs of the documented subset (:func:`jax_gad.maps.overlay.select`) for one fold."""
   chosen = moverlay.select(list(source.defect_types), per_type)
   if not chosen:
-    return []
-  full = postprocess.to_original(maps_fold[chosen], [sizes[i] for i in chosen])
-  vmin, vmax = moverlay.color_range(postprocess.to_original(maps_fold, sizes))
+    return
+  full = postprocess.to_original(maps_fold, sizes)  # once: the colour range needs them all
+  vmin, vmax = moverlay.color_range(full)
   sub = os.path.join(folder, 'overlays', category)
   os.makedirs(sub, exist_ok=True)
-  written = []
-  for amap, i in zip(full, chosen):
-    item = source[i]
+  for i in chosen:
     name = moverlay.file_name(i, source.file_names[i])
-    title = f'{category} / {source.defect_types[i]} (fold {fold}), max {float(amap.max()):.2f}'
+    title = f'{category} / {source.defect_types[i]} (fold {fold}), max {float(full[i].max()):.2f}'
     moverlay.write_overlay(
-      os.path.join(sub, name), item['image'], amap, masks[i], vmin=vmin, vmax=vmax, title=title
+      os.path.join(sub, name),
+      source[i]['image'],
+      full[i],
+      masks[i],
+      vmin=vmin,
+      vmax=vmax,
+      title=title,
     )
-    written.append(os.path.join('overlays', category, name))
-  return written
 
 
 def save_maps(folder: str, category: str, maps: np.ndarray, folds: Sequence[int], source) -> str:
@@ -377,8 +359,6 @@ def save_maps(folder: str, category: str, maps: np.ndarray, folds: Sequence[int]
 
 def summarize(runs: Sequence[FoldMaps]) -> list[dict]:
   """Per category and overall: mean ± SEM (x100) over folds of the three map metrics."""
-  from jax_gad import metrics
-
   rows = []
   categories = sorted({r.category for r in runs})
   for name, sel in [(c, [r for r in runs if r.category == c]) for c in categories] + [
@@ -425,7 +405,7 @@ class CategoryMaps(NamedTuple):
   """What :func:`run_category` computes for one category."""
 
   runs: list  # FoldMaps per evaluated fold
-  maps: np.ndarray  # (n_folds, n_test, S, S) float32
+  maps: np.ndarray  # (n_folds, n_test, S, S) float32; n_folds = 1 unless all are kept
   test: object  # the test split
   masks: list
   sizes: list
@@ -449,8 +429,13 @@ def run_category(
   mesh,
   batch_size: int,
   num_workers: int,
+  keep_all_folds: bool = True,
 ) -> CategoryMaps:
-  """Per-location fits streamed over the training batches, test maps and their metrics."""
+  """Per-location fits streamed over the training batches, test maps and their metrics.
+
+  With ``keep_all_folds=False`` the result keeps only the first fold's maps
+  (what the overlays use), not every fold's (what ``--save_maps`` writes).
+  """
   extractor = MapExtractor(
     module,
     variables,
@@ -477,6 +462,8 @@ def run_category(
   has_masks = runs[0].pixel_auroc is not None
   if not has_masks:
     logging.warning("category %s has no defect masks: map metrics are image-level only.", category)
+  if not keep_all_folds:
+    maps = maps[:1].copy()  # a copy, so that the other folds' memory is freed
   return CategoryMaps(runs, maps, test, masks, sizes, has_masks)
 
 
