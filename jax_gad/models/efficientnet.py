@@ -22,8 +22,8 @@ Two numerically equal implementations of the depthwise convolution exist:
 ``'xla'`` (``lax.conv_general_dilated`` with ``feature_group_count=C``) and
 ``'shift'`` (K*K slices of the padded input, multiplied by one kernel tap each
 and summed; at stride 1 contiguous slices of the row-flattened map, over
-pieces of the channels that fit in L1). All 1x1 convolutions are matrix products on the
-``(N*H*W, C)`` view; where the activation is larger than the projection
+pieces of the channels that fit in L1). All 1x1 convolutions are matrix
+products on the ``(N*H*W, C)`` view; where the activation is larger than the projection
 kernel, the squeeze-excite gate scales the kernel instead of the activation.
 :func:`default_depthwise` picks an implementation per backend from
 measurements on CPU (see the README). ``split_bytes`` (default per backend,
@@ -436,7 +436,7 @@ def _depthwise_rows(x, kernel, pads, epilogue):
   piece summed, cropped and passed through ``epilogue``, and the pieces are
   concatenated. The same products are summed in the same order as in the
   strided-slice form, so the numbers are the same; XLA:CPU runs this form
-  1.15-1.25x faster within B4 (docs/performance.md).
+  about 1.1-1.2x faster within B4 (docs/performance.md).
   """
   n, h, w, c = x.shape
   k = kernel.shape[0]
