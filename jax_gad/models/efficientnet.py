@@ -23,8 +23,9 @@ Two numerically equal implementations of the depthwise convolution exist:
 ``'shift'`` (K*K slices of the padded input, multiplied by one kernel tap each
 and summed; at stride 1 contiguous slices of the row-flattened map, over
 pieces of the channels that fit in L1). All 1x1 convolutions are matrix
-products on the ``(N*H*W, C)`` view; where the activation is larger than the projection
-kernel, the squeeze-excite gate scales the kernel instead of the activation.
+products on the ``(N*H*W, C)`` view; where the activation is larger than the
+projection kernel, the squeeze-excite gate scales the kernel instead of the
+activation.
 :func:`default_depthwise` picks an implementation per backend from
 measurements on CPU (see the README). ``split_bytes`` (default per backend,
 :func:`default_split_bytes`) keeps the working set in cache on CPU: leading
