@@ -115,7 +115,7 @@ def is_traced(x) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
-def _float_dtype(dtype) -> np.dtype:
+def float_dtype(dtype) -> np.dtype:
   """float64 stays float64 (when x64 is on); everything else computes in float32."""
   if np.dtype(dtype) == np.float64:
     return jax.dtypes.canonicalize_dtype(np.float64)
@@ -188,10 +188,11 @@ def check_features(
   if n < min_samples:
     raise ValueError(f'{name} has {n} sample(s); at least {min_samples} are needed.')
   _check_finite(x, name)
-  return jnp.asarray(x, dtype=dtype if dtype is not None else _float_dtype(x.dtype))
+  return jnp.asarray(x, dtype=dtype if dtype is not None else float_dtype(x.dtype))
 
 
-def _check_shrinkage(shrinkage) -> tuple[str, float]:
+def check_shrinkage(shrinkage) -> tuple[str, float]:
+  """``(mode, value)`` of a shrinkage argument: ``('ledoit_wolf', 0.0)`` or ``('fixed', s)``."""
   if isinstance(shrinkage, str):
     if shrinkage != 'ledoit_wolf':
       raise ValueError(f"shrinkage must be 'ledoit_wolf' or a number in [0, 1], got {shrinkage!r}.")
@@ -290,7 +291,8 @@ def _recentre(m: Moments, centre: Array) -> tuple[Array, Array, Array]:
   return scatter, third, fourth
 
 
-def _merge_impl(a: Moments, b: Moments) -> Moments:
+def merge_kernel(a: Moments, b: Moments) -> Moments:
+  """:func:`merge` without input checks: a jittable kernel for other modules."""
   n = a.n + b.n
   # Exact when one side is empty, or when both means agree (constant columns).
   w = b.n / jnp.maximum(n, 1.0)
@@ -301,8 +303,8 @@ def _merge_impl(a: Moments, b: Moments) -> Moments:
 
 
 _moments_jit = jax.jit(moments_kernel)
-_merge_jit = jax.jit(_merge_impl)
-_accumulate_jit = jax.jit(lambda m, x, mask: _merge_impl(m, moments_kernel(x, mask)))
+_merge_jit = jax.jit(merge_kernel)
+_accumulate_jit = jax.jit(lambda m, x, mask: merge_kernel(m, moments_kernel(x, mask)))
 
 
 def empty_moments(dim: int, dtype=jnp.float32) -> Moments:
@@ -317,7 +319,7 @@ def empty_moments(dim: int, dtype=jnp.float32) -> Moments:
   """
   if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
     raise ValueError(f'dim must be a positive integer, got {dim!r}.')
-  dtype = _float_dtype(dtype)
+  dtype = float_dtype(dtype)
   z = lambda *s: jnp.zeros(s, dtype)
   return Moments(n=z(), mean=z(dim), scatter=z(dim, dim), third=z(dim), fourth=z())
 
@@ -428,7 +430,7 @@ def ledoit_wolf_shrinkage(beta: Array, delta: Array) -> Array:
   return jnp.where(delta > 0, beta / jnp.where(delta > 0, delta, 1.0), 0.0)
 
 
-def _shrunk_covariance(m: Moments, mode: str, value) -> tuple[Array, Array, Array]:
+def shrunk_covariance(m: Moments, mode: str, value) -> tuple[Array, Array, Array]:
   """(covariance, shrinkage, ridge) from moments; scikit-learn's ledoit_wolf formula.
 
   With C = scatter / n, mu = tr(C) / D:
@@ -458,7 +460,24 @@ def _shrunk_covariance(m: Moments, mode: str, value) -> tuple[Array, Array, Arra
   return (1.0 - shrinkage) * emp + ridge * eye, shrinkage, ridge
 
 
-def _factorize(cov: Array, ridge: Array) -> tuple[Array, Array]:
+def cholesky(cov: Array, ridge: Array) -> tuple[Array, Array]:
+  """(L, ok): the Cholesky factor of ``cov`` and :func:`factorize`'s test of whether it is used.
+
+  ``ok`` holds when every pivot is finite and the smallest pivot^2 exceeds the
+  floor: 0 when ``ridge`` is above pinvh's cut-off ``D * eps * max(diag(cov))``,
+  the cut-off itself otherwise. Where ``ok`` is False, L is not to be used.
+  """
+  dim = cov.shape[0]
+  # LAPACK potrf reads the lower triangle only; on failure JAX returns NaNs,
+  # the diagonal included.
+  chol = jnp.linalg.cholesky(cov, symmetrize_input=False)
+  pivots = jnp.diagonal(chol)
+  cutoff = dim * jnp.finfo(cov.dtype).eps * jnp.max(jnp.diagonal(cov))
+  floor = jnp.where(ridge > cutoff, 0.0, cutoff)
+  return chol, jnp.all(jnp.isfinite(pivots)) & (jnp.min(pivots) ** 2 > floor)
+
+
+def factorize(cov: Array, ridge: Array) -> tuple[Array, Array]:
   """(factor, whitening): Cholesky factor, or pseudo-inverse whitening if singular.
 
   ``ridge`` is the shrinkage target's weight ``shrinkage * mu``. Let
@@ -474,15 +493,8 @@ def _factorize(cov: Array, ridge: Array) -> tuple[Array, Array]:
   Mahalanobis distance ignores the null space, as scikit-learn's
   pseudo-inverse precision does.
   """
-  dim = cov.shape[0]
-  rtol = dim * jnp.finfo(cov.dtype).eps
-  # LAPACK potrf reads the lower triangle only; on failure JAX returns NaNs,
-  # the diagonal included.
-  chol = jnp.linalg.cholesky(cov, symmetrize_input=False)
-  pivots = jnp.diagonal(chol)
-  cutoff = rtol * jnp.max(jnp.diagonal(cov))
-  floor = jnp.where(ridge > cutoff, 0.0, cutoff)
-  ok = jnp.all(jnp.isfinite(pivots)) & (jnp.min(pivots) ** 2 > floor)
+  chol, ok = cholesky(cov, ridge)
+  rtol = cov.shape[0] * jnp.finfo(cov.dtype).eps
 
   def whitening():
     w, v = jnp.linalg.eigh(cov)
@@ -494,8 +506,8 @@ def _factorize(cov: Array, ridge: Array) -> tuple[Array, Array]:
 
 
 def _fit_impl(m: Moments, mode: str, value) -> GaussianState:
-  cov, shrinkage, ridge = _shrunk_covariance(m, mode, value)
-  factor, whitening = _factorize(cov, ridge)
+  cov, shrinkage, ridge = shrunk_covariance(m, mode, value)
+  factor, whitening = factorize(cov, ridge)
   var = jnp.maximum(jnp.diagonal(m.scatter), 0.0) / (m.n - 1.0)
   return GaussianState(
     mean=m.mean, factor=factor, std=jnp.sqrt(var), shrinkage=shrinkage, n=m.n, whitening=whitening
@@ -539,7 +551,7 @@ def _fit_gram_impl(x: Array, mode: str, value) -> GaussianState:
   lam = jnp.maximum(lam, 0.0)
   ev = ridge + scale * lam
   b = jnp.matmul(y.T, u, precision=_HIGHEST)  # (D, n), column norms^2 = lam
-  # Eigenvalues at or below pinvh's cut-off count as zero (see _factorize).
+  # Eigenvalues at or below pinvh's cut-off count as zero (see factorize).
   cutoff = dim * jnp.finfo(x.dtype).eps * jnp.maximum(jnp.max(ev), ridge)
   use_ridge = ridge > cutoff
   # With a ridge: (rsqrt(ev) - rsqrt(ridge)) / lam = -scale / (sr se (sr + se)).
@@ -568,7 +580,7 @@ _fit_x_jit = jax.jit(
   lambda x, mode, value: _fit_impl(moments_kernel(x), mode, value), static_argnames='mode'
 )
 _fit_gram_jit = jax.jit(_fit_gram_impl, static_argnames='mode')
-_ledoit_wolf_jit = jax.jit(lambda x: _shrunk_covariance(moments_kernel(x), 'ledoit_wolf', 0.0)[:2])
+_ledoit_wolf_jit = jax.jit(lambda x: shrunk_covariance(moments_kernel(x), 'ledoit_wolf', 0.0)[:2])
 
 
 def ledoit_wolf(x) -> tuple[Array, Array]:
@@ -602,7 +614,7 @@ def fit_gaussian(x, shrinkage='ledoit_wolf') -> GaussianState:
   Returns:
     :class:`GaussianState`.
   """
-  mode, value = _check_shrinkage(shrinkage)
+  mode, value = check_shrinkage(shrinkage)
   x = check_features(x, 'x', min_samples=2)
   if 4 * x.shape[0] <= x.shape[1]:  # measured crossover on CPU: D ~ 3.5 n
     return _fit_gram_jit(x, mode, value)
@@ -624,7 +636,7 @@ def fit_from_moments(m: Moments, shrinkage='ledoit_wolf') -> GaussianState:
     :class:`GaussianState`.
   """
   check_moments(m, 'm')
-  mode, value = _check_shrinkage(shrinkage)
+  mode, value = check_shrinkage(shrinkage)
   if not is_traced(m.n) and float(m.n) < 2:
     raise ValueError(f'moments hold {float(m.n):g} sample(s); at least 2 are needed to fit.')
   return _fit_moments_jit(m, mode, value)

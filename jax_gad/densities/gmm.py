@@ -198,7 +198,7 @@ def _weighted_cov(x, resp_k, mean_k, nk, regularization):
   emp = jnp.matmul((resp_k[:, None] * diff).T, diff, precision=_HIGHEST) / nk
   if regularization == 'reg_covar':
     return emp, jnp.zeros((), x.dtype)
-  # Weighted Ledoit-Wolf: the terms of gaussian._shrunk_covariance with
+  # Weighted Ledoit-Wolf: the terms of gaussian.shrunk_covariance with
   # weighted averages and Kish's effective size in place of n.
   mu = jnp.trace(emp) / dim
   eye = jnp.eye(dim, dtype=x.dtype)

@@ -147,14 +147,14 @@ def _per_location(fn, batched: tuple[int, ...]):
 
 
 # maps (N, H, W, C): the H axis is 1, and after vmapping it out, the W axis is 1 again.
-_moments_loc = _per_location(gaussian.moments_kernel, (1, None))  # pylint: disable=protected-access
-_merge_loc = _per_location(gaussian._merge_impl, (0, 0))  # pylint: disable=protected-access
+_moments_loc = _per_location(gaussian.moments_kernel, (1, None))
+_merge_loc = _per_location(gaussian.merge_kernel, (0, 0))
 
 
 def _maps_dtype(maps, dtype=None):
   if dtype is not None:
     return dtype
-  return gaussian._float_dtype(maps.dtype)  # pylint: disable=protected-access
+  return gaussian.float_dtype(maps.dtype)
 
 
 @jax.jit
@@ -264,12 +264,11 @@ def psum(stats: gaussian.Moments, axis_name) -> gaussian.Moments:
 
 def _fit_location(m: gaussian.Moments, mode: str, value, ridge) -> tuple[Array, Array]:
   """(whitening, shrinkage) of one location: gaussian.fit_from_moments' rule, plus a ridge."""
-  # pylint: disable=protected-access
-  cov, shrinkage, shrink_ridge = gaussian._shrunk_covariance(m, mode, value)
+  cov, shrinkage, shrink_ridge = gaussian.shrunk_covariance(m, mode, value)
   dim = cov.shape[0]
   eye = jnp.eye(dim, dtype=cov.dtype)
   cov = cov + ridge * eye
-  factor, is_whitening = gaussian._factorize(cov, shrink_ridge + ridge)
+  factor, is_whitening = gaussian.factorize(cov, shrink_ridge + ridge)
   # A Cholesky factor L gives |L^-1 z|^2 = |z L^-T|^2: W = L^-T.
   chol_inv_t = solve_triangular(jnp.where(is_whitening, eye, factor), eye, lower=True).T
   return jnp.where(is_whitening, factor, chol_inv_t), shrinkage
@@ -278,21 +277,16 @@ def _fit_location(m: gaussian.Moments, mode: str, value, ridge) -> tuple[Array, 
 def _fit_cholesky(m: gaussian.Moments, mode: str, value, ridge):
   """The Cholesky route of :func:`_fit_location` alone: (whitening, shrinkage, ok).
 
-  ``ok`` is the acceptance test of ``gaussian._factorize``; where it holds,
-  the result equals :func:`_fit_location`'s. Needed because under ``vmap`` a
+  ``ok`` is ``gaussian.cholesky``'s acceptance test (``gaussian.factorize``'s);
+  where it holds, the result equals :func:`_fit_location`'s. Needed because under ``vmap`` a
   per-location ``lax.cond`` runs both branches, and the eigendecomposition of
   the other branch costs ~100x the Cholesky factorisation on CPU.
   """
-  # pylint: disable=protected-access
-  cov, shrinkage, shrink_ridge = gaussian._shrunk_covariance(m, mode, value)
+  cov, shrinkage, shrink_ridge = gaussian.shrunk_covariance(m, mode, value)
   dim = cov.shape[0]
   eye = jnp.eye(dim, dtype=cov.dtype)
   cov = cov + ridge * eye
-  chol = jnp.linalg.cholesky(cov, symmetrize_input=False)
-  pivots = jnp.diagonal(chol)
-  cutoff = dim * jnp.finfo(cov.dtype).eps * jnp.max(jnp.diagonal(cov))
-  floor = jnp.where(shrink_ridge + ridge > cutoff, 0.0, cutoff)
-  ok = jnp.all(jnp.isfinite(pivots)) & (jnp.min(pivots) ** 2 > floor)
+  chol, ok = gaussian.cholesky(cov, shrink_ridge + ridge)
   safe = jnp.where(ok, chol, eye)
   return solve_triangular(safe, eye, lower=True).T, shrinkage, ok
 
@@ -328,7 +322,7 @@ def finalize(stats: gaussian.Moments, shrinkage='ledoit_wolf', ridge: float = 0.
     :class:`MapState`.
   """
   _check_stats(stats)
-  mode, value = gaussian._check_shrinkage(shrinkage)  # pylint: disable=protected-access
+  mode, value = gaussian.check_shrinkage(shrinkage)
   ridge = _check_ridge(ridge)
   if float(jnp.min(stats.n)) < 2:
     raise ValueError(
