@@ -8,7 +8,7 @@ level scores (their mean, as in the paper: ``total = mean_l d_l`` with ``d_l``
 the Mahalanobis distance at level ``l``) and the decision thresholds:
 
 * ``threshold``: calibrated from normal images only. The training images are
-  split into k folds (``jax_gad.data.folds``, KFold(shuffle=True,
+  split into k folds (``jax_gad.protocol.folds``, KFold(shuffle=True,
   random_state=0)); each image is scored by a detector fitted on the other
   folds ("out of fold"), and the threshold is the out-of-fold score quantile at
   the target false-positive rate ``a`` (``target_fpr``): with the n scores
@@ -257,11 +257,11 @@ def check_target_fpr(target_fpr) -> float:
 
 def out_of_fold_scores(features: Sequence[np.ndarray], n_folds: int, reduction=None):
   """Total score of every training row from a fit on the folds that do not contain it."""
-  from jax_gad import data
+  from jax_gad import protocol
 
   n = len(features[0])
   oof = np.full(n, np.nan)
-  for fit_idx in data.folds(n, n_folds):
+  for fit_idx in protocol.folds(n, n_folds):
     held = np.setdiff1d(np.arange(n), fit_idx)
     states, projections = _fit_levels([f[fit_idx] for f in features], reduction)
     oof[held] = _score_levels(states, projections, [f[held] for f in features]).total

@@ -395,7 +395,7 @@ def run(cfg: Config) -> dict:
       train, test = splits[c]
       feats_train = pooled(train, c, "train")
       feats_test = pooled(test, c, "test")
-      all_folds = data.folds(len(train))
+      all_folds = protocol.folds(len(train))
       results[c] = protocol.evaluate_category(
         c,
         [feats_train[l] for l in levels],

@@ -25,6 +25,7 @@ from typing import Iterable, NamedTuple, Sequence
 import warnings
 
 import numpy as np
+from sklearn.model_selection import KFold
 
 from jax_gad import metrics, pca
 
@@ -131,6 +132,27 @@ class ThresholdRow(NamedTuple):
   sigma: int
   tpr: float
   fpr: float
+
+
+def folds(n_train: int, n_splits: int = 5, seed: int = 0) -> list[np.ndarray]:
+  """Index arrays of the fitting part of each fold (docs/method.md, "Folds").
+
+  Exactly the train parts of ``KFold(n_splits, shuffle=True,
+  random_state=seed).split`` over ``range(n_train)``, i.e. over the sorted
+  train/good list.
+
+  Returns:
+    ``n_splits`` sorted int64 arrays.
+  """
+  for name, value, low in (("n_train", n_train, 1), ("n_splits", n_splits, 2)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+      raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+  if n_splits > n_train:
+    raise ValueError(
+      f"n_splits={n_splits} folds need at least as many training images, got n_train={n_train}"
+    )
+  kfold = KFold(n_splits=n_splits, shuffle=True, random_state=seed)
+  return [np.sort(train).astype(np.int64) for train, _ in kfold.split(np.arange(n_train))]
 
 
 # ---------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import numpy as np
 from PIL import Image
 import pytest
 from scipy import ndimage
-from sklearn.model_selection import KFold
 import tensorflow_datasets as tfds
 
 import jax_gad.data as data
@@ -183,34 +182,6 @@ def test_mvtec_builder_metadata():
   assert [c.name for c in mvtec_ad.MvtecAd.BUILDER_CONFIGS] == list(data.MVTEC_CATEGORIES)
   assert "mvtec.com" in mvtec_ad.MvtecAd.MANUAL_DOWNLOAD_INSTRUCTIONS
   assert str(mvtec_ad.MvtecAd.VERSION) in mvtec_ad.MvtecAd.RELEASE_NOTES
-
-
-# --- folds -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("n_train", [5, 7, 60, 209, 391])
-def test_folds_equal_sklearn_kfold(n_train):
-  names = sorted(f"{i:03d}.png" for i in range(n_train))
-  ref = KFold(n_splits=5, shuffle=True, random_state=0)
-  ours = data.folds(n_train)
-  assert len(ours) == 5
-  for fold, (train, test) in zip(ours, ref.split(names)):
-    assert fold.dtype == np.int64
-    assert np.array_equal(fold, np.sort(fold))
-    assert set(fold.tolist()) == set(train.tolist())
-    assert not set(fold.tolist()) & set(test.tolist())
-
-
-def test_folds_other_settings_and_errors():
-  ref = KFold(n_splits=3, shuffle=True, random_state=4).split(np.arange(10))
-  for fold, (train, _) in zip(data.folds(10, n_splits=3, seed=4), ref):
-    assert np.array_equal(fold, np.sort(train))
-  with pytest.raises(ValueError, match="n_train"):
-    data.folds(0)
-  with pytest.raises(ValueError, match="at least"):
-    data.folds(4, n_splits=5)
-  with pytest.raises(ValueError, match="n_splits"):
-    data.folds(10, n_splits=1)
 
 
 # --- bad input ---------------------------------------------------------------

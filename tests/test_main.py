@@ -11,7 +11,7 @@ import pytest
 from references import independent_aurocs
 
 from jax_gad import checkpoint as ckpt
-from jax_gad import data, main
+from jax_gad import data, main, protocol
 from jax_gad.models import efficientnet
 
 ARCH = "efficientnet-lite0"
@@ -81,7 +81,7 @@ def test_results_equal_independent_computation(tmp_path, mvtec, checkpoint):
         progress=False,
       )
       pooled[split + "_labels"] = src.labels
-    for fold, idx in enumerate(data.folds(10)):
+    for fold, idx in enumerate(protocol.folds(10)):
       ref = independent_aurocs(pooled["train"], pooled["test"], pooled["test_labels"], idx)
       got = {
         (r["level"], r["distance"]): r["auroc"]

@@ -84,7 +84,7 @@ def test_main_on_folder_equals_independent_auroc(tmp_path, checkpoint):
   pooled = _pooled(raw, cfg.tfds_dir, checkpoint)
   train = [pooled["train"][l] for l in levels]
   test = [pooled["test"][l] for l in levels]
-  for fold, idx in enumerate(data.folds(10)):
+  for fold, idx in enumerate(protocol.folds(10)):
     ref = independent_aurocs(train, test, pooled["test_labels"], idx)
     ref = {(k if k == "sum" else levels[k], d): v for (k, d), v in ref.items()}
     got = {

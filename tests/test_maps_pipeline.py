@@ -10,7 +10,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from jax_gad import checkpoint as ckpt
-from jax_gad import data, gaussian, main
+from jax_gad import data, gaussian, main, protocol
 from jax_gad.data import preprocess
 from jax_gad.maps import pipeline as mp
 from jax_gad.models import efficientnet
@@ -31,7 +31,7 @@ def mvtec(tmp_path_factory):
 
 
 def test_fold_parts_cover_each_fold_once():
-  folds = data.folds(12)
+  folds = protocol.folds(12)
   part, per_fold = mp.fold_parts(12, folds)
   for idx, parts in zip(folds, per_fold):
     assert sorted(np.flatnonzero(np.isin(part, parts)).tolist()) == sorted(idx.tolist())
@@ -91,7 +91,7 @@ def test_main_maps_equal_independent_computation(tmp_path, mvtec, checkpoint):
   masks = [test[i]["mask"] > 0 for i in range(len(test))]
   with np.load(work / "maps_bottle.npz") as saved:
     for fold in (0, 3):
-      idx = data.folds(len(splits["train"]))[fold]
+      idx = protocol.folds(len(splits["train"]))[fold]
       total = 0.0
       for tr, te in zip(levels["train"], levels["test"]):
         _, h, w, _ = tr.shape

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from references import independent_aurocs
+from sklearn.model_selection import KFold
 
 from jax_gad import protocol
 
@@ -116,3 +117,31 @@ def test_other_densities_score_nll_with_keys_per_fold_and_level():
       density="flow",
       density_config=bad,
     )
+
+
+# --- folds -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_train", [5, 7, 60, 209, 391])
+def test_folds_equal_sklearn_kfold(n_train):
+  names = sorted(f"{i:03d}.png" for i in range(n_train))
+  ref = KFold(n_splits=5, shuffle=True, random_state=0)
+  ours = protocol.folds(n_train)
+  assert len(ours) == 5
+  for fold, (train, test) in zip(ours, ref.split(names)):
+    assert fold.dtype == np.int64
+    assert np.array_equal(fold, np.sort(fold))
+    assert set(fold.tolist()) == set(train.tolist())
+    assert not set(fold.tolist()) & set(test.tolist())
+
+
+def test_folds_other_settings_and_errors():
+  ref = KFold(n_splits=3, shuffle=True, random_state=4).split(np.arange(10))
+  for fold, (train, _) in zip(protocol.folds(10, n_splits=3, seed=4), ref):
+    assert np.array_equal(fold, np.sort(train))
+  with pytest.raises(ValueError, match="n_train"):
+    protocol.folds(0)
+  with pytest.raises(ValueError, match="at least"):
+    protocol.folds(4, n_splits=5)
+  with pytest.raises(ValueError, match="n_splits"):
+    protocol.folds(10, n_splits=1)

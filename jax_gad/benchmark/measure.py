@@ -700,7 +700,6 @@ def feature_difference(
     The ``feature_diff`` JSON object (see the module docstring).
   """
   from jax_gad import checkpoint, protocol  # pylint: disable=g-import-not-at-top
-  from jax_gad.data import folds as make_folds  # pylint: disable=g-import-not-at-top
   from jax_gad.data import (
     pipeline,  # pylint: disable=g-import-not-at-top
     synthetic_ad,  # pylint: disable=g-import-not-at-top
@@ -728,7 +727,7 @@ def feature_difference(
     )
     for name, dtype in DTYPES.items()
   }
-  fold_indices = make_folds(n_train, folds)
+  fold_indices = protocol.folds(n_train, folds)
   for category in categories or synthetic_ad.SYNTHETIC_CATEGORIES:
     data = synthetic_ad.generate(category, n_train=n_train, n_test=n_test)
     labels = np.asarray([e['label'] for e in data['test']])

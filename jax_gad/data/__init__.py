@@ -3,13 +3,12 @@
 Public API:
   CATEGORIES: dict dataset name -> tuple of category names ('folder': any folder name).
   load(dataset, category, split, *, data_dir=None, tfds_dir=None) -> Split
-  folds(n_train, n_splits=5, seed=0) -> list of sorted index arrays
   preprocess: resize_bilinear, normalize, prepare_image.
 """
 
 from jax_gad.data import preprocess
 from jax_gad.data.folder import IMAGE_EXTENSIONS
-from jax_gad.data.loader import CATEGORIES, DamagedDatasetError, Split, folds, load, prepare
+from jax_gad.data.loader import CATEGORIES, DamagedDatasetError, Split, load, prepare
 from jax_gad.data.mvtec_ad import (
   GRAYSCALE_CATEGORIES,
   MVTEC_CATEGORIES,
@@ -29,7 +28,6 @@ __all__ = [
   "SYNTHETIC_DEFECTS",
   "Split",
   "TEXTURES",
-  "folds",
   "load",
   "prepare",
   "preprocess",

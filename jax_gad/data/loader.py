@@ -1,4 +1,4 @@
-"""Loading prepared datasets as small sequence-like splits, and the protocol's folds."""
+"""Loading prepared datasets as small sequence-like splits."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 import shutil
 
 import numpy as np
-from sklearn.model_selection import KFold
 import tensorflow_datasets as tfds
 
 from jax_gad.data import common, folder, mvtec_ad, synthetic_ad
@@ -416,24 +415,3 @@ def load(dataset: str, category: str, split: str, *, data_dir=None, tfds_dir=Non
   _check_names(dataset, category, split)
   builder = prepare(dataset, category, data_dir=data_dir, tfds_dir=tfds_dir)
   return Split.from_builder(builder, split)
-
-
-def folds(n_train: int, n_splits: int = 5, seed: int = 0) -> list[np.ndarray]:
-  """Index arrays of the fitting part of each fold (docs/method.md, "Folds").
-
-  Exactly the train parts of ``KFold(n_splits, shuffle=True,
-  random_state=seed).split`` over ``range(n_train)``, i.e. over the sorted
-  train/good list.
-
-  Returns:
-    ``n_splits`` sorted int64 arrays.
-  """
-  for name, value, low in (("n_train", n_train, 1), ("n_splits", n_splits, 2)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-      raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-  if n_splits > n_train:
-    raise ValueError(
-      f"n_splits={n_splits} folds need at least as many training images, got n_train={n_train}"
-    )
-  kfold = KFold(n_splits=n_splits, shuffle=True, random_state=seed)
-  return [np.sort(train).astype(np.int64) for train, _ in kfold.split(np.arange(n_train))]
