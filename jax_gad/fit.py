@@ -84,7 +84,8 @@ def fit(
   Raises:
     ValueError: bad arguments or data (one line naming the culprit).
   """
-  from jax_gad import cli, data, features, protocol
+  from jax_gad import backbone as backbone_lib
+  from jax_gad import cli, data, protocol
   from jax_gad.data import pipeline
 
   target_fpr = detector_lib.check_target_fpr(target_fpr)
@@ -106,16 +107,12 @@ def fit(
       f"calibrating with {calibration_folds} folds needs at least "
       f"{max(calibration_folds, 3)}"
     )
-  backbone, meta, sha = detector_lib.load_backbone(
+  backbone, meta, sha = backbone_lib.load_backbone(
     arch, checkpoint, checkpoint_dir, dtype, depthwise
   )
   size = int(image_size or meta["resolution"])
-  extractor = features.LevelExtractor(
-    backbone.module,
-    backbone.variables,
-    image_size=size,
-    levels=levels,
-    batch_size=min(batch_size, len(train)),
+  extractor = backbone.extractor(
+    image_size=size, levels=levels, batch_size=min(batch_size, len(train))
   )
   feats = pipeline.pooled_features(
     extractor,

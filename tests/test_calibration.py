@@ -2,12 +2,12 @@
 
 import numpy as np
 
-from jax_gad import checkpoint as ckpt
+from jax_gad import backbone as backbone_lib
 from jax_gad.benchmark import calibration
 
 
 def test_tiny_calibration_table(tmp_path):
-  path = ckpt.ensure_checkpoint("efficientnet-lite0", str(tmp_path / "ckpt"))
+  path = backbone_lib.ensure_checkpoint("efficientnet-lite0", str(tmp_path / "ckpt"))
   rows = calibration.measure(
     "efficientnet-lite0",
     checkpoint=path,

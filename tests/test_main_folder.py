@@ -11,6 +11,7 @@ from PIL import Image
 import pytest
 from references import independent_aurocs
 
+from jax_gad import backbone as backbone_lib
 from jax_gad import checkpoint as ckpt
 from jax_gad import data, main, predict, protocol
 from jax_gad import fit as fit_module
@@ -23,7 +24,7 @@ CATEGORY = "gasket-A"  # not an MVTec name
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  return ckpt.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
+  return backbone_lib.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
 
 
 def _raw(root):

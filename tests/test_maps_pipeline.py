@@ -9,6 +9,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
+from jax_gad import backbone as backbone_lib
 from jax_gad import checkpoint as ckpt
 from jax_gad import data, gaussian, main, protocol
 from jax_gad.data import preprocess
@@ -22,7 +23,7 @@ LEVELS = (3, 4, 5)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  return ckpt.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
+  return backbone_lib.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from PIL import Image
 import pytest
 
 import jax_gad
-from jax_gad import checkpoint as ckpt
+from jax_gad import backbone as backbone_lib
 from jax_gad import fit as fit_module
 from jax_gad import metrics, predict
 
@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  return ckpt.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
+  return backbone_lib.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.fixture(scope="module")

@@ -38,17 +38,16 @@ def measure(
   progress=False,
 ) -> list[dict]:
   """One row per (category, target FPR); see the module docstring."""
-  from jax_gad import data, features
+  from jax_gad import backbone as backbone_lib
+  from jax_gad import data
   from jax_gad import detector as detector_lib
   from jax_gad.data import pipeline, synthetic_ad
   from jax_gad.models import efficientnet
 
-  backbone, meta, sha = detector_lib.load_backbone(arch, checkpoint, checkpoint_dir)
+  backbone, meta, sha = backbone_lib.load_backbone(arch, checkpoint, checkpoint_dir)
   side = int(image_size or meta["resolution"])
   levels = tuple(range(efficientnet.NUM_LEVELS))
-  extractor = features.LevelExtractor(
-    backbone.module, backbone.variables, image_size=side, levels=levels, batch_size=batch_size
-  )
+  extractor = backbone.extractor(image_size=side, levels=levels, batch_size=batch_size)
 
   def pooled(split):
     return pipeline.pooled_features(

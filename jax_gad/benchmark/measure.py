@@ -699,13 +699,13 @@ def feature_difference(
   Returns:
     The ``feature_diff`` JSON object (see the module docstring).
   """
-  from jax_gad import checkpoint, protocol  # pylint: disable=g-import-not-at-top
+  from jax_gad import backbone, checkpoint, protocol  # pylint: disable=g-import-not-at-top
   from jax_gad.data import (
     pipeline,  # pylint: disable=g-import-not-at-top
     synthetic_ad,  # pylint: disable=g-import-not-at-top
   )
 
-  path = checkpoint.ensure_checkpoint(arch, checkpoint_dir)
+  path = backbone.ensure_checkpoint(arch, checkpoint_dir)
   variables, meta = checkpoint.load_checkpoint(path, arch=arch)
   variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
   size = int(image_size) or int(meta['resolution'])
@@ -807,6 +807,7 @@ def bench_predict(
   """
   import tempfile
 
+  from jax_gad import backbone as backbone_lib
   from jax_gad import detector as detector_lib
   from jax_gad import predict
   from jax_gad.data import pipeline
@@ -840,7 +841,7 @@ def bench_predict(
       image_size=image_size,
       mean=tuple(spec.mean),
       std=tuple(spec.std),
-    ).replace(backbone=detector_lib.Backbone(module, variables, ''))
+    ).replace(backbone=backbone_lib.Backbone(module, variables, ''))
     out = os.path.join(tmp, 'scores.csv')
 
     def run(inputs, batch):

@@ -35,6 +35,7 @@ computed in bands of rows (docs/performance.md).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import types
@@ -745,11 +746,9 @@ def init(arch: str, rng: jax.Array, image_size: int = 32) -> dict:
   check_arch(arch)
   if not isinstance(image_size, int) or image_size < 1:
     raise ValueError(f"image_size must be a positive int; got {image_size!r}")
-  module = create(arch, depthwise="xla", split_bytes=0)
-  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   # Tracing gives the variable shapes; filling them on the host avoids
   # compiling ~300 separate initializers (tens of seconds on CPU).
-  shapes = jax.eval_shape(module.init, rng, x)
+  shapes = _traced_variables(arch, rng, image_size)
   gen = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
 
   def fill(path, leaf):
@@ -763,9 +762,36 @@ def init(arch: str, rng: jax.Array, image_size: int = 32) -> dict:
       value = gen.normal(size=shape) * 0.1
     return np.asarray(value, np.float32)
 
-  return jax.tree_util.tree_map_with_path(
-    fill, {"params": shapes["params"], "batch_stats": shapes["batch_stats"]}
-  )
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _traced_variables(arch: str, rng: jax.Array, image_size: int) -> dict:
+  """``{'params', 'batch_stats'}`` of ``jax.ShapeDtypeStruct``: the module's init, traced only."""
+  module = create(arch, depthwise="xla", split_bytes=0)
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  shapes = jax.eval_shape(module.init, rng, x)
+  return {"params": shapes["params"], "batch_stats": shapes["batch_stats"]}
+
+
+def variable_shapes(arch: str) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """The variable shapes of ``arch``'s module, keyed ``(collection, *path)`` (no classifier).
+
+  Taken from the module itself: its ``init`` traced with ``jax.eval_shape``
+  (nothing is computed; a few seconds of tracing for the largest
+  architectures, once per process). A converted checkpoint must hold
+  exactly these variables (``jax_gad.checkpoint``).
+  """
+  check_arch(arch)
+  return dict(_variable_shapes(arch))
+
+
+@functools.lru_cache(maxsize=None)
+def _variable_shapes(arch: str) -> dict[tuple[str, ...], tuple[int, ...]]:
+  tree = _traced_variables(arch, jax.random.key(0), 32)
+  return {
+    tuple(k.key for k in path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def classify(variables: Mapping[str, Any], arch: str, pooled_last_level: jax.Array) -> jax.Array:
