@@ -37,13 +37,19 @@ truncated, altered, foreign or other-version file is refused naming the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from typing import Any, NamedTuple, Sequence
 
+import flax.serialization
 import flax.struct
+import jax
 import numpy as np
+
+from jax_gad import backbone as backbone_lib
+from jax_gad import densities, files, gaussian, metrics, pca, protocol
 
 FORMAT_NAME = "jax_gad.detector"
 FORMAT_VERSION = 1
@@ -56,14 +62,6 @@ class Scores(NamedTuple):
 
   per_level: np.ndarray
   total: np.ndarray
-
-
-class Backbone(NamedTuple):
-  """A loaded backbone: Flax module, its variables and the checkpoint file it came from."""
-
-  module: Any
-  variables: Any
-  path: str
 
 
 @flax.struct.dataclass
@@ -84,7 +82,7 @@ class Detector:
     sigmas, sigma_thresholds: chi-squared thresholds, (L, len(sigmas)) per
       level; ``total_sigma_thresholds`` their mean over levels.
     info: provenance (dataset, category, data fingerprint, counts, versions).
-    backbone: the attached :class:`Backbone` (not saved; None until attached).
+    backbone: the attached ``jax_gad.backbone.Backbone`` (not saved; None until attached).
   """
 
   states: tuple
@@ -130,20 +128,13 @@ class Detector:
 
   def extractor(self, batch_size: int = 8, mesh=None):
     """A compiled ``jax_gad.features.LevelExtractor`` for this detector's backbone and levels."""
-    from jax_gad import features
-
     if self.backbone is None:
       raise ValueError(
         "this detector has no backbone attached; load it with "
         "jax_gad.load_detector(path) or attach_backbone(...)"
       )
-    return features.LevelExtractor(
-      self.backbone.module,
-      self.backbone.variables,
-      image_size=self.image_size,
-      mesh=mesh,
-      levels=self.levels,
-      batch_size=batch_size,
+    return self.backbone.extractor(
+      image_size=self.image_size, levels=self.levels, mesh=mesh, batch_size=batch_size
     )
 
   def score(
@@ -156,7 +147,7 @@ class Detector:
     """
     if isinstance(images, np.ndarray) and images.ndim == 3:
       images = [images]
-    from jax_gad.data import pipeline
+    from jax_gad.data import pipeline  # local: the data package imports TFDS (kept out of --help)
 
     source = images if _is_source(images) else _ArraySource(images)
     feats = pipeline.pooled_features(
@@ -204,23 +195,25 @@ class _ArraySource:
 
 
 def _fit_levels(features: Sequence[np.ndarray], reduction):
-  from jax_gad import gaussian, pca
+  """(states, projections): the paper's Gaussian per level, through ``densities.fit_levels``.
 
-  states, projections = [], []
-  for x in features:
-    x = np.asarray(x, np.float32)
-    projection = None
-    if reduction is not None:
-      projection = pca.reduce(pca.fit_pca(x), reduction["mode"], reduction["threshold"])
-      x = pca.project(projection, x)
-    states.append(gaussian.fit_gaussian(x))
-    projections.append(projection)
-  return tuple(states), tuple(projections)
+  The Gaussian's fit is closed-form, so the key (``key(0)``) is unused;
+  features are fitted in float32, as they are scored.
+  """
+  model = densities.get("gaussian")
+  if reduction is not None:
+    reduction = (reduction["mode"], reduction["threshold"])
+  fits = densities.fit_levels(
+    model,
+    model.config(),
+    [np.asarray(x, np.float32) for x in features],
+    jax.random.key(0),
+    reduction=reduction,
+  )
+  return tuple(fits.states), tuple(fits.projections)
 
 
 def _score_levels(states, projections, features) -> Scores:
-  from jax_gad import gaussian, pca
-
   if len(features) != len(states):
     raise ValueError(f"expected features of {len(states)} levels, got {len(features)}")
   per_level = []
@@ -257,8 +250,6 @@ def check_target_fpr(target_fpr) -> float:
 
 def out_of_fold_scores(features: Sequence[np.ndarray], n_folds: int, reduction=None):
   """Total score of every training row from a fit on the folds that do not contain it."""
-  from jax_gad import protocol
-
   n = len(features[0])
   oof = np.full(n, np.nan)
   for fit_idx in protocol.folds(n, n_folds):
@@ -284,8 +275,6 @@ def fit_features(
   out-of-fold scores (module docstring). ``identity`` holds the backbone
   fields (arch, checkpoint_sha256, image_size, mean, std, dtype) and ``info``.
   """
-  from jax_gad import metrics
-
   target_fpr = check_target_fpr(target_fpr)
   if len(features) != len(levels):
     raise ValueError(f"expected one feature array per level ({len(levels)}), got {len(features)}")
@@ -318,45 +307,6 @@ def fit_features(
     sigma_thresholds=sigma_thresholds,
     **identity,
   )
-
-
-# ---------------------------------------------------------------------------
-# Backbone
-# ---------------------------------------------------------------------------
-
-
-def load_backbone(
-  arch: str, checkpoint=None, checkpoint_dir="checkpoints", dtype="float32", depthwise=None
-):
-  """(Backbone, checkpoint metadata, sha256) for an arch: an explicit file or the default one."""
-  import jax.numpy as jnp
-
-  from jax_gad import checkpoint as checkpoint_lib
-  from jax_gad import files
-  from jax_gad.models import efficientnet
-
-  checkpoint_dir = os.path.expanduser(os.fspath(checkpoint_dir))
-  if checkpoint:
-    checkpoint = os.path.expanduser(os.fspath(checkpoint))
-    if os.path.isdir(checkpoint):
-      raise ValueError(
-        f"--checkpoint={checkpoint} is a folder; give the converted .msgpack file, or "
-        f"--checkpoint_dir={checkpoint} to use <checkpoint_dir>/{arch}.msgpack."
-      )
-    if not os.path.isfile(checkpoint):
-      raise ValueError(
-        f"--checkpoint={checkpoint} does not exist. Convert weights with "
-        f"`python -m jax_gad.convert --arch={arch} --input=<file.pth> --output="
-        f"{checkpoint}` (README: 'Converting weights'), or leave --checkpoint out to use "
-        f"{checkpoint_dir}/{arch}.msgpack."
-      )
-    path = checkpoint
-  else:
-    path = checkpoint_lib.ensure_checkpoint(arch, checkpoint_dir)
-  variables, meta = checkpoint_lib.load_checkpoint(path, arch=arch)
-  dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-  module = efficientnet.create(arch, depthwise=depthwise, dtype=dt)
-  return Backbone(module, variables, os.path.abspath(path)), meta, files.sha256(path)
 
 
 # ---------------------------------------------------------------------------
@@ -396,10 +346,6 @@ _HEADER_FIELDS = (
 
 def save_detector(detector: Detector, path) -> None:
   """Writes ``detector`` to ``path`` atomically; the folder is created if missing."""
-  import flax.serialization
-
-  from jax_gad import files
-
   payload = flax.serialization.msgpack_serialize(_arrays(detector))
   header = {
     "format": FORMAT_NAME,
@@ -416,17 +362,11 @@ def save_detector(detector: Detector, path) -> None:
 
 
 def _sha256(data: bytes) -> str:
-  import hashlib
-
   return hashlib.sha256(data).hexdigest()
 
 
 def read_detector(path) -> Detector:
   """Reads a detector file without attaching a backbone; refuses anything not written by save."""
-  import flax.serialization
-
-  from jax_gad import gaussian, pca
-
   path = os.path.expanduser(os.fspath(path))
   if os.path.isdir(path):
     raise ValueError(f"--detector={path} is a folder; give the file written by jax_gad.fit")
@@ -500,7 +440,7 @@ def attach_backbone(
   where: str = "detector",
 ) -> Detector:
   """Loads the detector's backbone and checks it is the checkpoint the detector was fitted with."""
-  backbone, meta, sha = load_backbone(
+  backbone, meta, sha = backbone_lib.load_backbone(
     detector.arch, checkpoint, checkpoint_dir, detector.dtype, depthwise
   )
   if sha != detector.checkpoint_sha256:

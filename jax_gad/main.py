@@ -286,7 +286,8 @@ def run(cfg: Config) -> dict:
   import jax
   from tqdm import tqdm
 
-  from jax_gad import data, detector, feature_cache, features, files, protocol, report
+  from jax_gad import backbone as backbone_lib
+  from jax_gad import data, feature_cache, features, files, protocol, report
   from jax_gad.data import pipeline
   from jax_gad.models import efficientnet
 
@@ -307,7 +308,7 @@ def run(cfg: Config) -> dict:
   if not cfg.checkpoint:
     _check_folder("checkpoint_dir", cfg.checkpoint_dir)
   depthwise = None if cfg.depthwise == "auto" else cfg.depthwise
-  backbone, meta, checkpoint_sha256 = detector.load_backbone(
+  backbone, meta, checkpoint_sha256 = backbone_lib.load_backbone(
     cfg.arch, cfg.checkpoint, cfg.checkpoint_dir, cfg.dtype, depthwise
   )
   model, variables, path = backbone
@@ -337,13 +338,8 @@ def run(cfg: Config) -> dict:
       batch_size,
     )
   # Every level, whatever --levels says: one cache entry serves every level choice.
-  extractor = features.LevelExtractor(
-    model,
-    variables,
-    image_size=image_size,
-    mesh=mesh,
-    levels=range(efficientnet.NUM_LEVELS),
-    batch_size=batch_size,
+  extractor = backbone.extractor(
+    image_size=image_size, mesh=mesh, levels=range(efficientnet.NUM_LEVELS), batch_size=batch_size
   )
 
   def pooled(split, category, split_name):
@@ -406,9 +402,7 @@ def run(cfg: Config) -> dict:
         distances=cfg.distances,
         reduction=reduction,
         progress=bar.update,
-        density=cfg.density,
-        density_config=density_config,
-        seed=cfg.seed,
+        density=protocol.DensitySpec(cfg.density, density_config, cfg.seed),
       )
       if cfg.maps:
         map_outputs[c] = mp.run_category(

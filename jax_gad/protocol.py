@@ -4,9 +4,11 @@ It receives pooled level features (one ``(n_images, width)`` array per level,
 computed by :mod:`jax_gad.features`) and turns them into the numbers of the
 paper's tables (docs/method.md):
 
+0. :func:`folds` splits the sorted train/good list into the five folds.
 1. :func:`evaluate_category` fits one density per (fold, level) on the
-   fold's training features (after an optional PCA / NPCA): the paper's
-   Gaussian by default, or any model of :mod:`jax_gad.densities` (GMM, flow);
+   fold's training features (after an optional PCA / NPCA), through
+   ``densities.fit_levels``: the paper's Gaussian by default, or any model of
+   :mod:`jax_gad.densities` (GMM, flow; :class:`DensitySpec`);
    it scores the test images with every requested distance (the density's
    scorers: L2 / SED / Mahalanobis for the Gaussian, ``nll`` for the others),
    averages the per-level scores into the "sum" score (the poster's "Sum" row
@@ -21,13 +23,14 @@ Formatting and writing the tables is :mod:`jax_gad.report`'s job.
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 import warnings
 
+import jax
 import numpy as np
 from sklearn.model_selection import KFold
 
-from jax_gad import metrics, pca
+from jax_gad import densities, metrics, pca
 
 SUM = "sum"
 
@@ -160,11 +163,70 @@ def folds(n_train: int, n_splits: int = 5, seed: int = 0) -> list[np.ndarray]:
 # ---------------------------------------------------------------------------
 
 
-def _fold_key(seed: int, fold: int, level: int):
-  """The PRNG key of the density fit of (fold, level): independent of the other levels chosen."""
-  import jax
+class DensitySpec(NamedTuple):
+  """The density fitted per (fold, level), its hyper-parameters and its PRNG seed.
 
-  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), fold), level)
+  Attributes:
+    name: a name in :data:`jax_gad.densities.DENSITIES`.
+    config: its config; None for ``densities.get(name).config()``.
+    seed: (fold, level) is fitted with the key ``fold_in(fold_in(key(seed), fold), level)``
+      (``densities.fit_levels``' key per level, from one key per fold).
+  """
+
+  name: str = "gaussian"
+  config: Any = None
+  seed: int = 0
+
+
+def _model_and_config(density: DensitySpec):
+  model = densities.get(density.name)
+  config = model.config() if density.config is None else density.config
+  if not isinstance(config, model.config):
+    raise ValueError(
+      f"density_config must be a {model.config.__name__} for density {density.name!r}, got "
+      f"{type(config).__name__}."
+    )
+  return model, config
+
+
+def _degenerate(category: str, fold: int, level: int, x_train) -> list:
+  """``[Degenerate]`` (and a warning) when every training feature is constant, else ``[]``."""
+  if np.any(np.ptp(np.asarray(x_train), axis=0) > 0):
+    return []
+  note = Degenerate(
+    category,
+    fold,
+    level,
+    (
+      f"{category}, fold {fold}, level {level}: every training feature has zero "
+      "variance (constant images or only dead channels); its distances carry no "
+      "information and its AUROC is not meaningful"
+    ),
+  )
+  warnings.warn(note.message, DegenerateFeaturesWarning, stacklevel=3)
+  return [note]
+
+
+def _score_level(model, name: str, state, x_test, labels, distances, where):
+  """({distance: (n_test,) scores}, [Run], [ThresholdRow]) of one fitted (fold, level).
+
+  ``where`` is ``(category, fold, level, dim)``; ``dim`` is the width the state was fitted on.
+  """
+  category, fold, level, dim = where
+  scores, runs, rows = {}, [], []
+  for d in distances:
+    s = np.asarray(model.scorers[d](state, x_test), dtype=np.float64)
+    if not np.all(np.isfinite(s)):
+      raise ValueError(
+        f"the {name} {d} scores of {int(np.sum(~np.isfinite(s)))} test image(s) are not finite"
+      )
+    scores[d] = s
+    runs.append(Run(category, fold, level, d, metrics.auroc(s, labels)))
+    if d == "mahalanobis":
+      tpr, fpr = metrics.tpr_fpr_at_sigmas(s, labels, dim, metrics.SIGMAS)
+      for sigma, t, f in zip(metrics.SIGMAS, tpr, fpr):
+        rows.append(ThresholdRow(category, fold, level, dim, sigma, float(t), float(f)))
+  return scores, runs, rows
 
 
 def evaluate_category(
@@ -177,10 +239,8 @@ def evaluate_category(
   levels: Sequence[int],
   distances: Sequence[str],
   reduction: Reduction | None = None,
+  density: DensitySpec = DensitySpec(),
   progress=None,
-  density: str = "gaussian",
-  density_config=None,
-  seed: int = 0,
 ) -> CategoryResult:
   """Fits the density per (fold, level) and scores the whole test split.
 
@@ -192,28 +252,17 @@ def evaluate_category(
     test_labels: (n_test,) 0 = good, 1 = defect.
     fold_indices: per fold, the indices into the train list it fits on.
     levels: the level index of each entry of ``train_features`` (used in the
-      run records; the features are already selected).
-    distances: names of the density's scorers (``densities.get(density).scorers``;
+      run records and the PRNG keys; the features are already selected).
+    distances: names of the density's scorers (``densities.get(name).scorers``;
       for the Gaussian, :data:`jax_gad.gaussian.DISTANCES`).
     reduction: optional PCA / NPCA applied per (fold, level) before the fit.
+    density: which density, its config and seed (:class:`DensitySpec`).
     progress: optional callable invoked once per finished (fold, level).
-    density: a name in :data:`jax_gad.densities.DENSITIES`.
-    density_config: its config (default: ``densities.get(density).config()``).
-    seed: PRNG seed; (fold, level) is fitted with the key
-      ``fold_in(fold_in(key(seed), fold), level)``.
 
   Returns:
     A :class:`CategoryResult`.
   """
-  from jax_gad import densities
-
-  model = densities.get(density)
-  config = model.config() if density_config is None else density_config
-  if not isinstance(config, model.config):
-    raise ValueError(
-      f"density_config must be a {model.config.__name__} for density {density!r}, got "
-      f"{type(config).__name__}."
-    )
+  model, config = _model_and_config(density)
   if len(train_features) != len(levels) or len(test_features) != len(levels):
     raise ValueError(
       f"expected one feature array per level ({len(levels)} levels), got "
@@ -222,75 +271,46 @@ def evaluate_category(
   unknown = [d for d in distances if d not in model.scorers]
   if unknown:
     raise ValueError(
-      f"unknown distance(s) {unknown} for density {density!r}; valid: {sorted(model.scorers)}."
+      f"unknown distance(s) {unknown} for density {density.name!r}; valid: {sorted(model.scorers)}."
     )
   labels = np.asarray(test_labels).astype(np.int64)
-
+  levels = [int(level) for level in levels]
   runs, fold_scores, threshold_rows, degenerate, fits = [], [], [], [], []
   for fold, idx in enumerate(fold_indices):
+    fitted = densities.fit_levels(
+      model,
+      config,
+      [np.asarray(x)[np.asarray(idx)] for x in train_features],
+      jax.random.fold_in(jax.random.key(density.seed), fold),
+      levels,
+      reduction=reduction,
+      where=f"{category}, fold {fold}",
+    )
     per_level = {d: [] for d in distances}
-    xs_train, xs_test, states = [], [], []
-    for level, x_train_all, x_test in zip(levels, train_features, test_features):
-      try:
-        x_train = np.asarray(x_train_all)[np.asarray(idx)]
-        x_test = np.asarray(x_test)
-        if reduction is not None:
-          projection = pca.reduce(pca.fit_pca(x_train), reduction.mode, reduction.threshold)
-          x_train = pca.project(projection, x_train)
-          x_test = pca.project(projection, x_test)
-        if model.fit_many is None:
-          states.append(model.fit(config, x_train, _fold_key(seed, fold, int(level))))
-      except ValueError as err:  # say where: NaN features, say, come from one level
-        raise ValueError(f"{category}, fold {fold}, level {level}: {err}") from err
-      xs_train.append(x_train)
-      xs_test.append(x_test)
-    if model.fit_many is not None:  # the model fits the levels together (and names them)
-      keys = [_fold_key(seed, fold, int(level)) for level in levels]
-      try:
-        states = model.fit_many(config, xs_train, keys, [str(level) for level in levels])
-      except ValueError as err:
-        raise ValueError(f"{category}, fold {fold}: {err}") from err
-    for level, x_train, x_test, state in zip(levels, xs_train, xs_test, states):
+    for level, x_train, x_test, state, projection in zip(
+      levels, fitted.xs, test_features, fitted.states, fitted.projections
+    ):
       if model.describe is not None:
-        fits.append(Fit(category, fold, int(level), model.describe(state)))
+        fits.append(Fit(category, fold, level, model.describe(state)))
+      degenerate += _degenerate(category, fold, level, x_train)
       try:
-        if not np.any(np.ptp(np.asarray(x_train), axis=0) > 0):
-          note = Degenerate(
-            category,
-            fold,
-            int(level),
-            (
-              f"{category}, fold {fold}, level {level}: every training feature has zero "
-              "variance (constant images or only dead channels); its distances carry no "
-              "information and its AUROC is not meaningful"
-            ),
-          )
-          warnings.warn(note.message, DegenerateFeaturesWarning, stacklevel=2)
-          degenerate.append(note)
-        for d in distances:
-          scores = np.asarray(model.scorers[d](state, x_test), dtype=np.float64)
-          if not np.all(np.isfinite(scores)):
-            raise ValueError(
-              f"the {density} {d} scores of {int(np.sum(~np.isfinite(scores)))} test image(s) "
-              "are not finite"
-            )
-          per_level[d].append(scores)
-          runs.append(Run(category, fold, int(level), d, metrics.auroc(scores, labels)))
-          if d == "mahalanobis":
-            dim = int(np.shape(x_train)[1])
-            tpr, fpr = metrics.tpr_fpr_at_sigmas(scores, labels, dim, metrics.SIGMAS)
-            for s, t, f in zip(metrics.SIGMAS, tpr, fpr):
-              threshold_rows.append(
-                ThresholdRow(category, fold, int(level), dim, s, float(t), float(f))
-              )
+        x_test = np.asarray(x_test)
+        if projection is not None:
+          x_test = pca.project(projection, x_test)
+        where = (category, fold, level, int(np.shape(x_train)[1]))
+        scores, level_runs, rows = _score_level(
+          model, density.name, state, x_test, labels, distances, where
+        )
       except ValueError as err:  # say where: NaN features, say, come from one level
         raise ValueError(f"{category}, fold {fold}, level {level}: {err}") from err
+      for d in distances:
+        per_level[d].append(scores[d])
+      runs += level_runs
+      threshold_rows += rows
       if progress is not None:
         progress()
-    sums = {}
-    for d in distances:
-      sums[d] = np.mean(np.stack(per_level[d]), axis=0)
-      runs.append(Run(category, fold, SUM, d, metrics.auroc(sums[d], labels)))
+    sums = {d: np.mean(np.stack(per_level[d]), axis=0) for d in distances}
+    runs += [Run(category, fold, SUM, d, metrics.auroc(sums[d], labels)) for d in distances]
     fold_scores.append(sums)
   return CategoryResult(runs, fold_scores, labels, threshold_rows, degenerate, fits)
 

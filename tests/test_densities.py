@@ -14,7 +14,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import roc_auc_score
 from sklearn.mixture import GaussianMixture
 
-from jax_gad import densities
+from jax_gad import densities, pca
 from jax_gad import gaussian as core
 from jax_gad.densities import flow, gmm
 
@@ -322,8 +322,8 @@ def test_flow_non_finite_loss_names_epoch_and_level():
   x = np.asarray(make_moons(100, noise=0.1, random_state=2)[0], np.float32)
   config = flow.FlowConfig(n_layers=2, hidden=8, epochs=5, batch_size=16, learning_rate=1e30)
   model = densities.get('flow')
-  with pytest.raises(ValueError, match=r'non-finite .* at epoch \d+ of level head'):
-    densities.fit_levels(model, config, [x, x[:, :1]], jax.random.key(0), names=['head', 'x'])
+  with pytest.raises(ValueError, match=r'non-finite .* at epoch \d+ of level 7'):
+    densities.fit_levels(model, config, [x, x[:, :1]], jax.random.key(0), levels=[7, 3])
 
 
 @pytest.mark.parametrize(
@@ -332,3 +332,34 @@ def test_flow_non_finite_loss_names_epoch_and_level():
 def test_flow_config_rejects_bad_values(field, value):
   with pytest.raises(ValueError, match=f'FlowConfig.{field}'):
     flow.FlowConfig(**{field: value})
+
+
+def test_fit_levels_reduces_then_fits_each_level_with_its_own_key():
+  model = densities.get('gmm')
+  config = gmm.GMMConfig(n_components=3, max_iter=5, kmeans_iter=1)
+  rng = np.random.default_rng(0)
+  xs = [rng.normal(size=(60, w)).astype(np.float32) for w in (4, 6)]
+  key = jax.random.key(3)
+  fits = densities.fit_levels(model, config, xs, key, levels=[5, 2], reduction=('pca', 0.9))
+  for x, level, state, projection, rows in zip(xs, [5, 2], *fits[:2], fits.xs):
+    ref_projection = pca.reduce(pca.fit_pca(x), 'pca', 0.9)
+    np.testing.assert_array_equal(projection.components, ref_projection.components)
+    np.testing.assert_array_equal(rows, pca.project(ref_projection, x))
+    ref = model.fit(config, rows, jax.random.fold_in(key, level))
+    np.testing.assert_array_equal(model.score(state, rows), model.score(ref, rows))
+    # The key is the level's own: level 5 is not fitted with the key of position 0.
+    other = model.fit(config, rows, jax.random.fold_in(key, level + 1))
+    assert not np.array_equal(model.score(state, rows), model.score(other, rows))
+  # Default levels are the positions; without a reduction the rows are fitted as given.
+  plain = densities.fit_levels(model, config, xs, key)
+  assert plain.projections == [None, None] and plain.xs[1] is xs[1]
+  ref = model.fit(config, xs[1], jax.random.fold_in(key, 1))
+  np.testing.assert_array_equal(model.score(plain.states[1], xs[1]), model.score(ref, xs[1]))
+  bad = [xs[0], np.full((60, 6), np.nan, np.float32)]
+  with pytest.raises(ValueError, match=r'^cat, fold 2, level 2: .*NaN'):
+    densities.fit_levels(model, config, bad, key, levels=[5, 2], where='cat, fold 2')
+  with pytest.raises(ValueError, match=r'^level 1: .*NaN'):
+    densities.fit_levels(model, config, bad, key)
+  with pytest.raises(ValueError, match=r'levels must have one entry per level \(2\), got 1'):
+    densities.fit_levels(model, config, xs, key, levels=[1])
+  assert densities.level_keys(key, [5, 2])[0] == jax.random.fold_in(key, 5)

@@ -70,9 +70,7 @@ def test_other_densities_score_nll_with_keys_per_fold_and_level():
     folds,
     levels=levels,
     distances=["nll"],
-    density="gmm",
-    density_config=config,
-    seed=seed,
+    density=protocol.DensitySpec("gmm", config, seed),
   )
   res = run([0, 1, 2], 0)
   assert len(res.runs) == 2 * (3 + 1) and {r.distance for r in res.runs} == {"nll"}
@@ -90,7 +88,14 @@ def test_other_densities_score_nll_with_keys_per_fold_and_level():
   assert again.runs == res.runs
   with pytest.raises(ValueError, match="unknown distance.*'mahalanobis'.*'gmm'"):
     protocol.evaluate_category(
-      "toy", train, test, labels, folds, levels=[0, 1, 2], distances=["mahalanobis"], density="gmm"
+      "toy",
+      train,
+      test,
+      labels,
+      folds,
+      levels=[0, 1, 2],
+      distances=["mahalanobis"],
+      density=protocol.DensitySpec("gmm"),
     )
   with pytest.raises(ValueError, match="must be a FlowConfig"):
     protocol.evaluate_category(
@@ -101,8 +106,7 @@ def test_other_densities_score_nll_with_keys_per_fold_and_level():
       folds,
       levels=[0, 1, 2],
       distances=["nll"],
-      density="flow",
-      density_config=config,
+      density=protocol.DensitySpec("flow", config),
     )
   bad = flow.FlowConfig(epochs=2, learning_rate=1e30, hidden=8, n_layers=2, vmap_levels=True)
   with pytest.raises(ValueError, match=r"toy, fold 0: flow .* at epoch 1 of level \d"):
@@ -114,8 +118,7 @@ def test_other_densities_score_nll_with_keys_per_fold_and_level():
       folds,
       levels=[0, 1, 2],
       distances=["nll"],
-      density="flow",
-      density_config=bad,
+      density=protocol.DensitySpec("flow", bad),
     )
 
 

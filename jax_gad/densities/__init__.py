@@ -15,7 +15,9 @@ explicit, frozen hyper-parameter config and a fitted state (a pytree):
   and SED distances); ``score`` is ``scorers[default_scorer]``.
 * ``fit_many(config, xs, keys, names)`` (optional) fits several levels at
   once, e.g. the flow's levels in one ``vmap``-ed program; without it,
-  :func:`fit_levels` loops over ``fit``.
+  :func:`fit_levels` loops over ``fit``. :func:`fit_levels` is the one
+  per-level fit (optional PCA / NPCA, one key per level) that the protocol,
+  the detector and the benchmarks call.
 * ``streaming`` (optional) is the mergeable-statistics route for models whose
   fit is a function of sufficient statistics (the Gaussian: moments from
   batches, across batches, across devices with ``psum``, then ``finalize``).
@@ -42,6 +44,9 @@ import importlib
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
+
+from jax_gad import gaussian as core  # as core: densities.gaussian is the adapter submodule
+from jax_gad import pca
 
 Array = jax.Array
 
@@ -137,34 +142,82 @@ def get(name: str) -> Density:
   return DENSITIES[name]
 
 
-def level_keys(key, count: int) -> list:
-  """``count`` independent keys ``fold_in(key, i)``, one per level."""
-  return [jax.random.fold_in(key, i) for i in range(count)]
+def level_keys(key, levels: Sequence[int]) -> list:
+  """The key of each level: ``fold_in(key, level)``, so that a level's key does not depend on
+  which other levels are fitted (the one key scheme of every per-level fit)."""
+  return [jax.random.fold_in(key, int(level)) for level in levels]
 
 
-def fit_levels(density: Density, config, xs: Sequence, key, names: Sequence[str] | None = None):
-  """Fits one state per level (``xs[i]`` holds level i's rows).
+class LevelFits(NamedTuple):
+  """What :func:`fit_levels` returns, one entry per level.
 
-  Level i is fitted with the key ``fold_in(key, i)``; with ``fit_many`` the
-  model may fit the levels together (the flow's vmap), otherwise this loops
-  over ``fit``. ``names`` label levels in error messages.
+  Attributes:
+    states: the fitted states.
+    projections: the ``jax_gad.pca.Projection`` each level's rows went through, or None.
+    xs: the rows each state was fitted on (projected when reduced).
+  """
+
+  states: list
+  projections: list
+  xs: list
+
+
+def _project(x, reduction):
+  """(rows, projection): ``x`` through the PCA / NPCA ``reduction`` fitted on it, if any."""
+  if reduction is None:
+    return x, None
+  mode, threshold = reduction
+  projection = pca.reduce(pca.fit_pca(x), mode, threshold)
+  return pca.project(projection, x), projection
+
+
+def fit_levels(
+  density: Density, config, xs: Sequence, key, levels=None, *, reduction=None, where: str = ''
+) -> LevelFits:
+  """Fits one state per level: the per-level fit of the protocol, the detector and the benchmarks.
+
+  Level ``levels[i]`` (default ``i``) is fitted on the rows ``xs[i]``, after the
+  optional PCA / NPCA ``reduction`` (a ``(mode, threshold)`` pair such as
+  ``jax_gad.protocol.Reduction``) fitted on those same rows, with the key
+  :func:`level_keys` gives it, ``fold_in(key, levels[i])``. With ``fit_many``
+  the model may fit the levels together (the flow's vmap), otherwise this
+  loops over ``fit``.
+
+  Args:
+    density: the model.
+    config: its config.
+    xs: per level, the (n, D_l) training rows.
+    key: a ``jax.random`` key (e.g. one per fold).
+    levels: the level index of each entry of ``xs`` (ints); they label errors too.
+    reduction: None, or ``(mode, threshold)`` for ``jax_gad.pca.reduce``.
+    where: what the fit is of, for errors: ``'<where>, level <l>: <error>'``.
 
   Returns:
-    list of states, one per level.
+    :class:`LevelFits`.
   """
-  names = [str(i) for i in range(len(xs))] if names is None else [str(n) for n in names]
-  if len(names) != len(xs):
-    raise ValueError(f'names must have one entry per level ({len(xs)}), got {len(names)}.')
-  keys = level_keys(key, len(xs))
-  if density.fit_many is not None:
-    return density.fit_many(config, list(xs), keys, names)
-  states = []
-  for x, k, name in zip(xs, keys, names):
+  levels = list(range(len(xs))) if levels is None else [int(level) for level in levels]
+  if len(levels) != len(xs):
+    raise ValueError(f'levels must have one entry per level ({len(xs)}), got {len(levels)}.')
+  prefix = f'{where}, ' if where else ''
+  keys = level_keys(key, levels)
+  states, projections, rows = [], [], []
+  for level, x, k in zip(levels, xs, keys):
     try:
-      states.append(density.fit(config, x, k))
+      x, projection = _project(x, reduction)
+      if density.fit_many is None:
+        states.append(density.fit(config, x, k))
+    except ValueError as err:  # say where: NaN features, say, come from one level
+      raise ValueError(f'{prefix}level {level}: {err}') from err
+    projections.append(projection)
+    rows.append(x)
+  if density.fit_many is not None:  # the model fits the levels together (and names them)
+    try:
+      states = density.fit_many(config, rows, keys, [str(level) for level in levels])
     except ValueError as err:
-      raise ValueError(f'level {name}: {err}') from err
-  return states
+      if not where:
+        raise
+      raise ValueError(f'{where}: {err}') from err
+  return LevelFits(states, projections, rows)
 
 
 def fit_batches(density: Density, config, batches) -> Any:
@@ -181,13 +234,11 @@ def fit_batches(density: Density, config, batches) -> Any:
   """
   if density.streaming is None:
     raise ValueError(f'density {density.name!r} has no streaming fit; call its fit() on rows.')
-  from jax_gad import gaussian  # local: only for validating the first batch
-
   stream = density.streaming
   stats = None
   for i, batch in enumerate(batches):
     if stats is None:
-      batch = gaussian.check_features(batch, f'batches[{i}]', min_samples=1)
+      batch = core.check_features(batch, f'batches[{i}]', min_samples=1)
       stats = stream.init(config, batch.shape[1], batch.dtype)
     stats = stream.accumulate(config, stats, batch)
   if stats is None:
@@ -210,4 +261,5 @@ __all__ = [
   'fit_levels',
   'fit_batches',
   'level_keys',
+  'LevelFits',
 ]
