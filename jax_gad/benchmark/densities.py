@@ -161,7 +161,7 @@ def bench_density_fits(
         )
     if vmap and 'flow' in names:
       vcfg = dataclasses.replace(fcfg, vmap_levels=True)
-      keys = densities.level_keys(key, len(xs))
+      keys = densities.level_keys(key, range(len(xs)))
       labels = [str(d) for d in widths]
       first, best = _time(
         lambda: [s.params for s in flow.fit_many(vcfg, xs, keys, labels)], repeats
