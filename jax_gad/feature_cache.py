@@ -128,7 +128,7 @@ class FeatureCache:
         )
       if files.arrays_sha256(arrays) != manifest['checksum']:
         raise ValueError('checksum mismatch')
-    except Exception as err:  # pylint: disable=broad-except
+    except Exception as err:  # any failure to read the entry means: recompute it
       warnings.warn(
         f'feature cache entry {arrays_path} is corrupt ({err}); recomputing',
         CacheWarning,

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -379,8 +380,6 @@ class LevelExtractor:
 
     bar = None
     if progress and jax.process_index() == 0:
-      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
       bar = tqdm(total=n_images, desc=desc, unit='img')
     try:
       pending = None

@@ -176,60 +176,125 @@ def test_one_indentation_width_and_the_linter_passes():
   assert proc.returncode == 0, proc.stdout[-3000:]
 
 
-# The Layout table of the README: which jax_gad modules each module may import.
-_MAY_IMPORT = {
-  "gaussian": set(),
-  "metrics": set(),
-  "files": set(),
-  "pca": {"gaussian"},
-  "densities": {"gaussian", "densities"},
-  "protocol": {"gaussian", "pca", "metrics", "densities"},
-  "report": {"protocol", "metrics", "files"},
-  "models": set(),
-  "torch_pickle": set(),
-  "convert": {"models", "torch_pickle", "files", "checkpoint", "cli"},
-  "checkpoint": {"models", "files", "convert"},
-  "features": set(),
-  "feature_cache": {"files"},
-  "data": {"data"},
-  "detector": {"gaussian", "pca", "metrics", "features", "checkpoint", "files", "models", "data"},
-  "maps": {"maps", "gaussian", "metrics", "files", "features", "data", "models", "report"},
-}
+# The layering table: docs/architecture.md, "Layers".
+_ARCHITECTURE = os.path.join(REPO, "docs", "architecture.md")
+
+
+def _layers(path=_ARCHITECTURE):
+  """[(module, {modules it may import})] in the order of the table's rows, bottom layer first."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  section = re.search(r"^## Layers\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+  assert section, f"{path} has no '## Layers' section"
+  rows = []
+  for line in section.group(1).splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) != 2 or not cells[0].startswith("`"):
+      continue  # prose, the header row, the --- row
+    allowed = set(re.findall(r"`(\w+)`", cells[1]))
+    assert allowed or cells[1] == "—", f"unreadable row: {line}"
+    rows.append((cells[0].strip("`"), allowed))
+  assert rows, f"{path}: the Layers section holds no table"
+  return rows
+
+
+def _unit(name: str) -> str | None:
+  """The table's name for ``jax_gad.<name>``: a module or package, else None (an attribute)."""
+  top = os.path.join(REPO, "jax_gad", name)
+  return name if os.path.isfile(top + ".py") or os.path.isdir(top) else None
 
 
 def _jax_gad_imports(path):
+  """The table names a file imports: every import statement (function-local ones too),
+  ``import_module('jax_gad....')`` with a literal name, and ``jax_gad`` for the package itself."""
   import ast
 
   with open(path, encoding="utf-8") as f:
     tree = ast.parse(f.read())
   out = set()
+
+  def add(module, names=()):
+    parts = module.split(".")
+    if parts[0] != "jax_gad":
+      return
+    if len(parts) > 1:
+      out.add(parts[1])
+    elif not names:
+      out.add("jax_gad")
+    else:  # from jax_gad import x, y: modules, or attributes of the package
+      out.update(_unit(n) or "jax_gad" for n in names)
+
   for node in ast.walk(tree):
-    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jax_gad"):
-      parts = node.module.split(".")
-      if len(parts) == 1:  # from jax_gad import x, y
-        out |= {alias.name for alias in node.names}
-      else:
-        out.add(parts[1])
+    if isinstance(node, ast.ImportFrom):
+      assert node.level == 0, f"{path}: relative import"
+      add(node.module or "", [alias.name for alias in node.names])
     elif isinstance(node, ast.Import):
       for alias in node.names:
-        parts = alias.name.split(".")
-        if parts[0] == "jax_gad" and len(parts) > 1:
-          out.add(parts[1])
-  return out - {"__version__"}
+        add(alias.name)
+    elif (
+      isinstance(node, ast.Call)
+      and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+      and node.args
+      and isinstance(node.args[0], ast.Constant)
+    ):
+      add(node.args[0].value)
+  return out
+
+
+def _modules():
+  """{table name: [files]} of every .py file of the package, __init__.py files included."""
+  out = {}
+  for root, _, names in os.walk(os.path.join(REPO, "jax_gad")):
+    for name in names:
+      if name.endswith(".py"):
+        rel = os.path.relpath(os.path.join(root, name), os.path.join(REPO, "jax_gad"))
+        rel = rel.replace(os.sep, "/")
+        unit = "jax_gad" if rel == "__init__.py" else rel.split("/")[0].removesuffix(".py")
+        out.setdefault(unit, []).append(rel)
+  return out
+
+
+def test_layer_table_is_ordered_and_names_every_module():
+  rows = _layers()
+  names = [name for name, _ in rows]
+  assert len(names) == len(set(names)), f"a module has two rows: {names}"
+  # Each row may import only modules of the rows above it: no upward arrow, hence no circle.
+  for i, (name, allowed) in enumerate(rows):
+    upward = allowed - set(names[:i])
+    assert not upward, f"docs/architecture.md, Layers: {name} may import {sorted(upward)} above it"
+  assert set(names) == set(_modules()), set(names) ^ set(_modules())
 
 
 def test_modules_import_only_the_layers_below_them():
+  allowed = dict(_layers())
   bad = []
-  for root, _, names in os.walk(os.path.join(REPO, "jax_gad")):
-    for name in names:
-      if not name.endswith(".py"):
-        continue
-      path = os.path.join(root, name)
-      rel = os.path.relpath(path, os.path.join(REPO, "jax_gad")).replace(os.sep, "/")
-      top = rel.split("/")[0].removesuffix(".py")
-      if top not in _MAY_IMPORT:
-        continue  # entry points (main, cli, benchmark, ...) may import everything
-      extra = _jax_gad_imports(path) - _MAY_IMPORT[top] - {top}
+  for unit, files in sorted(_modules().items()):
+    for rel in files:
+      extra = _jax_gad_imports(os.path.join(REPO, "jax_gad", rel)) - allowed.get(unit, set())
+      extra.discard(unit)  # a package's own modules
       if extra:
-        bad.append(f"jax_gad/{rel} imports {sorted(extra)}")
+        bad.append(f"jax_gad/{rel} imports {sorted(extra)}, not in its row of the Layers table")
   assert not bad, "\n".join(bad)
+
+
+def test_layer_checks_fail_on_an_upward_import_and_a_circle(tmp_path):
+  table = tmp_path / "architecture.md"
+  table.write_text(
+    "# x\n\n## Layers\n\n| Module | May import |\n| --- | --- |\n"
+    "| `gaussian` | — |\n| `pca` | `gaussian`, `protocol` |\n| `protocol` | `pca` |\n"
+    "\n## Next\n\n| `files` | — |\n"
+  )
+  rows = _layers(str(table))
+  assert rows == [("gaussian", set()), ("pca", {"gaussian", "protocol"}), ("protocol", {"pca"})]
+  names = [name for name, _ in rows]
+  upward = [n for i, (n, allowed) in enumerate(rows) if allowed - set(names[:i])]
+  assert upward == ["pca"]  # pca -> protocol -> pca is a circle, caught as pca's upward arrow
+  # Function-local imports, `from jax_gad import <module>`, attributes of the package, and
+  # import_module with a literal name are all read.
+  src = tmp_path / "m.py"
+  src.write_text(
+    "import importlib\nfrom jax_gad import gaussian, __version__\n"
+    "def f():\n  from jax_gad.densities import gmm\n"
+    "  import jax_gad.metrics\n  return importlib.import_module('jax_gad.report')\n"
+  )
+  assert _jax_gad_imports(str(src)) == {"gaussian", "jax_gad", "densities", "metrics", "report"}
