@@ -427,7 +427,7 @@ class MapExtractor(LevelExtractor):
 
   Calling it on a global batch returns one ``(batch_size, h_l, w_l, C_l)``
   array per level, left sharded over the batch axis on the devices, where
-  :func:`jax_gad.maps.pipeline.fit_folds` adds them to per-location statistics.
+  :func:`jax_gad.maps.pipeline.stream_parts` adds them to per-location statistics.
   """
 
   def __init__(

@@ -4,7 +4,7 @@ The path of an image, as for the pooled features: a worker thread decodes and
 resizes it (:func:`jax_gad.data.pipeline.prefetch_batches`);
 :class:`jax_gad.features.MapExtractor` runs the backbone on a global batch
 (sharded over the devices) and returns the chosen levels' unpooled maps on the
-device, where :func:`fit_folds` adds them to per-location statistics at once
+device, where :func:`stream_parts` adds them to per-location statistics at once
 (:mod:`jax_gad.maps.fit`). The maps are never cached or stacked: memory is the
 statistics plus one batch, whatever the number of training images.
 :func:`score_folds` turns each test batch into one combined, blurred map per
@@ -116,35 +116,31 @@ def fold_parts(n_train: int, fold_indices: Sequence[np.ndarray]) -> tuple[np.nda
   return part, per_fold
 
 
-def fit_folds(
+def stream_parts(
   extractor: features.MapExtractor,
   source,
-  fold_indices: Sequence[np.ndarray],
+  part: np.ndarray,
   *,
   preprocess,
-  settings: MapSettings,
   num_workers: int = 2,
   progress=None,
-) -> list[list[mfit.MapState]]:
-  """Streams the training images once and fits per-location Gaussians for every fold.
+) -> list[list]:
+  """Streams the training images once into per-location statistics of each part.
 
   Args:
     extractor: a :class:`~jax_gad.features.MapExtractor`.
     source: the training split (sequence of ``{'image': uint8}``).
-    fold_indices: per fold, the training indices it fits on.
+    part: per training image, its part (:func:`fold_parts`; -1: used by no fold).
     preprocess: ``f(image) -> float32 (S, S, 3)``.
-    settings: :class:`MapSettings`.
     num_workers: decoding threads.
-    progress: optional callable(n_images) after each batch.
+    progress: optional callable(n_images) once a batch's statistics are computed.
 
   Returns:
-    ``states[fold][level_position]``: a :class:`~jax_gad.maps.fit.MapState`.
+    ``stats[part][level_position]``: streaming statistics (:func:`jax_gad.maps.fit.accumulate`).
   """
   n = len(source)
-  part, per_fold = fold_parts(n, fold_indices)
   shapes = extractor.map_shapes()
-  n_parts = int(part.max()) + 1
-  stats = [[None] * len(shapes) for _ in range(n_parts)]
+  stats = [[None] * len(shapes) for _ in range(int(part.max()) + 1)]
   batch = extractor.batch_size
   batches = _batches(extractor, source, preprocess, num_workers)
   pending = None  # (images, statistics) of the previous batch, counted once computed
@@ -168,15 +164,33 @@ def fit_folds(
     _count(pending, progress)
   finally:
     batches.close()
+  return stats
+
+
+def finalize_folds(
+  stats: Sequence[Sequence], per_fold: Sequence[Sequence[int]], settings: MapSettings, progress=None
+) -> list[list[mfit.MapState]]:
+  """Per fold, the merge of its parts' statistics, finalized into per-location Gaussians.
+
+  Args:
+    stats: from :func:`stream_parts`.
+    per_fold: per fold, the parts it fits on (:func:`fold_parts`).
+    settings: :class:`MapSettings` (shrinkage, ridge).
+    progress: optional callable(1) once a fold's Gaussians are computed.
+
+  Returns:
+    ``states[fold][level_position]``: a :class:`~jax_gad.maps.fit.MapState`.
+  """
   states = []
   for parts in per_fold:
     fold_states = []
-    for i in range(len(shapes)):
+    for i in range(len(stats[parts[0]])):
       total = None
       for p in parts:
         total = stats[p][i] if total is None else mfit.merge(total, stats[p][i])
       fold_states.append(mfit.finalize(total, settings.shrinkage, settings.ridge))
     states.append(fold_states)
+    _count((1, fold_states), progress)
   return states
 
 
@@ -336,11 +350,11 @@ class CategoryMaps(NamedTuple):
   has_masks: bool
 
 
-def _progress_bar(total: int, desc: str):
-  """A tqdm bar of images on process 0; elsewhere a context holding None."""
+def _progress_bar(total: int, desc: str, unit: str):
+  """A tqdm bar on process 0; elsewhere a context holding None."""
   if jax.process_index() != 0:
     return contextlib.nullcontext(None)
-  return tqdm(total=total, desc=desc, unit='img')
+  return tqdm(total=total, desc=desc, unit=unit)
 
 
 def run_category(
@@ -353,9 +367,9 @@ def run_category(
 ) -> CategoryMaps:
   """Per-location fits streamed over the training batches, test maps and their metrics.
 
-  Two progress bars count the images: the training pass (one pass fits every
-  fold) and the test pass (every fold scores each batch). Both start after the
-  extractor is compiled, so their rates count no compilation.
+  Progress bars count the training images streamed (one pass serves every
+  fold), the folds whose Gaussians are computed, and the test images scored
+  (every fold scores each batch). They start after the extractor is compiled.
 
   Args:
     category: name.
@@ -367,17 +381,20 @@ def run_category(
   """
   ex, settings = run.extractor, run.settings
   ex.compile()
-  with _progress_bar(len(train), f'{category}/maps fit ({len(folds)} folds)') as bar:
-    states = fit_folds(
+  part, per_fold = fold_parts(len(train), fold_indices)
+  with _progress_bar(len(train), f'{category}/maps fit ({len(folds)} folds)', 'img') as bar:
+    stats = stream_parts(
       ex,
       train,
-      fold_indices,
+      part,
       preprocess=run.preprocess,
-      settings=settings,
       num_workers=run.num_workers,
       progress=bar and bar.update,
     )
-  with _progress_bar(len(test), f'{category}/maps test') as bar:
+  with _progress_bar(len(folds), f'{category}/maps Gaussians', 'fold') as bar:
+    states = finalize_folds(stats, per_fold, settings, progress=bar and bar.update)
+  del stats
+  with _progress_bar(len(test), f'{category}/maps test', 'img') as bar:
     maps = score_folds(
       ex,
       test,
