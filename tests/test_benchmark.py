@@ -305,3 +305,19 @@ def test_density_fit_times_section():
   assert v['widths'] == [3, 5] and _positive(v['vmap_fit_s']) and _positive(v['loop_fit_s'])
   text = density_bench.format_rows(result)
   assert '| 12 | 5 | gmm |' in text and 'one vmapped program' in text
+
+
+def test_optional_comparisons_skip_or_refuse_as_asked():
+  from jax_gad.benchmark import run
+
+  assert run._skip_reason('off', 'sklearn', None) == 'disabled (--sklearn=off)'
+  assert run._skip_reason('off', 'sklearn', 'sklearn not importable') == 'disabled (--sklearn=off)'
+  assert run._skip_reason('auto', 'sklearn', 'sklearn not importable') == 'sklearn not importable'
+  assert run._skip_reason('on', 'sklearn', None) is None
+  with pytest.raises(ValueError, match='--torch_reference=on but torch not importable'):
+    run._skip_reason('on', 'torch_reference', 'torch not importable')
+  # efficientnet_pytorch has no Lite models: the reference is skipped, even when asked for.
+  setup = run._setup(benchmark.Config(arch='efficientnet-lite0', torch_reference='on'), print)
+  assert setup.torch_why == 'efficientnet_pytorch has no efficientnet-lite0'
+  setup = run._setup(benchmark.Config(arch='efficientnet-b0', torch_reference='off'), print)
+  assert setup.torch_why == 'disabled (--torch_reference=off)'
