@@ -305,6 +305,13 @@ def test_density_fit_times_section():
   assert v['widths'] == [3, 5] and _positive(v['vmap_fit_s']) and _positive(v['loop_fit_s'])
   text = density_bench.format_rows(result)
   assert '| 12 | 5 | gmm |' in text and 'one vmapped program' in text
+  assert result['settings']['widths'] == [3, 5] and result['settings']['flow_config']['epochs'] == 1
+  section = benchmark.report.format_densities({'densities': dict(result, other_cpu=None)})
+  assert (
+    section.startswith('Density fits per level width (GMM: k=2, 2 EM iterations')
+    and text in section
+  )
+  assert benchmark.report.format_densities({'densities': None}) is None
 
 
 def test_optional_comparisons_skip_or_refuse_as_asked():
