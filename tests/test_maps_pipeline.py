@@ -181,10 +181,12 @@ def test_synthetic_set_end_to_end_writes_pixel_metrics_and_overlays(tmp_path, ch
   assert "AUPRO" in (tmp_path / "work" / "maps.md").read_text()
   overlays = doc["maps"]["overlays"]["texture"]
   assert overlays and all((tmp_path / "work" / p).is_file() for p in overlays)
-  # The map fit, the per-fold Gaussians and the test maps each show a bar that counts to the end.
+  # The map fit, the per-fold Gaussians, the test maps and the metrics each show a bar that
+  # counts to the end.
   err = capfd.readouterr().err
   n = doc["data"]["texture"]
   assert "texture/maps fit (1 folds): 100%" in err and f"{n['train']}/{n['train']} [" in err
   assert "texture/maps Gaussians: 100%" in err and "1/1 [" in err
   n_test = n["test_good"] + n["test_defect"]
   assert "texture/maps test: 100%" in err and f"{n_test}/{n_test} [" in err
+  assert "texture/maps metrics: 100%" in err

@@ -246,7 +246,7 @@ class FoldMaps(NamedTuple):
 
 
 def evaluate_category(
-  category: str, maps: np.ndarray, folds: Sequence[int], source, image_auroc_fn
+  category: str, maps: np.ndarray, folds: Sequence[int], source, image_auroc_fn, progress=None
 ) -> tuple[list[FoldMaps], list, list]:
   """Metrics of each fold's maps against the test masks, at the original image sizes.
 
@@ -256,6 +256,7 @@ def evaluate_category(
     folds: the fold numbers of ``maps``' first axis.
     source: the test split (``image``, ``mask``, ``label`` per item).
     image_auroc_fn: ``f(scores, labels) -> float`` (jax_gad.metrics.auroc).
+    progress: optional callable(1) after each fold's metrics.
 
   Returns:
     (one :class:`FoldMaps` per fold, the test masks, the original sizes).
@@ -280,6 +281,8 @@ def evaluate_category(
       pix, aupro = result.pixel_auroc, result.aupro
     out.append(FoldMaps(category, int(fold), float(image_auroc_fn(scores, labels)), pix, aupro))
     del full
+    if progress is not None:
+      progress(1)
   return out, masks, sizes
 
 
@@ -368,8 +371,9 @@ def run_category(
   """Per-location fits streamed over the training batches, test maps and their metrics.
 
   Progress bars count the training images streamed (one pass serves every
-  fold), the folds whose Gaussians are computed, and the test images scored
-  (every fold scores each batch). They start after the extractor is compiled.
+  fold), the folds whose Gaussians are computed, the test images scored
+  (every fold scores each batch) and the folds whose metrics are computed.
+  They start after the extractor is compiled.
 
   Args:
     category: name.
@@ -405,7 +409,10 @@ def run_category(
       progress=bar and bar.update,
     )
   del states
-  runs, masks, sizes = evaluate_category(category, maps, folds, test, metrics.auroc)
+  with _progress_bar(len(folds), f'{category}/maps metrics', 'fold') as bar:
+    runs, masks, sizes = evaluate_category(
+      category, maps, folds, test, metrics.auroc, progress=bar and bar.update
+    )
   has_masks = runs[0].pixel_auroc is not None
   if not has_masks:
     logging.warning("category %s has no defect masks: map metrics are image-level only.", category)
