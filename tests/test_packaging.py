@@ -181,6 +181,7 @@ _MAY_IMPORT = {
   "gaussian": set(),
   "metrics": set(),
   "files": set(),
+  "console": set(),
   "pca": {"gaussian"},
   "densities": {"gaussian", "densities"},
   "protocol": {"gaussian", "pca", "metrics", "densities"},
