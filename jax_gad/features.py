@@ -156,7 +156,7 @@ def _replicate(tree: Any, sharding: NamedSharding) -> Any:
 
 
 # XLA:CPU vectorises loops 256 bits wide by default; 512 made the EfficientNet
-# extractor 8-12 % faster on an AVX-512 CPU (README, "Performance"). It is a
+# extractor 8-12 % faster on an AVX-512 CPU (docs/performance.md). It is a
 # preference, so CPUs without 512-bit vectors use their widest.
 CPU_COMPILER_OPTIONS = {'xla_cpu_prefer_vector_width': 512}
 

@@ -176,7 +176,7 @@ def test_one_indentation_width_and_the_linter_passes():
   assert proc.returncode == 0, proc.stdout[-3000:]
 
 
-# The Layout table of the README: which jax_gad modules each module may import.
+# The Layers table of docs/architecture.md: which jax_gad modules each module may import.
 _MAY_IMPORT = {
   "gaussian": set(),
   "metrics": set(),
