@@ -159,6 +159,7 @@ def predict(
   chunk_batches = max(1, CHUNK // bs)
   source = _ImageFiles(inputs.paths, on_error == "skip", detector.image_size)
   total = np.full(n, np.nan)
+  extractor.compile()  # before the bar, so that its rate and ETA do not count compilation
   bar = None
   if progress:
     from tqdm.auto import tqdm

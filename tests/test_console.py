@@ -6,9 +6,10 @@ import re
 import subprocess
 import sys
 
+from fakes import write_mvtec
 import pytest
 
-from jax_gad import console
+from jax_gad import console, data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,3 +89,20 @@ def test_quiet_third_party_logs_keeps_warnings_and_jax_gads_info(caplog):
     f"library warning {n}" for n in names
   ]
   assert "own info" in shown and "own warning" in shown
+
+
+def test_preparing_and_reloading_a_folder_dataset_logs_no_tfds_warnings(tmp_path, caplog, capsys):
+  raw = write_mvtec(tmp_path / "raw", categories=(("parts", "rgb"),), n_train=6)
+  with caplog.at_level(logging.INFO):
+    data.load("folder", "parts", "train", data_dir=raw, tfds_dir=tmp_path / "tfds")
+    data.load("folder", "parts", "test", data_dir=raw, tfds_dir=tmp_path / "tfds")
+  tfds_warnings = [
+    r.getMessage()
+    for r in caplog.records
+    if "tensorflow_datasets" in r.pathname and r.levelno >= logging.WARNING
+  ]
+  assert tfds_warnings == []
+  printed = capsys.readouterr()
+  assert "Downloading and preparing" not in printed.out + printed.err
+  # Prepared once, announced once, by jax_gad.
+  assert caplog.text.count("preparing folder/parts in ") == 1

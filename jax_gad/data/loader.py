@@ -322,6 +322,29 @@ def _remove_incomplete(builder) -> None:
       shutil.rmtree(leftover, ignore_errors=True)
 
 
+class _CustomConfigWarning(logging.Filter):
+  """Drops TFDS's "Using custom data configuration" warning.
+
+  TFDS warns whenever a builder gets a config that is not one of its class's
+  predefined ones; the raw-folder datasets (mvtec_ad, folder) always do, by
+  design (the config names the raw folder's fingerprint).
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.msg != "Using custom data configuration: %s"
+
+
+def _builder(cls, builder_kwargs: dict):
+  """``cls(**builder_kwargs)`` without TFDS's custom-config warning (TFDS logs through absl)."""
+  absl_logger = logging.getLogger("absl")
+  quiet = _CustomConfigWarning()
+  absl_logger.addFilter(quiet)
+  try:
+    return cls(**builder_kwargs)
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
 def _is_prepared(builder) -> bool:
   """TFDS's ``is_prepared``, asked only once the version folder exists.
 
@@ -388,7 +411,7 @@ def prepare(
   builder_kwargs = {"config": config, "file_format": "array_record"}
   if tfds_dir is not None:
     builder_kwargs["data_dir"] = os.fspath(os.path.expanduser(os.fspath(tfds_dir)))
-  builder = cls(**builder_kwargs)
+  builder = _builder(cls, builder_kwargs)
   # Prepared before we came: this builder read its info (and metadata) from disk.
   read_from_disk = _is_prepared(builder)
   with build_lock(builder):
@@ -403,7 +426,7 @@ def prepare(
       # Generated data written by an older jax_gad: rebuild it, nothing is lost.
       logging.warning("rebuilding %s (prepared by an older jax_gad)", builder.data_dir)
       shutil.rmtree(builder.data_dir)
-      builder = cls(**builder_kwargs)
+      builder = _builder(cls, builder_kwargs)
     if _is_prepared(builder) and read_from_disk:
       return builder
     if not _is_prepared(builder):
@@ -416,7 +439,7 @@ def prepare(
         )
   # Built here or by another process meanwhile: a fresh builder reads the
   # dataset info (and jax_gad's metadata) from disk.
-  return cls(**builder_kwargs)
+  return _builder(cls, builder_kwargs)
 
 
 def load(dataset: str, category: str, split: str, *, data_dir=None, tfds_dir=None) -> Split:
