@@ -106,3 +106,23 @@ def test_preparing_and_reloading_a_folder_dataset_logs_no_tfds_warnings(tmp_path
   assert "Downloading and preparing" not in printed.out + printed.err
   # Prepared once, announced once, by jax_gad.
   assert caplog.text.count("preparing folder/parts in ") == 1
+
+
+def test_convert_check_image_console_has_no_tpu_probe(tmp_path):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jax_gad.convert",
+      "--arch=efficientnet-lite0",
+      f"--checkpoint_dir={tmp_path}",
+      "--check_image",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "check:       ok" in proc.stdout
+  assert NOISE["JAX's probe of an absent TPU"] not in proc.stdout + proc.stderr

@@ -188,7 +188,7 @@ _MAY_IMPORT = {
   "report": {"protocol", "metrics", "files"},
   "models": set(),
   "torch_pickle": set(),
-  "convert": {"models", "torch_pickle", "files", "checkpoint", "cli"},
+  "convert": {"models", "torch_pickle", "files", "checkpoint", "cli", "console"},
   "checkpoint": {"models", "files", "convert"},
   "features": set(),
   "feature_cache": {"files"},
