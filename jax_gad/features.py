@@ -196,7 +196,7 @@ def _pooled_levels(variables, images, *, module, levels, mesh):
   return jax.lax.with_sharding_constraint(pooled, NamedSharding(mesh, P()))
 
 
-class _ProgressBar:
+class ProgressBar:
   """A tqdm bar that appears, and starts its clock, when the first batch is back.
 
   The first batch carries one-off costs (the first run of the compiled
@@ -205,14 +205,15 @@ class _ProgressBar:
   (tqdm's rate is ``(n - initial) / elapsed``).
   """
 
-  def __init__(self, total: int, desc: str):
+  def __init__(self, total: int, desc: str, unit: str = 'img'):
     self.total = total
     self.desc = desc
+    self.unit = unit
     self.bar = None
 
   def update(self, n: int) -> None:
     if self.bar is None:
-      self.bar = tqdm(total=self.total, initial=n, desc=self.desc, unit='img')
+      self.bar = tqdm(total=self.total, initial=n, desc=self.desc, unit=self.unit)
     else:
       self.bar.update(n)
 
@@ -397,7 +398,7 @@ class LevelExtractor:
     _check_positive_int('n_images', n_images)
     self.compile()
     outputs: list[list[np.ndarray]] = [[] for _ in self.levels]
-    bar = _ProgressBar(n_images, desc) if progress and jax.process_index() == 0 else None
+    bar = ProgressBar(n_images, desc) if progress and jax.process_index() == 0 else None
 
     def fetch(pending, b):
       host = jax.device_get(pending)

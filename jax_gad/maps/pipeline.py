@@ -31,7 +31,6 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
-from tqdm.auto import tqdm
 
 from jax_gad import features, metrics
 from jax_gad.data import pipeline as data_pipeline
@@ -353,11 +352,21 @@ class CategoryMaps(NamedTuple):
   has_masks: bool
 
 
+@contextlib.contextmanager
 def _progress_bar(total: int, desc: str, unit: str):
-  """A tqdm bar on process 0; elsewhere a context holding None."""
+  """A :class:`~jax_gad.features.ProgressBar` on process 0 (None elsewhere), closed at the end.
+
+  Like the pooled extraction's bars, it starts its clock after the first step,
+  whose compilation would inflate the ETA.
+  """
   if jax.process_index() != 0:
-    return contextlib.nullcontext(None)
-  return tqdm(total=total, desc=desc, unit=unit)
+    yield None
+    return
+  bar = features.ProgressBar(total, desc, unit)
+  try:
+    yield bar
+  finally:
+    bar.close()
 
 
 def run_category(
@@ -373,7 +382,7 @@ def run_category(
   Progress bars count the training images streamed (one pass serves every
   fold), the folds whose Gaussians are computed, the test images scored
   (every fold scores each batch) and the folds whose metrics are computed.
-  They start after the extractor is compiled.
+  Each starts its clock after its first step (which compiles).
 
   Args:
     category: name.
