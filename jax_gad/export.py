@@ -48,9 +48,10 @@ OUTPUTS = {
 def scoring_function(det: detector_lib.Detector):
   """``f(uint8 (n, S, S, 3)) -> {'per_level', 'total', 'anomalous'}``, pure, for ``det``.
 
-  The backbone runs on the whole batch (``split_bytes=0``): the per-image
-  split of the leading blocks depends on the batch size, which is symbolic
-  here. Everything the function needs is closed over as constants.
+  The backbone runs one image at a time (``lax.map`` over the symbolic batch;
+  jax_gad's own per-image split of the leading blocks depends on the batch
+  size, unknown here). Everything the function needs is closed over as
+  constants.
   """
   import jax
   import jax.numpy as jnp
@@ -59,7 +60,7 @@ def scoring_function(det: detector_lib.Detector):
 
   if det.backbone is None:
     raise ValueError("the detector has no backbone attached (use detector.attach_backbone)")
-  module = det.backbone.module.clone(split_bytes=0)
+  module = det.backbone.module
   variables = jax.tree.map(np.asarray, det.backbone.variables)
   mean = np.asarray(det.mean, np.float32)
   std = np.asarray(det.std, np.float32)
@@ -70,7 +71,10 @@ def scoring_function(det: detector_lib.Detector):
   def score(images):
     # The order of the operations of data.preprocess: / 255, then (x - mean) / std.
     x = (images.astype(jnp.float32) / np.float32(255.0) - mean) / std
-    pooled = module.apply(variables, x, pool=True)
+    # One image at a time (lax.map over the symbolic batch): a batch-1 network
+    # keeps its working set in cache on CPU, as jax_gad's own per-image split does.
+    pooled = jax.lax.map(lambda image: module.apply(variables, image[None], pool=True), x)
+    pooled = [p[:, 0] for p in pooled]
     per_level = []
     for level, state, projection in zip(det.levels, states, projections):
       rows = pooled[level].astype(jnp.float32)
@@ -84,17 +88,20 @@ def scoring_function(det: detector_lib.Detector):
   return score
 
 
-def export_program(det: detector_lib.Detector) -> bytes:
-  """The serialised ``jax.export.Exported`` of :func:`scoring_function`, batch symbolic."""
+def export_program(det: detector_lib.Detector):
+  """The ``jax.export.Exported`` of :func:`scoring_function`, batch symbolic (``n >= 1``).
+
+  Lowered for the platform this process runs on (``Exported.platforms``).
+  """
   import jax
   from jax import export
 
   (batch,) = export.symbolic_shape("n")
   spec = jax.ShapeDtypeStruct((batch, det.image_size, det.image_size, 3), np.uint8)
-  return bytes(export.export(jax.jit(scoring_function(det)))(spec).serialize())
+  return export.export(jax.jit(scoring_function(det)))(spec)
 
 
-def manifest(det: detector_lib.Detector, digests: dict, detector_sha256: str) -> dict:
+def manifest(det: detector_lib.Detector, program, digests: dict, detector_sha256: str) -> dict:
   """The manifest.json of an export: what the program expects, returns and was built from."""
   import jax_gad
 
@@ -125,16 +132,11 @@ def manifest(det: detector_lib.Detector, digests: dict, detector_sha256: str) ->
     "dtype": det.dtype,
     "checkpoint_sha256": det.checkpoint_sha256,
     "detector_sha256": detector_sha256,
-    "platforms": [_platform()],
+    "platforms": list(program.platforms),
+    "calling_convention_version": int(program.calling_convention_version),
     "versions": jax_gad.versions(),
     "sha256": digests,
   }
-
-
-def _platform() -> str:
-  import jax
-
-  return jax.default_backend()
 
 
 def check_output(output) -> str:
@@ -160,10 +162,10 @@ def write(det: detector_lib.Detector, output, detector_sha256: str = "") -> dict
 
   def fill(folder):
     with open(os.path.join(folder, PROGRAM), "wb") as f:
-      f.write(program)
+      f.write(program.serialize())
     shutil.copyfile(export_loader.__file__, os.path.join(folder, LOADER))
     digests = {name: files.sha256(os.path.join(folder, name)) for name in (PROGRAM, LOADER)}
-    written.update(manifest(det, digests, detector_sha256))
+    written.update(manifest(det, program, digests, detector_sha256))
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
       json.dump(written, f, indent=1, sort_keys=True, allow_nan=False)
       f.write("\n")
@@ -220,7 +222,8 @@ def main(argv) -> int:
     f"{written['levels']}, threshold {written['threshold']:.4f}) for {written['platforms'][0]}: "
     f"{size / 2**20:.1f} MiB program"
   )
-  print(f"wrote {os.path.abspath(v['output'])}; score with: python {LOADER} DIR images.npy")
+  out = os.path.abspath(v["output"])
+  print(f"wrote {out}; score with: python {os.path.join(out, LOADER)} {out} images.npy")
   return 0
 
 

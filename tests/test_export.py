@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -99,7 +100,8 @@ def exported(detector_path, checkpoint, tmp_path_factory):
   return out
 
 
-# The loader in a fresh interpreter: -I drops PYTHONPATH, the user site and the script's folder,
+# The loader in a fresh interpreter: -I drops PYTHONPATH, the user site and the script folder
+# (-B: no __pycache__ in the export),
 # and jax_gad is blocked outright, so the export must score with jax and numpy alone.
 _LOADER_RUN = """
 import json, sys
@@ -143,7 +145,7 @@ def test_export_scores_like_predict_without_jax_gad(
 
   np.save(tmp_path / "images.npy", images)
   proc = subprocess.run(
-    [sys.executable, "-I", "-c", _LOADER_RUN, str(exported), str(tmp_path / "images.npy")],
+    [sys.executable, "-I", "-B", "-c", _LOADER_RUN, str(exported), str(tmp_path / "images.npy")],
     cwd=tmp_path,
     capture_output=True,
     text=True,
@@ -172,6 +174,7 @@ def test_manifest_and_files(detector_path, exported):
   assert manifest["input"]["mean"] == list(det.mean) and manifest["input"]["std"] == list(det.std)
   assert manifest["levels"] == list(LEVELS) and manifest["threshold"] == det.threshold
   assert manifest["versions"] == jax_gad.versions()
+  assert manifest["platforms"] == [jax.default_backend()]
   assert manifest["detector_sha256"] == files.sha256(detector_path)
   assert manifest["checkpoint_sha256"] == det.checkpoint_sha256
   import hashlib
