@@ -285,3 +285,10 @@ def test_projection_levels_score_like_the_detector(fitted, checkpoint):
   want = npca.score(list(x))
   np.testing.assert_allclose(np.asarray(got["per_level"]), want.per_level, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(got["anomalous"]), want.total > npca.threshold)
+
+
+def test_docs_show_the_loader_as_it_is():
+  with open(os.path.join(REPO, "docs", "export.md"), encoding="utf-8") as f:
+    block = f.read().split("```python\n", 1)[1].split("```", 1)[0]
+  with open(export_loader.__file__, encoding="utf-8") as f:
+    assert block in f.read()
