@@ -292,3 +292,24 @@ def test_docs_show_the_loader_as_it_is():
     block = f.read().split("```python\n", 1)[1].split("```", 1)[0]
   with open(export_loader.__file__, encoding="utf-8") as f:
     assert block in f.read()
+
+
+def test_command_line_error_is_one_line(tmp_path):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jax_gad.export",
+      f"--detector={tmp_path / 'none.jgd'}",
+      f"--output={tmp_path / 'out'}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+    f"jax_gad.export: error: --detector={tmp_path / 'none.jgd'} does not exist"
+  )
+  assert not (tmp_path / "out").exists()
