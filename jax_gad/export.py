@@ -203,10 +203,11 @@ def main(argv) -> int:
   """The export command (after flag parsing); returns the exit status."""
   from absl import app
 
-  from jax_gad import cli
+  from jax_gad import cli, console
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_third_party_logs()
   v = cli.values(SHARED_FLAGS + OWN_FLAGS)
   try:
     written = command(**v)
