@@ -196,7 +196,7 @@ _MAY_IMPORT = {
   "detector": {"gaussian", "pca", "metrics", "features", "checkpoint", "files", "models", "data"},
   "maps": {"maps", "gaussian", "metrics", "files", "features", "data", "models", "report"},
   "export_loader": set(),  # copied into every export as load.py: it must stand alone
-  "export": {"detector", "gaussian", "pca", "files", "export_loader", "cli"},
+  "export": {"detector", "gaussian", "pca", "files", "export_loader", "cli", "console"},
 }
 
 
