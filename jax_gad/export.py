@@ -155,7 +155,7 @@ def check_output(output) -> str:
 
 
 def write(det: detector_lib.Detector, output, detector_sha256: str = "") -> dict:
-  """Writes the export of ``det`` (backbone attached) to ``output`` atomically; the manifest."""
+  """Writes the export of ``det`` (backbone attached) into ``output`` atomically -> manifest."""
   output = check_output(output)
   program = export_program(det)
   written = {}
