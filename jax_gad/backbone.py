@@ -136,8 +136,8 @@ def _explicit_checkpoint(checkpoint, arch: str, checkpoint_dir: str) -> str:
     raise ValueError(
       f"--checkpoint={checkpoint} does not exist. Convert weights with "
       f"`python -m jax_gad.convert --arch={arch} --input=<file.pth> --output="
-      f"{checkpoint}` (docs/checkpoints.md), or leave --checkpoint out to use "
-      f"{checkpoint_dir}/{arch}.msgpack."
+      f"{checkpoint}` (docs/checkpoints.md, 'Getting and converting weights'), or leave "
+      f"--checkpoint out to use {checkpoint_dir}/{arch}.msgpack."
     )
   return checkpoint
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_gad import checkpoint, files
+from jax_gad import checkpoint, console, files
 from jax_gad.models import efficientnet as effnet
 from jax_gad.torch_pickle import BFLOAT16, UnsafeCheckpointError, read_torch_checkpoint
 
@@ -362,6 +362,7 @@ def main(argv) -> int:
   """The convert command (after flag parsing); returns the exit status."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_third_party_logs()
   fv = flags.FLAGS
   if not fv["arch"].present:
     raise app.UsageError("--arch is required: the architecture the weights belong to")

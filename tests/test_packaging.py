@@ -189,10 +189,12 @@ def _layers(path=_ARCHITECTURE):
   rows = []
   for line in section.group(1).splitlines():
     cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    if len(cells) != 2 or not cells[0].startswith("`"):
+    if len(cells) < 2 or not cells[0].startswith("`"):
       continue  # prose, the header row, the --- row
-    allowed = set(re.findall(r"`(\w+)`", cells[1]))
-    assert allowed or cells[1] == "—", f"unreadable row: {line}"
+    # First column: the module; last column: what it may import (middle: its job).
+    allowed = set(re.findall(r"`(\w+)`", cells[-1]))
+    assert allowed or cells[-1] == "—", f"unreadable row: {line}"
+    assert re.fullmatch(r"`\w+`", cells[0]), f"one module per row: {line}"
     rows.append((cells[0].strip("`"), allowed))
   assert rows, f"{path}: the Layers section holds no table"
   return rows
@@ -280,8 +282,9 @@ def test_modules_import_only_the_layers_below_them():
 def test_layer_checks_fail_on_an_upward_import_and_a_circle(tmp_path):
   table = tmp_path / "architecture.md"
   table.write_text(
-    "# x\n\n## Layers\n\n| Module | May import |\n| --- | --- |\n"
-    "| `gaussian` | — |\n| `pca` | `gaussian`, `protocol` |\n| `protocol` | `pca` |\n"
+    "# x\n\n## Layers\n\n| Module | Job | May import |\n| --- | --- | --- |\n"
+    "| `gaussian` | core | — |\n| `pca` | `x` | `gaussian`, `protocol` |\n"
+    "| `protocol` | runs | `pca` |\n"
     "\n## Next\n\n| `files` | — |\n"
   )
   rows = _layers(str(table))
