@@ -69,7 +69,7 @@ def test_results_equal_independent_computation(tmp_path, mvtec, checkpoint):
   for category in ("bottle", "grid"):
     pooled = {}
     for split in ("train", "test"):
-      src = data.load("mvtec_ad", category, split, data_dir=mvtec, tfds_dir=cfg.tfds_dir)
+      src = data.load("mvtec_ad", category, split, data_dir=mvtec, tfds_dir=cfg.data.tfds_dir)
       pooled[split] = extract_features(
         model,
         variables,

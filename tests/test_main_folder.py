@@ -80,7 +80,7 @@ def test_main_on_folder_equals_independent_auroc(tmp_path, checkpoint):
   assert doc["data"][CATEGORY]["test_good"] == 4 and doc["data"][CATEGORY]["test_defect"] == 4
   assert doc["data"][CATEGORY]["has_masks"] is False
   assert set(doc["versions"]) >= {"jax_gad", "jax", "flax"}
-  pooled = _pooled(raw, cfg.tfds_dir, checkpoint)
+  pooled = _pooled(raw, cfg.data.tfds_dir, checkpoint)
   train = [pooled["train"][l] for l in levels]
   test = [pooled["test"][l] for l in levels]
   for fold, idx in enumerate(data.folds(10)):

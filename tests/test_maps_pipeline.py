@@ -77,7 +77,7 @@ def test_main_maps_equal_independent_computation(tmp_path, mvtec, checkpoint):
   variables, meta = ckpt.load_checkpoint(checkpoint, arch=ARCH)
   model = efficientnet.create(ARCH)
   splits = {
-    s: data.load("mvtec_ad", "bottle", s, data_dir=mvtec, tfds_dir=cfg.tfds_dir)
+    s: data.load("mvtec_ad", "bottle", s, data_dir=mvtec, tfds_dir=cfg.data.tfds_dir)
     for s in ("train", "test")
   }
   levels = {}
