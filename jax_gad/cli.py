@@ -153,7 +153,7 @@ def _parser(meta: dict):
   return flags.ArgumentParser()  # a string
 
 
-def define(section, module_name: str | None = None) -> None:
+def define(section, module_name: str | None = None, flag_values=FLAGS) -> None:
   """Defines an absl flag for every option of a config section (class or instance).
 
   The flag's name, default and help are the field's; flags already defined
@@ -162,23 +162,22 @@ def define(section, module_name: str | None = None) -> None:
   module_name = module_name or _caller_module()
   for field in dataclasses.fields(section):
     meta = field.metadata
-    if "kind" not in meta or field.name in FLAGS:
+    if "kind" not in meta or field.name in flag_values:
       continue
     kind, name, default, help_ = meta["kind"], field.name, field.default, meta["help"]
+    where = {"module_name": module_name, "flag_values": flag_values}
     if kind.endswith("list"):
-      _define(_parser(meta), name, list(default), help_, module_name=module_name)
+      _define(_parser(meta), name, list(default), help_, **where)
     elif kind == "enum":
-      flags.DEFINE_enum(name, default, list(meta["choices"]), help_, module_name=module_name)
+      flags.DEFINE_enum(name, default, list(meta["choices"]), help_, **where)
     elif kind == "bool":  # absl's bool flags also accept --noname
-      flags.DEFINE_bool(name, default, help_, module_name=module_name)
-    elif kind in ("int", "float"):  # the bounds show in --help and are checked when parsed too
-      define_number = flags.DEFINE_integer if kind == "int" else flags.DEFINE_float
-      bounds = {"lower_bound": meta["low"]}
-      if kind == "int":
-        bounds["upper_bound"] = meta["high"]
-      define_number(name, default, help_, module_name=module_name, **bounds)
+      flags.DEFINE_bool(name, default, help_, **where)
+    elif kind == "int":  # the bounds show in --help and are checked when parsed too
+      flags.DEFINE_integer(name, default, help_, lower_bound=meta["low"], **where)
+    elif kind == "float":
+      flags.DEFINE_float(name, default, help_, lower_bound=meta["low"], **where)
     else:
-      flags.DEFINE(_parser(meta), name, default, help_, module_name=module_name)
+      flags.DEFINE(_parser(meta), name, default, help_, **where)
 
 
 def values(names: Iterable[str]) -> dict:

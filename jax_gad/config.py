@@ -64,9 +64,9 @@ def enum(default: str, choices: Iterable[str], help_: str) -> Any:
   return _option("enum", default, help_, choices=tuple(choices))
 
 
-def integer(default: int | None, help_: str, low: int | None = None, high: int | None = None):
-  """An integer in [low, high] (either bound optional); None allowed where the default is."""
-  return _option("int", default, help_, low=low, high=high)
+def integer(default: int | None, help_: str, low: int | None = None):
+  """An integer >= low (if given)."""
+  return _option("int", default, help_, low=low)
 
 
 def real(default: float | None, help_: str, low: float | None = None, open_unit: bool = False):
@@ -133,8 +133,6 @@ def _check_scalar(kind: str, value, meta: dict) -> str | None:
       return f"must lie in (0, 1), got {value!r}"
     if meta.get("low") is not None and value < meta["low"]:
       return f"must be at least {meta['low']}, got {value!r}"
-    if meta.get("high") is not None and value > meta["high"]:
-      return f"must be at most {meta['high']}, got {value!r}"
   if kind == "bool" and not isinstance(value, bool):
     return f"must be true or false, got {value!r}"
   return None
@@ -187,6 +185,11 @@ class _Section:
         object.__setattr__(self, name, os.path.expanduser(os.fspath(value)))
       elif meta["kind"].endswith("list") and isinstance(value, (list, tuple)):
         object.__setattr__(self, name, tuple(value))
+
+
+def worker_count(num_workers: int | None) -> int:
+  """``--num_workers``' meaning: the number given, else one decode thread per CPU core."""
+  return num_workers or os.cpu_count() or 2
 
 
 # ---------------------------------------------------------------------------
@@ -255,7 +258,7 @@ class Backbone(_Section):
   @property
   def workers(self) -> int:
     """Decode threads: ``num_workers``, else one per CPU core."""
-    return self.num_workers or os.cpu_count() or 2
+    return worker_count(self.num_workers)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -176,7 +176,7 @@ def predict(
       batch_size=bs,
       image_shape=(detector.image_size, detector.image_size, 3),
       rows=extractor.local_rows,
-      num_workers=num_workers or os.cpu_count() or 2,
+      num_workers=config.worker_count(num_workers),
     )
     try:
       for start in range(0, n, chunk_batches * bs):

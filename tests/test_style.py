@@ -117,8 +117,9 @@ def defaults_written_again(trees, options: dict) -> list:
   the option's default writes that default a second time: it must come from
   the config (``checkpoint_dir=config.Backbone.checkpoint_dir``) or be
   required (neutral values, 0, False and empties, are not counted: a
-  ``seed=0`` of a data generator is no copy of ``--seed``). The string default of a path option (a folder) must not appear as
-  a literal anywhere else, whatever it is called there.
+  ``seed=0`` of a data generator is no copy of ``--seed``). The string
+  default of a path option (a folder) must not appear as a literal anywhere
+  else, whatever it is called there.
   """
   bad = []
   paths = {v for name, (v, kind) in options.items() if kind == "path" and v}

@@ -128,7 +128,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
   _check_config(cfg)
   start = time.perf_counter()
   image_size = cfg.image_size or efficientnet.native_resolution(cfg.arch)
-  num_workers = cfg.num_workers or os.cpu_count() or 2
+  num_workers = config.worker_count(cfg.num_workers)
   depthwise = [
     efficientnet.default_depthwise(jax.default_backend()) if d == 'default' else d
     for d in cfg.depthwise_impls
