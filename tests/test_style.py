@@ -242,3 +242,25 @@ def test_command_flags_of_shared_names_keep_their_own_default(section):
   for name in ("input", "output"):
     if name in config.options(section):
       assert getattr(section, name) is None
+
+
+_COMMANDS = ("jax_gad.main", "jax_gad.fit", "jax_gad.predict", "jax_gad.benchmark.cli")
+
+
+def test_the_package_imports_no_command_and_fit_is_a_plain_module():
+  import subprocess
+  import sys
+
+  script = (
+    "import sys, types, jax_gad\n"
+    "jax_gad.fit_detector, jax_gad.load_detector, jax_gad.Detector\n"
+    f"print(sorted(m for m in {_COMMANDS!r} if m in sys.modules))\n"
+    "import jax_gad.fit\n"
+    "print(type(jax_gad.fit) is types.ModuleType, callable(jax_gad.fit))\n"
+  )
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run(
+    [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split("\n")[-3:-1] == ["[]", "True False"], proc.stdout
