@@ -151,6 +151,7 @@ class Extraction(NamedTuple):
   meta: dict  # the checkpoint's metadata
   sha256: str  # the checkpoint's content checksum
   image_size: int
+  batch_size: int  # --batch_size, capped at the largest split
   extractor: features.LevelExtractor
   cache: feature_cache.FeatureCache | None
   depthwise: str  # the implementation actually used (for the cache key)
@@ -175,18 +176,19 @@ def prepare_extraction(cfg: config.Backbone, loaded, splits: dict) -> Extraction
   backbone, meta, sha256 = loaded
   image_size = cfg.image_size or int(meta["resolution"])
   mesh = features.make_mesh()
+  batch_size = _batch_size(cfg.batch_size, splits)
   extractor = features.LevelExtractor(
     backbone.module,
     backbone.variables,
     image_size=image_size,
     mesh=mesh,
     levels=range(efficientnet.NUM_LEVELS),
-    batch_size=_batch_size(cfg.batch_size, splits),
+    batch_size=batch_size,
   )
   cache = feature_cache.FeatureCache(cfg.cache_dir) if cfg.cache_dir else None
   platform = mesh.devices.flat[0].platform
   depthwise = cfg.depthwise_impl or efficientnet.default_depthwise(platform)
-  return Extraction(backbone, meta, sha256, image_size, extractor, cache, depthwise)
+  return Extraction(backbone, meta, sha256, image_size, batch_size, extractor, cache, depthwise)
 
 
 def pooled_features(cfg: config.Experiment, ex: Extraction, split, category: str, name: str):
@@ -283,7 +285,7 @@ def evaluate(cfg: config.Experiment, ex: Extraction, splits: dict, fitting) -> E
           std=ex.meta["std"],
           settings=map_settings,
           mesh=ex.extractor.mesh,
-          batch_size=ex.extractor.batch_size,
+          batch_size=ex.batch_size,
           num_workers=cfg.backbone.workers,
           keep_all_folds=maps.save_maps,
         )
@@ -312,7 +314,7 @@ def config_document(cfg: config.Experiment, ex: Extraction, categories, fitting)
     checkpoint=ex.backbone.path,
     checkpoint_sha256=ex.sha256,
     image_size=ex.image_size,
-    batch_size=ex.extractor.batch_size,
+    batch_size=ex.batch_size,
     checkpoint_meta={
       k: meta[k] for k in ("arch", "source", "resolution", "mean", "std") if k in meta
     },
