@@ -16,13 +16,14 @@ import sys
 
 from absl import app
 
-from jax_gad import cli, config
+from jax_gad import cli, config, console
 
 
 def main(argv) -> int:
   """The fit command (after flag parsing); returns the exit status."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_third_party_logs()
   from jax_gad import fitting  # imports TFDS: kept out of --help
 
   cfg = cli.build(config.Fit)

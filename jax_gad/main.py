@@ -15,7 +15,7 @@ import sys
 
 from absl import app
 
-from jax_gad import cli, config
+from jax_gad import cli, config, console
 
 # This command's own sections (the shared ones are jax_gad.cli's).
 cli.define(config.Maps)
@@ -25,6 +25,7 @@ cli.define(config.Protocol)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_third_party_logs()
   from jax_gad import experiment  # imports TFDS: kept out of --help
 
   try:

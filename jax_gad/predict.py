@@ -31,9 +31,9 @@ from typing import NamedTuple
 
 from absl import app
 import numpy as np
-from tqdm.auto import tqdm
+import tqdm.auto
 
-from jax_gad import cli, config, files, metrics
+from jax_gad import cli, config, console, files, metrics
 from jax_gad import detector as detector_lib
 from jax_gad.data import folder as folder_lib
 from jax_gad.data import pipeline
@@ -160,9 +160,10 @@ def predict(
   chunk_batches = max(1, CHUNK // bs)
   source = _ImageFiles(inputs.paths, on_error == "skip", detector.image_size)
   total = np.full(n, np.nan)
+  extractor.compile()  # before the bar, so that its rate and ETA do not count compilation
   bar = None
   if progress:
-    bar = tqdm(total=n, desc="predict", unit="img")
+    bar = tqdm.auto.tqdm(total=n, desc="predict", unit="img")
 
   def write(f):
     text = io.TextIOWrapper(f, encoding="utf-8", newline="")
@@ -268,6 +269,7 @@ def main(argv) -> int:
   """The predict command (after flag parsing); returns the exit status."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_third_party_logs()
   cfg = cli.build(config.Predict)
   try:
     det, result = command(cfg)
