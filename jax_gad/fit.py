@@ -18,6 +18,7 @@ import sys
 from typing import Sequence
 
 from jax_gad import detector as detector_lib
+from jax_gad import files
 from jax_gad.models import efficientnet
 
 ALL_LEVELS = tuple(range(efficientnet.NUM_LEVELS))
@@ -154,6 +155,19 @@ def fit(
   return det.replace(backbone=backbone)
 
 
+def fit_inputs(category, **kwargs) -> list:
+  """(what, path) of what a fit reads: the checkpoint file and the raw category folder."""
+  arch = kwargs.get("arch", "efficientnet-b4")
+  default = os.path.join(
+    os.fspath(kwargs.get("checkpoint_dir") or "checkpoints"), f"{arch}.msgpack"
+  )
+  data_dir = kwargs.get("data_dir")
+  return [
+    ("the checkpoint", kwargs.get("checkpoint") or default),
+    ("the training data", os.path.join(os.fspath(data_dir), category) if data_dir else None),
+  ]
+
+
 def command(output, category, **kwargs) -> detector_lib.Detector:
   """What ``python -m jax_gad.fit`` does: checks the output path, fits, saves atomically.
 
@@ -169,6 +183,8 @@ def command(output, category, **kwargs) -> detector_lib.Detector:
   output = os.path.expanduser(os.fspath(output))
   if os.path.isdir(output):
     raise ValueError(f"--output={output} is a folder; give a file name")
+  files.check_not_an_input("output", output, fit_inputs(category, **kwargs))
+  files.remove_stale_temporaries_beside(output)
   det = fit(category, **kwargs)
   det.save(output)
   return det

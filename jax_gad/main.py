@@ -249,6 +249,10 @@ def _check_workdir(workdir: str) -> None:
       )
 
 
+def _raw(data_dir, category: str):
+  return os.path.join(os.fspath(data_dir), category) if data_dir else None
+
+
 def _check_splits(category: str, train, test) -> None:
   """Enough images for the protocol, checked before any feature is extracted."""
   n_folds = 5
@@ -298,6 +302,21 @@ def run(cfg: Config) -> dict:
   )
   for flag, folder in (("cache_dir", cfg.cache_dir), ("tfds_dir", tfds_dir)):
     _check_folder(flag, folder)
+  files.check_not_an_input(
+    "workdir",
+    cfg.workdir,
+    [(f"category folder {c} of --data_dir", _raw(cfg.data_dir, c)) for c in categories],
+    kept=[
+      (f"--{flag}", path)
+      for flag, path in (
+        ("data_dir", cfg.data_dir),
+        ("checkpoint", cfg.checkpoint),
+        ("checkpoint_dir", cfg.checkpoint_dir),
+        ("cache_dir", cfg.cache_dir),
+        ("tfds_dir", tfds_dir),
+      )
+    ],
+  )
   # Temporaries of runs that were killed while writing.
   for folder in (os.path.dirname(os.path.abspath(cfg.workdir)), cfg.cache_dir, cfg.checkpoint_dir):
     if folder:

@@ -238,6 +238,7 @@ def command(
     (the loaded detector, :class:`Prediction`).
   """
   from jax_gad import detector as detector_lib
+  from jax_gad import files
 
   if not detector:
     raise ValueError("--detector is required (the file written by jax_gad.fit)")
@@ -253,6 +254,14 @@ def command(
   inputs = find_inputs(os.fspath(input) if input else input)
   det = detector_lib.read_detector(detector)
   det.threshold_for(sigma)  # checks --sigma before any work
+  weights = checkpoint or os.path.join(os.fspath(checkpoint_dir), f"{det.arch}.msgpack")
+  files.check_not_an_input(
+    "output",
+    output,
+    [("the detector", detector), ("the checkpoint", weights)]
+    + [("the input image", p) for p in inputs.paths],
+  )
+  files.remove_stale_temporaries_beside(output)
   det = detector_lib.attach_backbone(
     det, checkpoint, checkpoint_dir, depthwise, where=f"detector {detector}"
   )
