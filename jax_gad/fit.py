@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from typing import Sequence
+import warnings
 
 from jax_gad import detector as detector_lib
 from jax_gad import files
@@ -224,7 +225,9 @@ def main(argv) -> int:
   v = cli.values(SHARED_FLAGS + OWN_FLAGS)
   v["depthwise"] = None if v["depthwise"] == "auto" else v["depthwise"]
   try:
-    det = command(**v)
+    with warnings.catch_warnings():  # said below, once, as lines of this command
+      warnings.simplefilter("ignore", detector_lib.FitWarning)
+      det = command(**v)
   except (ValueError, OSError, MemoryError) as e:
     print(f"jax_gad.fit: error: {e}", file=sys.stderr)
     return 1
@@ -239,6 +242,8 @@ def main(argv) -> int:
     f"calibrated threshold {det.threshold:.4f} at target FPR {det.target_fpr} "
     f"({det.n_folds}-fold out-of-fold scores); 3-sigma threshold {det.threshold_for(3):.4f}"
   )
+  for note in det.info.get("warnings", []):
+    print(f"jax_gad.fit: warning: {note}", file=sys.stderr)
   print(f"wrote {os.path.abspath(v['output'])}")
   return 0
 

@@ -295,6 +295,12 @@ def run(cfg: Config) -> dict:
   from jax_gad.models import efficientnet
 
   reduction, density_config = _validate(cfg)
+  if cfg.maps:
+    from jax_gad.maps import pipeline as mp
+
+    map_settings = mp.settings_for(
+      cfg.arch, cfg.map_levels, cfg.map_channels, cfg.map_combine, cfg.map_sigma
+    )
   categories = cfg.categories or tuple(data.CATEGORIES[cfg.dataset])
   _check_workdir(cfg.workdir)
   tfds_dir = (
@@ -340,6 +346,10 @@ def run(cfg: Config) -> dict:
     builder = data.prepare(cfg.dataset, c, data_dir=cfg.data_dir, tfds_dir=cfg.tfds_dir)
     train, test = (data.Split.from_builder(builder, split) for split in ("train", "test"))
     _check_splits(c, train, test)
+    rows = min(len(data.folds(len(train))[k]) for k in cfg.folds)
+    densities.check_rows(density_config, rows, f"of a {c} fold")
+    for line in test.mask_warnings():  # also recorded in results.json
+      logging.warning("%s", line)
     splits[c] = (train, test)
 
   mesh = features.make_mesh()
@@ -402,12 +412,6 @@ def run(cfg: Config) -> dict:
 
   results = {}
   map_outputs = {}
-  if cfg.maps:
-    from jax_gad.maps import pipeline as mp
-
-    map_settings = mp.settings_for(
-      cfg.arch, cfg.map_levels, cfg.map_channels, cfg.map_combine, cfg.map_sigma
-    )
   n_fits = len(categories) * len(cfg.folds) * len(levels)
   with tqdm(total=n_fits, desc="fit + score", unit="fit", disable=None) as bar:
     for c in categories:
@@ -491,6 +495,11 @@ def run(cfg: Config) -> dict:
     data=json.loads(json.dumps(data_doc)),
     versions=jax_gad.versions(),
   )
+  doc["warnings"] += [
+    {"category": c, "split": "test", "message": line}
+    for c, (_, test) in splits.items()
+    for line in test.mask_warnings()
+  ]
   if cfg.maps:
     doc["maps"] = mp.document(map_settings, cfg.map_channels, map_outputs)
   # In a multi-host run every process holds the same results; process 0 writes them.
