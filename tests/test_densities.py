@@ -178,6 +178,55 @@ def test_gmm_components_without_rows_stay_finite():
   assert np.all(np.isfinite(np.asarray(gmm.score(state, x + 0.5))))
 
 
+def test_gmm_components_without_rows_keep_a_positive_weight():
+  # N_k = sum_i r_ik + 10 eps: a component that gets no rows keeps a tiny positive weight
+  # (log w_k finite), so it can pick rows up again.
+  x = np.repeat(np.array([[0.0, 1.0], [3.0, -1.0]], np.float32), 5, axis=0)
+  state = gmm.fit(gmm.GMMConfig(n_components=4), x, jax.random.key(0))
+  w = np.asarray(state.weights)
+  assert np.sum(w < 1e-3) == 2  # two components without rows, as the test above says
+  assert np.all(w > 0) and np.all(np.isfinite(np.log(w)))
+
+
+def test_gmm_weighted_ledoit_wolf_uses_kish_effective_size():
+  # Equal responsibilities (0.5 for every row) weigh nothing: the weighted Ledoit-Wolf
+  # coefficient must be scikit-learn's on the unweighted rows. Kish's effective size is
+  # (sum r)^2 / sum r^2 = n here; N_k = n / 2 in its place gives another coefficient.
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(30, 6)) @ rng.normal(size=(6, 6))
+  resp = np.full(30, 0.5)
+  with jax.enable_x64(True):
+    mean = jnp.asarray(x.mean(axis=0))
+    cov, shrink = gmm._weighted_cov(
+      jnp.asarray(x), jnp.asarray(resp), mean, jnp.asarray(resp.sum()), 'ledoit_wolf'
+    )
+  ref_cov, ref_shrink = sk_ledoit_wolf(x)
+  assert 0.05 < ref_shrink < 0.95  # a coefficient that n changes
+  np.testing.assert_allclose(float(shrink), ref_shrink, rtol=1e-8)
+  np.testing.assert_allclose(np.asarray(cov), ref_cov, rtol=1e-8, atol=1e-12)
+
+
+def test_gmm_convergence_is_on_the_size_of_the_change():
+  # With Ledoit-Wolf covariances EM's log-likelihood may drop; EM stops when it changes by
+  # less than tol either way, not at the first drop. The trajectory comes from fits of
+  # 1, 2, ... iterations (tol=0): iteration t compares the log-likelihoods after t-1 and t-2.
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(40, 6)).astype(np.float32) * rng.uniform(0.5, 3, 6).astype(np.float32)
+  tol, key = 1e-3, jax.random.key(3)
+  config = gmm.GMMConfig(n_components=2, tol=tol, max_iter=100)
+  state = gmm.fit(config, x, key)
+  n = int(state.n_iter)
+  ll = {
+    t: float(gmm.fit(gmm.GMMConfig(n_components=2, tol=0.0, max_iter=t), x, key).log_likelihood)
+    for t in range(1, n)
+  }
+  drops = [t for t in range(2, n) if ll[t] - ll[t - 1] < -tol]
+  assert drops, 'the case under test: the log-likelihood drops by more than tol before the end'
+  assert bool(state.converged) and n < 100
+  assert abs(ll[n - 1] - ll[n - 2]) < tol
+  assert all(abs(ll[t - 1] - ll[t - 2]) >= tol for t in range(3, n))
+
+
 @pytest.mark.parametrize('value', [0, -2, (2, 0), (), 1.5, True])
 def test_gmm_rejects_non_positive_components(value):
   with pytest.raises(ValueError, match='n_components'):
