@@ -381,3 +381,50 @@ def test_flow_non_finite_loss_names_epoch_and_level():
 def test_flow_config_rejects_bad_values(field, value):
   with pytest.raises(ValueError, match=f'FlowConfig.{field}'):
     flow.FlowConfig(**{field: value})
+
+
+def _held_out(x, key, config):
+  """The held-out rows of flow.fit(config, x, key): the split the fit draws from its key."""
+  n = len(x)
+  n_val = min(max(1, int(round(config.val_fraction * n))), n - 1)
+  k_split = jax.random.split(key, 3)[0]
+  return x[np.asarray(jax.random.permutation(k_split, n))[:n_val]]
+
+
+def test_flow_early_stopping_counts_ties_as_no_improvement():
+  # A learning rate far below float32 resolution: the parameters, hence the held-out loss,
+  # never change. Epoch 1 improves on +inf; each later epoch ties, which is no improvement,
+  # so training stops after exactly 1 + patience epochs.
+  x = np.asarray(make_moons(80, noise=0.1, random_state=3)[0], np.float32)
+  config = flow.FlowConfig(
+    n_layers=2, hidden=8, epochs=30, batch_size=32, learning_rate=1e-30, patience=4
+  )
+  state = flow.fit(config, x, jax.random.key(0))
+  assert int(state.epochs) == 1 + config.patience
+
+
+def test_flow_keeps_the_parameters_of_the_best_held_out_epoch():
+  # Small data, a large learning rate and little patience: training stops early, after
+  # epochs that were worse than the best. The state's held-out NLL (the best one seen) must
+  # be that of the parameters it returns, recomputed on the held-out rows.
+  x = np.asarray(make_moons(120, noise=0.1, random_state=4)[0], np.float32)
+  config = flow.FlowConfig(
+    n_layers=4, hidden=32, epochs=200, batch_size=16, learning_rate=3e-2, patience=3
+  )
+  key = jax.random.key(1)
+  state = flow.fit(config, x, key)
+  assert int(state.epochs) < config.epochs  # stopped early: the last epoch is not the best
+  nll = -float(np.mean(np.asarray(flow.log_prob(state, _held_out(x, key, config)), np.float64)))
+  np.testing.assert_allclose(float(state.held_out_nll), nll, rtol=1e-4, atol=1e-4)
+
+
+def test_flow_held_out_nll_is_in_raw_units():
+  # Rows 10x off unit scale (sum log std = D log 10 > 0): the held-out NLL in raw units is
+  # the standardised one plus sum log std, i.e. minus the mean log-density of those rows.
+  x = np.asarray(make_moons(80, noise=0.1, random_state=5)[0], np.float32) * 10.0
+  config = flow.FlowConfig(n_layers=2, hidden=8, epochs=3, batch_size=32, learning_rate=1e-30)
+  key = jax.random.key(2)
+  state = flow.fit(config, x, key)
+  nll = -float(np.mean(np.asarray(flow.log_prob(state, _held_out(x, key, config)), np.float64)))
+  assert nll > 0  # in standardised units it would be about 2.8 less per dimension
+  np.testing.assert_allclose(float(state.held_out_nll), nll, rtol=1e-4)
