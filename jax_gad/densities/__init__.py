@@ -206,7 +206,6 @@ def check_rows(config, n_rows: int, where: str = "") -> None:
   ks = getattr(config, "n_components", None)
   if ks is None:
     return
-  ks = (ks,) if isinstance(ks, int) else tuple(ks)
   too_many = [k for k in ks if k > n_rows]
   if too_many:
     raise ValueError(
