@@ -665,7 +665,7 @@ def _check_calibration(det: Detector, bad) -> None:
       f"{det.threshold!r} is not the target_fpr={det.target_fpr} quantile "
       f"{expected!r} of the {len(scores)} stored out-of-fold scores",
     )
-  n_train = (det.info or {}).get("n_train") if isinstance(det.info, dict) else None
+  n_train = det.info.get("n_train") if isinstance(det.info, dict) else None
   if n_train is not None and n_train != len(scores):
     bad("info", f"n_train {n_train!r} differs from the {len(scores)} out-of-fold scores")
   sigmas, rows = det.sigmas, det.sigma_thresholds

@@ -283,11 +283,11 @@ def summary(det, result: Prediction, sigma=None) -> list:
 
   n_ok = int(np.isfinite(result.total).sum())
   lines = [
-    f"the detector was fitted with a warning: {w}" for w in (det.info or {}).get("warnings", [])
-  ]
-  lines += [
     f"scored {n_ok} images ({len(result.errors)} skipped with errors); "
     f"{int(result.flagged.sum())} anomalous at threshold {det.threshold_for(sigma):.4f}"
+  ]
+  lines += [
+    f"the detector was fitted with a warning: {w}" for w in (det.info or {}).get("warnings", [])
   ]
   if result.labels is not None:
     ok = np.isfinite(result.total)

@@ -428,3 +428,10 @@ def test_flow_held_out_nll_is_in_raw_units():
   nll = -float(np.mean(np.asarray(flow.log_prob(state, _held_out(x, key, config)), np.float64)))
   assert nll > 0  # in standardised units it would be about 2.8 less per dimension
   np.testing.assert_allclose(float(state.held_out_nll), nll, rtol=1e-4)
+
+
+def test_gmm_components_up_to_the_rows_of_a_fit():
+  densities.check_rows(gmm.GMMConfig(n_components=(2, 8)), 8)  # one row per component: fine
+  with pytest.raises(ValueError, match=r'--gmm_components=2,9: \[9\] exceed the 8 training rows'):
+    densities.check_rows(gmm.GMMConfig(n_components=(2, 9)), 8)
+  densities.check_rows(flow.FlowConfig(), 2)  # no components: nothing to check

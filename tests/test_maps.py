@@ -321,3 +321,13 @@ def test_cholesky_route_rejects_rounding_size_pivots(seed):
   z = test[:, 0, 0].astype(np.float64) - x.mean(axis=0)
   expected = np.sqrt(np.einsum('ni,ij,nj->n', z, pinv, z))
   np.testing.assert_allclose(got, expected, rtol=1e-2, atol=1e-3)
+
+
+def test_map_channels_up_to_the_narrowest_map_level():
+  from jax_gad.maps import pipeline
+
+  # efficientnet-lite0 levels 3 and 5 have 40 and 112 channels.
+  settings = pipeline.settings_for('efficientnet-lite0', (3, 5), 40, 'mean', 4.0)
+  assert [len(c) for c in settings.channels] == [40, 40]
+  with pytest.raises(ValueError, match=r'--map_channels=41 exceeds the 40 channels of map level 3'):
+    pipeline.settings_for('efficientnet-lite0', (5, 3), 41, 'mean', 4.0)
