@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def _replicate(tree: Any, sharding: NamedSharding) -> Any:
 
 
 # XLA:CPU vectorises loops 256 bits wide by default; 512 made the EfficientNet
-# extractor 8-12 % faster on an AVX-512 CPU (README, "Performance"). It is a
+# extractor 8-12 % faster on an AVX-512 CPU (docs/performance.md). It is a
 # preference, so CPUs without 512-bit vectors use their widest.
 CPU_COMPILER_OPTIONS = {'xla_cpu_prefer_vector_width': 512}
 
@@ -193,6 +194,32 @@ def _pooled_levels(variables, images, *, module, levels, mesh):
     pooled = tuple(jnp.mean(maps[level].astype(jnp.float32), axis=(1, 2)) for level in levels)
   # Replicated result: every process (multi-host) gets every row.
   return jax.lax.with_sharding_constraint(pooled, NamedSharding(mesh, P()))
+
+
+class ProgressBar:
+  """A tqdm bar that appears, and starts its clock, when the first batch is back.
+
+  The first batch carries one-off costs (the first run of the compiled
+  program, the decoding pipeline starting up) that would inflate the rate's
+  ETA many times over, so it is counted as done before the clock starts
+  (tqdm's rate is ``(n - initial) / elapsed``).
+  """
+
+  def __init__(self, total: int, desc: str, unit: str = 'img'):
+    self.total = total
+    self.desc = desc
+    self.unit = unit
+    self.bar = None
+
+  def update(self, n: int) -> None:
+    if self.bar is None:
+      self.bar = tqdm(total=self.total, initial=n, desc=self.desc, unit=self.unit)
+    else:
+      self.bar.update(n)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
 
 
 class LevelExtractor:
@@ -371,29 +398,25 @@ class LevelExtractor:
     _check_positive_int('n_images', n_images)
     self.compile()
     outputs: list[list[np.ndarray]] = [[] for _ in self.levels]
+    bar = ProgressBar(n_images, desc) if progress and jax.process_index() == 0 else None
 
-    def fetch(pending):
+    def fetch(pending, b):
       host = jax.device_get(pending)
       for out, level_rows in zip(outputs, host):
         out.append(np.asarray(level_rows, dtype=np.float32))
+      if bar is not None:
+        bar.update(max(0, min(self.batch_size, n_images - b * self.batch_size)))
 
-    bar = None
-    if progress and jax.process_index() == 0:
-      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
-      bar = tqdm(total=n_images, desc=desc, unit='img')
     try:
       pending = None
       for b, local_images in enumerate(batches):
         # Dispatch batch b, then bring back batch b - 1 while b computes.
         result = self(self.device_batch(local_images))
         if pending is not None:
-          fetch(pending)
+          fetch(pending, b - 1)
         pending = result
-        if bar is not None:
-          bar.update(max(0, min(self.batch_size, n_images - b * self.batch_size)))
       if pending is not None:
-        fetch(pending)
+        fetch(pending, b)
     finally:
       if bar is not None:
         bar.close()
@@ -401,3 +424,68 @@ class LevelExtractor:
     if got < n_images:
       raise ValueError(f'batches held {got} rows, fewer than n_images={n_images}.')
     return [np.concatenate(out, axis=0)[:n_images] for out in outputs]
+
+
+# ---------------------------------------------------------------------------
+# Unpooled level maps (anomaly maps)
+# ---------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=('module', 'levels', 'channels', 'mesh'))
+def _level_maps(variables, images, *, module, levels, channels, mesh):
+  """Backbone + the float32 maps of ``levels`` (kept ``channels``), sharded over the batch."""
+  maps = module.apply(variables, images)
+  out = []
+  for i, level in enumerate(levels):
+    m = maps[level].astype(jnp.float32)
+    if channels is not None and channels[i] is not None:
+      m = m[..., jnp.asarray(channels[i])]
+    out.append(m)
+  # Stay sharded over the batch: the per-location statistics are reduced on the devices.
+  return jax.lax.with_sharding_constraint(tuple(out), NamedSharding(mesh, P(mesh.axis_names[0])))
+
+
+class MapExtractor(LevelExtractor):
+  """A :class:`LevelExtractor` returning unpooled float32 level maps.
+
+  Calling it on a global batch returns one ``(batch_size, h_l, w_l, C_l)``
+  array per level, left sharded over the batch axis on the devices, where
+  :func:`jax_gad.maps.pipeline.stream_parts` adds them to per-location statistics.
+  """
+
+  def __init__(
+    self,
+    module,
+    variables,
+    *,
+    image_size: int,
+    levels: Sequence[int],
+    channels: Sequence | None = None,
+    mesh: Mesh | None = None,
+    batch_size: int = 8,
+  ):
+    """As :class:`LevelExtractor`; ``channels``: per level, kept channel indices or None (all)."""
+    super().__init__(
+      module, variables, image_size=image_size, levels=levels, mesh=mesh, batch_size=batch_size
+    )
+    if channels is not None:
+      if len(channels) != len(self.levels):
+        raise ValueError(
+          f'channels must give one entry per level ({len(self.levels)}), got {len(channels)}.'
+        )
+      channels = tuple(None if c is None else tuple(int(i) for i in c) for c in channels)
+    self.channels = channels
+
+  def _lower(self, spec: jax.ShapeDtypeStruct):
+    return _level_maps.lower(
+      self.variables,
+      spec,
+      module=self.module,
+      levels=self.levels,
+      channels=self.channels,
+      mesh=self.mesh,
+    )
+
+  def map_shapes(self) -> list[tuple[int, int, int]]:
+    """(h, w, C) of each returned level map (compiles on first use)."""
+    return [tuple(int(s) for s in o.shape[1:]) for o in self.compiled.out_info]

@@ -27,7 +27,7 @@ from absl import app, flags
 import numpy as np
 
 import jax_gad
-from jax_gad import cli, densities
+from jax_gad import cli, console, densities
 
 # Every score name of every registered density (the Gaussian's distances, 'nll').
 SCORES = tuple(dict.fromkeys(d for m in densities.DENSITIES.values() for d in m.scorers))
@@ -412,6 +412,17 @@ def run(cfg: Config) -> dict:
 
   results = {}
   map_outputs = {}
+  if cfg.maps:
+    from jax_gad.maps import report as maps_report
+
+    map_run = mp.prepare(
+      map_settings,
+      extractor,
+      meta["mean"],
+      meta["std"],
+      num_workers=cfg.num_workers or os.cpu_count() or 2,
+      keep_all_folds=cfg.save_maps,
+    )
   n_fits = len(categories) * len(cfg.folds) * len(levels)
   with tqdm(total=n_fits, desc="fit + score", unit="fit", disable=None) as bar:
     for c in categories:
@@ -435,22 +446,7 @@ def run(cfg: Config) -> dict:
       )
       if cfg.maps:
         map_outputs[c] = mp.run_category(
-          c,
-          train,
-          test,
-          [all_folds[k] for k in cfg.folds],
-          cfg.folds,
-          module=model,
-          variables=variables,
-          arch=cfg.arch,
-          image_size=image_size,
-          mean=meta["mean"],
-          std=meta["std"],
-          settings=map_settings,
-          mesh=mesh,
-          batch_size=batch_size,
-          num_workers=cfg.num_workers or os.cpu_count() or 2,
-          keep_all_folds=cfg.save_maps,
+          c, train, test, [all_folds[k] for k in cfg.folds], cfg.folds, map_run
         )
 
   config_doc = cfg._asdict()
@@ -501,13 +497,13 @@ def run(cfg: Config) -> dict:
     for line in test.mask_warnings()
   ]
   if cfg.maps:
-    doc["maps"] = mp.document(map_settings, cfg.map_channels, map_outputs)
+    doc["maps"] = maps_report.document(map_settings, cfg.map_channels, map_outputs)
   # In a multi-host run every process holds the same results; process 0 writes them.
   if jax.process_index() == 0:
 
     def write(folder):
       if cfg.maps:
-        mp.write_outputs(folder, doc, map_outputs, cfg.folds, cfg.save_maps)
+        maps_report.write_outputs(folder, doc, map_outputs, cfg.folds, cfg.save_maps)
       report.write_reports(folder, doc, results, cfg.distances, plots=cfg.plots)
 
     files.write_dir(cfg.workdir, write)
@@ -517,6 +513,7 @@ def run(cfg: Config) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_third_party_logs()
   from jax_gad import report
 
   try:
@@ -540,9 +537,9 @@ def main(argv):
   print(report.per_category_markdown(doc["per_category"], cfg.distances))
   if "maps" in doc:
     print("Anomaly maps (%), mean ± SEM over folds (docs/maps.md):")
-    from jax_gad.maps import pipeline as mp
+    from jax_gad.maps import report as maps_report
 
-    print(mp.table(doc))
+    print(maps_report.table(doc))
   print(f"Wrote results.json, tables and plots to {os.path.abspath(cfg.workdir)}")
 
 
