@@ -26,7 +26,7 @@ import flax.serialization
 import jax.numpy as jnp
 
 from jax_gad import checkpoint as checkpoint_lib
-from jax_gad import convert, features, files
+from jax_gad import config, convert, features, files
 from jax_gad.models import efficientnet
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -92,7 +92,7 @@ def _format_version(path: str):
     return None
 
 
-def ensure_checkpoint(arch: str, checkpoint_dir: str | os.PathLike = "checkpoints") -> str:
+def ensure_checkpoint(arch: str, checkpoint_dir: str | os.PathLike) -> str:
   """Path of the converted checkpoint for ``arch``, converting Lite weights on first use.
 
   Args:
@@ -143,7 +143,11 @@ def _explicit_checkpoint(checkpoint, arch: str, checkpoint_dir: str) -> str:
 
 
 def load_backbone(
-  arch: str, checkpoint=None, checkpoint_dir="checkpoints", dtype="float32", depthwise=None
+  arch: str,
+  checkpoint=None,
+  checkpoint_dir=config.Backbone.checkpoint_dir,
+  dtype=config.Backbone.dtype,
+  depthwise=None,
 ) -> tuple[Backbone, dict, str]:
   """(Backbone, checkpoint metadata, sha256) for an arch: an explicit file or the default one.
 

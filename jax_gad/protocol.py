@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from sklearn.model_selection import KFold
 
-from jax_gad import densities, metrics, pca
+from jax_gad import densities, gaussian, metrics, pca
 
 SUM = "sum"
 
@@ -191,7 +191,7 @@ def _model_and_config(density: DensitySpec):
 
 def _degenerate(category: str, fold: int, level: int, x_train) -> list:
   """``[Degenerate]`` (and a warning) when every training feature is constant, else ``[]``."""
-  if np.any(np.ptp(np.asarray(x_train), axis=0) > 0):
+  if not gaussian.has_no_variance(x_train):
     return []
   note = Degenerate(
     category,

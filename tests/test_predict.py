@@ -14,8 +14,7 @@ import tqdm.auto
 
 import jax_gad
 from jax_gad import backbone as backbone_lib
-from jax_gad import features, metrics, predict
-from jax_gad import fit as fit_module
+from jax_gad import config, features, fitting, metrics, predict
 
 ARCH = "efficientnet-lite0"
 SIZE = 64
@@ -45,17 +44,22 @@ def setup(tmp_path_factory, checkpoint):
   shutil.rmtree(root / CATEGORY / "ground_truth")
   work = tmp_path_factory.mktemp("work")
   det_path = work / "det.jgd"
-  fit_module.command(
-    det_path,
-    CATEGORY,
-    dataset="folder",
-    data_dir=root,
-    arch=ARCH,
-    checkpoint=checkpoint,
-    image_size=SIZE,
-    levels=LEVELS,
-    batch_size=8,
-    tfds_dir=work / "tfds",
+  fitting.fit_and_save(
+    config.from_flat(
+      config.Fit,
+      dict(
+        output=det_path,
+        category=CATEGORY,
+        dataset="folder",
+        data_dir=root,
+        arch=ARCH,
+        checkpoint=checkpoint,
+        image_size=SIZE,
+        levels=LEVELS,
+        batch_size=8,
+        tfds_dir=work / "tfds",
+      ),
+    ),
     progress=False,
   )
   return root, det_path
@@ -68,7 +72,8 @@ def _rows(path):
 
 def _predict(checkpoint, **kw):
   """predict.command as the CLI runs it; returns the lines the CLI prints."""
-  det, result = predict.command(checkpoint=checkpoint, batch_size=8, progress=False, **kw)
+  cfg = config.from_flat(config.Predict, dict(checkpoint=checkpoint, batch_size=8, **kw))
+  det, result = predict.command(cfg, progress=False)
   return predict.summary(det, result, kw.get("sigma"))
 
 
@@ -201,6 +206,49 @@ def test_cli_exit_code_in_a_subprocess(setup, checkpoint, tmp_path):
   assert not (tmp_path / "o.csv").exists()
 
 
+def test_a_score_equal_to_the_threshold_is_normal(setup, checkpoint, tmp_path):
+  # The decision is "strictly above the threshold": put the threshold exactly on one image's
+  # score (the CSV's repr round-trips the float) and score the same images again.
+  root, det_path = setup
+  det = jax_gad.load_detector(det_path, checkpoint=checkpoint)
+  inputs = predict.find_inputs(str(root / CATEGORY / "test"))
+  first = predict.predict(det, inputs, str(tmp_path / "a.csv"), batch_size=8, progress=False)
+  totals = [float(r["total"]) for r in _rows(tmp_path / "a.csv")]
+  assert totals == list(first.total)
+  k = int(np.argsort(totals)[len(totals) // 2])
+  at = det.replace(threshold=totals[k])
+  again = predict.predict(at, inputs, str(tmp_path / "b.csv"), batch_size=8, progress=False)
+  rows = _rows(tmp_path / "b.csv")
+  assert float(rows[k]["total"]) == totals[k]
+  assert rows[k]["decision"] == "normal" and not again.flagged[k]
+  expect = ["anomalous" if t > totals[k] else "normal" for t in totals]
+  assert [r["decision"] for r in rows] == expect and expect.count("anomalous") > 0
+
+
+def test_labels_need_good_and_at_least_one_other_sub_folder(tmp_path):
+  for layout, labelled in ((("good",), False), (("crack",), False), (("good", "crack"), True)):
+    root = tmp_path / "_".join(layout)
+    for sub in layout:
+      (root / sub).mkdir(parents=True)
+      Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / sub / "0.png")
+    inputs = predict.find_inputs(str(root))
+    assert (inputs.labels is not None) == labelled, layout
+    if labelled:
+      assert inputs.labels == [int("/crack/" in p) for p in inputs.paths]
+
+
+def test_on_error_skip_records_os_errors(tmp_path):
+  # A dangling symlink: open() raises FileNotFoundError (an OSError, not a ValueError).
+  (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+  source = predict._ImageFiles([str(tmp_path / "gone.png")], skip=True, image_size=8)
+  example = source[0]
+  assert example["image"].shape == (8, 8, 3) and not example["image"].any()
+  assert str(tmp_path / "gone.png") in source.errors[0]
+  strict = predict._ImageFiles([str(tmp_path / "gone.png")], skip=False, image_size=8)
+  with pytest.raises(ValueError, match="gone.png"):
+    strict[0]
+
+
 def test_progress_bar_starts_after_the_compile(setup, checkpoint, tmp_path, monkeypatch):
   # The bar's clock starts when it is made; a compile after that would count in its rate and ETA.
   root, det_path = setup
@@ -219,12 +267,9 @@ def test_progress_bar_starts_after_the_compile(setup, checkpoint, tmp_path, monk
 
   monkeypatch.setattr(features.LevelExtractor, "compile", compile_and_record)
   monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+  options = dict(detector=det_path, input=root / CATEGORY / "test", output=tmp_path / "s.csv")
   predict.command(
-    checkpoint=checkpoint,
-    batch_size=8,
-    detector=det_path,
-    input=root / CATEGORY / "test",
-    output=tmp_path / "scores.csv",
+    config.from_flat(config.Predict, dict(options, checkpoint=checkpoint, batch_size=8)),
     progress=True,
   )
   assert events == ["compile", "bar"]

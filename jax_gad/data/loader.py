@@ -116,6 +116,9 @@ class Split(collections.abc.Sequence):
     counts: ``{'good': n_good, 'defect': n_defect}``.
     has_masks: whether masks mark the defects (False for a folder category
       without ``ground_truth/``: every mask is all zero then).
+    mask_notes: ``{'non_binary' | 'empty': [file names]}``, masks recorded as
+      odd when the split was prepared (``jax_gad.data.folder.mask_notes``);
+      :meth:`mask_warnings` says them in lines.
     prepared_dir: the prepared TFDS folder ('' for in-memory splits).
     raw_dir: the raw category folder it was built from ('' if generated).
 
@@ -127,33 +130,40 @@ class Split(collections.abc.Sequence):
   def __init__(
     self,
     source,
+    record: dict,
     *,
     dataset: str,
     category: str,
     split: str,
-    labels,
-    defect_types,
-    file_names,
     fingerprint: str,
-    stored_sha256=None,
     has_masks: bool = True,
     prepared_dir: str = "",
     raw_dir: str = "",
     damaged=None,
   ):
+    """``record``: the split's metadata record: ``labels``, ``defect_types``, ``file_names``,
+    ``stored_sha256`` (each example's digest, checked on read; None: not checked) and
+    optionally ``mask_notes``."""
     self._source = source
     self.dataset = dataset
     self.category = category
     self.split = split
-    self.labels = np.asarray(labels, dtype=np.int64)
-    self.defect_types = list(defect_types)
-    self.file_names = list(file_names)
+    self.labels = np.asarray(record["labels"], dtype=np.int64)
+    self.defect_types = list(record["defect_types"])
+    self.file_names = list(record["file_names"])
     self.fingerprint = fingerprint
     self.has_masks = bool(has_masks)
     self.prepared_dir = prepared_dir
     self.raw_dir = raw_dir
-    self._stored_sha256 = None if stored_sha256 is None else list(stored_sha256)
+    stored = record["stored_sha256"]
+    self._stored_sha256 = None if stored is None else list(stored)
     self._damaged = damaged
+    self.mask_notes = dict(record.get("mask_notes") or {})
+
+  def mask_warnings(self) -> list[str]:
+    """One line per kind of odd mask (not binary; all zero on a defect image), naming files."""
+    where = f"{self.dataset} {self.category}/{self.split}"
+    return common.mask_warnings(where, self.mask_notes)
 
   @property
   def counts(self) -> dict:
@@ -222,14 +232,11 @@ class Split(collections.abc.Sequence):
     fingerprint = common.sha256(json.dumps(key, sort_keys=True).encode("utf-8"))
     return cls(
       source,
+      record,
       dataset=builder.name,
       category=getattr(config, "category", config.name),
       split=split,
-      labels=record["labels"],
-      defect_types=record["defect_types"],
-      file_names=record["file_names"],
       fingerprint=fingerprint,
-      stored_sha256=record["stored_sha256"],
       has_masks=bool(meta.get("has_masks", True)),
       prepared_dir=os.fspath(builder.data_dir),
       raw_dir=raw_dir,

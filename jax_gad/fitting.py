@@ -1,0 +1,107 @@
+"""A detector for one category: what ``python -m jax_gad.fit`` runs.
+
+The densities of every level are fitted on every training image (no folds);
+the calibrated threshold comes from k-fold out-of-fold scores of those same
+images (``calibration_folds``) at ``target_fpr``; see :mod:`jax_gad.detector`
+and docs/own-images.md. No defect image is needed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax_gad
+from jax_gad import backbone as backbone_lib
+from jax_gad import config, data, detector, files, protocol
+from jax_gad.data import pipeline
+
+
+def fit(cfg: config.Fit, progress: bool = True) -> detector.Detector:
+  """Fits a :class:`jax_gad.detector.Detector` on a category's training split.
+
+  Args:
+    cfg: the data (``cfg.data``; its ``categories`` are not used), the backbone,
+      the levels and reduction, and ``cfg.calibration`` (the category, the
+      target false-positive rate and the k of the out-of-fold calibration).
+    progress: show progress bars.
+
+  Returns:
+    The fitted detector, with its backbone attached (``Detector.score`` works).
+
+  Raises:
+    ValueError: bad options or data (one line naming the culprit), before any work.
+  """
+  config.validate(cfg)
+  r = protocol.reduction_from(cfg.levels.pca, cfg.levels.npca)
+  d, b, cal = cfg.data, cfg.backbone, cfg.calibration
+  train = data.load(d.dataset, cal.category, "train", data_dir=d.data_dir, tfds_dir=d.tfds_dir)
+  needed = max(cal.calibration_folds, 3)
+  if len(train) < needed:
+    raise ValueError(
+      f"{d.dataset} category {cal.category!r} has {len(train)} training images; "
+      f"calibrating with {cal.calibration_folds} folds needs at least {needed}"
+    )
+  backbone, meta, sha = backbone_lib.load_backbone(
+    b.arch, b.checkpoint, b.checkpoint_dir, b.dtype, b.depthwise_impl
+  )
+  size = int(b.image_size or meta["resolution"])
+  extractor = backbone.extractor(
+    image_size=size,
+    levels=cfg.levels.levels,
+    batch_size=min(b.batch_size, len(train)),
+  )
+  feats = pipeline.pooled_features(
+    extractor,
+    train,
+    image_size=size,
+    mean=meta["mean"],
+    std=meta["std"],
+    num_workers=b.workers,
+    progress=progress,
+    desc=f"{cal.category}/train",
+  )
+  info = {
+    "dataset": d.dataset,
+    "category": cal.category,
+    "n_train": len(train),
+    "data_fingerprint": train.fingerprint,
+    "checkpoint": backbone.path,
+    "versions": jax_gad.versions(),
+  }
+  det = detector.fit_features(
+    feats,
+    levels=cfg.levels.levels,
+    target_fpr=cal.target_fpr,
+    n_folds=cal.calibration_folds,
+    reduction=None if r is None else r._asdict(),
+    arch=b.arch,
+    checkpoint_sha256=sha,
+    image_size=size,
+    mean=tuple(float(v) for v in meta["mean"]),
+    std=tuple(float(v) for v in meta["std"]),
+    dtype=b.dtype,
+    info=info,
+  )
+  return det.replace(backbone=backbone)
+
+
+def fit_inputs(cfg: config.Fit) -> list:
+  """(what, path) of what a fit reads: the checkpoint file and the raw category folder."""
+  b, data_dir = cfg.backbone, cfg.data.data_dir
+  default = os.path.join(os.fspath(b.checkpoint_dir), f"{b.arch}.msgpack")
+  raw = os.path.join(os.fspath(data_dir), cfg.calibration.category) if data_dir else None
+  return [("the checkpoint", b.checkpoint or default), ("the training data", raw)]
+
+
+def fit_and_save(cfg: config.Fit, progress: bool = True) -> detector.Detector:
+  """Checks the output path, fits (:func:`fit`) and saves the detector atomically."""
+  output = cfg.calibration.output
+  if not output:
+    raise ValueError("--output is required (the detector file to write)")
+  if os.path.isdir(output):
+    raise ValueError(f"--output={output} is a folder; give a file name")
+  files.check_not_an_input("output", output, fit_inputs(cfg))
+  files.remove_stale_temporaries_beside(output)
+  det = fit(cfg, progress=progress)
+  det.save(output)
+  return det
