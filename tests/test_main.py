@@ -156,7 +156,7 @@ def _break(kind, tmp_path, mvtec):
   if kind == "distance of another density":
     return dict(density="gmm", distances=("mahalanobis",)), "--distances"
   if kind == "gmm components > rows":  # 10 training images: 8 per fold
-    return dict(density="gmm", gmm_components=(2, 9), levels=(0,)), "exceeds the 8 training rows"
+    return dict(density="gmm", gmm_components=(2, 9), levels=(0,)), "exceed the 8 training rows"
   if kind == "gmm components not positive":
     return dict(density="gmm", gmm_components=(0,)), "--gmm_components"
   if kind == "flow loss not finite":
