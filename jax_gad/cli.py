@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 
 from absl import flags
 
-from jax_gad import densities
+from jax_gad import compile_cache, densities
 from jax_gad.densities import flow as _dens_flow
 from jax_gad.densities import gmm as _dens_gmm
 from jax_gad.models import efficientnet
@@ -234,6 +234,18 @@ flags.DEFINE_enum(
 )
 DEFINE_path(
   "cache_dir", "~/.cache/jax_gad/features", "Feature cache folder ('' disables the cache)."
+)
+flags.DEFINE_bool(
+  "plots",
+  True,
+  "Write the plots (PNG): main the ROC and per-level plots; fit and predict the score "
+  "histogram beside --output (<output without extension>_histogram.png).",
+)
+DEFINE_path(
+  "compile_cache",
+  compile_cache.DEFAULT_DIR,
+  "Folder of JAX's persistent compilation cache: programs compiled once are loaded by later "
+  "runs instead of compiled again ('' disables it; docs/own-images.md).",
 )
 
 # What is fitted.

@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Sequence
 
+import numpy as np
+
 from jax_gad import detector as detector_lib
 from jax_gad.models import efficientnet
 
@@ -37,6 +39,8 @@ SHARED_FLAGS = (
   "levels",
   "pca",
   "npca",
+  "cache_dir",
+  "plots",
 )
 OWN_FLAGS = ("category", "output", "target_fpr", "calibration_folds")
 
@@ -60,6 +64,7 @@ def fit(
   num_workers: int | None = None,
   dtype: str = "float32",
   depthwise: str | None = None,
+  cache_dir=None,
   progress: bool = True,
 ) -> detector_lib.Detector:
   """Fits a :class:`jax_gad.detector.Detector` on a category's training split.
@@ -76,7 +81,10 @@ def fit(
     target_fpr: false-positive rate of the calibrated threshold, in (0, 1).
     calibration_folds: k of the out-of-fold calibration.
     batch_size, num_workers, dtype, depthwise: feature extraction settings.
-    progress: show progress bars.
+    cache_dir: the pooled-feature cache (:mod:`jax_gad.feature_cache`; None or ''
+      disables it). Its entries are those ``jax_gad.main`` writes (same key, all
+      9 levels), so a fit after a main run on the same data and weights extracts nothing.
+    progress: show progress bars, and say on the console where the features came from.
 
   Returns:
     The fitted detector, with its backbone attached (``Detector.score`` works).
@@ -84,21 +92,10 @@ def fit(
   Raises:
     ValueError: bad arguments or data (one line naming the culprit).
   """
-  from jax_gad import cli, data, features, protocol
-  from jax_gad.data import pipeline
+  from jax_gad import data, feature_cache
 
   target_fpr = detector_lib.check_target_fpr(target_fpr)
-  try:
-    levels = tuple(cli.IntListParser(0, efficientnet.NUM_LEVELS - 1).parse(list(levels)))
-  except ValueError as err:
-    raise ValueError(f"--levels: {err}") from None
-  r = protocol.reduction_from(pca, npca)
-  reduction = None if r is None else r._asdict()
-  if dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
-  if image_size is not None and image_size < 16:
-    raise ValueError(f"--image_size must be at least 16, got {image_size}")
-
+  levels, reduction = _check(levels, pca, npca, dtype, image_size, cache_dir)
   train = data.load(dataset, category, "train", data_dir=data_dir, tfds_dir=tfds_dir)
   if len(train) < max(calibration_folds, 3):
     raise ValueError(
@@ -110,23 +107,29 @@ def fit(
     arch, checkpoint, checkpoint_dir, dtype, depthwise
   )
   size = int(image_size or meta["resolution"])
-  extractor = features.LevelExtractor(
-    backbone.module,
-    backbone.variables,
-    image_size=size,
-    levels=levels,
-    batch_size=min(batch_size, len(train)),
-  )
-  feats = pipeline.pooled_features(
-    extractor,
-    train,
-    image_size=size,
-    mean=meta["mean"],
-    std=meta["std"],
-    num_workers=num_workers or os.cpu_count() or 2,
-    progress=progress,
-    desc=f"{category}/train",
-  )
+  settings = dict(image_size=size, batch_size=batch_size, num_workers=num_workers)
+  if not cache_dir:
+    feats = _extract(backbone, meta, train, levels, progress, **settings)
+  else:  # main's entry for this split: every level, selected after reading
+    cache = feature_cache.FeatureCache(cache_dir)
+    key = feature_cache.pooled_key(
+      dataset,
+      category,
+      "train",
+      train.fingerprint,
+      sha,
+      arch,
+      size,
+      dtype,
+      backbone.module.depthwise,
+    )
+    hits = cache.hits
+    everything = cache.get_or_compute(
+      key, lambda: _extract(backbone, meta, train, ALL_LEVELS, progress, **settings)
+    )
+    feats = [everything[l] for l in levels]
+    if progress:
+      print(feature_cache.describe(cache.paths(key)[0], cache.hits > hits))
   import jax_gad
 
   info = {
@@ -154,12 +157,56 @@ def fit(
   return det.replace(backbone=backbone)
 
 
-def command(output, category, **kwargs) -> detector_lib.Detector:
+def _check(levels, pca, npca, dtype, image_size, cache_dir):
+  """Checks the settings before any work; returns (levels as a tuple, reduction or None)."""
+  from jax_gad import cli, protocol
+
+  try:
+    levels = tuple(cli.IntListParser(0, efficientnet.NUM_LEVELS - 1).parse(list(levels)))
+  except ValueError as err:
+    raise ValueError(f"--levels: {err}") from None
+  r = protocol.reduction_from(pca, npca)
+  if dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+  if image_size is not None and image_size < 16:
+    raise ValueError(f"--image_size must be at least 16, got {image_size}")
+  if cache_dir and os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+    raise ValueError(f"--cache_dir={cache_dir} is a file; give a folder, or '' to disable")
+  return levels, None if r is None else r._asdict()
+
+
+def _extract(backbone, meta, train, levels, progress, *, image_size, batch_size, num_workers):
+  """Pooled features of the training images at ``levels`` (a list of arrays, one per level)."""
+  from jax_gad import features
+  from jax_gad.data import pipeline
+
+  extractor = features.LevelExtractor(
+    backbone.module,
+    backbone.variables,
+    image_size=image_size,
+    levels=levels,
+    batch_size=min(batch_size, len(train)),
+  )
+  return pipeline.pooled_features(
+    extractor,
+    train,
+    image_size=image_size,
+    mean=meta["mean"],
+    std=meta["std"],
+    num_workers=num_workers or os.cpu_count() or 2,
+    progress=progress,
+    desc=f"{train.category}/train",
+  )
+
+
+def command(output, category, plots=True, **kwargs) -> detector_lib.Detector:
   """What ``python -m jax_gad.fit`` does: checks the output path, fits, saves atomically.
 
   Args:
     output: the detector file to write (its folder is created if missing).
     category: as in :func:`fit`.
+    plots: also write the histogram of the out-of-fold calibration scores, with
+      the threshold, to :func:`jax_gad.operating_point.histogram_path` of ``output``.
     **kwargs: the other arguments of :func:`fit`.
   """
   if not category:
@@ -171,7 +218,22 @@ def command(output, category, **kwargs) -> detector_lib.Detector:
     raise ValueError(f"--output={output} is a folder; give a file name")
   det = fit(category, **kwargs)
   det.save(output)
+  if plots:
+    write_histogram(det, output)
   return det
+
+
+def write_histogram(det: detector_lib.Detector, output) -> str:
+  """Writes the histogram of the detector's out-of-fold calibration scores; returns its path."""
+  from jax_gad import files, operating_point, report
+
+  scores = np.asarray(det.calibration_scores)
+  hist = operating_point.histogram(scores, det.threshold)
+  title = f"fit: out-of-fold scores of the {len(scores)} training images"
+  png = report.score_histogram_png(hist, title, names={"scores": "training images"})
+  path = operating_point.histogram_path(output)
+  files.atomic_write(path, png)
+  return path
 
 
 def _define_flags() -> None:
@@ -193,14 +255,14 @@ def _define_flags() -> None:
     "(0, 1), set from out-of-fold scores of the training images.",
   )
   flags.DEFINE_integer("calibration_folds", 5, "k of the out-of-fold calibration.", lower_bound=2)
-  cli.show_in_help(SHARED_FLAGS + OWN_FLAGS)
+  cli.show_in_help(SHARED_FLAGS + OWN_FLAGS + ("compile_cache",))
 
 
 def main(argv) -> int:
   """The fit command (after flag parsing); returns the exit status."""
   from absl import app, flags
 
-  from jax_gad import cli
+  from jax_gad import cli, compile_cache, operating_point
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -208,6 +270,7 @@ def main(argv) -> int:
   v = cli.values(SHARED_FLAGS + OWN_FLAGS)
   v["depthwise"] = None if v["depthwise"] == "auto" else v["depthwise"]
   try:
+    compiled = compile_cache.enable(fv.compile_cache)
     det = command(**v)
   except (ValueError, OSError, MemoryError) as e:
     print(f"jax_gad.fit: error: {e}", file=sys.stderr)
@@ -224,6 +287,9 @@ def main(argv) -> int:
     f"({det.n_folds}-fold out-of-fold scores); 3-sigma threshold {det.threshold_for(3):.4f}"
   )
   print(f"wrote {os.path.abspath(v['output'])}")
+  if v["plots"]:
+    print(f"wrote {os.path.abspath(operating_point.histogram_path(v['output']))}")
+  print(compiled.summary())
   return 0
 
 

@@ -27,7 +27,7 @@ from absl import app, flags
 import numpy as np
 
 import jax_gad
-from jax_gad import cli, densities
+from jax_gad import cli, compile_cache, densities
 
 # Every score name of every registered density (the Gaussian's distances, 'nll').
 SCORES = tuple(dict.fromkeys(d for m in densities.DENSITIES.values() for d in m.scorers))
@@ -52,7 +52,6 @@ cli.DEFINE_enum_list(
   "for the Gaussian; nll for gmm and flow).",
   allow_empty=True,
 )
-flags.DEFINE_bool("plots", True, "Write ROC and per-level plots (PNG).")
 flags.DEFINE_bool(
   "maps",
   False,
@@ -368,17 +367,17 @@ def run(cfg: Config) -> dict:
 
     if cache is None:
       return compute()
-    key = {
-      "dataset": cfg.dataset,
-      "category": category,
-      "split": split_name,
-      "data": split.fingerprint,
-      "checkpoint_sha256": checkpoint_sha256,
-      "arch": cfg.arch,
-      "image_size": image_size,
-      "dtype": cfg.dtype,
-      "depthwise": depthwise or efficientnet.default_depthwise(mesh.devices.flat[0].platform),
-    }
+    key = feature_cache.pooled_key(
+      cfg.dataset,
+      category,
+      split_name,
+      split.fingerprint,
+      checkpoint_sha256,
+      cfg.arch,
+      image_size,
+      cfg.dtype,
+      depthwise or efficientnet.default_depthwise(mesh.devices.flat[0].platform),
+    )
     return cache.get_or_compute(key, compute)
 
   results = {}
@@ -493,6 +492,7 @@ def main(argv):
 
   try:
     cli.initialize_multihost()
+    compiled = compile_cache.enable(FLAGS.compile_cache)
     cfg = config()
     doc = run(cfg)
   except (ValueError, OSError, ImportError, MemoryError) as e:  # bad input: say what, no traceback
@@ -516,11 +516,12 @@ def main(argv):
 
     print(mp.table(doc))
   print(f"Wrote results.json, tables and plots to {os.path.abspath(cfg.workdir)}")
+  print(compiled.summary())
 
 
 def run_cli():
   """Console-script entry point (``jax-gad``)."""
-  cli.show_in_help(Config._fields + cli.MULTIHOST_FLAGS)
+  cli.show_in_help(Config._fields + cli.MULTIHOST_FLAGS + ("compile_cache",))
   app.run(main)
 
 

@@ -36,10 +36,11 @@ CHUNK = 256  # images scored and written per step (bounded memory)
 
 
 class Inputs(NamedTuple):
-  """The images to score: absolute paths, and labels if PATH is an MVTec test folder."""
+  """The images to score: absolute paths, and labels and defect types if PATH is labelled."""
 
   paths: list
   labels: list | None
+  defect_types: list | None = None
 
 
 def find_inputs(pattern: str) -> Inputs:
@@ -62,7 +63,8 @@ def find_inputs(pattern: str) -> Inputs:
         f"--input={pattern}: the folder holds no images ({', '.join(exts)}, searched recursively)"
       )
     found = sorted(os.path.abspath(p) for p in found)
-    return Inputs(found, _mvtec_labels(os.path.abspath(path), found))
+    types = _folder_types(os.path.abspath(path), found)
+    return Inputs(found, None if types is None else [int(t != "good") for t in types], types)
   if os.path.isfile(path):
     return Inputs([os.path.abspath(path)], None)
   if glob.has_magic(path):
@@ -73,17 +75,17 @@ def find_inputs(pattern: str) -> Inputs:
   raise ValueError(f"--input={pattern} does not exist (expected an image, a folder or a glob)")
 
 
-def _mvtec_labels(root: str, paths: list) -> list | None:
-  """Labels from ``root/<good or defect>/<image>`` if that is the layout, else None."""
-  subs = set()
+def _folder_types(root: str, paths: list) -> list | None:
+  """Defect types from ``root/<good or defect type>/<image>`` if that is the layout, else None."""
+  types = []
   for p in paths:
     rel = os.path.relpath(p, root).split(os.sep)
     if len(rel) != 2:
       return None
-    subs.add(rel[0])
-  if "good" not in subs or len(subs) < 2:
+    types.append(rel[0])
+  if "good" not in types or len(set(types)) < 2:
     return None
-  return [int(os.path.relpath(p, root).split(os.sep)[0] != "good") for p in paths]
+  return types
 
 
 def read_image(path: str) -> np.ndarray:
@@ -117,6 +119,11 @@ class _ImageFiles:
       return {"image": self._blank}
 
 
+def _truth(inputs: Inputs, k: int) -> tuple:
+  """``(label, defect_type)`` of input ``k`` for the CSV, or ``()`` when the input has none."""
+  return () if inputs.defect_types is None else (inputs.labels[k], inputs.defect_types[k])
+
+
 class Prediction(NamedTuple):
   """What :func:`predict` found: total scores (NaN for errors), decisions, errors, labels."""
 
@@ -125,6 +132,9 @@ class Prediction(NamedTuple):
   flagged: np.ndarray
   errors: dict
   labels: list | None
+  defect_types: list | None = None
+  threshold: float = float("nan")
+  histogram: str | None = None  # the histogram PNG's path, when written
 
 
 def predict(
@@ -147,7 +157,7 @@ def predict(
   """
   import itertools
 
-  from jax_gad import files
+  from jax_gad import files, operating_point
   from jax_gad.data import pipeline
 
   if on_error not in ("skip", "fail"):
@@ -168,9 +178,7 @@ def predict(
   def write(f):
     text = io.TextIOWrapper(f, encoding="utf-8", newline="")
     writer = csv.writer(text)
-    writer.writerow(
-      ["path"] + [f"level_{l}" for l in detector.levels] + ["total", "decision", "error"]
-    )
+    writer.writerow(operating_point.csv_header(detector.levels, inputs.defect_types is not None))
     batches = pipeline.prefetch_batches(
       source,
       preprocess=pipeline.image_preprocessor(detector.image_size, detector.mean, detector.std),
@@ -186,19 +194,18 @@ def predict(
         scores = detector.score_features(feats)
         for i in range(count):
           k = start + i
-          path = inputs.paths[k]
-          if k in source.errors:
-            writer.writerow([path] + [""] * len(detector.levels) + ["", "error", source.errors[k]])
-            continue
-          total[k] = scores.total[i]
+          ok = k not in source.errors
+          if ok:
+            total[k] = scores.total[i]
           writer.writerow(
-            [path]
-            + [repr(float(v)) for v in scores.per_level[i]]
-            + [
-              repr(float(scores.total[i])),
-              "anomalous" if scores.total[i] > threshold else "normal",
-              "",
-            ]
+            operating_point.csv_row(
+              inputs.paths[k],
+              len(detector.levels),
+              threshold,
+              scores=(scores.per_level[i], scores.total[i]) if ok else None,
+              error=source.errors.get(k, ""),
+              truth=_truth(inputs, k),
+            )
           )
         if bar is not None:
           bar.update(count)
@@ -212,10 +219,18 @@ def predict(
   finally:
     if bar is not None:
       bar.close()
-  return Prediction(inputs.paths, total, total > threshold, dict(source.errors), inputs.labels)
+  return Prediction(
+    inputs.paths,
+    total,
+    total > threshold,
+    dict(source.errors),
+    inputs.labels,
+    inputs.defect_types,
+    threshold,
+  )
 
 
-SHARED_FLAGS = ("checkpoint", "checkpoint_dir", "batch_size", "num_workers", "depthwise")
+SHARED_FLAGS = ("checkpoint", "checkpoint_dir", "batch_size", "num_workers", "depthwise", "plots")
 OWN_FLAGS = ("detector", "input", "output", "on_error", "sigma")
 
 
@@ -230,9 +245,14 @@ def command(
   batch_size=16,
   num_workers=None,
   depthwise=None,
+  plots=True,
   progress=True,
 ):
   """What ``python -m jax_gad.predict`` does, with every check before any work.
+
+  With ``plots``, also writes the score histogram (good vs defect where the
+  input gives labels, the threshold as a line) to
+  :func:`jax_gad.operating_point.histogram_path` of ``output``.
 
   Returns:
     (the loaded detector, :class:`Prediction`).
@@ -256,7 +276,7 @@ def command(
   det = detector_lib.attach_backbone(
     det, checkpoint, checkpoint_dir, depthwise, where=f"detector {detector}"
   )
-  return det, predict(
+  result = predict(
     det,
     inputs,
     output,
@@ -266,11 +286,25 @@ def command(
     num_workers=num_workers,
     progress=progress,
   )
+  if plots and np.isfinite(result.total).any():  # no histogram of nothing
+    result = result._replace(histogram=write_histogram(result, output))
+  return det, result
+
+
+def write_histogram(result: Prediction, output) -> str:
+  """Writes the scores' histogram beside ``output`` (atomically); returns its path."""
+  from jax_gad import files, operating_point, report
+
+  hist = operating_point.histogram(result.total, result.threshold, result.labels)
+  n = int(np.isfinite(result.total).sum())
+  path = operating_point.histogram_path(output)
+  files.atomic_write(path, report.score_histogram_png(hist, f"predict: scores of {n} images"))
+  return path
 
 
 def summary(det, result: Prediction, sigma=None) -> list:
   """The lines the command prints: counts, and AUROC / TPR / FPR for an MVTec test folder."""
-  from jax_gad import metrics
+  from jax_gad import metrics, operating_point
 
   n_ok = int(np.isfinite(result.total).sum())
   lines = [
@@ -287,6 +321,9 @@ def summary(det, result: Prediction, sigma=None) -> list:
         f"TPR {flagged[y == 1].mean():.3f}, FPR {flagged[y == 0].mean():.3f} "
         "at the threshold"
       )
+  if result.defect_types is not None:
+    found = operating_point.rates(result.total, result.threshold, result.defect_types)
+    lines += operating_point.rate_lines(found, result.threshold)
   return lines
 
 
@@ -311,20 +348,21 @@ def _define_flags() -> None:
     None,
     "Decide at the chi-squared n-sigma threshold (1..8) instead of the calibrated one.",
   )
-  cli.show_in_help(SHARED_FLAGS + OWN_FLAGS)
+  cli.show_in_help(SHARED_FLAGS + OWN_FLAGS + ("compile_cache",))
 
 
 def main(argv) -> int:
   """The predict command (after flag parsing); returns the exit status."""
-  from absl import app
+  from absl import app, flags
 
-  from jax_gad import cli
+  from jax_gad import cli, compile_cache
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   v = cli.values(SHARED_FLAGS + OWN_FLAGS)
   v["depthwise"] = None if v["depthwise"] == "auto" else v["depthwise"]
   try:
+    compiled = compile_cache.enable(flags.FLAGS.compile_cache)
     det, result = command(**v)
   except (ValueError, OSError, MemoryError) as e:
     print(f"jax_gad.predict: error: {e}", file=sys.stderr)
@@ -335,6 +373,9 @@ def main(argv) -> int:
   for line in summary(det, result, v["sigma"]):
     print(line)
   print(f"wrote {os.path.abspath(v['output'])}")
+  if result.histogram:
+    print(f"wrote {os.path.abspath(result.histogram)}")
+  print(compiled.summary())
   return 0
 
 

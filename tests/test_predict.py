@@ -79,7 +79,14 @@ def test_predict_folder_equals_in_memory_scores(setup, checkpoint, tmp_path):
   rows = _rows(out)
   paths = sorted(str(p) for p in test_dir.rglob("*.png"))
   assert [r["path"] for r in rows] == paths
-  assert list(rows[0]) == ["path"] + [f"level_{l}" for l in LEVELS] + ["total", "decision", "error"]
+  assert list(rows[0]) == ["path"] + [f"level_{l}" for l in LEVELS] + [
+    "total",
+    "decision",
+    "threshold",
+    "label",
+    "defect_type",
+    "error",
+  ]
   det = jax_gad.load_detector(det_path, checkpoint=checkpoint)
   images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
   ref = det.score(images)
