@@ -84,11 +84,25 @@ def enable(folder: str | None) -> Stats:
   import jax
   from jax.experimental.compilation_cache import compilation_cache
 
+  if folder:
+    folder = _checked_folder(folder)
   compilation_cache.reset_cache()  # a later call takes effect even after a compilation
   if not folder:
     jax.config.update("jax_enable_compilation_cache", False)
     jax.config.update("jax_compilation_cache_dir", None)
     return Stats(None)
+  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  stats = Stats(folder)
+  jax.monitoring.register_event_listener(stats)
+  return stats
+
+
+def _checked_folder(folder) -> str:
+  """The absolute folder, created if missing; ValueError naming it if it cannot be used."""
   folder = os.path.abspath(os.path.expanduser(os.fspath(folder)))
   if os.path.exists(folder) and not os.path.isdir(folder):
     raise ValueError(f"--compile_cache={folder} is a file; give a folder, or '' to disable")
@@ -101,11 +115,4 @@ def enable(folder: str | None) -> Stats:
     ) from None
   if not os.access(folder, os.W_OK | os.X_OK):
     raise ValueError(f"--compile_cache={folder} is not writable; give another, or '' to disable")
-  jax.config.update("jax_enable_compilation_cache", True)
-  jax.config.update("jax_compilation_cache_dir", folder)
-  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  stats = Stats(folder)
-  jax.monitoring.register_event_listener(stats)
-  return stats
+  return folder

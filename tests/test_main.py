@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from fakes import extract_features, write_mvtec
+import numpy as np
 import pytest
 from references import independent_aurocs
 
@@ -308,3 +309,52 @@ def test_density_gaussian_leaves_results_json_as_without_densities(tmp_path, mvt
   assert "fits" not in default  # the Gaussian does not describe its fits
   assert default == explicit
   assert default["config"]["distances"] == ["l2", "sed", "mahalanobis"]
+
+
+def test_fit_reads_the_feature_cache_main_wrote(tmp_path, mvtec, checkpoint, monkeypatch, capsys):
+  from jax_gad import fit as fit_module
+  from jax_gad.data import pipeline
+
+  cache = tmp_path / "cache"
+  main.run(_config(tmp_path, mvtec, checkpoint, categories=("bottle",), folds=(0,), plots=False))
+  fit_args = dict(
+    dataset="mvtec_ad",
+    data_dir=mvtec,
+    tfds_dir=str(tmp_path / "tfds"),
+    arch=ARCH,
+    checkpoint=checkpoint,
+    image_size=SIZE,
+    levels=(2, 5, 8),
+    batch_size=8,
+  )
+  plain = fit_module.fit("bottle", cache_dir=None, progress=False, **fit_args)
+
+  def no_extraction(*args, **kwargs):
+    raise AssertionError("fit extracted features although main had cached them")
+
+  with monkeypatch.context() as m:
+    m.setattr(pipeline, "pooled_features", no_extraction)
+    cached = fit_module.fit("bottle", cache_dir=str(cache), progress=True, **fit_args)
+  assert "features from cache " + str(cache) in capsys.readouterr().out
+  plain.save(tmp_path / "plain.jgd")
+  cached.save(tmp_path / "cached.jgd")
+  assert (tmp_path / "plain.jgd").read_bytes() == (tmp_path / "cached.jgd").read_bytes()
+
+  # A cache without main's entry: fit extracts every level, stores them and says so.
+  fresh = tmp_path / "fresh"
+  again = fit_module.fit("bottle", cache_dir=str(fresh), progress=True, **fit_args)
+  assert "features extracted and stored in cache " + str(fresh) in capsys.readouterr().out
+  again.save(tmp_path / "again.jgd")
+  assert (tmp_path / "again.jgd").read_bytes() == (tmp_path / "plain.jgd").read_bytes()
+  (entry,) = [p for p in os.listdir(fresh) if p.endswith(".npz")]
+  assert entry in os.listdir(cache)  # the same key as main's entry
+  with np.load(fresh / entry) as stored:
+    assert len(stored.files) == efficientnet.NUM_LEVELS
+
+
+def test_fit_refuses_a_cache_dir_that_is_a_file(tmp_path, mvtec, checkpoint):
+  from jax_gad import fit as fit_module
+
+  (tmp_path / "f").write_text("x")
+  with pytest.raises(ValueError, match=r"--cache_dir=.*/f is a file"):
+    fit_module.fit("bottle", dataset="mvtec_ad", data_dir=mvtec, cache_dir=str(tmp_path / "f"))

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import jax_gad
 from jax_gad import checkpoint as ckpt
 from jax_gad import fit as fit_module
-from jax_gad import metrics, predict
+from jax_gad import metrics, predict, report
 
 ARCH = "efficientnet-lite0"
 SIZE = 64
@@ -109,6 +110,7 @@ def test_predict_single_file_and_glob(setup, checkpoint, tmp_path):
   one = root / CATEGORY / "test" / "crack" / "001.png"
   _predict(checkpoint, detector=det_path, input=one, output=tmp_path / "a.csv")
   assert [r["path"] for r in _rows(tmp_path / "a.csv")] == [str(one)]
+  assert "label" not in _rows(tmp_path / "a.csv")[0]  # one file: no folder labels
   pattern = str(root / CATEGORY / "test" / "**" / "00[01].png")
   _predict(checkpoint, detector=det_path, input=pattern, output=tmp_path / "b.csv")
   rows = _rows(tmp_path / "b.csv")
@@ -205,3 +207,95 @@ def test_cli_exit_code_in_a_subprocess(setup, checkpoint, tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith("jax_gad.predict: error:")
   assert "does not exist" in proc.stderr
   assert not (tmp_path / "o.csv").exists()
+
+
+def test_operating_point_columns_summary_and_histogram(setup, checkpoint, tmp_path):
+  root, det_path = setup
+  det = jax_gad.load_detector(det_path, checkpoint=checkpoint)
+  out = tmp_path / "s.csv"
+  printed = _predict(checkpoint, detector=det_path, input=root / CATEGORY / "test", output=out)
+  rows = _rows(out)
+  folders = np.array([os.path.basename(os.path.dirname(r["path"])) for r in rows])
+  assert set(folders) == {"good", "burr", "crack"}
+  assert [r["defect_type"] for r in rows] == list(folders)
+  assert [int(r["label"]) for r in rows] == [int(f != "good") for f in folders]
+  assert {float(r["threshold"]) for r in rows} == {det.threshold}
+  # TPR per defect type and FPR, recomputed with numpy from the CSV alone.
+  total = np.array([float(r["total"]) for r in rows])
+  threshold = float(rows[0]["threshold"])
+  for name in np.unique(folders):
+    chosen = total[folders == name]
+    flagged = int(np.sum(chosen > threshold))
+    what = "FPR" if name == "good" else "TPR"
+    pattern = (
+      rf"^  {name} +{what} {flagged / len(chosen):.3f}  \({flagged} of {len(chosen)} flagged\)$"
+    )
+    assert any(re.match(pattern, line) for line in printed), (pattern, printed)
+  png = tmp_path / "s_histogram.png"
+  assert Image.open(png).format == "PNG" and Image.open(png).size == report.HISTOGRAM_SIZE
+  # --sigma: the threshold column is the one the decision used.
+  _predict(checkpoint, detector=det_path, input=root / CATEGORY / "test", output=out, sigma=3)
+  assert {float(r["threshold"]) for r in _rows(out)} == {det.threshold_for(3)}
+  # plots=False: no histogram.
+  png.unlink()
+  _predict(checkpoint, detector=det_path, input=root / CATEGORY / "test", output=out, plots=False)
+  assert not png.exists()
+
+
+def _cli_predict(det_path, image, checkpoint, out, cache, env):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jax_gad.predict",
+      f"--detector={det_path}",
+      f"--input={image}",
+      f"--output={out}",
+      f"--checkpoint={checkpoint}",
+      f"--compile_cache={cache}",
+      "--noplots",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def _counts(stdout):
+  m = re.search(r"compile cache .*: (\d+) programs loaded, (\d+) compiled \((\d+) stored\)", stdout)
+  assert m, stdout
+  return tuple(int(g) for g in m.groups())
+
+
+def test_compile_cache_second_process_loads_and_empty_flag_writes_nothing(
+  setup, checkpoint, tmp_path
+):
+  root, det_path = setup
+  image = root / CATEGORY / "test" / "good" / "000.png"
+  env = dict(
+    os.environ,
+    PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    HOME=str(tmp_path / "home"),  # where the default folder would be
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "from_env"),  # '' must win over JAX's variable
+  )
+  cache = tmp_path / "xla"
+  loaded, compiled, stored = _counts(
+    _cli_predict(det_path, image, checkpoint, tmp_path / "1.csv", cache, env)
+  )
+  entries = sorted(n for n in os.listdir(cache) if n.endswith("-cache"))
+  assert loaded == 0 and stored == len(entries) > 0 and compiled >= stored
+  assert any(n.startswith("jit__pooled_levels") for n in entries)  # the extractor is stored
+  loaded, compiled, stored = _counts(
+    _cli_predict(det_path, image, checkpoint, tmp_path / "2.csv", cache, env)
+  )
+  assert loaded == len(entries) and stored == 0
+  assert sorted(n for n in os.listdir(cache) if n.endswith("-cache")) == entries
+  assert (tmp_path / "1.csv").read_bytes() == (tmp_path / "2.csv").read_bytes()
+  stdout = _cli_predict(det_path, image, checkpoint, tmp_path / "3.csv", "", env)
+  assert "compile cache off" in stdout
+  assert not (tmp_path / "from_env").exists()
+  assert not (tmp_path / "home" / ".cache" / "jax_gad" / "xla").exists()
+  assert (tmp_path / "3.csv").read_bytes() == (tmp_path / "1.csv").read_bytes()
