@@ -225,6 +225,10 @@ def format_report(result: dict) -> str:
       f'{q["batch_size"]}; one image {_ms(q["latency_s"])} ms (batch 1).'
     )
     out.append('')
+  if result.get('predict_calls'):
+    from jax_gad.benchmark import predict_calls
+
+    out += predict_calls.format_predict_calls(result['predict_calls'])
   if result.get('pipelines'):
     out.append(
       'End-to-end decode + extract per architecture (in-memory PNGs decoded and resized by '

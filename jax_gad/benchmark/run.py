@@ -42,6 +42,7 @@ class Config(NamedTuple):
   host_image_side: int = 1024
   pipeline_images: int = 32  # 0: skip the decode + extract pipeline run
   predict_images: int = 0  # 0: skip the predict throughput / latency run (files on disk)
+  predict_calls: int = 0  # 0: skip; else images of the many-image predict process timing
   pipeline_archs: tuple[str, ...] = ()  # more archs for the pipeline run, each per batch size
   versus_rounds: int = 0  # >0: jax_gad vs torch float32, alternating, this many rounds
   num_workers: int | None = None  # None: os.cpu_count()
@@ -111,6 +112,8 @@ def _check_config(cfg: Config) -> None:
       raise ValueError(f'{name} must be >= 5 (5 folds, 2 rows per fit), got {getattr(cfg, name)}')
   if cfg.num_workers is not None and cfg.num_workers < 1:
     raise ValueError(f'num_workers must be >= 1, got {cfg.num_workers}')
+  if cfg.predict_calls < 0:
+    raise ValueError(f'predict_calls must be >= 0, got {cfg.predict_calls}')
   if cfg.predict_images < 0:
     raise ValueError(f'predict_images must be >= 0, got {cfg.predict_images}')
   if cfg.pipeline_images < 0:
@@ -154,6 +157,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
     'sweeps_other_cpu': None,
     'pipeline': None,
     'predict': None,
+    'predict_calls': None,
     'maps': None,
     'pipelines': [],
     'versus': None,
@@ -377,6 +381,18 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
       f'{1000 * result["predict"]["latency_s"]:.1f} ms for one image'
     )
     phases['predict'] = measure.peak_host_memory_mb()
+
+  if cfg.predict_calls:
+    from jax_gad.benchmark import predict_calls
+
+    log(f'predict processes: 1 and {cfg.predict_calls} images, empty then warm compile cache ...')
+    result['predict_calls'] = predict_calls.measure_predict_calls(
+      cfg.arch,
+      cfg.checkpoint_dir,
+      n_images=cfg.predict_calls,
+      repeats=cfg.repeats,
+      image_size=cfg.image_size,
+    )
 
   if cfg.density_bench:
     from jax_gad.benchmark import densities as density_bench
