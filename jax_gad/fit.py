@@ -7,7 +7,11 @@ The Gaussians of every level are fitted on every training image (no folds);
 the calibrated threshold comes from k-fold out-of-fold scores of those same
 images (``--calibration_folds``, default 5) at ``--target_fpr``; see
 :mod:`jax_gad.detector` and docs/own-images.md. No defect image is needed.
-The shared flags (data, backbone, levels, PCA / NPCA) are those of
+The training features come through ``--cache_dir``, whose entries ``main``
+also writes (a fit after a main run on the same data and weights extracts
+nothing). With ``--plots`` (default) the histogram of the out-of-fold scores,
+with the threshold, is written to ``<output without extension>_histogram.png``.
+The shared flags (data, backbone, levels, PCA / NPCA, caches) are those of
 :mod:`jax_gad.cli`.
 """
 

@@ -4,19 +4,24 @@ r"""Scores images with a saved detector and writes one CSV row per image.
 
 PATH is an image file, a folder (searched recursively for .png .jpg .jpeg
 .bmp .tif .tiff files, sorted by path) or a glob pattern (``**`` recursive).
-Columns: ``path, level_<l> ... (one per level), total, decision, error``;
-``decision`` is ``anomalous`` when the total score is strictly above the
-detector's calibrated threshold (or ``--sigma``'s chi-squared threshold),
-else ``normal``; ``error`` for an image that could not be read with
-``--on_error=skip`` (its message is in ``error``; it is never dropped). With
+Columns (:mod:`jax_gad.operating_point`): ``path, level_<l> ... (one per
+level), total, decision, threshold``, then ``label, defect_type`` for a
+labelled folder (below), then ``error``; ``decision`` is ``anomalous`` when
+the total score is strictly above ``threshold`` (the detector's calibrated
+threshold, or ``--sigma``'s chi-squared threshold), else ``normal``;
+``error`` for an image that could not be read with ``--on_error=skip`` (its
+message is in ``error``; it is never dropped). With
 ``--on_error=fail`` (default) the first unreadable image stops the run and no
 output is written. The CSV is written atomically.
 
 Images are read and scored in chunks (memory does not grow with the number of
 images), decoded and resized by worker threads while the device computes. If
-PATH is a folder in the MVTec test layout (sub-folders ``good`` and at least
-one defect folder), the labels come from the folder names and the image AUROC
-and the TPR / FPR at the threshold are printed.
+PATH is a labelled folder, in the MVTec test layout (every image in a
+sub-folder, ``good`` and at least one defect folder), the labels come from the
+folder names and the image AUROC, the TPR / FPR at the threshold and the rate
+per folder (FPR of ``good``, TPR of each defect type) are printed. With
+``--plots`` (default) the histogram of the scores, with the threshold, is
+written to ``<output without extension>_histogram.png``.
 """
 
 from __future__ import annotations
