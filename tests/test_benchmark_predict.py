@@ -66,5 +66,6 @@ def test_predict_calls_time_fresh_processes_and_the_warm_one_loads(tmp_path):
     assert r["second_loaded"] >= 1  # at least the extractor came from the cache
   text = "\n".join(predict_calls.format_predict_calls(row))
   assert f"1 image {row['one']['first_s']:.1f} s first call" in text
+  assert row["image_size"] == 64 and len(row["one"]["second_cpu"]) == 1
   assert f"4 images {row['many']['first_s']:.1f} s first" in text
   assert f"{row['one']['second_loaded']} programs loaded" in text

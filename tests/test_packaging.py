@@ -191,6 +191,8 @@ _MAY_IMPORT = {
   "checkpoint": {"models", "files", "convert"},
   "features": set(),
   "feature_cache": {"files"},
+  "compile_cache": set(),
+  "operating_point": set(),
   "data": {"data"},
   "detector": {"gaussian", "pca", "metrics", "features", "checkpoint", "files", "models", "data"},
   "maps": {"maps", "gaussian", "metrics", "files", "features", "data", "models", "report"},

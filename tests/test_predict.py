@@ -233,6 +233,8 @@ def test_operating_point_columns_summary_and_histogram(setup, checkpoint, tmp_pa
     assert any(re.match(pattern, line) for line in printed), (pattern, printed)
   png = tmp_path / "s_histogram.png"
   assert Image.open(png).format == "PNG" and Image.open(png).size == report.HISTOGRAM_SIZE
+  fitted = det_path.parent / "det_histogram.png"  # fit's: the out-of-fold scores
+  assert Image.open(fitted).format == "PNG" and Image.open(fitted).size == report.HISTOGRAM_SIZE
   # --sigma: the threshold column is the one the decision used.
   _predict(checkpoint, detector=det_path, input=root / CATEGORY / "test", output=out, sigma=3)
   assert {float(r["threshold"]) for r in _rows(out)} == {det.threshold_for(3)}
@@ -299,3 +301,22 @@ def test_compile_cache_second_process_loads_and_empty_flag_writes_nothing(
   assert not (tmp_path / "from_env").exists()
   assert not (tmp_path / "home" / ".cache" / "jax_gad" / "xla").exists()
   assert (tmp_path / "3.csv").read_bytes() == (tmp_path / "1.csv").read_bytes()
+
+
+def test_fit_without_plots_writes_no_histogram(setup, checkpoint, tmp_path):
+  root, _ = setup
+  fit_module.command(
+    tmp_path / "d.jgd",
+    CATEGORY,
+    plots=False,
+    dataset="folder",
+    data_dir=root,
+    arch=ARCH,
+    checkpoint=checkpoint,
+    image_size=SIZE,
+    levels=(8,),
+    batch_size=8,
+    tfds_dir=tmp_path / "tfds",
+    progress=False,
+  )
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jgd", "tfds"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -25,19 +26,25 @@ import time
 _SUMMARY = re.compile(r"compile cache .*: (\d+) programs loaded, (\d+) compiled")
 
 
-def _run(args: list, env: dict) -> tuple[float, int, int]:
-  """(wall seconds, programs loaded, programs compiled) of one command in a fresh process."""
-  start = time.perf_counter()
+def _cpu_s() -> float:
+  """User + system CPU seconds of this process's finished children."""
+  used = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return used.ru_utime + used.ru_stime
+
+
+def _run(args: list, env: dict) -> tuple[float, float, int, int]:
+  """(wall s, CPU s, programs loaded, programs compiled) of one command in a fresh process."""
+  start, cpu = time.perf_counter(), _cpu_s()
   proc = subprocess.run(
     [sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=1800
   )
-  wall = time.perf_counter() - start
+  wall, cpu = time.perf_counter() - start, _cpu_s() - cpu
   if proc.returncode:
     raise RuntimeError(f"{args[0]} failed: {proc.stderr.strip()[-2000:]}")
   found = _SUMMARY.search(proc.stdout)
   if not found:
     raise RuntimeError(f"{args[0]} printed no compile cache line: {proc.stdout[-500:]}")
-  return wall, int(found.group(1)), int(found.group(2))
+  return wall, cpu, int(found.group(1)), int(found.group(2))
 
 
 def _write_category(root: str, category: str, n_train: int, n_test: int) -> None:
@@ -80,9 +87,14 @@ def measure_predict_calls(
     ``repeats``, ``fit_s``, ``load_average`` (before, after), and for ``one``
     (one image) and ``many`` (``n_images``): ``first_s`` / ``second_s`` (best
     wall time with an empty / a filled compile cache), ``first_all`` /
-    ``second_all`` (every repeat), ``second_loaded`` / ``second_compiled``
-    (programs the second call loaded from the cache / compiled, last repeat).
+    ``second_all`` (every repeat), ``first_cpu`` / ``second_cpu`` (user +
+    system CPU seconds of every repeat: less sensitive than wall time to other
+    processes' load), ``second_loaded`` / ``second_compiled`` (programs the
+    second call loaded from the cache / compiled, last repeat). ``image_size``
+    is the detector's.
   """
+  from jax_gad import detector as detector_lib
+
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
   weights = f"--checkpoint_dir={os.path.abspath(checkpoint_dir)}"
@@ -103,16 +115,20 @@ def measure_predict_calls(
       "one": os.path.join(data, category, "test", "good", "000.png"),
       "many": os.path.join(data, category, "test"),
     }
-    times = {k: {"first_all": [], "second_all": []} for k in inputs}
+    times = {
+      k: {f"{c}_{m}": [] for c in ("first", "second") for m in ("all", "cpu")} for k in inputs
+    }
     for r in range(repeats):
       for name, path in inputs.items():
         cache = os.path.join(tmp, f"xla_{name}_{r}")  # empty before each first call
         predict = ["jax_gad.predict", f"--detector={det}", f"--input={path}", "--noplots"]
         predict += [f"--output={tmp}/{name}.csv", f"--compile_cache={cache}", weights]
         for call in ("first", "second"):
-          wall, loaded, compiled = _run(predict, env)
+          wall, cpu, loaded, compiled = _run(predict, env)
           times[name][f"{call}_all"].append(wall)
+          times[name][f"{call}_cpu"].append(cpu)
         times[name].update(second_loaded=loaded, second_compiled=compiled)
+    image_size = detector_lib.read_detector(det).image_size
   for row in times.values():
     row.update(first_s=min(row["first_all"]), second_s=min(row["second_all"]))
   return {
@@ -131,13 +147,15 @@ def measure_predict_calls(
 def format_predict_calls(row: dict) -> list[str]:
   """The report's lines for :func:`measure_predict_calls`."""
   one, many = row["one"], row["many"]
-  size = f"{row['image_size']}px" if row["image_size"] else "native size"
   return [
-    f"Predict in a fresh process ({row['arch']} {size}, synthetic {row['category']} PNGs, "
+    f"Predict in a fresh process ({row['arch']} {row['image_size']}px, synthetic "
+    f"{row['category']} PNGs, "
     f"best of {row['repeats']}; load average {row['load_average'][0][0]:.1f} before): "
-    f"1 image {one['first_s']:.1f} s first call (empty compile cache), "
-    f"{one['second_s']:.1f} s second call ({one['second_loaded']} programs loaded, "
+    f"1 image {one['first_s']:.1f} s first call (empty compile cache; CPU "
+    f"{min(one['first_cpu']):.1f} s), {one['second_s']:.1f} s second call (CPU "
+    f"{min(one['second_cpu']):.1f} s; {one['second_loaded']} programs loaded, "
     f"{one['second_compiled']} compiled); {row['n_images']} images {many['first_s']:.1f} s "
-    f"first, {many['second_s']:.1f} s second.",
+    f"first (CPU {min(many['first_cpu']):.1f} s), {many['second_s']:.1f} s second (CPU "
+    f"{min(many['second_cpu']):.1f} s).",
     "",
   ]
