@@ -266,10 +266,11 @@ def main(argv) -> int:
   """The fit command (after flag parsing); returns the exit status."""
   from absl import app, flags
 
-  from jax_gad import cli, compile_cache, operating_point
+  from jax_gad import cli, compile_cache, console, operating_point
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_third_party_logs()
   fv = flags.FLAGS
   v = cli.values(SHARED_FLAGS + OWN_FLAGS)
   v["depthwise"] = None if v["depthwise"] == "auto" else v["depthwise"]

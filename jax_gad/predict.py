@@ -174,6 +174,7 @@ def predict(
   chunk_batches = max(1, CHUNK // bs)
   source = _ImageFiles(inputs.paths, on_error == "skip", detector.image_size)
   total = np.full(n, np.nan)
+  extractor.compile()  # before the bar, so that its rate and ETA do not count compilation
   bar = None
   if progress:
     from tqdm.auto import tqdm
@@ -360,10 +361,11 @@ def main(argv) -> int:
   """The predict command (after flag parsing); returns the exit status."""
   from absl import app, flags
 
-  from jax_gad import cli, compile_cache
+  from jax_gad import cli, compile_cache, console
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_third_party_logs()
   v = cli.values(SHARED_FLAGS + OWN_FLAGS)
   v["depthwise"] = None if v["depthwise"] == "auto" else v["depthwise"]
   try:
