@@ -41,7 +41,6 @@ def _minimal_result(row):
     "sweep_n": [],
     "host_preprocess_s_per_image": None,
     "estimate": None,
-    "feature_diff": None,
     "peak_host_memory_mb_after": {},
     "peak_host_memory_mb": 0.0,
     "sweeps_other_cpu": None,
@@ -64,7 +63,8 @@ def test_predict_calls_time_fresh_processes_and_the_warm_one_loads(tmp_path):
     assert len(r["first_all"]) == len(r["second_all"]) == 1
     assert r["first_s"] == r["first_all"][0] > 0 and r["second_s"] > 0
     assert r["second_loaded"] >= 1  # at least the extractor came from the cache
-  text = "\n".join(predict_calls.format_predict_calls(row))
+  text = predict_calls.format_predict_calls({"predict_calls": row})
+  assert predict_calls.format_predict_calls({"predict_calls": None}) is None
   assert f"1 image {row['one']['first_s']:.1f} s first call" in text
   assert row["image_size"] == 64 and len(row["one"]["second_cpu"]) == 1
   assert f"4 images {row['many']['first_s']:.1f} s first" in text

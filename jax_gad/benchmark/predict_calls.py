@@ -144,18 +144,22 @@ def measure_predict_calls(
   }
 
 
-def format_predict_calls(row: dict) -> list[str]:
-  """The report's lines for :func:`measure_predict_calls`."""
+def format_predict_calls(result: dict) -> str | None:
+  """The report's paragraph for :func:`measure_predict_calls` (None when it did not run)."""
+  row = result.get("predict_calls")
+  if row is None:
+    return None
   one, many = row["one"], row["many"]
-  return [
-    f"Predict in a fresh process ({row['arch']} {row['image_size']}px, synthetic "
-    f"{row['category']} PNGs, "
-    f"best of {row['repeats']}; load average {row['load_average'][0][0]:.1f} before): "
-    f"1 image {one['first_s']:.1f} s first call (empty compile cache; CPU "
-    f"{min(one['first_cpu']):.1f} s), {one['second_s']:.1f} s second call (CPU "
-    f"{min(one['second_cpu']):.1f} s; {one['second_loaded']} programs loaded, "
-    f"{one['second_compiled']} compiled); {row['n_images']} images {many['first_s']:.1f} s "
-    f"first (CPU {min(many['first_cpu']):.1f} s), {many['second_s']:.1f} s second (CPU "
-    f"{min(many['second_cpu']):.1f} s).",
-    "",
-  ]
+  return "".join(
+    [
+      f"Predict in a fresh process ({row['arch']} {row['image_size']}px, synthetic "
+      f"{row['category']} PNGs, "
+      f"best of {row['repeats']}; load average {row['load_average'][0][0]:.1f} before): "
+      f"1 image {one['first_s']:.1f} s first call (empty compile cache; CPU "
+      f"{min(one['first_cpu']):.1f} s), {one['second_s']:.1f} s second call (CPU "
+      f"{min(one['second_cpu']):.1f} s; {one['second_loaded']} programs loaded, "
+      f"{one['second_compiled']} compiled); {row['n_images']} images {many['first_s']:.1f} s "
+      f"first (CPU {min(many['first_cpu']):.1f} s), {many['second_s']:.1f} s second (CPU "
+      f"{min(many['second_cpu']):.1f} s).",
+    ]
+  )

@@ -68,10 +68,10 @@ def render(
     vmin, vmax: colour scale of the heat map.
     title: figure title.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # here: keeps matplotlib (heavy) out of --help; loaded to draw
 
   matplotlib.use('Agg', force=False)
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import pyplot as plt  # here: after choosing the Agg backend
 
   image = np.asarray(image)
   amap = np.asarray(amap, np.float32)
