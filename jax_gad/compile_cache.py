@@ -2,7 +2,8 @@
 
 Every command (``main``, ``fit``, ``predict``) calls :func:`enable` once,
 before its first JAX computation, with the value of ``--compile_cache``
-(default :data:`DEFAULT_DIR`; ``''`` turns the cache off). Compiled XLA
+(default: the ``compile_cache`` option of :class:`jax_gad.config.Backbone`;
+``''`` turns the cache off). Compiled XLA
 programs are then written to that folder, keyed by JAX on the program, the
 backend and the compile options, and a later process that needs the same
 program loads it instead of compiling it again: the extractor of a backbone
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import os
 
-DEFAULT_DIR = "~/.cache/jax_gad/xla"
 # Bound of the folder's size; least recently used entries are evicted beyond it (and the
 # bound is what makes JAX lock each entry's read and write: see the module docstring).
 MAX_BYTES = 2 * 1024**3

@@ -45,6 +45,8 @@ from typing import Any, NamedTuple, Sequence
 import flax.struct
 import numpy as np
 
+from jax_gad import config
+
 FORMAT_NAME = "jax_gad.detector"
 FORMAT_VERSION = 1
 DEFAULT_SIGMAS = tuple(range(1, 9))
@@ -95,13 +97,13 @@ class Detector:
   image_size: int = flax.struct.field(pytree_node=False, default=0)
   mean: tuple = flax.struct.field(pytree_node=False, default=())
   std: tuple = flax.struct.field(pytree_node=False, default=())
-  dtype: str = flax.struct.field(pytree_node=False, default="float32")
+  dtype: str = flax.struct.field(pytree_node=False, default=config.Backbone.dtype)
   levels: tuple = flax.struct.field(pytree_node=False, default=())
   reduction: Any = flax.struct.field(pytree_node=False, default=None)
   aggregation: str = flax.struct.field(pytree_node=False, default="mean")
   threshold: float = flax.struct.field(pytree_node=False, default=math.inf)
-  target_fpr: float = flax.struct.field(pytree_node=False, default=0.01)
-  n_folds: int = flax.struct.field(pytree_node=False, default=5)
+  target_fpr: float = flax.struct.field(pytree_node=False, default=config.Calibration.target_fpr)
+  n_folds: int = flax.struct.field(pytree_node=False, default=config.Calibration.calibration_folds)
   sigmas: tuple = flax.struct.field(pytree_node=False, default=DEFAULT_SIGMAS)
   sigma_thresholds: tuple = flax.struct.field(pytree_node=False, default=())
   info: Any = flax.struct.field(pytree_node=False, default=None)
@@ -246,12 +248,10 @@ def calibrated_threshold(scores, target_fpr: float) -> float:
 
 
 def check_target_fpr(target_fpr) -> float:
-  if (
-    isinstance(target_fpr, bool)
-    or not isinstance(target_fpr, (int, float, np.floating))
-    or not 0.0 < float(target_fpr) < 1.0
-  ):
-    raise ValueError(f"--target_fpr must be a false-positive rate in (0, 1), got {target_fpr!r}")
+  """``target_fpr`` as a float, by the rule of ``--target_fpr`` (ValueError naming it)."""
+  if isinstance(target_fpr, np.floating):
+    target_fpr = float(target_fpr)
+  config.check_field("target_fpr", target_fpr, config.options(config.Calibration)["target_fpr"])
   return float(target_fpr)
 
 
@@ -272,8 +272,8 @@ def fit_features(
   features: Sequence[np.ndarray],
   *,
   levels: Sequence[int],
-  target_fpr=0.01,
-  n_folds: int = 5,
+  target_fpr=config.Calibration.target_fpr,
+  n_folds: int = config.Calibration.calibration_folds,
   reduction=None,
   sigmas=DEFAULT_SIGMAS,
   **identity,
@@ -326,7 +326,11 @@ def fit_features(
 
 
 def load_backbone(
-  arch: str, checkpoint=None, checkpoint_dir="checkpoints", dtype="float32", depthwise=None
+  arch: str,
+  checkpoint=None,
+  checkpoint_dir=config.Backbone.checkpoint_dir,
+  dtype=config.Backbone.dtype,
+  depthwise=None,
 ):
   """(Backbone, checkpoint metadata, sha256) for an arch: an explicit file or the default one."""
   import jax.numpy as jnp
@@ -354,7 +358,7 @@ def load_backbone(
   else:
     path = checkpoint_lib.ensure_checkpoint(arch, checkpoint_dir)
   variables, meta = checkpoint_lib.load_checkpoint(path, arch=arch)
-  dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+  dt = jnp.dtype(dtype)
   module = efficientnet.create(arch, depthwise=depthwise, dtype=dt)
   return Backbone(module, variables, os.path.abspath(path)), meta, files.sha256(path)
 
@@ -495,7 +499,7 @@ def read_detector(path) -> Detector:
 def attach_backbone(
   detector: Detector,
   checkpoint=None,
-  checkpoint_dir="checkpoints",
+  checkpoint_dir=config.Backbone.checkpoint_dir,
   depthwise=None,
   where: str = "detector",
 ) -> Detector:
@@ -513,7 +517,9 @@ def attach_backbone(
   return detector.replace(backbone=backbone)
 
 
-def load_detector(path, checkpoint=None, checkpoint_dir="checkpoints", depthwise=None) -> Detector:
+def load_detector(
+  path, checkpoint=None, checkpoint_dir=config.Backbone.checkpoint_dir, depthwise=None
+) -> Detector:
   """Reads a detector file and attaches its backbone (checked by sha256).
 
   Args:

@@ -12,7 +12,7 @@ import pytest
 from references import independent_aurocs
 
 from jax_gad import checkpoint as ckpt
-from jax_gad import data, main
+from jax_gad import config, data, experiment
 from jax_gad.models import efficientnet
 
 ARCH = "efficientnet-lite0"
@@ -45,12 +45,12 @@ def _config(tmp_path, mvtec, checkpoint_path, **kw):
     categories=("bottle", "grid"),
   )
   base.update(kw)
-  return main.config(**base)
+  return config.from_flat(config.Experiment, base)
 
 
 def test_results_equal_independent_computation(tmp_path, mvtec, checkpoint):
   cfg = _config(tmp_path, mvtec, checkpoint, plots=True)
-  doc = main.run(cfg)
+  doc = experiment.run(cfg)
   on_disk = json.loads((tmp_path / "work" / "results.json").read_text())
   assert on_disk == doc
   for name in (
@@ -70,7 +70,7 @@ def test_results_equal_independent_computation(tmp_path, mvtec, checkpoint):
   for category in ("bottle", "grid"):
     pooled = {}
     for split in ("train", "test"):
-      src = data.load("mvtec_ad", category, split, data_dir=mvtec, tfds_dir=cfg.tfds_dir)
+      src = data.load("mvtec_ad", category, split, data_dir=mvtec, tfds_dir=cfg.data.tfds_dir)
       pooled[split] = extract_features(
         model,
         variables,
@@ -96,7 +96,7 @@ def test_results_equal_independent_computation(tmp_path, mvtec, checkpoint):
 
 def test_same_command_twice_gives_identical_results(tmp_path, mvtec, checkpoint):
   # No cache: both runs compute every feature from scratch.
-  first = main.run(
+  first = experiment.run(
     _config(
       tmp_path,
       mvtec,
@@ -107,7 +107,7 @@ def test_same_command_twice_gives_identical_results(tmp_path, mvtec, checkpoint)
       npca=0.99,
     )
   )
-  second = main.run(
+  second = experiment.run(
     _config(
       tmp_path,
       mvtec,
@@ -194,7 +194,7 @@ def test_bad_input_clear_error_and_no_partial_files(kind, tmp_path, mvtec, check
   overrides, message = _break(kind, tmp_path, mvtec)
   cfg = _config(tmp_path, mvtec, checkpoint, **overrides)
   with pytest.raises((ValueError, FileNotFoundError)) as err:
-    main.run(cfg)
+    experiment.run(cfg)
   assert message in str(err.value)
   work = tmp_path / "work"
   assert not work.is_dir() or not os.listdir(work)
@@ -267,11 +267,11 @@ def test_density_end_to_end_same_command_twice_identical(
     seed=3,
   )
   # The Gaussian fills the feature cache; the density change only refits.
-  main.run(_config(tmp_path, mvtec, checkpoint, **common))
+  experiment.run(_config(tmp_path, mvtec, checkpoint, **common))
   cached = _files(tmp_path / "cache")
   assert cached
   work = tmp_path / "work"
-  doc = main.run(_config(tmp_path, mvtec, checkpoint, density=density, **common, **settings))
+  doc = experiment.run(_config(tmp_path, mvtec, checkpoint, density=density, **common, **settings))
   assert _files(tmp_path / "cache") == cached
   first = (work / "results.json").read_bytes()
   assert doc["config"]["density"]["name"] == density
@@ -291,10 +291,10 @@ def test_density_end_to_end_same_command_twice_identical(
     assert all(1 <= f["info"]["epochs"] <= 3 for f in fits)
     assert all(math.isfinite(f["info"]["held_out_nll"]) for f in fits)
   # The same command again (same workdir, replaced whole): byte-identical results.json.
-  main.run(_config(tmp_path, mvtec, checkpoint, density=density, **common, **settings))
+  experiment.run(_config(tmp_path, mvtec, checkpoint, density=density, **common, **settings))
   assert (work / "results.json").read_bytes() == first
   # Another seed is another fit.
-  other = main.run(
+  other = experiment.run(
     _config(tmp_path, mvtec, checkpoint, density=density, **{**common, "seed": 4}, **settings)
   )
   assert other["config"]["density"]["seed"] == 4
@@ -303,8 +303,10 @@ def test_density_end_to_end_same_command_twice_identical(
 def test_density_gaussian_leaves_results_json_as_without_densities(tmp_path, mvtec, checkpoint):
   """--density=gaussian: no density entry in results.json, the same runs as the default."""
   common = dict(categories=("bottle",), levels=(0, 8), folds=(0,))
-  default = main.run(_config(tmp_path, mvtec, checkpoint, **common))
-  explicit = main.run(_config(tmp_path, mvtec, checkpoint, density="gaussian", seed=9, **common))
+  default = experiment.run(_config(tmp_path, mvtec, checkpoint, **common))
+  explicit = experiment.run(
+    _config(tmp_path, mvtec, checkpoint, density="gaussian", seed=9, **common)
+  )
   assert "density" not in default["config"] and "seed" not in default["config"]
   assert "fits" not in default  # the Gaussian does not describe its fits
   assert default == explicit
@@ -312,12 +314,15 @@ def test_density_gaussian_leaves_results_json_as_without_densities(tmp_path, mvt
 
 
 def test_fit_reads_the_feature_cache_main_wrote(tmp_path, mvtec, checkpoint, monkeypatch, capsys):
-  from jax_gad import fit as fit_module
+  from jax_gad import fitting
   from jax_gad.data import pipeline
 
   cache = tmp_path / "cache"
-  main.run(_config(tmp_path, mvtec, checkpoint, categories=("bottle",), folds=(0,), plots=False))
+  experiment.run(
+    _config(tmp_path, mvtec, checkpoint, categories=("bottle",), folds=(0,), plots=False)
+  )
   fit_args = dict(
+    category="bottle",
     dataset="mvtec_ad",
     data_dir=mvtec,
     tfds_dir=str(tmp_path / "tfds"),
@@ -327,14 +332,18 @@ def test_fit_reads_the_feature_cache_main_wrote(tmp_path, mvtec, checkpoint, mon
     levels=(2, 5, 8),
     batch_size=8,
   )
-  plain = fit_module.fit("bottle", cache_dir=None, progress=False, **fit_args)
+
+  def fit_cfg(cache_dir):
+    return config.from_flat(config.Fit, dict(fit_args, cache_dir=cache_dir))
+
+  plain = fitting.fit(fit_cfg(""), progress=False)
 
   def no_extraction(*args, **kwargs):
     raise AssertionError("fit extracted features although main had cached them")
 
   with monkeypatch.context() as m:
     m.setattr(pipeline, "pooled_features", no_extraction)
-    cached = fit_module.fit("bottle", cache_dir=str(cache), progress=True, **fit_args)
+    cached = fitting.fit(fit_cfg(str(cache)), progress=True)
   assert "features from cache " + str(cache) in capsys.readouterr().out
   plain.save(tmp_path / "plain.jgd")
   cached.save(tmp_path / "cached.jgd")
@@ -342,7 +351,7 @@ def test_fit_reads_the_feature_cache_main_wrote(tmp_path, mvtec, checkpoint, mon
 
   # A cache without main's entry: fit extracts every level, stores them and says so.
   fresh = tmp_path / "fresh"
-  again = fit_module.fit("bottle", cache_dir=str(fresh), progress=True, **fit_args)
+  again = fitting.fit(fit_cfg(str(fresh)), progress=True)
   assert "features extracted and stored in cache " + str(fresh) in capsys.readouterr().out
   again.save(tmp_path / "again.jgd")
   assert (tmp_path / "again.jgd").read_bytes() == (tmp_path / "plain.jgd").read_bytes()
@@ -353,8 +362,12 @@ def test_fit_reads_the_feature_cache_main_wrote(tmp_path, mvtec, checkpoint, mon
 
 
 def test_fit_refuses_a_cache_dir_that_is_a_file(tmp_path, mvtec, checkpoint):
-  from jax_gad import fit as fit_module
+  from jax_gad import fitting
 
   (tmp_path / "f").write_text("x")
+  cfg = config.from_flat(
+    config.Fit,
+    dict(category="bottle", dataset="mvtec_ad", data_dir=mvtec, cache_dir=str(tmp_path / "f")),
+  )
   with pytest.raises(ValueError, match=r"--cache_dir=.*/f is a file"):
-    fit_module.fit("bottle", dataset="mvtec_ad", data_dir=mvtec, cache_dir=str(tmp_path / "f"))
+    fitting.fit(cfg)

@@ -15,8 +15,7 @@ import tqdm.auto
 
 import jax_gad
 from jax_gad import checkpoint as ckpt
-from jax_gad import features, metrics, predict, report
-from jax_gad import fit as fit_module
+from jax_gad import config, features, fitting, metrics, predict, report
 
 ARCH = "efficientnet-lite0"
 SIZE = 64
@@ -46,17 +45,23 @@ def setup(tmp_path_factory, checkpoint):
   shutil.rmtree(root / CATEGORY / "ground_truth")
   work = tmp_path_factory.mktemp("work")
   det_path = work / "det.jgd"
-  fit_module.command(
-    det_path,
-    CATEGORY,
-    dataset="folder",
-    data_dir=root,
-    arch=ARCH,
-    checkpoint=checkpoint,
-    image_size=SIZE,
-    levels=LEVELS,
-    batch_size=8,
-    tfds_dir=work / "tfds",
+  fitting.fit_and_save(
+    config.from_flat(
+      config.Fit,
+      dict(
+        output=det_path,
+        category=CATEGORY,
+        dataset="folder",
+        data_dir=root,
+        arch=ARCH,
+        checkpoint=checkpoint,
+        image_size=SIZE,
+        levels=LEVELS,
+        batch_size=8,
+        tfds_dir=work / "tfds",
+        cache_dir="",
+      ),
+    ),
     progress=False,
   )
   return root, det_path
@@ -69,7 +74,8 @@ def _rows(path):
 
 def _predict(checkpoint, **kw):
   """predict.command as the CLI runs it; returns the lines the CLI prints."""
-  det, result = predict.command(checkpoint=checkpoint, batch_size=8, progress=False, **kw)
+  cfg = config.from_flat(config.Predict, dict(checkpoint=checkpoint, batch_size=8, **kw))
+  det, result = predict.command(cfg, progress=False)
   return predict.summary(det, result, kw.get("sigma"))
 
 
@@ -306,18 +312,24 @@ def test_compile_cache_second_process_loads_and_empty_flag_writes_nothing(
 
 def test_fit_without_plots_writes_no_histogram(setup, checkpoint, tmp_path):
   root, _ = setup
-  fit_module.command(
-    tmp_path / "d.jgd",
-    CATEGORY,
-    plots=False,
-    dataset="folder",
-    data_dir=root,
-    arch=ARCH,
-    checkpoint=checkpoint,
-    image_size=SIZE,
-    levels=(8,),
-    batch_size=8,
-    tfds_dir=tmp_path / "tfds",
+  fitting.fit_and_save(
+    config.from_flat(
+      config.Fit,
+      dict(
+        output=tmp_path / "d.jgd",
+        category=CATEGORY,
+        plots=False,
+        dataset="folder",
+        data_dir=root,
+        arch=ARCH,
+        checkpoint=checkpoint,
+        image_size=SIZE,
+        levels=(8,),
+        batch_size=8,
+        tfds_dir=tmp_path / "tfds",
+        cache_dir="",
+      ),
+    ),
     progress=False,
   )
   assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jgd", "tfds"]
@@ -341,12 +353,9 @@ def test_progress_bar_starts_after_the_compile(setup, checkpoint, tmp_path, monk
 
   monkeypatch.setattr(features.LevelExtractor, "compile", compile_and_record)
   monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+  options = dict(detector=det_path, input=root / CATEGORY / "test", output=tmp_path / "s.csv")
   predict.command(
-    checkpoint=checkpoint,
-    batch_size=8,
-    detector=det_path,
-    input=root / CATEGORY / "test",
-    output=tmp_path / "scores.csv",
+    config.from_flat(config.Predict, dict(options, checkpoint=checkpoint, batch_size=8)),
     progress=True,
   )
   assert events == ["compile", "bar"]
