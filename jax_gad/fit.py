@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from absl import app
 
@@ -28,11 +29,14 @@ def main(argv) -> int:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.quiet_third_party_logs()
   from jax_gad import fitting, operating_point  # imports TFDS: kept out of --help
+  from jax_gad.detector import FitWarning
 
   cfg = cli.build(config.Fit)
   try:
     compiled = compile_cache.enable(cfg.backbone.compile_cache)
-    det = fitting.fit_and_save(cfg)
+    with warnings.catch_warnings():  # said below, once, as lines of this command
+      warnings.simplefilter("ignore", FitWarning)
+      det = fitting.fit_and_save(cfg)
   except (ValueError, OSError, MemoryError) as e:
     print(f"jax_gad.fit: error: {e}", file=sys.stderr)
     return 1
@@ -47,6 +51,8 @@ def main(argv) -> int:
     f"calibrated threshold {det.threshold:.4f} at target FPR {det.target_fpr} "
     f"({det.n_folds}-fold out-of-fold scores); 3-sigma threshold {det.threshold_for(3):.4f}"
   )
+  for note in det.info.get("warnings", []):
+    print(f"jax_gad.fit: warning: {note}", file=sys.stderr)
   print(f"wrote {os.path.abspath(cfg.calibration.output)}")
   if cfg.plots.plots:
     histogram = operating_point.histogram_path(cfg.calibration.output)

@@ -19,6 +19,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from jax_gad import files
+
 GOOD = "good"
 
 
@@ -136,3 +138,16 @@ def histogram(scores, threshold: float, labels=None, bins: int = 40) -> Histogra
 def histogram_path(output) -> str:
   """Where ``fit`` / ``predict`` write the histogram: ``<output minus extension>_histogram.png``."""
   return os.path.splitext(os.fspath(output))[0] + "_histogram.png"
+
+
+def check_histogram_path(output, inputs) -> None:
+  """Refuses a histogram (:func:`histogram_path` of ``output``) that would overwrite an input.
+
+  ``inputs`` as in :func:`jax_gad.files.check_not_an_input`. Raises ValueError:
+  one line naming the histogram, the input, ``--output`` and ``--noplots``.
+  """
+  path = histogram_path(output)
+  try:
+    files.check_not_an_input("output", path, inputs)
+  except ValueError as err:
+    raise ValueError(f"{err} (the histogram of --output={output}; --noplots skips it)") from None

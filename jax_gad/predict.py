@@ -254,6 +254,13 @@ def command(cfg: config.Predict, progress: bool = True):
   inputs = find_inputs(sc.input)
   det = detector_lib.read_detector(sc.detector)
   det.threshold_for(sc.sigma)  # checks --sigma before any work
+  weights = b.checkpoint or os.path.join(os.fspath(b.checkpoint_dir), f"{det.arch}.msgpack")
+  read = [("the detector", sc.detector), ("the checkpoint", weights)]
+  read += [("the input image", p) for p in inputs.paths]
+  files.check_not_an_input("output", sc.output, read)
+  if cfg.plots.plots:
+    operating_point.check_histogram_path(sc.output, read)
+  files.remove_stale_temporaries_beside(sc.output)
   det = detector_lib.attach_backbone(
     det, b.checkpoint, b.checkpoint_dir, b.depthwise_impl, where=f"detector {sc.detector}"
   )
@@ -287,6 +294,9 @@ def summary(det, result: Prediction, sigma=None) -> list:
   lines = [
     f"scored {n_ok} images ({len(result.errors)} skipped with errors); "
     f"{int(result.flagged.sum())} anomalous at threshold {det.threshold_for(sigma):.4f}"
+  ]
+  lines += [
+    f"the detector was fitted with a warning: {w}" for w in (det.info or {}).get("warnings", [])
   ]
   if result.labels is not None:
     ok = np.isfinite(result.total)

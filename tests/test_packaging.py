@@ -194,7 +194,7 @@ _MAY_IMPORT = {
   "features": set(),
   "feature_cache": {"files"},
   "compile_cache": set(),
-  "operating_point": set(),
+  "operating_point": {"files"},
   "data": {"data"},
   "detector": {
     "gaussian",

@@ -335,6 +335,95 @@ def test_fit_without_plots_writes_no_histogram(setup, checkpoint, tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jgd", "tfds"]
 
 
+def test_a_histogram_that_would_overwrite_an_input_image_is_refused(setup, checkpoint, tmp_path):
+  root, det_path = setup
+  folder = tmp_path / "in"
+  folder.mkdir()
+  image = folder / "s_histogram.png"  # an input image where predict would put its histogram
+  shutil.copy(root / CATEGORY / "test" / "good" / "000.png", image)
+  before = image.read_bytes()
+  with pytest.raises(ValueError) as err:
+    _predict(checkpoint, detector=det_path, input=folder, output=folder / "s.csv")
+  message = str(err.value)
+  assert "\n" not in message and "the input image" in message and str(image) in message
+  assert f"--output={folder / 's.csv'}" in message and "--noplots" in message
+  assert not (folder / "s.csv").exists() and image.read_bytes() == before
+  # --noplots: no histogram, so the same image is scored and left as it was.
+  _predict(checkpoint, detector=det_path, input=folder, output=folder / "s.csv", plots=False)
+  assert [r["path"] for r in _rows(folder / "s.csv")] == [str(image)]
+  assert image.read_bytes() == before
+
+
+def test_fit_refuses_a_histogram_that_is_its_checkpoint(setup, checkpoint, tmp_path):
+  root, _ = setup
+  weights = tmp_path / "d_histogram.png"  # the checkpoint, by a name fit's histogram would take
+  weights.symlink_to(checkpoint)
+  before = weights.read_bytes()
+  options = dict(
+    output=tmp_path / "d.jgd",
+    category=CATEGORY,
+    dataset="folder",
+    data_dir=root,
+    arch=ARCH,
+    checkpoint=weights,
+    image_size=SIZE,
+    levels=(8,),
+    batch_size=8,
+    tfds_dir=tmp_path / "tfds",
+    cache_dir="",
+  )
+  with pytest.raises(
+    ValueError, match=r"is the checkpoint .*the histogram of --output=.*--noplots"
+  ):
+    fitting.fit_and_save(config.from_flat(config.Fit, options), progress=False)
+  assert not (tmp_path / "d.jgd").exists() and weights.read_bytes() == before
+  fitting.fit_and_save(config.from_flat(config.Fit, dict(options, plots=False)), progress=False)
+  assert (tmp_path / "d.jgd").exists() and weights.read_bytes() == before
+
+
+def test_a_score_equal_to_the_threshold_is_normal(setup, checkpoint, tmp_path):
+  # The decision is "strictly above the threshold": put the threshold exactly on one image's
+  # score (the CSV's repr round-trips the float) and score the same images again.
+  root, det_path = setup
+  det = jax_gad.load_detector(det_path, checkpoint=checkpoint)
+  inputs = predict.find_inputs(str(root / CATEGORY / "test"))
+  first = predict.predict(det, inputs, str(tmp_path / "a.csv"), batch_size=8, progress=False)
+  totals = [float(r["total"]) for r in _rows(tmp_path / "a.csv")]
+  assert totals == list(first.total)
+  k = int(np.argsort(totals)[len(totals) // 2])
+  at = det.replace(threshold=totals[k])
+  again = predict.predict(at, inputs, str(tmp_path / "b.csv"), batch_size=8, progress=False)
+  rows = _rows(tmp_path / "b.csv")
+  assert float(rows[k]["total"]) == totals[k]
+  assert rows[k]["decision"] == "normal" and not again.flagged[k]
+  expect = ["anomalous" if t > totals[k] else "normal" for t in totals]
+  assert [r["decision"] for r in rows] == expect and expect.count("anomalous") > 0
+
+
+def test_labels_need_good_and_at_least_one_other_sub_folder(tmp_path):
+  for layout, labelled in ((("good",), False), (("crack",), False), (("good", "crack"), True)):
+    root = tmp_path / "_".join(layout)
+    for sub in layout:
+      (root / sub).mkdir(parents=True)
+      Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / sub / "0.png")
+    inputs = predict.find_inputs(str(root))
+    assert (inputs.labels is not None) == labelled, layout
+    if labelled:
+      assert inputs.labels == [int("/crack/" in p) for p in inputs.paths]
+
+
+def test_on_error_skip_records_os_errors(tmp_path):
+  # A dangling symlink: open() raises FileNotFoundError (an OSError, not a ValueError).
+  (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+  source = predict._ImageFiles([str(tmp_path / "gone.png")], skip=True, image_size=8)
+  example = source[0]
+  assert example["image"].shape == (8, 8, 3) and not example["image"].any()
+  assert str(tmp_path / "gone.png") in source.errors[0]
+  strict = predict._ImageFiles([str(tmp_path / "gone.png")], skip=False, image_size=8)
+  with pytest.raises(ValueError, match="gone.png"):
+    strict[0]
+
+
 def test_progress_bar_starts_after_the_compile(setup, checkpoint, tmp_path, monkeypatch):
   # The bar's clock starts when it is made; a compile after that would count in its rate and ETA.
   root, det_path = setup

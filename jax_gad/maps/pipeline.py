@@ -293,9 +293,21 @@ def evaluate_category(
 def settings_for(
   arch: str, levels: Sequence[int], k_channels: int | None, rule: str, sigma: float
 ) -> MapSettings:
-  """The map settings of a run: default levels for ``arch``, channel subsets drawn once."""
+  """The map settings of a run: default levels for ``arch``, channel subsets drawn once.
+
+  Raises:
+    ValueError: ``k_channels`` above the width of a map level (refused, not
+      silently capped, so results.json never records a number that was not used).
+  """
   levels = tuple(levels) or default_map_levels(arch)
   widths = efficientnet.level_widths(arch)
+  narrow = min(levels, key=lambda l: widths[l])
+  if k_channels is not None and k_channels > widths[narrow]:
+    raise ValueError(
+      f"--map_channels={k_channels} exceeds the {widths[narrow]} channels of map level {narrow} "
+      f"({arch} map levels {list(levels)} have {[widths[l] for l in levels]} channels): give at "
+      f"most {widths[narrow]}, or leave it out to keep every channel"
+    )
   channels = channel_subsets([widths[l] for l in levels], k_channels)
   return MapSettings(levels=levels, channels=channels, rule=rule, sigma=sigma)
 
