@@ -3,7 +3,7 @@
 An option is a field of a frozen dataclass *section*, named after the stage
 that consumes it (:class:`Data`, :class:`Backbone`, :class:`Levels`,
 :class:`Density`, :class:`Maps`, :class:`Protocol`, :class:`Calibration`,
-:class:`Scoring`, :class:`Conversion`, :class:`MultiHost`); a command's config
+:class:`Scoring`, :class:`Plots`, :class:`Conversion`, :class:`MultiHost`); a command's config
 (:class:`Experiment`, :class:`Fit`, :class:`Predict`, :class:`Convert`) holds
 the sections it needs and is passed down whole. The field's name is the flag's
 name: :mod:`jax_gad.cli` generates the absl flags from these fields (so no
@@ -249,6 +249,11 @@ class Backbone(_Section):
   cache_dir: str = path(
     "~/.cache/jax_gad/features", "Feature cache folder ('' disables the cache)."
   )
+  compile_cache: str = path(
+    "~/.cache/jax_gad/xla",
+    "Folder of JAX's persistent compilation cache: programs compiled once are loaded by later "
+    "runs instead of compiled again ('' disables it; docs/own-images.md).",
+  )
 
   @property
   def depthwise_impl(self) -> str | None:
@@ -447,7 +452,6 @@ class Protocol(_Section):
     "for the Gaussian; nll for gmm and flow).",
     allow_empty=True,
   )
-  plots: bool = boolean(True, "Write ROC and per-level plots (PNG).")
 
   def check(self) -> None:
     if not self.workdir:
@@ -500,6 +504,17 @@ class Scoring(_Section):
       raise ValueError("--detector is required (the file written by jax_gad.fit)")
     if not self.output:
       raise ValueError("--output is required (the CSV file to write)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plots(_Section):
+  """Whether a command writes its PNG plots (main, fit and predict share the option)."""
+
+  plots: bool = boolean(
+    True,
+    "Write the plots (PNG): main the ROC and per-level plots; fit and predict the score "
+    "histogram beside --output (<output without extension>_histogram.png).",
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -573,6 +588,7 @@ class Experiment:
   density: Density = Density()
   maps: Maps = Maps()
   protocol: Protocol = Protocol()
+  plots: Plots = Plots()
 
   @property
   def distances(self) -> tuple:
@@ -598,6 +614,7 @@ class Fit:
   backbone: Backbone = Backbone()
   levels: Levels = Levels()
   calibration: Calibration = Calibration()
+  plots: Plots = Plots()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -606,6 +623,7 @@ class Predict:
 
   scoring: Scoring = Scoring()
   backbone: Backbone = Backbone()
+  plots: Plots = Plots()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,10 @@ r"""Fits a detector on ALL training images of one category and saves it.
 Flags -> :class:`jax_gad.config.Fit` -> :func:`jax_gad.fitting.fit_and_save`
 -> a summary printed. The calibrated threshold comes from k-fold out-of-fold
 scores of the training images (``--calibration_folds``) at ``--target_fpr``;
-see docs/own-images.md. No defect image is needed.
+see docs/own-images.md. No defect image is needed. The training features come
+through ``--cache_dir`` (main's entries: a fit after a main run on the same data
+and weights extracts nothing); with ``--plots`` (default) the histogram of the
+out-of-fold scores is written to ``<output without extension>_histogram.png``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import warnings
 
 from absl import app
 
-from jax_gad import cli, config, console
+from jax_gad import cli, compile_cache, config, console
 
 
 def main(argv) -> int:
@@ -25,11 +28,12 @@ def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.quiet_third_party_logs()
-  from jax_gad import fitting  # imports TFDS: kept out of --help
+  from jax_gad import fitting, operating_point  # imports TFDS: kept out of --help
   from jax_gad.detector import FitWarning
 
   cfg = cli.build(config.Fit)
   try:
+    compiled = compile_cache.enable(cfg.backbone.compile_cache)
     with warnings.catch_warnings():  # said below, once, as lines of this command
       warnings.simplefilter("ignore", FitWarning)
       det = fitting.fit_and_save(cfg)
@@ -50,13 +54,18 @@ def main(argv) -> int:
   for note in det.info.get("warnings", []):
     print(f"jax_gad.fit: warning: {note}", file=sys.stderr)
   print(f"wrote {os.path.abspath(cfg.calibration.output)}")
+  if cfg.plots.plots:
+    histogram = operating_point.histogram_path(cfg.calibration.output)
+    print(f"wrote {os.path.abspath(histogram)}")
+  print(compiled.summary())
   return 0
 
 
 def run() -> None:
   """Console-script entry point (``jax-gad-fit``)."""
   cli.define(config.Calibration)  # this command's own flags: defined only when it runs
-  cli.show_in_help(config.Fit, exclude=("categories", "cache_dir"))
+  cli.define(config.Plots)
+  cli.show_in_help(config.Fit, exclude=("categories",))
   app.run(lambda argv: sys.exit(main(argv)))
 
 
