@@ -39,6 +39,7 @@ SHARED_FLAGS = (
   "npca",
 )
 OWN_FLAGS = ("category", "output", "target_fpr", "calibration_folds")
+MAP_FLAGS = ("maps", "map_levels", "map_ridge", "map_sigma", "map_combine", "map_channels")
 
 
 def fit(
@@ -61,6 +62,7 @@ def fit(
   dtype: str = "float32",
   depthwise: str | None = None,
   progress: bool = True,
+  maps: dict | None = None,
 ) -> detector_lib.Detector:
   """Fits a :class:`jax_gad.detector.Detector` on a category's training split.
 
@@ -77,6 +79,8 @@ def fit(
     calibration_folds: k of the out-of-fold calibration.
     batch_size, num_workers, dtype, depthwise: feature extraction settings.
     progress: show progress bars.
+    maps: None, or the keyword arguments of :func:`jax_gad.detector.map_settings`
+      (levels, ridge, sigma, combine, channels): also fit per-location Gaussians.
 
   Returns:
     The fitted detector, with its backbone attached (``Detector.score`` works).
@@ -98,6 +102,7 @@ def fit(
     raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
   if image_size is not None and image_size < 16:
     raise ValueError(f"--image_size must be at least 16, got {image_size}")
+  map_settings = None if maps is None else detector_lib.map_settings(arch, **maps)
 
   train = data.load(dataset, category, "train", data_dir=data_dir, tfds_dir=tfds_dir)
   if len(train) < max(calibration_folds, 3):
@@ -150,8 +155,13 @@ def fit(
     std=tuple(float(v) for v in meta["std"]),
     dtype=dtype,
     info=info,
-  )
-  return det.replace(backbone=backbone)
+  ).replace(backbone=backbone)
+  if map_settings is not None:
+    workers = num_workers or os.cpu_count() or 2
+    det = detector_lib.fit_maps(
+      det, train, map_settings, batch_size=batch_size, num_workers=workers
+    )
+  return det
 
 
 def command(output, category, **kwargs) -> detector_lib.Detector:
@@ -169,6 +179,9 @@ def command(output, category, **kwargs) -> detector_lib.Detector:
   output = os.path.expanduser(os.fspath(output))
   if os.path.isdir(output):
     raise ValueError(f"--output={output} is a folder; give a file name")
+  options = {name[len("map_") :]: kwargs.pop(name) for name in MAP_FLAGS[1:] if name in kwargs}
+  if kwargs.pop("maps", False):
+    kwargs["maps"] = options
   det = fit(category, **kwargs)
   det.save(output)
   return det
@@ -193,7 +206,36 @@ def _define_flags() -> None:
     "(0, 1), set from out-of-fold scores of the training images.",
   )
   flags.DEFINE_integer("calibration_folds", 5, "k of the out-of-fold calibration.", lower_bound=2)
-  cli.show_in_help(SHARED_FLAGS + OWN_FLAGS)
+  _define_map_flags()
+  cli.show_in_help(SHARED_FLAGS + OWN_FLAGS + MAP_FLAGS)
+
+
+def _define_map_flags() -> None:
+  """--maps and its settings (the meanings of main's flags of the same names)."""
+  from absl import flags
+
+  from jax_gad import cli
+
+  flags.DEFINE_bool(
+    "maps",
+    False,
+    "Also fit per-location Gaussians of --map_levels, for anomaly maps with "
+    "`jax_gad.predict --maps_dir` (docs/maps.md).",
+  )
+  cli.DEFINE_int_list(
+    "map_levels",
+    [],
+    0,
+    8,
+    "With --maps: the levels of the maps (default: the arch's).",
+    allow_empty=True,
+  )
+  flags.DEFINE_float(
+    "map_ridge", None, "With --maps: ridge added to each per-location covariance (default 0.01)."
+  )
+  flags.DEFINE_float("map_sigma", 4.0, "With --maps: blur sigma in network-input pixels.")
+  flags.DEFINE_enum("map_combine", "mean", ["mean", "chi"], "With --maps: level combination rule.")
+  flags.DEFINE_integer("map_channels", None, "With --maps: random channels kept per level.")
 
 
 def main(argv) -> int:
@@ -205,7 +247,7 @@ def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   fv = flags.FLAGS
-  v = cli.values(SHARED_FLAGS + OWN_FLAGS)
+  v = cli.values(SHARED_FLAGS + OWN_FLAGS + MAP_FLAGS)
   v["depthwise"] = None if v["depthwise"] == "auto" else v["depthwise"]
   try:
     det = command(**v)
@@ -223,6 +265,12 @@ def main(argv) -> int:
     f"calibrated threshold {det.threshold:.4f} at target FPR {det.target_fpr} "
     f"({det.n_folds}-fold out-of-fold scores); 3-sigma threshold {det.threshold_for(3):.4f}"
   )
+  if det.has_maps:
+    print(
+      f"maps: levels {det.map_settings['levels']}, ridge {det.map_settings['ridge']}, "
+      f"pixel threshold {det.map_threshold:.4f}, colour scale {det.map_scale[0]:.3f}.."
+      f"{det.map_scale[1]:.3f} (out-of-fold maps of the training images)"
+    )
   print(f"wrote {os.path.abspath(v['output'])}")
   return 0
 

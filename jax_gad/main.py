@@ -84,6 +84,13 @@ flags.DEFINE_float(
 flags.DEFINE_enum(
   "map_combine", "mean", ["mean", "chi"], "With --maps: how level maps are combined (docs/maps.md)."
 )
+flags.DEFINE_float(
+  "map_ridge",
+  0.01,
+  "With --maps: added to every per-location covariance (times I) after Ledoit-Wolf shrinkage "
+  "(PaDiM's 0.01; docs/maps.md).",
+  lower_bound=0.0,
+)
 
 FLAGS = flags.FLAGS
 
@@ -121,6 +128,7 @@ class Config(NamedTuple):
   map_channels: int | None
   map_sigma: float
   map_combine: str
+  map_ridge: float
   density: str
   seed: int
   gmm_components: tuple
@@ -212,6 +220,8 @@ def _validate(cfg: Config):
     raise ValueError(f"--map_channels must be a positive int, got {cfg.map_channels}.")
   if cfg.map_sigma < 0:
     raise ValueError(f"--map_sigma must be >= 0, got {cfg.map_sigma}.")
+  if cfg.map_ridge < 0:
+    raise ValueError(f"--map_ridge must be >= 0, got {cfg.map_ridge}.")
   if cfg.map_combine not in ("mean", "chi"):
     raise ValueError(f"--map_combine must be 'mean' or 'chi', got {cfg.map_combine!r}.")
   if cfg.seed < 0:
@@ -387,7 +397,7 @@ def run(cfg: Config) -> dict:
     from jax_gad.maps import pipeline as mp
 
     map_settings = mp.settings_for(
-      cfg.arch, cfg.map_levels, cfg.map_channels, cfg.map_combine, cfg.map_sigma
+      cfg.arch, cfg.map_levels, cfg.map_channels, cfg.map_combine, cfg.map_sigma, cfg.map_ridge
     )
   n_fits = len(categories) * len(cfg.folds) * len(levels)
   with tqdm(total=n_fits, desc="fit + score", unit="fit", disable=None) as bar:

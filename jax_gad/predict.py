@@ -10,7 +10,11 @@ detector's calibrated threshold (or ``--sigma``'s chi-squared threshold),
 else ``normal``; ``error`` for an image that could not be read with
 ``--on_error=skip`` (its message is in ``error``; it is never dropped). With
 ``--on_error=fail`` (default) the first unreadable image stops the run and no
-output is written. The CSV is written atomically.
+output is written. The CSV is written atomically. With ``--maps_dir=DIR`` (a
+detector fitted with ``--maps``) every image also gets ``DIR/<path relative to
+--input>.npy`` (its float32 anomaly map at its own size) and ``.png`` (the
+overlay, with the predicted mask at the calibrated pixel threshold), and the
+CSV the columns ``map_max, map_file`` (docs/maps.md).
 
 Images are read and scored in chunks (memory does not grow with the number of
 images), decoded and resized by worker threads while the device computes. If
@@ -36,10 +40,12 @@ CHUNK = 256  # images scored and written per step (bounded memory)
 
 
 class Inputs(NamedTuple):
-  """The images to score: absolute paths, and labels if PATH is an MVTec test folder."""
+  """The images to score: absolute paths, labels if PATH is an MVTec test folder, and the
+  folder the paths are relative to in --maps_dir (PATH itself if a folder)."""
 
   paths: list
   labels: list | None
+  root: str | None = None
 
 
 def find_inputs(pattern: str) -> Inputs:
@@ -62,14 +68,14 @@ def find_inputs(pattern: str) -> Inputs:
         f"--input={pattern}: the folder holds no images ({', '.join(exts)}, searched recursively)"
       )
     found = sorted(os.path.abspath(p) for p in found)
-    return Inputs(found, _mvtec_labels(os.path.abspath(path), found))
+    return Inputs(found, _mvtec_labels(os.path.abspath(path), found), os.path.abspath(path))
   if os.path.isfile(path):
-    return Inputs([os.path.abspath(path)], None)
+    return Inputs([os.path.abspath(path)], None, os.path.dirname(os.path.abspath(path)))
   if glob.has_magic(path):
     found = sorted(os.path.abspath(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p))
     if not found:
       raise ValueError(f"--input={pattern}: the pattern matches no files")
-    return Inputs(found, None)
+    return Inputs(found, None, os.path.commonpath([os.path.dirname(p) for p in found]))
   raise ValueError(f"--input={pattern} does not exist (expected an image, a folder or a glob)")
 
 
@@ -137,8 +143,13 @@ def predict(
   batch_size: int = 16,
   num_workers: int | None = None,
   progress: bool = True,
+  maps_dir: str | None = None,
 ) -> Prediction:
   """Scores every input and writes the CSV atomically (nothing is written on failure).
+
+  With ``maps_dir`` (a detector fitted with maps), also the anomaly map of
+  every image (:class:`jax_gad.maps.deploy.PredictMaps`) and the CSV columns
+  ``map_max, map_file``.
 
   One decode pipeline (:func:`jax_gad.data.pipeline.prefetch_batches`) runs
   over all inputs, so decoding stays ahead of the device across chunks; the
@@ -159,6 +170,11 @@ def predict(
   chunk_batches = max(1, CHUNK // bs)
   source = _ImageFiles(inputs.paths, on_error == "skip", detector.image_size)
   total = np.full(n, np.nan)
+  maps = None
+  if maps_dir is not None:
+    from jax_gad.maps import deploy
+
+    maps = deploy.PredictMaps(detector, maps_dir, inputs.root, bs)
   bar = None
   if progress:
     from tqdm.auto import tqdm
@@ -169,7 +185,10 @@ def predict(
     text = io.TextIOWrapper(f, encoding="utf-8", newline="")
     writer = csv.writer(text)
     writer.writerow(
-      ["path"] + [f"level_{l}" for l in detector.levels] + ["total", "decision", "error"]
+      ["path"]
+      + [f"level_{l}" for l in detector.levels]
+      + ["total", "decision", "error"]
+      + ([] if maps is None else ["map_max", "map_file"])
     )
     batches = pipeline.prefetch_batches(
       source,
@@ -179,18 +198,25 @@ def predict(
       rows=extractor.local_rows,
       num_workers=num_workers or os.cpu_count() or 2,
     )
+    decoded = batches if maps is None else maps.tee(batches)
     try:
       for start in range(0, n, chunk_batches * bs):
         count = min(chunk_batches * bs, n - start)
-        feats = extractor.extract(itertools.islice(batches, -(-count // bs)), count, progress=False)
+        feats = extractor.extract(itertools.islice(decoded, -(-count // bs)), count, progress=False)
         scores = detector.score_features(feats)
+        chunk_maps = None if maps is None else maps.take(count)
         for i in range(count):
           k = start + i
           path = inputs.paths[k]
+          extra = [] if maps is None else ["", ""]
           if k in source.errors:
-            writer.writerow([path] + [""] * len(detector.levels) + ["", "error", source.errors[k]])
+            row = [path] + [""] * len(detector.levels) + ["", "error", source.errors[k]]
+            writer.writerow(row + extra)
             continue
           total[k] = scores.total[i]
+          if maps is not None:
+            map_max, map_file = maps.write(path, read_image(path), chunk_maps[i])
+            extra = [repr(map_max), map_file]
           writer.writerow(
             [path]
             + [repr(float(v)) for v in scores.per_level[i]]
@@ -199,6 +225,7 @@ def predict(
               "anomalous" if scores.total[i] > threshold else "normal",
               "",
             ]
+            + extra
           )
         if bar is not None:
           bar.update(count)
@@ -216,7 +243,7 @@ def predict(
 
 
 SHARED_FLAGS = ("checkpoint", "checkpoint_dir", "batch_size", "num_workers", "depthwise")
-OWN_FLAGS = ("detector", "input", "output", "on_error", "sigma")
+OWN_FLAGS = ("detector", "input", "output", "on_error", "sigma", "maps_dir")
 
 
 def command(
@@ -231,6 +258,7 @@ def command(
   num_workers=None,
   depthwise=None,
   progress=True,
+  maps_dir=None,
 ):
   """What ``python -m jax_gad.predict`` does, with every check before any work.
 
@@ -253,6 +281,15 @@ def command(
   inputs = find_inputs(os.fspath(input) if input else input)
   det = detector_lib.read_detector(detector)
   det.threshold_for(sigma)  # checks --sigma before any work
+  if maps_dir:
+    maps_dir = os.path.expanduser(os.fspath(maps_dir))
+    if not det.has_maps:
+      raise ValueError(
+        f"--maps_dir: detector {detector} holds no map statistics; fit it again with "
+        "`python -m jax_gad.fit ... --maps`"
+      )
+    if os.path.exists(maps_dir) and not os.path.isdir(maps_dir):
+      raise ValueError(f"--maps_dir={maps_dir} is a file; give a folder")
   det = detector_lib.attach_backbone(
     det, checkpoint, checkpoint_dir, depthwise, where=f"detector {detector}"
   )
@@ -265,6 +302,7 @@ def command(
     batch_size=batch_size,
     num_workers=num_workers,
     progress=progress,
+    maps_dir=maps_dir or None,
   )
 
 
@@ -310,6 +348,12 @@ def _define_flags() -> None:
     "sigma",
     None,
     "Decide at the chi-squared n-sigma threshold (1..8) instead of the calibrated one.",
+  )
+  cli.DEFINE_path(
+    "maps_dir",
+    None,
+    "Also write each image's anomaly map (<path relative to --input>.npy) and overlay (.png) "
+    "here; needs a detector fitted with --maps (docs/maps.md).",
   )
   cli.show_in_help(SHARED_FLAGS + OWN_FLAGS)
 

@@ -192,7 +192,17 @@ _MAY_IMPORT = {
   "features": set(),
   "feature_cache": {"files"},
   "data": {"data"},
-  "detector": {"gaussian", "pca", "metrics", "features", "checkpoint", "files", "models", "data"},
+  "detector": {
+    "gaussian",
+    "pca",
+    "metrics",
+    "features",
+    "checkpoint",
+    "files",
+    "models",
+    "data",
+    "maps",
+  },
   "maps": {"maps", "gaussian", "metrics", "files", "features", "data", "models", "report"},
 }
 

@@ -39,6 +39,9 @@ from jax_gad.models import efficientnet
 # (the same stages: 1/8 and 1/16 of the input), not measured on MVTec AD.
 DEFAULT_MAP_LEVELS = {'efficientnet-lite0': (3, 4, 5), 'efficientnet-b4': (3, 4, 5)}
 FALLBACK_MAP_LEVELS = (3, 4, 5)
+# Added to every per-location covariance after Ledoit-Wolf shrinkage (PaDiM: 0.01 I); bounds the
+# distance where the training features barely vary (a flat background). docs/maps.md.
+DEFAULT_RIDGE = 0.01
 
 
 def default_map_levels(arch: str) -> tuple[int, ...]:
@@ -323,23 +326,27 @@ def write_overlays(
   sizes,
   masks,
   fold: int,
+  scale: tuple,
   per_type: int = 2,
 ) -> None:
-  """Overlay PNGs of the documented subset (:func:`jax_gad.maps.overlay.select`) for one fold."""
+  """Overlay PNGs of the documented subset (:func:`jax_gad.maps.overlay.select`) for one fold.
+
+  ``scale``: (vmin, vmax) of the heat maps, from normal images (:func:`normal_scale`).
+  """
   chosen = moverlay.select(list(source.defect_types), per_type)
   if not chosen:
     return
-  full = postprocess.to_original(maps_fold, sizes)  # once: the colour range needs them all
-  vmin, vmax = moverlay.color_range(full)
+  vmin, vmax = scale
   sub = os.path.join(folder, 'overlays', category)
   os.makedirs(sub, exist_ok=True)
-  for i in chosen:
+  full = postprocess.to_original(maps_fold[chosen], [sizes[i] for i in chosen])
+  for j, i in enumerate(chosen):
     name = moverlay.file_name(i, source.file_names[i])
-    title = f'{category} / {source.defect_types[i]} (fold {fold}), max {float(full[i].max()):.2f}'
+    title = f'{category} / {source.defect_types[i]} (fold {fold}), max {float(full[j].max()):.2f}'
     moverlay.write_overlay(
       os.path.join(sub, name),
       source[i]['image'],
-      full[i],
+      full[j],
       masks[i],
       vmin=vmin,
       vmax=vmax,
@@ -401,6 +408,41 @@ def table_markdown(rows: Sequence[dict], pooled: dict | None = None) -> str:
 # ---------------------------------------------------------------------------
 
 
+class _Subset:
+  """The items ``indices`` of a source, as a source."""
+
+  def __init__(self, source, indices):
+    self.source, self.indices = source, [int(i) for i in indices]
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[self.indices[i]]
+
+
+def normal_scale(
+  extractor, train, fit_indices, fold_states, *, preprocess, settings, num_workers: int = 2
+) -> tuple[float, float]:
+  """Overlay colour scale of one fold: percentiles of its held-out training images' maps.
+
+  Those images are normal and unseen by the fold's fit, so the scale is that
+  of new normal images (:func:`jax_gad.maps.overlay.scaled`).
+  """
+  held = np.setdiff1d(np.arange(len(train)), np.asarray(fit_indices, np.int64))
+  if held.size == 0:
+    raise ValueError("the fold fits on every training image: no held-out image sets the scale")
+  maps = score_folds(
+    extractor,
+    _Subset(train, held),
+    [fold_states],
+    preprocess=preprocess,
+    settings=settings,
+    num_workers=num_workers,
+  )
+  return moverlay.color_scale(maps)
+
+
 class CategoryMaps(NamedTuple):
   """What :func:`run_category` computes for one category."""
 
@@ -410,6 +452,7 @@ class CategoryMaps(NamedTuple):
   masks: list
   sizes: list
   has_masks: bool
+  scale: tuple  # (vmin, vmax) of the first fold's overlays, from its held-out training images
 
 
 def run_category(
@@ -457,6 +500,9 @@ def run_category(
   maps = score_folds(
     extractor, test, states, preprocess=preprocess, settings=settings, num_workers=num_workers
   )
+  scale = normal_scale(
+    extractor, train, fold_indices[0], states[0], preprocess=preprocess, settings=settings
+  )
   del states
   runs, masks, sizes = evaluate_category(category, maps, folds, test, metrics.auroc)
   has_masks = runs[0].pixel_auroc is not None
@@ -464,17 +510,23 @@ def run_category(
     logging.warning("category %s has no defect masks: map metrics are image-level only.", category)
   if not keep_all_folds:
     maps = maps[:1].copy()  # a copy, so that the other folds' memory is freed
-  return CategoryMaps(runs, maps, test, masks, sizes, has_masks)
+  return CategoryMaps(runs, maps, test, masks, sizes, has_masks, scale)
 
 
 def settings_for(
-  arch: str, levels: Sequence[int], k_channels: int | None, rule: str, sigma: float
+  arch: str,
+  levels: Sequence[int],
+  k_channels: int | None,
+  rule: str,
+  sigma: float,
+  ridge: float = DEFAULT_RIDGE,
 ) -> MapSettings:
   """The map settings of a run: default levels for ``arch``, channel subsets drawn once."""
   levels = tuple(levels) or default_map_levels(arch)
   widths = efficientnet.level_widths(arch)
   channels = channel_subsets([widths[l] for l in levels], k_channels)
-  return MapSettings(levels=levels, channels=channels, rule=rule, sigma=sigma)
+  ridge = mfit.check_ridge(ridge)
+  return MapSettings(levels=levels, channels=channels, ridge=ridge, rule=rule, sigma=sigma)
 
 
 def document(settings: MapSettings, k_channels: int | None, outputs: dict) -> dict:
@@ -485,6 +537,7 @@ def document(settings: MapSettings, k_channels: int | None, outputs: dict) -> di
     "channels": k_channels,
     "combine": settings.rule,
     "sigma": settings.sigma,
+    "ridge": settings.ridge,
     "fpr_limit": mmetrics.DEFAULT_FPR_LIMIT,
     "runs": [r._asdict() for r in runs],
     "per_category": summarize(runs),
@@ -518,7 +571,7 @@ def write_outputs(
 ) -> None:
   """Overlays (first evaluated fold), raw maps if asked, and the maps table."""
   for c, out in outputs.items():
-    write_overlays(folder, c, out.test, out.maps[0], out.sizes, out.masks, folds[0])
+    write_overlays(folder, c, out.test, out.maps[0], out.sizes, out.masks, folds[0], out.scale)
     if save_raw:
       save_maps(folder, c, out.maps, folds, out.test)
   files.atomic_write(os.path.join(folder, "maps.md"), table(doc))
