@@ -1,0 +1,315 @@
+"""Anomaly maps from a saved detector: fit --maps, predict --maps_dir, overlay scale, ridge."""
+
+import csv
+import os
+
+from fakes import write_synthetic_mvtec
+import numpy as np
+from PIL import Image
+import pytest
+
+from jax_gad import checkpoint as ckpt
+from jax_gad import data, predict
+from jax_gad import detector as detector_lib
+from jax_gad import fit as fit_module
+from jax_gad.data import pipeline as data_pipeline
+from jax_gad.data import synthetic_ad
+from jax_gad.maps import deploy, overlay, postprocess
+from jax_gad.maps import fit as mfit
+from jax_gad.maps import metrics as mmetrics
+from jax_gad.maps import pipeline as mp
+from jax_gad.models import efficientnet
+
+ARCH = "efficientnet-lite0"
+SIZE = 64
+MAP_LEVELS = (2, 3, 4)
+MAP_OPTIONS = {
+  "maps": True,
+  "map_levels": MAP_LEVELS,
+  "map_ridge": 0.01,
+  "map_sigma": 4.0,
+  "map_combine": "mean",
+  "map_channels": None,
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  return ckpt.ensure_checkpoint(ARCH, str(tmp_path_factory.mktemp("ckpt")))
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, checkpoint):
+  """A synthetic 'object' category as a folder, fitted with --maps through fit.command."""
+  root = tmp_path_factory.mktemp("raw")
+  write_synthetic_mvtec(root, "object", "nut", n_train=20, n_test=12, size=SIZE)
+  work = tmp_path_factory.mktemp("work")
+  det = fit_module.command(
+    work / "det.jgd",
+    "nut",
+    dataset="folder",
+    data_dir=root,
+    arch=ARCH,
+    checkpoint=checkpoint,
+    image_size=SIZE,
+    levels=(4, 5),
+    batch_size=8,
+    tfds_dir=work / "tfds",
+    progress=False,
+    **MAP_OPTIONS,
+  )
+  return root, work, det
+
+
+def _rows(path):
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def test_predict_maps_match_main_on_all_training_images(fitted, checkpoint, tmp_path):
+  root, work, det = fitted
+  test_dir = root / "nut" / "test"
+  maps_dir = tmp_path / "maps"
+  predict.command(
+    work / "det.jgd",
+    test_dir,
+    tmp_path / "scores.csv",
+    checkpoint=checkpoint,
+    batch_size=8,
+    progress=False,
+    maps_dir=maps_dir,
+  )
+  rows = _rows(tmp_path / "scores.csv")
+  test = data.load("folder", "nut", "test", data_dir=root, tfds_dir=work / "tfds")
+  assert len(rows) == len(test)
+  maps, masks = [], []
+  for row in rows:
+    rel = os.path.relpath(row["path"], test_dir)
+    assert row["map_file"] == str(maps_dir / rel) + ".npy"
+    amap = np.load(row["map_file"])
+    image = np.asarray(Image.open(row["path"]).convert("RGB"))
+    assert amap.dtype == np.float32 and amap.shape == image.shape[:2]
+    assert float(row["map_max"]) == pytest.approx(float(amap.max()), rel=1e-6)
+    assert os.path.getsize(str(maps_dir / rel) + ".png") > 1000
+    maps.append(amap)
+    mask_path = root / "nut" / "ground_truth" / (os.path.splitext(rel)[0] + "_mask.png")
+    masks.append(np.asarray(Image.open(mask_path)) if mask_path.exists() else np.zeros_like(amap))
+  got = mmetrics.pixel_metrics(maps, masks)
+
+  # main --maps' steps, with one "fold" that fits on every training image.
+  train = data.load("folder", "nut", "train", data_dir=root, tfds_dir=work / "tfds")
+  settings = mp.settings_for(ARCH, MAP_LEVELS, None, "mean", 4.0, 0.01)
+  extractor = mp.MapExtractor(
+    det.backbone.module,
+    det.backbone.variables,
+    image_size=SIZE,
+    levels=MAP_LEVELS,
+    batch_size=8,
+  )
+  pre = data_pipeline.image_preprocessor(SIZE, det.mean, det.std)
+  states = mp.fit_folds(
+    extractor, train, [np.arange(len(train))], preprocess=pre, settings=settings
+  )
+  main_maps = mp.score_folds(extractor, test, states, preprocess=pre, settings=settings)
+  runs, _, _ = mp.evaluate_category("nut", main_maps, [0], test, lambda s, y: 0.0)
+  want = runs[0]
+  assert abs(100 * got.pixel_auroc - 100 * want.pixel_auroc) < 0.5
+  assert abs(100 * got.aupro - 100 * want.aupro) < 0.5
+
+
+def test_detector_file_keeps_the_map_statistics(fitted):
+  _, work, det = fitted
+  back = detector_lib.read_detector(work / "det.jgd")
+  assert back.has_maps and back.map_settings == det.map_settings
+  assert back.map_settings["levels"] == list(MAP_LEVELS) and back.map_settings["ridge"] == 0.01
+  assert back.map_threshold == det.map_threshold and back.map_scale == det.map_scale
+  for a, b in zip(back.map_states, det.map_states):
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The pixel threshold sits inside the colour scale drawn from the same normal maps.
+  assert det.map_scale[0] < det.map_threshold < det.map_scale[1]
+
+
+def test_calibration_is_out_of_fold(fitted, checkpoint):
+  """Threshold and scale equal an independent computation from per-fold fits."""
+  root, work, det = fitted
+  train = data.load("folder", "nut", "train", data_dir=root, tfds_dir=work / "tfds")
+  extractor = mp.MapExtractor(
+    det.backbone.module,
+    det.backbone.variables,
+    image_size=SIZE,
+    levels=MAP_LEVELS,
+    batch_size=len(train),
+  )
+  pre = data_pipeline.image_preprocessor(SIZE, det.mean, det.std)
+  images = np.stack([pre(train[i]["image"]) for i in range(len(train))])
+  level_maps = [np.asarray(m) for m in extractor(images)]
+  oof = np.zeros((len(train), SIZE, SIZE), np.float32)
+  for fit_idx in data.folds(len(train), det.n_folds):
+    held = np.setdiff1d(np.arange(len(train)), fit_idx)
+    states = [mfit.fit(m[fit_idx], ridge=0.01) for m in level_maps]
+    dists = [np.asarray(mfit.score(s, m[held])) for s, m in zip(states, level_maps)]
+    oof[held] = np.asarray(postprocess.combine(dists, SIZE))
+  values = np.sort(oof.ravel())
+  k = int(np.ceil(values.size * (1 - det.target_fpr)))
+  assert det.map_threshold == pytest.approx(float(values[k - 1]), rel=1e-4)
+  lo, hi = np.percentile(oof, [1.0, 99.9])
+  assert det.map_scale == pytest.approx((lo, hi), rel=1e-4)
+
+
+def test_maps_dir_refused_without_map_statistics(fitted, checkpoint, tmp_path):
+  root, work, det = fitted
+  plain = tmp_path / "plain.jgd"
+  det.replace(map_states=(), map_settings=None).save(plain)
+  assert not detector_lib.read_detector(plain).has_maps
+  with pytest.raises(ValueError, match=r"--maps_dir: detector .* no map statistics.*--maps"):
+    predict.command(
+      plain,
+      root / "nut" / "test",
+      tmp_path / "s.csv",
+      checkpoint=checkpoint,
+      progress=False,
+      maps_dir=tmp_path / "maps",
+    )
+  assert not (tmp_path / "s.csv").exists() and not (tmp_path / "maps").exists()
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  with pytest.raises(ValueError, match="--maps_dir=.* is a file"):
+    predict.command(
+      work / "det.jgd",
+      root / "nut" / "test",
+      tmp_path / "s.csv",
+      checkpoint=checkpoint,
+      progress=False,
+      maps_dir=a_file,
+    )
+
+
+def test_predict_without_maps_dir_has_no_map_columns(fitted, checkpoint, tmp_path):
+  root, work, _ = fitted
+  predict.command(
+    work / "det.jgd",
+    root / "nut" / "test" / "good",
+    tmp_path / "s.csv",
+    checkpoint=checkpoint,
+    progress=False,
+  )
+  assert "map_max" not in _rows(tmp_path / "s.csv")[0]
+
+
+@pytest.mark.parametrize(
+  "options, message",
+  [
+    ({"levels": (2, 9)}, "--map_levels"),
+    ({"levels": (2, 2)}, "--map_levels"),
+    ({"ridge": -0.1}, "--map_ridge"),
+    ({"combine": "max"}, "--map_combine"),
+    ({"sigma": -1.0}, "--map_sigma"),
+    ({"channels": 0}, "--map_channels"),
+  ],
+)
+def test_map_settings_refuse_bad_values(options, message):
+  with pytest.raises(ValueError, match=message):
+    detector_lib.map_settings(ARCH, **options)
+
+
+def test_map_settings_defaults():
+  s = detector_lib.map_settings(ARCH)
+  assert s.levels == mp.default_map_levels(ARCH) and s.ridge == mp.DEFAULT_RIDGE
+  assert deploy.settings_from_json(deploy.settings_to_json(s)) == s
+  s = detector_lib.map_settings(ARCH, channels=8, ridge=0.5)
+  assert deploy.settings_from_json(deploy.settings_to_json(s)) == s and s.ridge == 0.5
+
+
+def test_pixel_threshold_is_the_inverted_cdf_quantile():
+  rng = np.random.default_rng(0)
+  maps = rng.standard_normal((7, 5, 3)).astype(np.float32)
+  for a in (0.01, 0.1, 0.5):
+    want = np.quantile(maps.ravel(), 1 - a, method="inverted_cdf")
+    assert deploy.pixel_threshold(maps, a) == want
+    assert np.mean(maps > deploy.pixel_threshold(maps, a)) <= a
+
+
+def test_held_out_fold_needs_exactly_one():
+  folds = data.folds(10)
+  held = deploy.held_out_fold(10, folds)
+  for k, idx in enumerate(folds):
+    assert not np.isin(np.flatnonzero(held == k), idx).any()
+  with pytest.raises(ValueError, match="held out by 0 folds"):
+    deploy.held_out_fold(10, folds[:4])
+  with pytest.raises(ValueError, match="held out by 2 folds"):
+    deploy.held_out_fold(10, [np.arange(5), np.arange(5), np.arange(5, 10)])
+
+
+def test_scaled_saturates_above_the_scale():
+  amap = np.array([[0.0, 1.0], [2.0, 10.0]], np.float32)
+  np.testing.assert_allclose(overlay.scaled(amap, 1.0, 3.0), [[0.0, 0.0], [0.5, 1.0]])
+  with pytest.raises(ValueError, match="vmax > vmin"):
+    overlay.scaled(amap, 1.0, 1.0)
+
+
+def test_output_stem_stays_under_the_input_folder(tmp_path):
+  assert deploy.output_stem("out", "/a/b/c.png", "/a") == os.path.join("out", "b", "c.png")
+  with pytest.raises(ValueError, match="not under the input folder"):
+    deploy.output_stem("out", "/x/c.png", "/a")
+
+
+def test_flat_background_variant():
+  flat = synthetic_ad.generate("object", n_train=2, n_test=0, size=96, background="flat")
+  image = flat["train"][0]["image"]
+  corner = image[:12, :12].reshape(-1, 3)
+  assert np.all(corner == corner[0]) and image.std() > 10
+  dark = synthetic_ad.generate("object", n_train=2, n_test=0, size=96)["train"][0]["image"]
+  assert dark[:12, :12].reshape(-1, 3).std(axis=0).max() > 0.5  # the default keeps its noise
+  with pytest.raises(ValueError, match="background='flat' is not available .* 'texture'"):
+    synthetic_ad.generate("texture", n_train=2, n_test=0, background="flat")
+  with pytest.raises(ValueError, match="background='wavy'"):
+    synthetic_ad.draw_example("object", "good", 0, "train", 0, 96, background="wavy")
+
+
+def test_flat_background_overlay_scale_and_ridge(checkpoint):
+  """Near-constant background features blow distances up; normal-map scale + ridge fix it."""
+  size, n_fit = 128, 18
+  variables, meta = ckpt.load_checkpoint(checkpoint, arch=ARCH)
+  extractor = mp.MapExtractor(
+    efficientnet.create(ARCH), variables, image_size=size, levels=MAP_LEVELS, batch_size=12
+  )
+  pre = data_pipeline.image_preprocessor(size, meta["mean"], meta["std"])
+  splits = synthetic_ad.generate("object", n_train=24, n_test=12, size=size, background="flat")
+
+  def level_maps(items):
+    out = [[] for _ in MAP_LEVELS]
+    for start in range(0, len(items), 12):
+      batch = np.stack([pre(ex["image"]) for ex in items[start : start + 12]])
+      for acc, m in zip(out, extractor(batch)):
+        acc.append(np.asarray(m))
+    return [np.concatenate(o) for o in out]
+
+  train, test = level_maps(splits["train"]), level_maps(splits["test"])
+  defects = [i for i, ex in enumerate(splits["test"]) if ex["label"]]
+  masks = [splits["test"][i]["mask"] > 0 for i in defects]
+
+  def maps(ridge):
+    states = [mfit.fit(m[:n_fit], ridge=ridge) for m in train]
+
+    def score(feats):
+      dists = [np.asarray(mfit.score(s, f)) for s, f in zip(states, feats)]
+      return np.asarray(postprocess.combine(dists, size))
+
+    return score([m[n_fit:] for m in train]), score([m[defects] for m in test])
+
+  # Without the fix: no ridge, each overlay scaled by its own map. On the worst image
+  # the background peak is several times the defect's and the defect is drawn dark.
+  _, raw = maps(0.0)
+  own = [overlay.scaled(a, *overlay.color_scale([a]))[m].mean() for a, m in zip(raw, masks)]
+  worst = int(np.argmin(own))
+  assert own[worst] < 0.25
+  assert raw[worst][~masks[worst]].max() > 4 * raw[worst][masks[worst]].max()
+
+  # With the fix: ridge 0.01 and the scale of normal (held-out training) maps.
+  normal, fixed = maps(0.01)
+  scale = overlay.color_scale(normal)
+  drawn = [overlay.scaled(a, *scale)[m].mean() for a, m in zip(fixed, masks)]
+  assert drawn[worst] > 0.6 and np.median(drawn) > 0.7
+  # The ridge bounds the blow-up of the background distance.
+  assert fixed[worst][~masks[worst]].max() < 0.5 * raw[worst][~masks[worst]].max()
