@@ -49,3 +49,17 @@ def _minimal_result(row):
     "predict": row,
     "wall_s": 0.0,
   }
+
+
+def test_bench_predict_maps_tiny_and_reported():
+  variables = efficientnet.init("efficientnet-b0", jax.random.key(0))
+  row = measure.bench_predict_maps(
+    "efficientnet-b0", 32, 2, variables, n_images=4, side=48, num_workers=2
+  )
+  assert row["n_images"] == 4 and row["batch_size"] == 2 and row["map_levels"]
+  assert row["images_per_s"] > 0 and row["maps_images_per_s"] > 0
+  result = _minimal_result(None)
+  result["predict_maps"] = row
+  text = report.format_report(result)
+  assert "Predict with `--maps_dir` (efficientnet-b0 32px" in text
+  assert "img/s without maps (batch 2)" in text

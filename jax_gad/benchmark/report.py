@@ -225,6 +225,15 @@ def format_report(result: dict) -> str:
       f'{q["batch_size"]}; one image {_ms(q["latency_s"])} ms (batch 1).'
     )
     out.append('')
+  m = result.get('predict_maps')
+  if m is not None:
+    out.append(
+      f'Predict with `--maps_dir` ({m["arch"]} {m["image_size"]}px, map levels '
+      f'{",".join(map(str, m["map_levels"]))}, {m["n_images"]} {m["side"]}px PNG files; '
+      f'a .npy map and a .png overlay per image): {m["maps_images_per_s"]:.2f} img/s, '
+      f'against {m["images_per_s"]:.2f} img/s without maps (batch {m["batch_size"]}).'
+    )
+    out.append('')
   if result.get('pipelines'):
     out.append(
       'End-to-end decode + extract per architecture (in-memory PNGs decoded and resized by '

@@ -154,6 +154,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
     'sweeps_other_cpu': None,
     'pipeline': None,
     'predict': None,
+    'predict_maps': None,
     'maps': None,
     'pipelines': [],
     'versus': None,
@@ -377,6 +378,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
       f'{1000 * result["predict"]["latency_s"]:.1f} ms for one image'
     )
     phases['predict'] = measure.peak_host_memory_mb()
+    result['predict_maps'] = _predict_maps(cfg, image_size, batch, variables, num_workers, log)
 
   if cfg.density_bench:
     from jax_gad.benchmark import densities as density_bench
@@ -418,3 +420,20 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
   result['peak_host_memory_mb'] = measure.peak_host_memory_mb()
   result['wall_s'] = time.perf_counter() - start
   return result
+
+
+def _predict_maps(cfg, image_size: int, batch: int, variables, num_workers: int, log) -> dict:
+  """The predict throughput with --maps_dir beside the plain rate (same files and batch)."""
+  log(f'predict --maps_dir: {cfg.predict_images} PNG files, batch {batch} ...')
+  row = measure.bench_predict_maps(
+    cfg.arch,
+    image_size,
+    batch,
+    variables,
+    n_images=cfg.predict_images,
+    side=cfg.host_image_side,
+    num_workers=num_workers,
+    seed=cfg.seed,
+  )
+  log(f'  {row["maps_images_per_s"]:.2f} img/s with maps, {row["images_per_s"]:.2f} without')
+  return row
