@@ -9,7 +9,7 @@ from PIL import Image
 import pytest
 
 from jax_gad import checkpoint as ckpt
-from jax_gad import data, predict
+from jax_gad import data, main, predict
 from jax_gad import detector as detector_lib
 from jax_gad import fit as fit_module
 from jax_gad.data import pipeline as data_pipeline
@@ -313,3 +313,68 @@ def test_flat_background_overlay_scale_and_ridge(checkpoint):
   assert drawn[worst] > 0.6 and np.median(drawn) > 0.7
   # The ridge bounds the blow-up of the background distance.
   assert fixed[worst][~masks[worst]].max() < 0.5 * raw[worst][~masks[worst]].max()
+
+
+def test_maps_dir_with_an_unreadable_image_skipped(fitted, checkpoint, tmp_path):
+  root, work, _ = fitted
+  folder = tmp_path / "in"
+  (folder / "a").mkdir(parents=True)
+  good = root / "nut" / "test" / "good" / "000.png"
+  (folder / "a" / "ok.png").write_bytes(good.read_bytes())
+  (folder / "a" / "bad.png").write_bytes(b"not a png")
+  predict.command(
+    work / "det.jgd",
+    folder,
+    tmp_path / "s.csv",
+    checkpoint=checkpoint,
+    progress=False,
+    on_error="skip",
+    maps_dir=tmp_path / "maps",
+  )
+  rows = {os.path.basename(r["path"]): r for r in _rows(tmp_path / "s.csv")}
+  assert rows["bad.png"]["decision"] == "error" and rows["bad.png"]["map_file"] == ""
+  assert rows["bad.png"]["map_max"] == "" and not (tmp_path / "maps/a/bad.png.npy").exists()
+  assert rows["ok.png"]["map_file"] == str(tmp_path / "maps" / "a" / "ok.png.npy")
+
+
+def test_predict_maps_take_refuses_missing_maps():
+  pending = object.__new__(deploy.PredictMaps)
+  pending._pending = [np.zeros((2, 4, 4), np.float32)]
+  with pytest.raises(ValueError, match="scored 2 maps, fewer than the 3 images"):
+    pending.take(3)
+
+
+def test_main_refuses_a_negative_map_ridge(tmp_path):
+  cfg = main.config(workdir=str(tmp_path / "w"), maps=True, map_ridge=-0.5)
+  with pytest.raises(ValueError, match="--map_ridge must be >= 0, got -0.5"):
+    main._validate(cfg)
+
+
+def test_normal_scale_needs_held_out_images():
+  with pytest.raises(ValueError, match="no held-out image sets the scale"):
+    mp.normal_scale(None, [0, 1, 2], np.arange(3), None, preprocess=None, settings=None)
+
+
+def test_normal_scale_is_the_held_out_training_maps_percentiles(fitted):
+  root, work, det = fitted
+  train = data.load("folder", "nut", "train", data_dir=root, tfds_dir=work / "tfds")
+  settings = mp.settings_for(ARCH, MAP_LEVELS, None, "mean", 4.0, 0.01)
+  extractor = mp.MapExtractor(
+    det.backbone.module, det.backbone.variables, image_size=SIZE, levels=MAP_LEVELS, batch_size=8
+  )
+  pre = data_pipeline.image_preprocessor(SIZE, det.mean, det.std)
+  fold = data.folds(len(train))[0]
+  (states,) = mp.fit_folds(extractor, train, [fold], preprocess=pre, settings=settings)
+  got = mp.normal_scale(extractor, train, fold, states, preprocess=pre, settings=settings)
+  held = np.setdiff1d(np.arange(len(train)), fold)
+  images = np.stack([pre(train[int(i)]["image"]) for i in held])
+  whole = mp.MapExtractor(
+    det.backbone.module,
+    det.backbone.variables,
+    image_size=SIZE,
+    levels=MAP_LEVELS,
+    batch_size=len(held),
+  )
+  dists = [np.asarray(mfit.score(st, m)) for st, m in zip(states, whole(images))]
+  maps = np.asarray(postprocess.combine(dists, SIZE))
+  assert got == pytest.approx(tuple(np.percentile(maps, [1.0, 99.9])), rel=1e-5)
