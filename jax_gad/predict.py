@@ -147,9 +147,8 @@ def predict(
 ) -> Prediction:
   """Scores every input and writes the CSV atomically (nothing is written on failure).
 
-  With ``maps_dir`` (a detector fitted with maps), also the anomaly map of
-  every image (:class:`jax_gad.maps.deploy.PredictMaps`) and the CSV columns
-  ``map_max, map_file``.
+  With ``maps_dir``: each image's map files, CSV columns ``map_max, map_file``
+  (:class:`jax_gad.maps.deploy.PredictMaps`).
 
   One decode pipeline (:func:`jax_gad.data.pipeline.prefetch_batches`) runs
   over all inputs, so decoding stays ahead of the device across chunks; the
@@ -170,11 +169,9 @@ def predict(
   chunk_batches = max(1, CHUNK // bs)
   source = _ImageFiles(inputs.paths, on_error == "skip", detector.image_size)
   total = np.full(n, np.nan)
-  maps = None
-  if maps_dir is not None:
-    from jax_gad.maps import deploy
+  from jax_gad.maps import deploy
 
-    maps = deploy.PredictMaps(detector, maps_dir, inputs.root, bs)
+  maps = deploy.map_writer(detector, maps_dir, inputs.root, bs, read_image)
   bar = None
   if progress:
     from tqdm.auto import tqdm
@@ -188,7 +185,7 @@ def predict(
       ["path"]
       + [f"level_{l}" for l in detector.levels]
       + ["total", "decision", "error"]
-      + ([] if maps is None else ["map_max", "map_file"])
+      + list(maps.columns)
     )
     batches = pipeline.prefetch_batches(
       source,
@@ -198,25 +195,21 @@ def predict(
       rows=extractor.local_rows,
       num_workers=num_workers or os.cpu_count() or 2,
     )
-    decoded = batches if maps is None else maps.tee(batches)
+    decoded = maps.tee(batches)
     try:
       for start in range(0, n, chunk_batches * bs):
         count = min(chunk_batches * bs, n - start)
         feats = extractor.extract(itertools.islice(decoded, -(-count // bs)), count, progress=False)
         scores = detector.score_features(feats)
-        chunk_maps = None if maps is None else maps.take(count)
+        chunk_maps = maps.take(count)
         for i in range(count):
           k = start + i
           path = inputs.paths[k]
-          extra = [] if maps is None else ["", ""]
           if k in source.errors:
             row = [path] + [""] * len(detector.levels) + ["", "error", source.errors[k]]
-            writer.writerow(row + extra)
+            writer.writerow(row + maps.blank())
             continue
           total[k] = scores.total[i]
-          if maps is not None:
-            map_max, map_file = maps.write(path, read_image(path), chunk_maps[i])
-            extra = [repr(map_max), map_file]
           writer.writerow(
             [path]
             + [repr(float(v)) for v in scores.per_level[i]]
@@ -225,7 +218,7 @@ def predict(
               "anomalous" if scores.total[i] > threshold else "normal",
               "",
             ]
-            + extra
+            + maps.cells(path, chunk_maps, i)
           )
         if bar is not None:
           bar.update(count)

@@ -270,11 +270,14 @@ class PredictMaps:
 
   :meth:`tee` passes the decoded batches through unchanged and scores each
   with :class:`MapScorer` on the way; :meth:`take` returns the maps of the
-  next ``count`` images; :meth:`write` writes one image's files.
+  next ``count`` images; :meth:`cells` writes one image's files (the image
+  read again with ``read_image``, for its own size and the overlay) and gives
+  its CSV cells.
   """
 
-  def __init__(self, detector, maps_dir: str, root: str, batch_size: int):
+  def __init__(self, detector, maps_dir: str, root: str, batch_size: int, read_image):
     self.scorer = detector.map_scorer(batch_size)
+    self.read_image = read_image
     self.maps_dir, self.root = maps_dir, root
     self.threshold, self.scale = float(detector.map_threshold), tuple(detector.map_scale)
     self._pending: list[np.ndarray] = []
@@ -292,6 +295,17 @@ class PredictMaps:
       raise ValueError(f"scored {maps.shape[0]} maps, fewer than the {count} images of the chunk")
     return maps[:count]
 
+  columns = ("map_max", "map_file")
+
+  def blank(self) -> list:
+    """The CSV cells of an image that could not be read."""
+    return [""] * len(self.columns)
+
+  def cells(self, path: str, maps: np.ndarray, i: int) -> list:
+    """Writes the files of image ``path`` (``maps[i]``, from :meth:`take`); its CSV cells."""
+    map_max, npy = self.write(path, self.read_image(path), maps[i])
+    return [repr(map_max), npy]
+
   def write(self, path: str, image: np.ndarray, amap: np.ndarray) -> tuple[float, str]:
     """Writes the files of image ``path`` (``amap`` at the network size); (map max, .npy path)."""
     full = original_maps(amap[None], [image])[0]
@@ -302,3 +316,29 @@ class PredictMaps:
       stem, image, full, threshold=self.threshold, scale=self.scale, title=title
     )
     return float(full.max()), npy
+
+
+class NoMaps:
+  """:class:`PredictMaps`' interface for a run without ``--maps_dir``: no columns, no files."""
+
+  columns = ()
+
+  def tee(self, batches):
+    return batches
+
+  def take(self, count: int) -> None:
+    del count
+
+  def blank(self) -> list:
+    return []
+
+  def cells(self, path, maps, i) -> list:
+    del path, maps, i
+    return []
+
+
+def map_writer(detector, maps_dir: str | None, root: str, batch_size: int, read_image):
+  """:class:`PredictMaps` for ``maps_dir``, or :class:`NoMaps` when it is None."""
+  if maps_dir is None:
+    return NoMaps()
+  return PredictMaps(detector, maps_dir, root, batch_size, read_image)
