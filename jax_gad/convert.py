@@ -28,7 +28,7 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from jax_gad import files
+from jax_gad import console, files
 from jax_gad.models import efficientnet as effnet
 from jax_gad.torch_pickle import BFLOAT16, UnsafeCheckpointError, read_torch_checkpoint
 
@@ -324,6 +324,7 @@ def main(argv) -> int:
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_third_party_logs()
   fv = flags.FLAGS
   if not fv["arch"].present:
     raise app.UsageError("--arch is required: the architecture the weights belong to")

@@ -462,8 +462,8 @@ def load_backbone(
       raise ValueError(
         f"--checkpoint={checkpoint} does not exist. Convert weights with "
         f"`python -m jax_gad.convert --arch={arch} --input=<file.pth> --output="
-        f"{checkpoint}` (README: 'Converting weights'), or leave --checkpoint out to use "
-        f"{checkpoint_dir}/{arch}.msgpack."
+        f"{checkpoint}` (docs/checkpoints.md, 'Getting and converting weights'), or leave "
+        f"--checkpoint out to use {checkpoint_dir}/{arch}.msgpack."
       )
     path = checkpoint
   else:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def _replicate(tree: Any, sharding: NamedSharding) -> Any:
 
 
 # XLA:CPU vectorises loops 256 bits wide by default; 512 made the EfficientNet
-# extractor 8-12 % faster on an AVX-512 CPU (README, "Performance"). It is a
+# extractor 8-12 % faster on an AVX-512 CPU (docs/performance.md). It is a
 # preference, so CPUs without 512-bit vectors use their widest.
 CPU_COMPILER_OPTIONS = {'xla_cpu_prefer_vector_width': 512}
 
@@ -193,6 +194,31 @@ def _pooled_levels(variables, images, *, module, levels, mesh):
     pooled = tuple(jnp.mean(maps[level].astype(jnp.float32), axis=(1, 2)) for level in levels)
   # Replicated result: every process (multi-host) gets every row.
   return jax.lax.with_sharding_constraint(pooled, NamedSharding(mesh, P()))
+
+
+class _ProgressBar:
+  """A tqdm bar that appears, and starts its clock, when the first batch is back.
+
+  The first batch carries one-off costs (the first run of the compiled
+  program, the decoding pipeline starting up) that would inflate the rate's
+  ETA many times over, so it is counted as done before the clock starts
+  (tqdm's rate is ``(n - initial) / elapsed``).
+  """
+
+  def __init__(self, total: int, desc: str):
+    self.total = total
+    self.desc = desc
+    self.bar = None
+
+  def update(self, n: int) -> None:
+    if self.bar is None:
+      self.bar = tqdm(total=self.total, initial=n, desc=self.desc, unit='img')
+    else:
+      self.bar.update(n)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
 
 
 class LevelExtractor:
@@ -371,29 +397,25 @@ class LevelExtractor:
     _check_positive_int('n_images', n_images)
     self.compile()
     outputs: list[list[np.ndarray]] = [[] for _ in self.levels]
+    bar = _ProgressBar(n_images, desc) if progress and jax.process_index() == 0 else None
 
-    def fetch(pending):
+    def fetch(pending, b):
       host = jax.device_get(pending)
       for out, level_rows in zip(outputs, host):
         out.append(np.asarray(level_rows, dtype=np.float32))
+      if bar is not None:
+        bar.update(max(0, min(self.batch_size, n_images - b * self.batch_size)))
 
-    bar = None
-    if progress and jax.process_index() == 0:
-      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
-      bar = tqdm(total=n_images, desc=desc, unit='img')
     try:
       pending = None
       for b, local_images in enumerate(batches):
         # Dispatch batch b, then bring back batch b - 1 while b computes.
         result = self(self.device_batch(local_images))
         if pending is not None:
-          fetch(pending)
+          fetch(pending, b - 1)
         pending = result
-        if bar is not None:
-          bar.update(max(0, min(self.batch_size, n_images - b * self.batch_size)))
       if pending is not None:
-        fetch(pending)
+        fetch(pending, b)
     finally:
       if bar is not None:
         bar.close()

@@ -242,10 +242,11 @@ def main(argv) -> int:
   """The fit command (after flag parsing); returns the exit status."""
   from absl import app, flags
 
-  from jax_gad import cli
+  from jax_gad import cli, console
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_third_party_logs()
   fv = flags.FLAGS
   v = cli.values(SHARED_FLAGS + OWN_FLAGS + MAP_FLAGS)
   v["depthwise"] = None if v["depthwise"] == "auto" else v["depthwise"]

@@ -27,7 +27,7 @@ from absl import app, flags
 import numpy as np
 
 import jax_gad
-from jax_gad import cli, densities
+from jax_gad import cli, console, densities
 
 # Every score name of every registered density (the Gaussian's distances, 'nll').
 SCORES = tuple(dict.fromkeys(d for m in densities.DENSITIES.values() for d in m.scorers))
@@ -499,6 +499,7 @@ def run(cfg: Config) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_third_party_logs()
   from jax_gad import report
 
   try:

@@ -159,6 +159,7 @@ def predict(
 
   from jax_gad import files
   from jax_gad.data import pipeline
+  from jax_gad.maps import deploy
 
   if on_error not in ("skip", "fail"):
     raise ValueError(f"--on_error must be skip or fail, got {on_error!r}")
@@ -169,9 +170,8 @@ def predict(
   chunk_batches = max(1, CHUNK // bs)
   source = _ImageFiles(inputs.paths, on_error == "skip", detector.image_size)
   total = np.full(n, np.nan)
-  from jax_gad.maps import deploy
-
   maps = deploy.map_writer(detector, maps_dir, inputs.root, bs, read_image)
+  extractor.compile()  # before the bar, so that its rate and ETA do not count compilation
   bar = None
   if progress:
     from tqdm.auto import tqdm
@@ -355,10 +355,11 @@ def main(argv) -> int:
   """The predict command (after flag parsing); returns the exit status."""
   from absl import app
 
-  from jax_gad import cli
+  from jax_gad import cli, console
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_third_party_logs()
   v = cli.values(SHARED_FLAGS + OWN_FLAGS)
   v["depthwise"] = None if v["depthwise"] == "auto" else v["depthwise"]
   try:

@@ -13,7 +13,7 @@ from sklearn.model_selection import KFold
 import tensorflow_datasets as tfds
 
 import jax_gad.data as data
-from jax_gad.data import mvtec_ad, synthetic_ad
+from jax_gad.data import loader, mvtec_ad, synthetic_ad
 
 # A tiny MVTec-shaped folder: one RGB and one grayscale category, masks, several
 # defect types. Files are written in an order different from the sorted one.
@@ -450,3 +450,18 @@ def test_build_and_read_without_tensorflow_or_torch(tmp_path):
   )
   assert res.returncode == 0, res.stderr[-3000:]
   assert res.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("setting", [True, False])
+def test_tfds_progress_bars_are_off_during_a_build_and_restored_after(setting):
+  state = tfds.core.utils.tqdm_utils
+  tfds.display_progress_bar(setting)
+  try:
+    with loader._no_tfds_progress_bars():
+      assert state._active is False
+    assert state._active is setting
+    with pytest.raises(RuntimeError), loader._no_tfds_progress_bars():
+      raise RuntimeError("a failed build")
+    assert state._active is setting
+  finally:
+    tfds.display_progress_bar(True)

@@ -251,7 +251,7 @@ def test_mvtec_ad_is_keyed_on_its_raw_folder_too(tmp_path):
   assert before.prepared_dir != after.prepared_dir
 
 
-# --- issue 13 item 6: damaged prepared data ---------------------------------------------
+# --- damaged prepared data ------------------------------------------------------------
 
 
 def _prepared(tmp_path):
@@ -331,7 +331,7 @@ def test_damaged_dataset_rebuilt_after_following_the_message(tmp_path):
   assert len(_reload(tmp_path)) == len(split)
 
 
-# --- issue 13 item 8: two runs building the same dataset at once -------------------------
+# --- two runs building the same dataset at once ----------------------------------------
 
 
 _CHILD = textwrap.dedent("""

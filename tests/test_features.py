@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -202,6 +203,32 @@ def test_padding_compiles_once_for_every_size():
   # The compiled executable only accepts its one shape.
   with pytest.raises(ValueError, match='pad the last batch'):
     extractor(np.zeros((3, SIZE, SIZE, 3), np.float32))
+
+
+def test_progress_rate_leaves_out_the_slow_first_batch(capsys):
+  # The first batch arrives after a pause (standing in for the first run of the
+  # program and the pipeline's start); the bar's rate and ETA must not count it.
+  extractor = features.LevelExtractor(
+    TinyNet(), tiny_variables(), image_size=SIZE, batch_size=4, levels=(0,)
+  )
+  extractor.compile()
+  pause = 2.0
+  images = np.zeros((4, SIZE, SIZE, 3), np.float32)
+
+  def batches():
+    time.sleep(pause)
+    for _ in range(6):
+      yield images
+
+  got = extractor.extract(batches(), 23, progress=True, desc='slow start')
+  assert got[0].shape == (23, 4)
+  err = capsys.readouterr().err
+  # The bar appears with the first batch done and the clock at zero.
+  assert 'slow start:  17%|' in err and '4/23 [00:00<?, ?img/s]' in err, err
+  # Counting the pause would cap the rate at 23 / 2 s; the batches after it take milliseconds.
+  rate = float(re.findall(r'([\d.]+)img/s', err)[-1])
+  assert rate > 4 * 23 / pause, err
+  assert '23/23' in err, err
 
 
 def test_batch_size_rounds_up_to_device_multiple():

@@ -1,4 +1,4 @@
-"""Faults a hostile user can cause, reproduced on generated data (issue: integrity under faults).
+"""Faults a hostile user can cause, reproduced on generated data (integrity under faults).
 
 Each test provokes one fault and checks the outcome: a clear one-line error
 naming the culprit with nothing written, or a complete, correct run.

@@ -254,7 +254,7 @@ def _files(folder):
 def test_density_end_to_end_same_command_twice_identical(
   density, settings, tmp_path, mvtec, checkpoint
 ):
-  # On the synthetic set, as the README's density table (small inputs: 32 px).
+  # On the synthetic set, as the density table of docs/densities.md (small inputs: 32 px).
   common = dict(
     dataset="synthetic_ad",
     data_dir=None,

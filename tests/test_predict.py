@@ -10,11 +10,12 @@ from fakes import write_mvtec
 import numpy as np
 from PIL import Image
 import pytest
+import tqdm.auto
 
 import jax_gad
 from jax_gad import checkpoint as ckpt
+from jax_gad import features, metrics, predict
 from jax_gad import fit as fit_module
-from jax_gad import metrics, predict
 
 ARCH = "efficientnet-lite0"
 SIZE = 64
@@ -198,3 +199,32 @@ def test_cli_exit_code_in_a_subprocess(setup, checkpoint, tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith("jax_gad.predict: error:")
   assert "does not exist" in proc.stderr
   assert not (tmp_path / "o.csv").exists()
+
+
+def test_progress_bar_starts_after_the_compile(setup, checkpoint, tmp_path, monkeypatch):
+  # The bar's clock starts when it is made; a compile after that would count in its rate and ETA.
+  root, det_path = setup
+  events = []
+  compile_ = features.LevelExtractor.compile
+
+  def compile_and_record(self):
+    if self._compiled is None:
+      events.append("compile")
+    return compile_(self)
+
+  class Bar(tqdm.auto.tqdm):
+    def __init__(self, *args, **kwargs):
+      events.append("bar")
+      super().__init__(*args, **kwargs)
+
+  monkeypatch.setattr(features.LevelExtractor, "compile", compile_and_record)
+  monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+  predict.command(
+    checkpoint=checkpoint,
+    batch_size=8,
+    detector=det_path,
+    input=root / CATEGORY / "test",
+    output=tmp_path / "scores.csv",
+    progress=True,
+  )
+  assert events == ["compile", "bar"]

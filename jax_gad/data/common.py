@@ -148,6 +148,16 @@ class IntegrityMixin:
   of the atomic result: a prepared folder always has it (``INTEGRITY_FILE``).
   """
 
+  # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and
+  # prepared" to stdout around every build; these builders download nothing
+  # (they convert a local folder or generate images), and jax_gad.data.loader
+  # announces the build itself.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _download_and_prepare(self, dl_manager, download_config=None):
     super()._download_and_prepare(dl_manager, download_config)
     data_dir = os.fspath(self.data_dir)

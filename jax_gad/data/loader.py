@@ -322,6 +322,55 @@ def _remove_incomplete(builder) -> None:
       shutil.rmtree(leftover, ignore_errors=True)
 
 
+class _CustomConfigWarning(logging.Filter):
+  """Drops TFDS's "Using custom data configuration" warning.
+
+  TFDS warns whenever a builder gets a config that is not one of its class's
+  predefined ones; the raw-folder datasets (mvtec_ad, folder) always do, by
+  design (the config names the raw folder's fingerprint).
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.msg != "Using custom data configuration: %s"
+
+
+def _builder(cls, builder_kwargs: dict):
+  """``cls(**builder_kwargs)`` without TFDS's custom-config warning (TFDS logs through absl)."""
+  absl_logger = logging.getLogger("absl")
+  quiet = _CustomConfigWarning()
+  absl_logger.addFilter(quiet)
+  try:
+    return cls(**builder_kwargs)
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
+def _is_prepared(builder) -> bool:
+  """TFDS's ``is_prepared``, asked only once the version folder exists.
+
+  TFDS warns "Variant folder ... has no dataset_info.json" whenever it checks
+  a folder that is not there yet, i.e. on every check before a first build.
+  """
+  return os.path.isdir(os.fspath(builder.data_dir)) and builder.is_prepared()
+
+
+@contextlib.contextmanager
+def _no_tfds_progress_bars():
+  """TFDS's build bars off while jax_gad builds (restored after).
+
+  They name TFDS's temporary files ("Shuffling .../incomplete.D9JDQJ_1.0.0/
+  ...-[0-9][0-9][0-9][0-9][0-9]-of-..."), not what the user asked for; the
+  build is announced by one line of :func:`prepare` instead. TFDS has no
+  public getter for the setting, hence the read of its module flag.
+  """
+  before = getattr(tfds.core.utils.tqdm_utils, "_active", True)
+  tfds.display_progress_bar(False)
+  try:
+    yield
+  finally:
+    tfds.display_progress_bar(before)
+
+
 def prepare(
   dataset: str, category: str, *, data_dir=None, tfds_dir=None
 ) -> tfds.core.DatasetBuilder:
@@ -362,33 +411,35 @@ def prepare(
   builder_kwargs = {"config": config, "file_format": "array_record"}
   if tfds_dir is not None:
     builder_kwargs["data_dir"] = os.fspath(os.path.expanduser(os.fspath(tfds_dir)))
-  builder = cls(**builder_kwargs)
+  builder = _builder(cls, builder_kwargs)
   # Prepared before we came: this builder read its info (and metadata) from disk.
-  read_from_disk = builder.is_prepared()
+  read_from_disk = _is_prepared(builder)
   with build_lock(builder):
     # Holding the lock, no other build of this config runs: TFDS's temporary
     # folders here are leftovers of a killed build.
     _remove_incomplete(builder)
     if (
-      builder.is_prepared()
+      _is_prepared(builder)
       and dataset == "synthetic_ad"
       and ((builder.info.metadata or {}).get("format") != common.METADATA_FORMAT)
     ):
       # Generated data written by an older jax_gad: rebuild it, nothing is lost.
       logging.warning("rebuilding %s (prepared by an older jax_gad)", builder.data_dir)
       shutil.rmtree(builder.data_dir)
-      builder = cls(**builder_kwargs)
-    if builder.is_prepared() and read_from_disk:
+      builder = _builder(cls, builder_kwargs)
+    if _is_prepared(builder) and read_from_disk:
       return builder
-    if not builder.is_prepared():
-      builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-          compute_stats=tfds.download.ComputeStatsMode.SKIP
+    if not _is_prepared(builder):
+      logging.info("preparing %s/%s in %s (first use only)", dataset, category, builder.data_dir)
+      with _no_tfds_progress_bars():
+        builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(
+            compute_stats=tfds.download.ComputeStatsMode.SKIP
+          )
         )
-      )
   # Built here or by another process meanwhile: a fresh builder reads the
   # dataset info (and jax_gad's metadata) from disk.
-  return cls(**builder_kwargs)
+  return _builder(cls, builder_kwargs)
 
 
 def load(dataset: str, category: str, split: str, *, data_dir=None, tfds_dir=None) -> Split:

@@ -28,7 +28,7 @@ them in one ``vmap``-ed program means padding every level to the widest one
 (padded dimensions are masked out of the couplings and the likelihood). That
 multiplies the work by ``L * max(D) / sum(D)`` (5.5x for B4's nine levels), so
 it pays only where the small levels alone leave the device idle;
-``vmap_levels`` (default False) switches it on; see the README for the measured
+``vmap_levels`` (default False) switches it on; docs/densities.md has the measured
 times. The two modes draw different initial weights (the padded shapes
 differ), so they are each deterministic but not equal to each other.
 
@@ -36,7 +36,7 @@ Why not distrax: distrax 0.1.9 installs and runs against jax 0.10.2, but it
 pulls in ``tfp-nightly`` (a dated TensorFlow Probability snapshot) and chex,
 and its ``MaskedCoupling`` + ``ScalarAffine`` would replace only the ~30 lines
 of :class:`Coupling` below, while the masking of padded dimensions for the
-vmapped levels is ours either way. See the README for the measurement.
+vmapped levels is ours either way. docs/densities.md has the measurement.
 """
 
 from __future__ import annotations

@@ -277,6 +277,7 @@ class PredictMaps:
 
   def __init__(self, detector, maps_dir: str, root: str, batch_size: int, read_image):
     self.scorer = detector.map_scorer(batch_size)
+    self.scorer.extractor.compile()  # now, not inside the caller's progress bar
     self.read_image = read_image
     self.maps_dir, self.root = maps_dir, root
     self.threshold, self.scale = float(detector.map_threshold), tuple(detector.map_scale)

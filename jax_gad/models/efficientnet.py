@@ -27,7 +27,7 @@ products on the ``(N*H*W, C)`` view; where the activation is larger than the
 projection kernel, the squeeze-excite gate scales the kernel instead of the
 activation.
 :func:`default_depthwise` picks an implementation per backend from
-measurements on CPU (see the README). ``split_bytes`` (default per backend,
+measurements on CPU (docs/performance.md). ``split_bytes`` (default per backend,
 :func:`default_split_bytes`) keeps the working set in cache on CPU: leading
 blocks of a large batch run one image at a time, and a huge expanded map is
 computed in bands of rows (docs/performance.md).
@@ -669,8 +669,8 @@ def default_split_bytes(backend: str) -> int:
   """``EfficientNet.split_bytes`` to use on a JAX backend.
 
   8 MiB on CPU, where splitting batches and large activations into pieces of
-  about that size was measured faster than whole-batch layers (README,
-  "Performance"); 0 (no splitting) everywhere else.
+  about that size was measured faster than whole-batch layers (docs/performance.md,
+  "What makes it fast"); 0 (no splitting) everywhere else.
 
   Args:
     backend: a JAX backend name such as ``jax.default_backend()``.
