@@ -403,14 +403,13 @@ def fit_maps(detector: Detector, train, settings, *, batch_size: int = 16, num_w
   ``detector.target_fpr``) and the colour scale come from out-of-fold maps
   over the detector's calibration folds (:func:`jax_gad.maps.deploy.calibrate`).
   """
-  from jax_gad import data
+  from jax_gad import data, features
   from jax_gad.data import pipeline
   from jax_gad.maps import deploy
-  from jax_gad.maps import pipeline as mp
 
   if detector.backbone is None:
     raise ValueError("fit_maps needs the detector's backbone attached")
-  extractor = mp.MapExtractor(
+  extractor = features.MapExtractor(
     detector.backbone.module,
     detector.backbone.variables,
     image_size=detector.image_size,

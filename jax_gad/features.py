@@ -196,7 +196,7 @@ def _pooled_levels(variables, images, *, module, levels, mesh):
   return jax.lax.with_sharding_constraint(pooled, NamedSharding(mesh, P()))
 
 
-class _ProgressBar:
+class ProgressBar:
   """A tqdm bar that appears, and starts its clock, when the first batch is back.
 
   The first batch carries one-off costs (the first run of the compiled
@@ -205,14 +205,15 @@ class _ProgressBar:
   (tqdm's rate is ``(n - initial) / elapsed``).
   """
 
-  def __init__(self, total: int, desc: str):
+  def __init__(self, total: int, desc: str, unit: str = 'img'):
     self.total = total
     self.desc = desc
+    self.unit = unit
     self.bar = None
 
   def update(self, n: int) -> None:
     if self.bar is None:
-      self.bar = tqdm(total=self.total, initial=n, desc=self.desc, unit='img')
+      self.bar = tqdm(total=self.total, initial=n, desc=self.desc, unit=self.unit)
     else:
       self.bar.update(n)
 
@@ -397,7 +398,7 @@ class LevelExtractor:
     _check_positive_int('n_images', n_images)
     self.compile()
     outputs: list[list[np.ndarray]] = [[] for _ in self.levels]
-    bar = _ProgressBar(n_images, desc) if progress and jax.process_index() == 0 else None
+    bar = ProgressBar(n_images, desc) if progress and jax.process_index() == 0 else None
 
     def fetch(pending, b):
       host = jax.device_get(pending)
@@ -423,3 +424,68 @@ class LevelExtractor:
     if got < n_images:
       raise ValueError(f'batches held {got} rows, fewer than n_images={n_images}.')
     return [np.concatenate(out, axis=0)[:n_images] for out in outputs]
+
+
+# ---------------------------------------------------------------------------
+# Unpooled level maps (anomaly maps)
+# ---------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=('module', 'levels', 'channels', 'mesh'))
+def _level_maps(variables, images, *, module, levels, channels, mesh):
+  """Backbone + the float32 maps of ``levels`` (kept ``channels``), sharded over the batch."""
+  maps = module.apply(variables, images)
+  out = []
+  for i, level in enumerate(levels):
+    m = maps[level].astype(jnp.float32)
+    if channels is not None and channels[i] is not None:
+      m = m[..., jnp.asarray(channels[i])]
+    out.append(m)
+  # Stay sharded over the batch: the per-location statistics are reduced on the devices.
+  return jax.lax.with_sharding_constraint(tuple(out), NamedSharding(mesh, P(mesh.axis_names[0])))
+
+
+class MapExtractor(LevelExtractor):
+  """A :class:`LevelExtractor` returning unpooled float32 level maps.
+
+  Calling it on a global batch returns one ``(batch_size, h_l, w_l, C_l)``
+  array per level, left sharded over the batch axis on the devices, where
+  :func:`jax_gad.maps.pipeline.stream_parts` adds them to per-location statistics.
+  """
+
+  def __init__(
+    self,
+    module,
+    variables,
+    *,
+    image_size: int,
+    levels: Sequence[int],
+    channels: Sequence | None = None,
+    mesh: Mesh | None = None,
+    batch_size: int = 8,
+  ):
+    """As :class:`LevelExtractor`; ``channels``: per level, kept channel indices or None (all)."""
+    super().__init__(
+      module, variables, image_size=image_size, levels=levels, mesh=mesh, batch_size=batch_size
+    )
+    if channels is not None:
+      if len(channels) != len(self.levels):
+        raise ValueError(
+          f'channels must give one entry per level ({len(self.levels)}), got {len(channels)}.'
+        )
+      channels = tuple(None if c is None else tuple(int(i) for i in c) for c in channels)
+    self.channels = channels
+
+  def _lower(self, spec: jax.ShapeDtypeStruct):
+    return _level_maps.lower(
+      self.variables,
+      spec,
+      module=self.module,
+      levels=self.levels,
+      channels=self.channels,
+      mesh=self.mesh,
+    )
+
+  def map_shapes(self) -> list[tuple[int, int, int]]:
+    """(h, w, C) of each returned level map (compiles on first use)."""
+    return [tuple(int(s) for s in o.shape[1:]) for o in self.compiled.out_info]

@@ -395,9 +395,18 @@ def run(cfg: Config) -> dict:
   map_outputs = {}
   if cfg.maps:
     from jax_gad.maps import pipeline as mp
+    from jax_gad.maps import report as maps_report
 
     map_settings = mp.settings_for(
       cfg.arch, cfg.map_levels, cfg.map_channels, cfg.map_combine, cfg.map_sigma, cfg.map_ridge
+    )
+    map_run = mp.prepare(
+      map_settings,
+      extractor,
+      meta["mean"],
+      meta["std"],
+      num_workers=cfg.num_workers or os.cpu_count() or 2,
+      keep_all_folds=cfg.save_maps,
     )
   n_fits = len(categories) * len(cfg.folds) * len(levels)
   with tqdm(total=n_fits, desc="fit + score", unit="fit", disable=None) as bar:
@@ -422,22 +431,7 @@ def run(cfg: Config) -> dict:
       )
       if cfg.maps:
         map_outputs[c] = mp.run_category(
-          c,
-          train,
-          test,
-          [all_folds[k] for k in cfg.folds],
-          cfg.folds,
-          module=model,
-          variables=variables,
-          arch=cfg.arch,
-          image_size=image_size,
-          mean=meta["mean"],
-          std=meta["std"],
-          settings=map_settings,
-          mesh=mesh,
-          batch_size=batch_size,
-          num_workers=cfg.num_workers or os.cpu_count() or 2,
-          keep_all_folds=cfg.save_maps,
+          c, train, test, [all_folds[k] for k in cfg.folds], cfg.folds, map_run
         )
 
   config_doc = cfg._asdict()
@@ -483,13 +477,13 @@ def run(cfg: Config) -> dict:
     versions=jax_gad.versions(),
   )
   if cfg.maps:
-    doc["maps"] = mp.document(map_settings, cfg.map_channels, map_outputs)
+    doc["maps"] = maps_report.document(map_settings, cfg.map_channels, map_outputs)
   # In a multi-host run every process holds the same results; process 0 writes them.
   if jax.process_index() == 0:
 
     def write(folder):
       if cfg.maps:
-        mp.write_outputs(folder, doc, map_outputs, cfg.folds, cfg.save_maps)
+        maps_report.write_outputs(folder, doc, map_outputs, cfg.folds, cfg.save_maps)
       report.write_reports(folder, doc, results, cfg.distances, plots=cfg.plots)
 
     files.write_dir(cfg.workdir, write)
@@ -523,9 +517,9 @@ def main(argv):
   print(report.per_category_markdown(doc["per_category"], cfg.distances))
   if "maps" in doc:
     print("Anomaly maps (%), mean ± SEM over folds (docs/maps.md):")
-    from jax_gad.maps import pipeline as mp
+    from jax_gad.maps import report as maps_report
 
-    print(mp.table(doc))
+    print(maps_report.table(doc))
   print(f"Wrote results.json, tables and plots to {os.path.abspath(cfg.workdir)}")
 
 

@@ -197,7 +197,7 @@ def test_cli_tiny_configuration_writes_documented_json(tmp_path):
   else:
     assert versus is None
   assert est['host_preprocess_s'] == 0.0
-  assert result['feature_diff'] is None
+  assert 'feature_diff' not in result and 'feature_diff' not in result['config']
   assert result['peak_host_memory_mb'] >= result['peak_host_memory_mb_after']['extraction'] > 0
   assert _positive(result['wall_s'])
 
@@ -233,14 +233,14 @@ def test_cli_rejects_bad_flags(args, message):
 
 
 def test_other_cpu_fraction_counts_other_processes():
-  before = measure.cpu_snapshot()  # pylint: disable=protected-access
+  before = measure.cpu_snapshot()
   assert measure.other_cpu_fraction(before, before) is None  # too short
   proc = subprocess.Popen([sys.executable, '-c', 'while True: pass'])
   try:
     time.sleep(0.3)
-    before = measure.cpu_snapshot()  # pylint: disable=protected-access
+    before = measure.cpu_snapshot()
     time.sleep(1.5)
-    busy = measure.other_cpu_fraction(before, measure.cpu_snapshot())  # pylint: disable=protected-access
+    busy = measure.other_cpu_fraction(before, measure.cpu_snapshot())
   finally:
     proc.kill()
     proc.wait()
@@ -256,39 +256,15 @@ def test_numpy_reference_scores_match_jax_gaussian():
   from jax_gad import gaussian
 
   rng = np.random.default_rng(0)
-  x = measure._features(rng, 40, 12)  # pylint: disable=protected-access
+  x = measure._features(rng, 40, 12)
   x[:, 3] = 2.0  # a dead channel, as in ReLU6 Lite models
-  xs = measure._features(rng, 7, 12)  # pylint: disable=protected-access
-  ref = measure._numpy_scores(measure._sklearn_fit(x), xs)  # pylint: disable=protected-access
+  xs = measure._features(rng, 7, 12)
+  ref = measure._numpy_scores(measure._sklearn_fit(x), xs)
   state = gaussian.fit_gaussian(x)
   for name, want in zip(('l2', 'sed', 'mahalanobis'), ref):
     np.testing.assert_allclose(
       np.asarray(gaussian.score(state, xs, name)), want, rtol=2e-4, err_msg=name
     )
-
-
-def test_feature_difference_bf16_vs_f32_on_real_lite0_weights(tmp_path):
-  result = measure.feature_difference(
-    'efficientnet-lite0',
-    str(tmp_path),
-    n_train=6,
-    n_test=4,
-    batch_size=4,
-    image_size=64,
-    folds=2,
-    categories=('object',),
-  )
-  assert result['image_size'] == 64 and 'lite0' in result['checkpoint']
-  assert set(result['categories']) == {'object'}
-  for cat in result['categories'].values():
-    assert [r['level'] for r in cat['levels']] == list(range(9))
-    for r in cat['levels']:
-      # bfloat16 keeps 8 significand bits: differences are small but not zero.
-      assert 0 < r['rel_diff'] < 0.2 and 0 < r['max_abs_diff_rel'] < 0.5
-    for d in ('l2', 'sed', 'mahalanobis'):
-      a = cat['auroc'][d]
-      assert 0 <= a['float32'] <= 100 and 0 <= a['bfloat16'] <= 100
-      assert a['difference'] == pytest.approx(a['bfloat16'] - a['float32'])
 
 
 def test_config_validation():
@@ -309,9 +285,10 @@ def test_config_validation():
 def test_density_fit_times_section():
   from jax_gad.benchmark import densities as density_bench
 
-  result = density_bench.bench_density_fits(
-    (3, 5), (12,), gmm_k=2, gmm_iter=2, flow_epochs=1, use_sklearn=True, vmap=True
+  settings = density_bench.Settings(
+    widths=(3, 5), ns=(12,), gmm_k=2, gmm_iter=2, flow_epochs=1, use_sklearn=True, vmap=True
   )
+  result = density_bench.bench_density_fits(settings)
   rows = result['rows']
   assert [(r['width'], r['density']) for r in rows] == [
     (w, d) for w in (3, 5) for d in ('gaussian', 'gmm', 'flow')
@@ -328,3 +305,26 @@ def test_density_fit_times_section():
   assert v['widths'] == [3, 5] and _positive(v['vmap_fit_s']) and _positive(v['loop_fit_s'])
   text = density_bench.format_rows(result)
   assert '| 12 | 5 | gmm |' in text and 'one vmapped program' in text
+  assert result['settings']['widths'] == [3, 5] and result['settings']['flow_config']['epochs'] == 1
+  section = benchmark.report.format_densities({'densities': dict(result, other_cpu=None)})
+  assert (
+    section.startswith('Density fits per level width (GMM: k=2, 2 EM iterations')
+    and text in section
+  )
+  assert benchmark.report.format_densities({'densities': None}) is None
+
+
+def test_optional_comparisons_skip_or_refuse_as_asked():
+  from jax_gad.benchmark import run
+
+  assert run._skip_reason('off', 'sklearn', None) == 'disabled (--sklearn=off)'
+  assert run._skip_reason('off', 'sklearn', 'sklearn not importable') == 'disabled (--sklearn=off)'
+  assert run._skip_reason('auto', 'sklearn', 'sklearn not importable') == 'sklearn not importable'
+  assert run._skip_reason('on', 'sklearn', None) is None
+  with pytest.raises(ValueError, match='--torch_reference=on but torch not importable'):
+    run._skip_reason('on', 'torch_reference', 'torch not importable')
+  # efficientnet_pytorch has no Lite models: the reference is skipped, even when asked for.
+  setup = run._setup(benchmark.Config(arch='efficientnet-lite0', torch_reference='on'), print)
+  assert setup.torch_why == 'efficientnet_pytorch has no efficientnet-lite0'
+  setup = run._setup(benchmark.Config(arch='efficientnet-b0', torch_reference='off'), print)
+  assert setup.torch_why == 'disabled (--torch_reference=off)'

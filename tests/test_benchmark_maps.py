@@ -3,7 +3,7 @@
 import pytest
 
 from jax_gad.benchmark import maps as bench_maps
-from jax_gad.benchmark import run
+from jax_gad.benchmark import report, run
 
 
 def test_speed_section_agrees_with_sklearn_and_formats(monkeypatch):
@@ -13,8 +13,12 @@ def test_speed_section_agrees_with_sklearn_and_formats(monkeypatch):
   assert speed["max_relative_difference"] < 1e-4
   mem = bench_maps.fit_stream("tiny", 5)
   assert mem["n_images"] == 5 and mem["peak_rss_mb"] > 0
-  text = bench_maps.format_report({"memory": [mem], "speed": [speed]})
+  section = {"memory": [mem], "speed": [speed]}
+  text = bench_maps.format_report(section)
   assert "tiny" in text and "peak RSS" in text
+  # The benchmark report carries the section when it ran, and nothing when it did not.
+  assert report.format_maps({"maps": section}) == text.rstrip("\n")
+  assert report.format_maps({"maps": None}) is None
 
 
 def test_section_is_off_by_default_and_checks_archs():

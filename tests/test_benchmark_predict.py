@@ -41,7 +41,6 @@ def _minimal_result(row):
     "sweep_n": [],
     "host_preprocess_s_per_image": None,
     "estimate": None,
-    "feature_diff": None,
     "peak_host_memory_mb_after": {},
     "peak_host_memory_mb": 0.0,
     "sweeps_other_cpu": None,

@@ -335,3 +335,22 @@ def test_split_bytes_default_and_checks():
       effnet.create("efficientnet-b0", split_bytes=bad)
   with pytest.raises(ValueError, match="backend"):
     effnet.default_split_bytes("")
+
+
+@pytest.mark.parametrize("shape", [(0, 32, 32, 3), (1, 0, 32, 3), (1, 32, 0, 3)])
+def test_empty_batch_or_image_refused(shape):
+  variables = effnet.init("efficientnet-lite0", jax.random.key(0))
+  with pytest.raises(ValueError, match="non-empty N, H and W"):
+    effnet.create("efficientnet-lite0").apply(variables, jnp.zeros(shape))
+
+
+def test_symbolic_batch_traces_for_jax_export():
+  """jax_gad.export lowers the network for a symbolic batch size (each dim checked alone)."""
+  from jax import export
+
+  variables = effnet.init("efficientnet-lite0", jax.random.key(0))
+  module = effnet.create("efficientnet-lite0", split_bytes=0)
+  (n,) = export.symbolic_shape("n")
+  spec = jax.ShapeDtypeStruct((n, 32, 32, 3), jnp.float32)
+  out = jax.eval_shape(lambda x: module.apply(variables, x, pool=True), spec)
+  assert [o.shape for o in out] == [(n, w) for w in effnet.level_widths("efficientnet-lite0")]

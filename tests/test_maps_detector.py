@@ -9,7 +9,7 @@ from PIL import Image
 import pytest
 
 from jax_gad import checkpoint as ckpt
-from jax_gad import data, main, predict
+from jax_gad import data, features, main, predict
 from jax_gad import detector as detector_lib
 from jax_gad import fit as fit_module
 from jax_gad.data import pipeline as data_pipeline
@@ -99,7 +99,7 @@ def test_predict_maps_match_main_on_all_training_images(fitted, checkpoint, tmp_
   # main --maps' steps, with one "fold" that fits on every training image.
   train = data.load("folder", "nut", "train", data_dir=root, tfds_dir=work / "tfds")
   settings = mp.settings_for(ARCH, MAP_LEVELS, None, "mean", 4.0, 0.01)
-  extractor = mp.MapExtractor(
+  extractor = features.MapExtractor(
     det.backbone.module,
     det.backbone.variables,
     image_size=SIZE,
@@ -107,7 +107,7 @@ def test_predict_maps_match_main_on_all_training_images(fitted, checkpoint, tmp_
     batch_size=8,
   )
   pre = data_pipeline.image_preprocessor(SIZE, det.mean, det.std)
-  states = mp.fit_folds(
+  states = deploy.fit_states(
     extractor, train, [np.arange(len(train))], preprocess=pre, settings=settings
   )
   main_maps = mp.score_folds(extractor, test, states, preprocess=pre, settings=settings)
@@ -134,7 +134,7 @@ def test_calibration_is_out_of_fold(fitted, checkpoint):
   """Threshold and scale equal an independent computation from per-fold fits."""
   root, work, det = fitted
   train = data.load("folder", "nut", "train", data_dir=root, tfds_dir=work / "tfds")
-  extractor = mp.MapExtractor(
+  extractor = features.MapExtractor(
     det.backbone.module,
     det.backbone.variables,
     image_size=SIZE,
@@ -271,7 +271,7 @@ def test_flat_background_overlay_scale_and_ridge(checkpoint):
   """Near-constant background features blow distances up; normal-map scale + ridge fix it."""
   size, n_fit = 128, 18
   variables, meta = ckpt.load_checkpoint(checkpoint, arch=ARCH)
-  extractor = mp.MapExtractor(
+  extractor = features.MapExtractor(
     efficientnet.create(ARCH), variables, image_size=size, levels=MAP_LEVELS, batch_size=12
   )
   pre = data_pipeline.image_preprocessor(size, meta["mean"], meta["std"])
@@ -359,16 +359,16 @@ def test_normal_scale_is_the_held_out_training_maps_percentiles(fitted):
   root, work, det = fitted
   train = data.load("folder", "nut", "train", data_dir=root, tfds_dir=work / "tfds")
   settings = mp.settings_for(ARCH, MAP_LEVELS, None, "mean", 4.0, 0.01)
-  extractor = mp.MapExtractor(
+  extractor = features.MapExtractor(
     det.backbone.module, det.backbone.variables, image_size=SIZE, levels=MAP_LEVELS, batch_size=8
   )
   pre = data_pipeline.image_preprocessor(SIZE, det.mean, det.std)
   fold = data.folds(len(train))[0]
-  (states,) = mp.fit_folds(extractor, train, [fold], preprocess=pre, settings=settings)
+  (states,) = deploy.fit_states(extractor, train, [fold], preprocess=pre, settings=settings)
   got = mp.normal_scale(extractor, train, fold, states, preprocess=pre, settings=settings)
   held = np.setdiff1d(np.arange(len(train)), fold)
   images = np.stack([pre(train[int(i)]["image"]) for i in held])
-  whole = mp.MapExtractor(
+  whole = features.MapExtractor(
     det.backbone.module,
     det.backbone.variables,
     image_size=SIZE,

@@ -10,9 +10,10 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from jax_gad import checkpoint as ckpt
-from jax_gad import data, gaussian, main
+from jax_gad import data, features, gaussian, main
 from jax_gad.data import preprocess
 from jax_gad.maps import pipeline as mp
+from jax_gad.maps import report as maps_report
 from jax_gad.models import efficientnet
 
 ARCH = "efficientnet-lite0"
@@ -125,8 +126,8 @@ def test_category_without_masks_reports_image_metrics_only():
   maps = rng.uniform(size=(1, 4, 8, 8)).astype(np.float32)
   runs, _, _ = mp.evaluate_category("c", maps, [0], source, lambda s, y: roc_auc_score(y, s))
   assert runs[0].pixel_auroc is None and runs[0].aupro is None
-  rows = mp.summarize(runs)
-  assert "no masks" in mp.table_markdown(rows)
+  rows = maps_report.summarize(runs)
+  assert "no masks" in maps_report.table_markdown(rows)
 
 
 def test_save_maps_needs_maps(tmp_path):
@@ -138,7 +139,7 @@ def test_save_maps_needs_maps(tmp_path):
 def test_map_extractor_returns_unpooled_levels(checkpoint):
   variables, _ = ckpt.load_checkpoint(checkpoint, arch=ARCH)
   model = efficientnet.create(ARCH)
-  ex = mp.MapExtractor(
+  ex = features.MapExtractor(
     model, variables, image_size=SIZE, levels=(4, 6), batch_size=2, channels=((0, 5, 7), None)
   )
   x = np.random.default_rng(1).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
@@ -148,9 +149,11 @@ def test_map_extractor_returns_unpooled_levels(checkpoint):
   np.testing.assert_allclose(got[1], ref[6], rtol=1e-4, atol=1e-4)
   assert ex.map_shapes() == [(4, 4, 3), (2, 2, 192)]
   assert jax.tree_util.tree_structure(got).num_leaves == 2
+  with pytest.raises(ValueError, match=r"one entry per level \(2\), got 1"):
+    features.MapExtractor(model, variables, image_size=SIZE, levels=(4, 6), channels=((0,),))
 
 
-def test_synthetic_set_end_to_end_writes_pixel_metrics_and_overlays(tmp_path, checkpoint):
+def test_synthetic_set_end_to_end_writes_pixel_metrics_and_overlays(tmp_path, checkpoint, capfd):
   """The demo's dataset (small inputs): pixel AUROC and AUPRO computed and written."""
   cfg = main.config(
     workdir=str(tmp_path / "work"),
@@ -178,3 +181,12 @@ def test_synthetic_set_end_to_end_writes_pixel_metrics_and_overlays(tmp_path, ch
   assert "AUPRO" in (tmp_path / "work" / "maps.md").read_text()
   overlays = doc["maps"]["overlays"]["texture"]
   assert overlays and all((tmp_path / "work" / p).is_file() for p in overlays)
+  # The map fit, the per-fold Gaussians, the test maps and the metrics each show a bar that
+  # counts to the end.
+  err = capfd.readouterr().err
+  n = doc["data"]["texture"]
+  assert "texture/maps fit (1 folds): 100%" in err and f"{n['train']}/{n['train']} [" in err
+  assert "texture/maps Gaussians: 100%" in err and "1/1 [" in err
+  n_test = n["test_good"] + n["test_defect"]
+  assert "texture/maps test: 100%" in err and f"{n_test}/{n_test} [" in err
+  assert "texture/maps metrics: 100%" in err

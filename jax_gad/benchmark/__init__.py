@@ -1,9 +1,12 @@
 """Throughput benchmark: ``python -m jax_gad.benchmark [--flags] [--json=FILE]``.
 
 The package has one room per step: :mod:`.measure` times each stage,
+:mod:`.densities` and :mod:`.maps` the optional density and map sections,
 :mod:`.estimate` turns the rates into a full-protocol estimate, :mod:`.run`
-holds the settings and the driver, :mod:`.report` formats the results and
-:mod:`.cli` is the command line.
+holds the settings and runs each section (one small function per section,
+:data:`.run.SECTIONS`), :mod:`.report` formats each section's table (one
+function per section, :data:`.report.SECTIONS`) and :mod:`.cli` is the
+command line.
 
 Measures, on whatever devices JAX sees:
 
@@ -23,17 +26,16 @@ Measures, on whatever devices JAX sees:
 * sweeps of the fit over the feature width ``D`` and the sample count ``N``;
 * an end-to-end estimate of the full MVTec AD protocol (15 categories x 5
   folds, 9 levels, 3 distances) from the measured per-image and per-fit costs;
-* optionally (``--feature_diff``) the bfloat16 vs float32 difference of the
-  pooled level features and of the image AUROC with real weights on the
-  synthetic demo data (generated in memory);
 * optionally (``--density_bench``) the fit time per level width of every
   density model (Gaussian, GMM with scikit-learn's ``GaussianMixture`` in the
   same run, flow with and without vmapping the levels), N = 200 and 2,000;
 * peak host memory (``ru_maxrss``) and device memory where JAX reports it.
 
-Random weights are used for throughput (speed does not depend on the values),
-so no checkpoint is needed except for ``--feature_diff``. torch and
-scikit-learn are imported lazily, only when their comparison runs.
+Random weights are used throughout (speed does not depend on the values), so
+no checkpoint is needed. torch and scikit-learn are imported lazily, only
+when their comparison runs. Accuracy studies (bfloat16 vs float32 features and
+AUROC with real weights, the calibrated threshold's false-positive rate) are
+scripts in ``experiments/`` (``feature_difference.py``, ``calibration_study.py``).
 
 JSON fields (``--json=FILE``, written atomically):
 
@@ -96,11 +98,11 @@ JSON fields (``--json=FILE``, written atomically):
   ``compile_s``, ``extraction_s``, ``host_preprocess_s``, ``fit_s``,
   ``score_s``, ``total_s``, ``total_min``, ``assumptions`` (text); null when
   its inputs were not measured.
-``feature_diff``: null, or ``arch``, ``checkpoint``, ``image_size``,
-  ``categories`` (per category: ``levels`` rows with ``level``,
-  ``rel_diff`` (Frobenius ||bf16 - f32|| / ||f32||) and ``max_abs_diff_rel``
-  (max |bf16 - f32| / max |f32|), and ``auroc`` per distance with ``float32``,
-  ``bfloat16`` and ``difference`` (x100, mean over the 5 folds, sum row)).
+``predict``: null unless ``--predict_images``; then ``arch``, ``n_images``,
+  ``side``, ``image_size``, ``batch_size``, ``num_workers``, ``images_per_s``
+  (``jax_gad.predict`` over PNG files) and ``latency_s`` (one image, batch 1).
+``maps``: null unless ``--map_fit``; then ``memory`` and ``speed`` rows
+  (:mod:`jax_gad.benchmark.maps`).
 ``densities``: null unless ``--density_bench``; then ``rows`` (one per (N, width,
   density): ``n``, ``width``, ``density``, ``compile_s``, ``fit_s``, and
   ``per_iter_s``, ``sklearn_fit_s``, ``sklearn_per_iter_s``,
@@ -112,7 +114,7 @@ JSON fields (``--json=FILE``, written atomically):
   that comparison or part did not run.
 ``peak_host_memory_mb``: ``ru_maxrss`` of this process at the end, and
   ``peak_host_memory_mb_after`` per phase (``extraction``, ``torch``,
-  ``kernel``, ``sweeps``, ``feature_diff``).
+  ``kernel``, ``sweeps``, ``predict``, ``densities``).
 ``wall_s``: total run time.
 """
 

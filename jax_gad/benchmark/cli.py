@@ -1,7 +1,7 @@
 """The benchmark's command line: ``python -m jax_gad.benchmark [--flags] [--json=FILE]``.
 
 The defaults of every flag are those of :class:`jax_gad.benchmark.run.Config`;
-``--arch``, ``--image_size``, ``--checkpoint_dir``, ``--num_workers`` and the
+``--arch``, ``--image_size``, ``--num_workers`` and the
 multi-host flags are jax_gad's shared flags (:mod:`jax_gad.cli`).
 """
 
@@ -117,34 +117,6 @@ flags.DEFINE_integer(
   'Rounds of jax_gad vs efficientnet_pytorch float32 extraction timed in alternation at every '
   'batch size (0: skip).',
   lower_bound=0,
-)
-flags.DEFINE_bool(
-  'feature_diff',
-  _D.feature_diff,
-  'Measure bfloat16 vs float32 features and AUROC with real weights on the synthetic demo data.',
-)
-flags.DEFINE_enum(
-  'feature_diff_arch',
-  _D.feature_diff_arch,
-  [
-    'efficientnet-lite0',
-    'efficientnet-lite1',
-    'efficientnet-lite2',
-    *(f'efficientnet-b{i}' for i in range(8)),
-  ],
-  'Architecture for --feature_diff (needs its converted checkpoint).',
-)
-flags.DEFINE_integer(
-  'feature_diff_n_train',
-  _D.feature_diff_n_train,
-  'Train images per synthetic category.',
-  lower_bound=5,
-)
-flags.DEFINE_integer(
-  'feature_diff_n_test',
-  _D.feature_diff_n_test,
-  'Test images per synthetic category.',
-  lower_bound=1,
 )
 # --seed (inputs and random weights) is the shared flag of jax_gad.cli.
 flags.DEFINE_bool(

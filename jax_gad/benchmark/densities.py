@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 import warnings
 
 import jax
@@ -64,8 +64,8 @@ def _gmm_init(rng, x: np.ndarray, k: int) -> gmm.GMMParams:
 
 
 def _sklearn_gmm(x, init: gmm.GMMParams, iters: int):
-  from sklearn.exceptions import ConvergenceWarning
-  from sklearn.mixture import GaussianMixture
+  from sklearn.exceptions import ConvergenceWarning  # here: keeps scikit-learn out of --help
+  from sklearn.mixture import GaussianMixture  # here: as above
 
   precisions = np.linalg.inv(init.covariances)
   model = GaussianMixture(
@@ -87,21 +87,108 @@ def _sklearn_gmm(x, init: gmm.GMMParams, iters: int):
   return run
 
 
-def bench_density_fits(
-  widths: Sequence[int] = B4_WIDTHS,
-  ns: Sequence[int] = (200, 2000),
-  *,
-  names: Sequence[str] = ('gaussian', 'gmm', 'flow'),
-  gmm_k: int = 4,
-  gmm_iter: int = 10,
-  flow_epochs: int = 5,
-  flow_config=None,
-  use_sklearn: bool = True,
-  vmap: bool = True,
-  repeats: int = 1,
-  seed: int = 0,
-  log: Callable[[str], None] | None = None,
-) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What the density section times (the ``settings`` entry of its result).
+
+  Attributes:
+    widths: level widths D.
+    ns: sample counts N.
+    names: density models timed.
+    gmm_k: GMM components.
+    gmm_iter: EM iterations timed (``tol=0``).
+    flow_epochs: flow epochs timed (no early stopping).
+    flow_config: base :class:`jax_gad.densities.flow.FlowConfig` (default: its defaults).
+    use_sklearn: time scikit-learn's ``GaussianMixture`` alongside.
+    vmap: also time all flow levels of one N in one vmapped program.
+    repeats: timed calls after the first (the best is kept).
+    seed: data and PRNG seed.
+  """
+
+  widths: Sequence[int] = B4_WIDTHS
+  ns: Sequence[int] = (200, 2000)
+  names: Sequence[str] = ('gaussian', 'gmm', 'flow')
+  gmm_k: int = 4
+  gmm_iter: int = 10
+  flow_epochs: int = 5
+  flow_config: Any = None
+  use_sklearn: bool = True
+  vmap: bool = True
+  repeats: int = 1
+  seed: int = 0
+
+  def timed_flow(self) -> flow.FlowConfig:
+    """The flow config timed: ``flow_epochs`` epochs, no early stopping, one program per level."""
+    base = self.flow_config or flow.FlowConfig()
+    return dataclasses.replace(
+      base, epochs=self.flow_epochs, patience=self.flow_epochs + 1, vmap_levels=False
+    )
+
+  def to_json(self) -> dict:
+    return {
+      'widths': [int(d) for d in self.widths],
+      'ns': [int(n) for n in self.ns],
+      'densities': list(self.names),
+      'gmm_k': self.gmm_k,
+      'gmm_iter': self.gmm_iter,
+      'flow_epochs': self.flow_epochs,
+      'flow_config': dataclasses.asdict(self.timed_flow()),
+      'sklearn': self.use_sklearn,
+      'repeats': self.repeats,
+      'seed': self.seed,
+    }
+
+
+def _fit_row(s: Settings, name: str, x: np.ndarray, key, rng) -> dict:
+  """Times one density's fit on ``x``; the row of (N, width, density), or its ``error``."""
+  n, d = x.shape
+  row = {'n': int(n), 'width': int(d), 'density': name}
+  try:
+    if name == 'gaussian':
+      model = densities.get('gaussian')
+      first, best = _time(lambda: model.fit(model.config(), x, key), s.repeats)
+    elif name == 'gmm':
+      if s.gmm_k > n:
+        raise ValueError(f'gmm_k={s.gmm_k} exceeds N={n}')
+      init = _gmm_init(rng, x, s.gmm_k)
+      gcfg = gmm.GMMConfig(n_components=s.gmm_k, tol=0.0, max_iter=s.gmm_iter)
+      first, best = _time(lambda: gmm.fit(gcfg, x, key, init=init), s.repeats)
+      row['per_iter_s'] = best / s.gmm_iter
+      if s.use_sklearn:
+        _, sk = _time(_sklearn_gmm(x, init, s.gmm_iter), 0)
+        row['sklearn_fit_s'] = sk
+        row['sklearn_per_iter_s'] = sk / s.gmm_iter
+        row['speedup_vs_sklearn'] = sk / best
+    else:
+      first, best = _time(lambda: flow.fit(s.timed_flow(), x, key).params, s.repeats)
+      row['epochs'] = s.flow_epochs
+      row['per_epoch_s'] = best / s.flow_epochs
+    row['compile_s'] = max(first - best, 0.0)
+    row['fit_s'] = best
+  except ValueError as err:
+    row['error'] = str(err)
+  return row
+
+
+def _flow_vmap_row(s: Settings, xs: list, key, loop_total: float) -> dict:
+  """All levels of one N in one vmapped flow program, against one program per level."""
+  vcfg = dataclasses.replace(s.timed_flow(), vmap_levels=True)
+  keys = densities.level_keys(key, len(xs))
+  labels = [str(x.shape[1]) for x in xs]
+  first, best = _time(
+    lambda: [st.params for st in flow.fit_many(vcfg, xs, keys, labels)], s.repeats
+  )
+  return {
+    'n': int(xs[0].shape[0]),
+    'widths': [int(x.shape[1]) for x in xs],
+    'loop_fit_s': loop_total,
+    'vmap_compile_s': max(first - best, 0.0),
+    'vmap_fit_s': best,
+    'vmap_speedup': loop_total / best,
+  }
+
+
+def bench_density_fits(s: Settings, log: Callable[[str], None] | None = None) -> dict:
   """Times each density's fit per level width; see the module docstring.
 
   Returns:
@@ -114,82 +201,28 @@ def bench_density_fits(
     ``vmap_fit_s``, ``vmap_speedup``.
   """
   log = log or (lambda msg: None)
-  for name in names:
+  for name in s.names:
     densities.get(name)
-  base_flow = flow_config or flow.FlowConfig()
-  fcfg = dataclasses.replace(
-    base_flow, epochs=flow_epochs, patience=flow_epochs + 1, vmap_levels=False
-  )
-  gcfg = gmm.GMMConfig(n_components=gmm_k, tol=0.0, max_iter=gmm_iter)
-  rng = np.random.default_rng(seed)
-  key = jax.random.key(seed)
+  rng = np.random.default_rng(s.seed)
+  key = jax.random.key(s.seed)
   rows, vmap_rows = [], []
-  for n in ns:
-    xs = [_features(rng, n, d) for d in widths]
+  for n in s.ns:
+    xs = [_features(rng, n, d) for d in s.widths]
     loop_total = 0.0
-    for d, x in zip(widths, xs):
-      for name in names:
-        row = {'n': int(n), 'width': int(d), 'density': name}
-        try:
-          if name == 'gaussian':
-            model = densities.get('gaussian')
-            first, best = _time(lambda: model.fit(model.config(), x, key), repeats)
-          elif name == 'gmm':
-            if gmm_k > n:
-              raise ValueError(f'gmm_k={gmm_k} exceeds N={n}')
-            init = _gmm_init(rng, x, gmm_k)
-            first, best = _time(lambda: gmm.fit(gcfg, x, key, init=init), repeats)
-            row['per_iter_s'] = best / gmm_iter
-            if use_sklearn:
-              _, sk = _time(_sklearn_gmm(x, init, gmm_iter), 0)
-              row['sklearn_fit_s'] = sk
-              row['sklearn_per_iter_s'] = sk / gmm_iter
-              row['speedup_vs_sklearn'] = sk / best
-          else:
-            first, best = _time(lambda: flow.fit(fcfg, x, key).params, repeats)
-            row['epochs'] = flow_epochs
-            row['per_epoch_s'] = best / flow_epochs
-            loop_total += best
-          row['compile_s'] = max(first - best, 0.0)
-          row['fit_s'] = best
-        except ValueError as err:
-          row['error'] = str(err)
+    for x in xs:
+      for name in s.names:
+        row = _fit_row(s, name, x, key, rng)
         rows.append(row)
+        if name == 'flow' and 'error' not in row:
+          loop_total += row['fit_s']
         log(
-          f'density fit n={n} D={d} {name}: '
+          f'density fit n={n} D={x.shape[1]} {name}: '
           + (row.get('error') or f"{row['fit_s']:.3f} s (compile {row['compile_s']:.2f} s)")
         )
-    if vmap and 'flow' in names:
-      vcfg = dataclasses.replace(fcfg, vmap_levels=True)
-      keys = densities.level_keys(key, len(xs))
-      labels = [str(d) for d in widths]
-      first, best = _time(
-        lambda: [s.params for s in flow.fit_many(vcfg, xs, keys, labels)], repeats
-      )
-      vmap_rows.append(
-        {
-          'n': int(n),
-          'widths': [int(d) for d in widths],
-          'loop_fit_s': loop_total,
-          'vmap_compile_s': max(first - best, 0.0),
-          'vmap_fit_s': best,
-          'vmap_speedup': loop_total / best,
-        }
-      )
-      log(f'flow n={n}: loop {loop_total:.2f} s, vmap {best:.2f} s')
-  settings = {
-    'widths': [int(d) for d in widths],
-    'ns': [int(n) for n in ns],
-    'densities': list(names),
-    'gmm_k': gmm_k,
-    'gmm_iter': gmm_iter,
-    'flow_epochs': flow_epochs,
-    'flow_config': dataclasses.asdict(fcfg),
-    'sklearn': use_sklearn,
-    'repeats': repeats,
-    'seed': seed,
-  }
-  return {'rows': rows, 'flow_vmap': vmap_rows, 'settings': settings}
+    if s.vmap and 'flow' in s.names:
+      vmap_rows.append(_flow_vmap_row(s, xs, key, loop_total))
+      log(f'flow n={n}: loop {loop_total:.2f} s, vmap {vmap_rows[-1]["vmap_fit_s"]:.2f} s')
+  return {'rows': rows, 'flow_vmap': vmap_rows, 'settings': s.to_json()}
 
 
 def format_rows(result: dict) -> str:

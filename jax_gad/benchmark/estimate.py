@@ -29,7 +29,7 @@ def estimate_protocol(
   time and the single-thread host preprocessing time are added.
   """
   if counts is None:
-    from jax_gad.data.mvtec_ad import MVTEC_COUNTS  # pylint: disable=g-import-not-at-top
+    from jax_gad.data.mvtec_ad import MVTEC_COUNTS  # here: jax_gad.data imports TFDS
 
     counts = MVTEC_COUNTS
   levels = kernel['levels']

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 
 SHAPES = {
@@ -45,9 +46,7 @@ def _peak_mb() -> float:
 
 def fit_stream(arch: str, n_images: int, seed: int = 0) -> dict:
   """Streams n_images random maps per level through the fit; returns seconds and peak MiB."""
-  import jax
-
-  from jax_gad.maps import fit as mfit
+  from jax_gad.maps import fit as mfit  # here: jax_gad.maps imports TFDS, kept out of --help
 
   rng = np.random.default_rng(seed)
   shapes = SHAPES[arch]
@@ -94,7 +93,7 @@ def memory(arch: str, counts) -> list[dict]:
 
 
 def _sklearn_fit_score(train, test):
-  from sklearn.covariance import LedoitWolf
+  from sklearn.covariance import LedoitWolf  # here: keeps scikit-learn out of --help
 
   n, h, w, c = train.shape
   out = np.zeros(test.shape[:3])
@@ -115,9 +114,7 @@ def _sklearn_fit_score(train, test):
 
 def speed(arch: str, n_train: int = 64, n_test: int = 32, seed: int = 1) -> dict:
   """Per-image fit and scoring time: jax_gad.maps vs numpy + scikit-learn (same maps)."""
-  import jax
-
-  from jax_gad.maps import fit as mfit
+  from jax_gad.maps import fit as mfit  # here: jax_gad.maps imports TFDS, kept out of --help
 
   rng = np.random.default_rng(seed)
   result = {'arch': arch, 'n_train': n_train, 'n_test': n_test, 'jax': {}, 'sklearn': {}}

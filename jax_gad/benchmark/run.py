@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 
 from jax_gad import features
+from jax_gad.benchmark import densities as density_bench
+from jax_gad.benchmark import maps as bench_maps
 from jax_gad.benchmark import measure
 from jax_gad.benchmark.estimate import estimate_protocol
 from jax_gad.models import efficientnet
@@ -45,11 +47,6 @@ class Config(NamedTuple):
   pipeline_archs: tuple[str, ...] = ()  # more archs for the pipeline run, each per batch size
   versus_rounds: int = 0  # >0: jax_gad vs torch float32, alternating, this many rounds
   num_workers: int | None = None  # None: os.cpu_count()
-  feature_diff: bool = False
-  feature_diff_arch: str = 'efficientnet-lite0'
-  feature_diff_n_train: int = 60
-  feature_diff_n_test: int = 50
-  checkpoint_dir: str = 'checkpoints'
   seed: int = 0
   map_fit: bool = False  # the anomaly-map section (jax_gad.benchmark.maps)
   map_counts: tuple[int, ...] = (100, 1000)
@@ -99,16 +96,14 @@ def _check_config(cfg: Config) -> None:
     'sweep_d_n',
     'sweep_n_d',
     'host_image_side',
-    'feature_diff_n_test',
     'density_bench_gmm_k',
     'density_bench_gmm_iter',
     'density_bench_flow_epochs',
   ):
     if getattr(cfg, name) < 1:
       raise ValueError(f'{name} must be >= 1, got {getattr(cfg, name)}')
-  for name in ('kernel_n_fit', 'feature_diff_n_train'):
-    if getattr(cfg, name) < 5:
-      raise ValueError(f'{name} must be >= 5 (5 folds, 2 rows per fit), got {getattr(cfg, name)}')
+  if cfg.kernel_n_fit < 5:
+    raise ValueError(f'kernel_n_fit must be >= 5 (5 folds, 2 rows per fit), got {cfg.kernel_n_fit}')
   if cfg.num_workers is not None and cfg.num_workers < 1:
     raise ValueError(f'num_workers must be >= 1, got {cfg.num_workers}')
   if cfg.predict_images < 0:
@@ -124,32 +119,70 @@ def _check_config(cfg: Config) -> None:
     raise ValueError(f'torch_threads must be >= 0 (0: cpu count), got {cfg.torch_threads}')
 
 
-def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
-  """Runs every enabled part of the benchmark; returns the JSON-able result."""
-  _check_config(cfg)
-  start = time.perf_counter()
-  image_size = cfg.image_size or efficientnet.native_resolution(cfg.arch)
-  num_workers = cfg.num_workers or os.cpu_count() or 2
+class _Run(NamedTuple):
+  """What every section of one benchmark run shares."""
+
+  cfg: Config
+  image_size: int
+  num_workers: int
+  depthwise: list  # implementations timed, the backend's default resolved
+  mesh: Any
+  variables: Any  # random weights of cfg.arch
+  torch_why: str | None  # why the torch reference does not run, or None
+  sklearn_why: str | None  # why scikit-learn is not compared, or None
+  log: Callable[[str], None]
+
+
+def _skip_reason(setting: str, flag: str, why: str | None) -> str | None:
+  """Why an optional comparison does not run (None: it runs); raises when 'on' cannot be kept."""
+  if setting == 'off':
+    return f'disabled (--{flag}=off)'
+  if why is not None and setting == 'on':
+    raise ValueError(f'--{flag}=on but {why}')
+  return why
+
+
+def _setup(cfg: Config, log: Callable[[str], None]) -> _Run:
+  torch_why = _skip_reason(cfg.torch_reference, 'torch_reference', None)
+  if torch_why is None and efficientnet.ARCHS[cfg.arch].family != 'b':
+    torch_why = f'efficientnet_pytorch has no {cfg.arch}'
+  elif torch_why is None:
+    torch_why = _skip_reason(cfg.torch_reference, 'torch_reference', measure.torch_available())
+  sklearn_why = _skip_reason(cfg.sklearn, 'sklearn', None)
+  if sklearn_why is None:
+    sklearn_why = _skip_reason(cfg.sklearn, 'sklearn', measure.sklearn_available())
   depthwise = [
     efficientnet.default_depthwise(jax.default_backend()) if d == 'default' else d
     for d in cfg.depthwise_impls
   ]
-  depthwise = list(dict.fromkeys(depthwise))
-  mesh = features.make_mesh()
-  result = {
+  return _Run(
+    cfg=cfg,
+    image_size=cfg.image_size or efficientnet.native_resolution(cfg.arch),
+    num_workers=cfg.num_workers or os.cpu_count() or 2,
+    depthwise=list(dict.fromkeys(depthwise)),
+    mesh=features.make_mesh(),
+    variables=efficientnet.init(cfg.arch, jax.random.key(cfg.seed)),
+    torch_why=torch_why,
+    sklearn_why=sklearn_why,
+    log=log,
+  )
+
+
+def _empty_result(cfg: Config) -> dict:
+  return {
     'schema': SCHEMA,
     'machine': measure.machine_info(),
     'config': cfg._asdict(),
     'extraction': [],
     'torch': [],
     'torch_skipped': None,
+    'sklearn_skipped': None,
     'kernel': None,
     'kernel_skipped': None,
     'sweep_d': [],
     'sweep_n': [],
     'host_preprocess_s_per_image': None,
     'estimate': None,
-    'feature_diff': None,
     'peak_host_memory_mb_after': {},
     'sweeps_other_cpu': None,
     'pipeline': None,
@@ -160,280 +193,322 @@ def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
     'versus': None,
     'densities': None,
   }
-  phases = result['peak_host_memory_mb_after']
 
-  # Feature extraction.
-  variables = efficientnet.init(cfg.arch, jax.random.key(cfg.seed))
+
+def _best_float32(result: dict) -> dict | None:
+  """The fastest float32 extraction row (the pipeline, predict and estimate use it)."""
+  f32 = [r for r in result['extraction'] if r['dtype'] == 'float32']
+  return max(f32, key=lambda r: r['images_per_s']) if f32 else None
+
+
+# ---------------------------------------------------------------------------
+# Sections: each measures one thing into ``result`` (report.py formats it)
+# ---------------------------------------------------------------------------
+
+
+def extraction_section(run: _Run, result: dict) -> None:
+  """Pooled extraction per (batch size, dtype, depthwise)."""
+  cfg = run.cfg
   for batch in cfg.batch_sizes:
     for dtype in cfg.dtypes:
-      for impl in depthwise:
-        log(
-          f'extraction: {cfg.arch} {image_size}px batch {batch} {dtype} {impl} '
-          f'on {mesh.size} device(s) ...'
+      for impl in run.depthwise:
+        run.log(
+          f'extraction: {cfg.arch} {run.image_size}px batch {batch} {dtype} {impl} '
+          f'on {run.mesh.size} device(s) ...'
         )
+        setup = measure.Setup(cfg.arch, run.image_size, batch, dtype, impl)
         row = measure.bench_extraction(
-          cfg.arch,
-          image_size,
-          batch,
-          dtype,
-          impl,
-          cfg.num_batches,
-          variables,
-          mesh=mesh,
-          seed=cfg.seed,
+          setup, run.variables, cfg.num_batches, mesh=run.mesh, seed=cfg.seed
         )
-        log(f'  compile {row["compile_s"]:.1f} s, {row["images_per_s"]:.2f} img/s')
+        run.log(f'  compile {row["compile_s"]:.1f} s, {row["images_per_s"]:.2f} img/s')
         result['extraction'].append(row)
-  phases['extraction'] = measure.peak_host_memory_mb()
+  result['peak_host_memory_mb_after']['extraction'] = measure.peak_host_memory_mb()
 
-  # torch reference.
-  why = None
-  if cfg.torch_reference == 'off':
-    why = 'disabled (--torch_reference=off)'
-  elif efficientnet.ARCHS[cfg.arch].family != 'b':
-    why = f'efficientnet_pytorch has no {cfg.arch}'
-  else:
-    why = measure.torch_available()
-    if why is not None and cfg.torch_reference == 'on':
-      raise ValueError(f'--torch_reference=on but {why}')
-  if why is None:
-    threads = cfg.torch_threads or os.cpu_count() or 1
-    for batch in sorted({r['batch_size'] for r in result['extraction']}):
-      log(
-        f'torch: efficientnet_pytorch {cfg.arch} {image_size}px batch {batch}, '
-        f'{threads} thread(s) ...'
-      )
-      trow = measure.bench_torch(cfg.arch, image_size, batch, cfg.num_batches, threads, cfg.seed)
-      log(f'  {trow["images_per_s"]:.2f} img/s')
-      result['torch'].append(trow)
-    by_batch = {r['batch_size']: r for r in result['torch']}
-    for row in result['extraction']:
-      trow = by_batch.get(row['batch_size'])
-      if trow is not None:
-        row['torch_images_per_s'] = trow['images_per_s']
-        row['speedup_vs_torch'] = measure.ratio(row['images_per_s'], trow['images_per_s'])
-    if cfg.versus_rounds:
-      log(
-        f'versus: jax_gad ({depthwise[0]}) and efficientnet_pytorch float32, batches '
-        f'{tuple(cfg.batch_sizes)}, {cfg.versus_rounds} alternating rounds ...'
-      )
-      result['versus'] = measure.bench_versus_torch(
-        cfg.arch,
-        image_size,
-        cfg.batch_sizes,
-        depthwise[0],
-        variables,
-        rounds=cfg.versus_rounds,
-        threads=threads,
-        mesh=mesh,
-        seed=cfg.seed,
-      )
-      for r in result['versus']['rows']:
-        log(
-          f'  batch {r["batch_size"]}: {r["images_per_s"]:.2f} vs '
-          f'{r["torch_images_per_s"]:.2f} img/s, {r["speedup_vs_torch"]:.2f}x'
-        )
-    phases['torch'] = measure.peak_host_memory_mb()
-  result['torch_skipped'] = why
 
-  # Kernels and sweeps.
-  sk_why = None if cfg.sklearn != 'off' else 'disabled (--sklearn=off)'
-  if sk_why is None:
-    sk_why = measure.sklearn_available()
-    if sk_why is not None and cfg.sklearn == 'on':
-      raise ValueError(f'--sklearn=on but {sk_why}')
-  use_sklearn = sk_why is None
-  result['sklearn_skipped'] = sk_why
-  if cfg.kernel:
-    widths = cfg.kernel_widths or efficientnet.level_widths(cfg.arch)
-    log(
-      f'kernels: fit N={cfg.kernel_n_fit}, score {cfg.kernel_n_score} rows at '
-      f'widths {tuple(widths)} ...'
+def torch_section(run: _Run, result: dict) -> None:
+  """efficientnet_pytorch at every extraction batch size; the ratio joins the extraction rows."""
+  result['torch_skipped'] = run.torch_why
+  if run.torch_why is not None:
+    return
+  cfg = run.cfg
+  threads = cfg.torch_threads or os.cpu_count() or 1
+  for batch in sorted({r['batch_size'] for r in result['extraction']}):
+    run.log(
+      f'torch: efficientnet_pytorch {cfg.arch} {run.image_size}px batch {batch}, '
+      f'{threads} thread(s) ...'
     )
-    result['kernel'] = measure.bench_kernels(
-      widths,
-      cfg.kernel_n_fit,
-      cfg.kernel_n_score,
-      repeats=cfg.repeats,
-      budget_s=cfg.time_budget_s,
-      use_sklearn=use_sklearn,
-      seed=cfg.seed,
+    trow = measure.bench_torch(cfg.arch, run.image_size, batch, cfg.num_batches, threads, cfg.seed)
+    run.log(f'  {trow["images_per_s"]:.2f} img/s')
+    result['torch'].append(trow)
+  by_batch = {r['batch_size']: r for r in result['torch']}
+  for row in result['extraction']:
+    trow = by_batch.get(row['batch_size'])
+    if trow is not None:
+      row['torch_images_per_s'] = trow['images_per_s']
+      row['speedup_vs_torch'] = measure.ratio(row['images_per_s'], trow['images_per_s'])
+  result['peak_host_memory_mb_after']['torch'] = measure.peak_host_memory_mb()
+
+
+def versus_section(run: _Run, result: dict) -> None:
+  """jax_gad and efficientnet_pytorch timed in alternation (``--versus_rounds``)."""
+  cfg = run.cfg
+  if run.torch_why is not None or not cfg.versus_rounds:
+    return
+  run.log(
+    f'versus: jax_gad ({run.depthwise[0]}) and efficientnet_pytorch float32, batches '
+    f'{tuple(cfg.batch_sizes)}, {cfg.versus_rounds} alternating rounds ...'
+  )
+  result['versus'] = measure.bench_versus_torch(
+    cfg.arch,
+    run.image_size,
+    cfg.batch_sizes,
+    run.depthwise[0],
+    run.variables,
+    rounds=cfg.versus_rounds,
+    threads=cfg.torch_threads or os.cpu_count() or 1,
+    mesh=run.mesh,
+    seed=cfg.seed,
+  )
+  for r in result['versus']['rows']:
+    run.log(
+      f'  batch {r["batch_size"]}: {r["images_per_s"]:.2f} vs '
+      f'{r["torch_images_per_s"]:.2f} img/s, {r["speedup_vs_torch"]:.2f}x'
     )
-    phases['kernel'] = measure.peak_host_memory_mb()
-  else:
+  result['peak_host_memory_mb_after']['torch'] = measure.peak_host_memory_mb()
+
+
+def kernel_section(run: _Run, result: dict) -> None:
+  """Gaussian fit + scoring at each level width, against scikit-learn + numpy."""
+  cfg = run.cfg
+  result['sklearn_skipped'] = run.sklearn_why
+  if not cfg.kernel:
     result['kernel_skipped'] = 'disabled (--nokernel)'
+    return
+  widths = cfg.kernel_widths or efficientnet.level_widths(cfg.arch)
+  run.log(
+    f'kernels: fit N={cfg.kernel_n_fit}, score {cfg.kernel_n_score} rows at '
+    f'widths {tuple(widths)} ...'
+  )
+  result['kernel'] = measure.bench_kernels(
+    widths,
+    cfg.kernel_n_fit,
+    cfg.kernel_n_score,
+    repeats=cfg.repeats,
+    budget_s=cfg.time_budget_s,
+    use_sklearn=run.sklearn_why is None,
+    seed=cfg.seed,
+  )
+  result['peak_host_memory_mb_after']['kernel'] = measure.peak_host_memory_mb()
+
+
+def sweep_section(run: _Run, result: dict) -> None:
+  """The Gaussian fit over widths D at fixed N, and over sample counts N at fixed D."""
+  cfg = run.cfg
+  if not (cfg.sweep_d or cfg.sweep_n):
+    return
+  points = [('D', cfg.sweep_d_n, d, 'sweep_d') for d in cfg.sweep_d]
+  points += [('N', n, cfg.sweep_n_d, 'sweep_n') for n in cfg.sweep_n]
   before = measure.cpu_snapshot()
-  for d in cfg.sweep_d:
-    log(f'sweep D: N={cfg.sweep_d_n} D={d} ...')
-    result['sweep_d'].append(
+  for label, n, d, key in points:
+    run.log(f'sweep {label}: N={n} D={d} ...')
+    result[key].append(
       measure.bench_fit(
-        cfg.sweep_d_n,
+        n,
         d,
         repeats=cfg.repeats,
         budget_s=cfg.time_budget_s,
-        use_sklearn=use_sklearn,
+        use_sklearn=run.sklearn_why is None,
         seed=cfg.seed,
       )
     )
-  for n in cfg.sweep_n:
-    log(f'sweep N: N={n} D={cfg.sweep_n_d} ...')
-    result['sweep_n'].append(
-      measure.bench_fit(
-        n,
-        cfg.sweep_n_d,
-        repeats=cfg.repeats,
-        budget_s=cfg.time_budget_s,
-        use_sklearn=use_sklearn,
+  result['peak_host_memory_mb_after']['sweeps'] = measure.peak_host_memory_mb()
+  result['sweeps_other_cpu'] = measure.other_cpu_fraction(before, measure.cpu_snapshot())
+
+
+def host_section(run: _Run, result: dict) -> None:
+  """Decoding one large PNG and resizing it to the input, on one thread (for the estimate)."""
+  cfg = run.cfg
+  if not cfg.estimate:
+    return
+  spec = efficientnet.ARCHS[cfg.arch]
+  run.log(f'host: decode a {cfg.host_image_side}px PNG + resize to {run.image_size} ...')
+  result['host_preprocess_s_per_image'] = measure.bench_host_preprocess(
+    cfg.host_image_side, run.image_size, spec.mean, spec.std, seed=cfg.seed
+  )
+
+
+def pipeline_section(run: _Run, result: dict) -> None:
+  """Decode + extract end to end at the fastest float32 setting, against its device-only rate."""
+  cfg = run.cfg
+  best = _best_float32(result)
+  if not cfg.pipeline_images or best is None:
+    return
+  run.log(
+    f'pipeline: {cfg.pipeline_images} PNGs of {cfg.host_image_side}px decoded by '
+    f'{run.num_workers} thread(s) while batch {best["batch_size"]} float32 '
+    f'{best["depthwise"]} runs ...'
+  )
+  setup = measure.Setup(cfg.arch, run.image_size, best['batch_size'], 'float32', best['depthwise'])
+  result['pipeline'] = measure.bench_pipeline(
+    setup,
+    run.variables,
+    n_images=cfg.pipeline_images,
+    side=cfg.host_image_side,
+    num_workers=run.num_workers,
+    mesh=run.mesh,
+    seed=cfg.seed,
+  )
+  result['pipeline']['device_only_images_per_s'] = best['images_per_s']
+  run.log(f'  {result["pipeline"]["images_per_s"]:.2f} img/s end to end')
+
+
+def pipelines_section(run: _Run, result: dict) -> None:
+  """Decode + extract end to end for each of ``--pipeline_archs`` at every batch size."""
+  cfg = run.cfg
+  if not cfg.pipeline_images:
+    return
+  for arch in cfg.pipeline_archs:
+    size = cfg.image_size or efficientnet.native_resolution(arch)
+    arch_vars = run.variables if arch == cfg.arch else efficientnet.init(arch, jax.random.key(0))
+    for batch in cfg.batch_sizes:
+      run.log(
+        f'pipeline: {arch} {size}px batch {batch} float32 {run.depthwise[0]}, '
+        f'{cfg.pipeline_images} PNGs ...'
+      )
+      row = measure.bench_pipeline(
+        measure.Setup(arch, size, batch, 'float32', run.depthwise[0]),
+        arch_vars,
+        n_images=cfg.pipeline_images,
+        side=cfg.host_image_side,
+        num_workers=run.num_workers,
+        mesh=run.mesh,
         seed=cfg.seed,
       )
-    )
-  if cfg.sweep_d or cfg.sweep_n:
-    phases['sweeps'] = measure.peak_host_memory_mb()
-    result['sweeps_other_cpu'] = measure.other_cpu_fraction(before, measure.cpu_snapshot())
+      run.log(f'  {row["images_per_s"]:.2f} img/s end to end')
+      result['pipelines'].append(row)
 
-  # End-to-end estimate.
-  if cfg.estimate:
-    spec = efficientnet.ARCHS[cfg.arch]
-    log(f'host: decode a {cfg.host_image_side}px PNG + resize to {image_size} ...')
-    result['host_preprocess_s_per_image'] = measure.bench_host_preprocess(
-      cfg.host_image_side, image_size, spec.mean, spec.std, seed=cfg.seed
-    )
-  f32 = [r for r in result['extraction'] if r['dtype'] == 'float32']
-  best = max(f32, key=lambda r: r['images_per_s']) if f32 else None
-  if cfg.pipeline_images and best is not None:
-    log(
-      f'pipeline: {cfg.pipeline_images} PNGs of {cfg.host_image_side}px decoded by '
-      f'{num_workers} thread(s) while batch {best["batch_size"]} float32 '
-      f'{best["depthwise"]} runs ...'
-    )
-    result['pipeline'] = measure.bench_pipeline(
-      cfg.arch,
-      image_size,
-      best['batch_size'],
-      'float32',
-      best['depthwise'],
-      variables,
-      n_images=cfg.pipeline_images,
-      side=cfg.host_image_side,
-      num_workers=num_workers,
-      mesh=mesh,
-      seed=cfg.seed,
-    )
-    result['pipeline']['device_only_images_per_s'] = best['images_per_s']
-    log(f'  {result["pipeline"]["images_per_s"]:.2f} img/s end to end')
-  if cfg.pipeline_images:
-    for arch in cfg.pipeline_archs:
-      size = cfg.image_size or efficientnet.native_resolution(arch)
-      arch_vars = variables if arch == cfg.arch else efficientnet.init(arch, jax.random.key(0))
-      for batch in cfg.batch_sizes:
-        log(
-          f'pipeline: {arch} {size}px batch {batch} float32 {depthwise[0]}, '
-          f'{cfg.pipeline_images} PNGs ...'
-        )
-        row = measure.bench_pipeline(
-          arch,
-          size,
-          batch,
-          'float32',
-          depthwise[0],
-          arch_vars,
-          n_images=cfg.pipeline_images,
-          side=cfg.host_image_side,
-          num_workers=num_workers,
-          mesh=mesh,
-          seed=cfg.seed,
-        )
-        log(f'  {row["images_per_s"]:.2f} img/s end to end')
-        result['pipelines'].append(row)
-  if cfg.estimate and best is not None and result['kernel'] is not None:
-    result['estimate'] = estimate_protocol(
-      images_per_s=best['images_per_s'],
-      compile_s=best['compile_s'],
-      kernel=result['kernel'],
-      host_s_per_image=result['host_preprocess_s_per_image'],
-      extraction_row=best,
-      pipeline_images_per_s=(result['pipeline']['images_per_s'] if result['pipeline'] else None),
-    )
 
-  if cfg.predict_images:
-    batch = best['batch_size'] if best is not None else max(cfg.batch_sizes)
-    log(
-      f'predict: {cfg.predict_images} PNG files of {cfg.host_image_side}px, batch {batch}, '
-      f'then one image at batch 1 ...'
-    )
-    result['predict'] = measure.bench_predict(
-      cfg.arch,
-      image_size,
-      batch,
-      variables,
-      n_images=cfg.predict_images,
-      side=cfg.host_image_side,
-      num_workers=num_workers,
-      repeats=cfg.repeats,
-      budget_s=cfg.time_budget_s,
-      seed=cfg.seed,
-    )
-    log(
-      f'  {result["predict"]["images_per_s"]:.2f} img/s, '
-      f'{1000 * result["predict"]["latency_s"]:.1f} ms for one image'
-    )
-    phases['predict'] = measure.peak_host_memory_mb()
-    result['predict_maps'] = _predict_maps(cfg, image_size, batch, variables, num_workers, log)
+def estimate_section(run: _Run, result: dict) -> None:
+  """The full-protocol time from the measured rates (needs extraction and kernel rows)."""
+  best = _best_float32(result)
+  if not run.cfg.estimate or best is None or result['kernel'] is None:
+    return
+  result['estimate'] = estimate_protocol(
+    images_per_s=best['images_per_s'],
+    compile_s=best['compile_s'],
+    kernel=result['kernel'],
+    host_s_per_image=result['host_preprocess_s_per_image'],
+    extraction_row=best,
+    pipeline_images_per_s=(result['pipeline']['images_per_s'] if result['pipeline'] else None),
+  )
 
-  if cfg.density_bench:
-    from jax_gad.benchmark import densities as density_bench
 
-    widths = cfg.density_bench_widths or efficientnet.level_widths(cfg.arch)
-    log(f'densities: fit times at widths {tuple(widths)}, N in {cfg.density_bench_n} ...')
-    before = measure.cpu_snapshot()
-    result['densities'] = density_bench.bench_density_fits(
-      widths,
-      cfg.density_bench_n,
-      gmm_k=cfg.density_bench_gmm_k,
-      gmm_iter=cfg.density_bench_gmm_iter,
-      flow_epochs=cfg.density_bench_flow_epochs,
-      use_sklearn=use_sklearn,
-      vmap=cfg.density_bench_vmap,
-      seed=cfg.seed,
-      log=log,
-    )
-    result['densities']['other_cpu'] = measure.other_cpu_fraction(before, measure.cpu_snapshot())
-    phases['densities'] = measure.peak_host_memory_mb()
+def predict_section(run: _Run, result: dict) -> None:
+  """``jax_gad.predict`` throughput on files and single-image latency (``--predict_images``)."""
+  cfg = run.cfg
+  if not cfg.predict_images:
+    return
+  best = _best_float32(result)
+  batch = best['batch_size'] if best is not None else max(cfg.batch_sizes)
+  run.log(
+    f'predict: {cfg.predict_images} PNG files of {cfg.host_image_side}px, batch {batch}, '
+    f'then one image at batch 1 ...'
+  )
+  result['predict'] = measure.bench_predict(
+    cfg.arch,
+    run.image_size,
+    batch,
+    run.variables,
+    n_images=cfg.predict_images,
+    side=cfg.host_image_side,
+    num_workers=run.num_workers,
+    repeats=cfg.repeats,
+    budget_s=cfg.time_budget_s,
+    seed=cfg.seed,
+  )
+  run.log(
+    f'  {result["predict"]["images_per_s"]:.2f} img/s, '
+    f'{1000 * result["predict"]["latency_s"]:.1f} ms for one image'
+  )
+  result['peak_host_memory_mb_after']['predict'] = measure.peak_host_memory_mb()
 
-  if cfg.feature_diff:
-    log(f'feature_diff: {cfg.feature_diff_arch} bfloat16 vs float32 on synthetic_ad ...')
-    result['feature_diff'] = measure.feature_difference(
-      cfg.feature_diff_arch,
-      cfg.checkpoint_dir,
-      n_train=cfg.feature_diff_n_train,
-      n_test=cfg.feature_diff_n_test,
-      batch_size=max(cfg.batch_sizes),
-    )
-    phases['feature_diff'] = measure.peak_host_memory_mb()
 
-  if cfg.map_fit:
-    from jax_gad.benchmark import maps as bench_maps
+def predict_maps_section(run: _Run, result: dict) -> None:
+  """``jax_gad.predict`` with ``--maps_dir`` beside the plain rate (``--predict_images``)."""
+  cfg = run.cfg
+  if not cfg.predict_images:
+    return
+  best = _best_float32(result)
+  batch = best['batch_size'] if best is not None else max(cfg.batch_sizes)
+  run.log(f'predict --maps_dir: {cfg.predict_images} PNG files, batch {batch} ...')
+  row = measure.bench_predict_maps(
+    cfg.arch,
+    run.image_size,
+    batch,
+    run.variables,
+    n_images=cfg.predict_images,
+    side=cfg.host_image_side,
+    num_workers=run.num_workers,
+    seed=cfg.seed,
+  )
+  result['predict_maps'] = row
+  run.log(f'  {row["maps_images_per_s"]:.2f} img/s with maps, {row["images_per_s"]:.2f} without')
 
-    result['maps'] = bench_maps.run_section(counts=cfg.map_counts, log=log)
 
+def density_section(run: _Run, result: dict) -> None:
+  """Fit times of every density model per level width (``--density_bench``)."""
+  cfg = run.cfg
+  if not cfg.density_bench:
+    return
+  settings = density_bench.Settings(
+    widths=cfg.density_bench_widths or efficientnet.level_widths(cfg.arch),
+    ns=cfg.density_bench_n,
+    gmm_k=cfg.density_bench_gmm_k,
+    gmm_iter=cfg.density_bench_gmm_iter,
+    flow_epochs=cfg.density_bench_flow_epochs,
+    use_sklearn=run.sklearn_why is None,
+    vmap=cfg.density_bench_vmap,
+    seed=cfg.seed,
+  )
+  run.log(f'densities: fit times at widths {tuple(settings.widths)}, N in {settings.ns} ...')
+  before = measure.cpu_snapshot()
+  result['densities'] = density_bench.bench_density_fits(settings, log=run.log)
+  result['densities']['other_cpu'] = measure.other_cpu_fraction(before, measure.cpu_snapshot())
+  result['peak_host_memory_mb_after']['densities'] = measure.peak_host_memory_mb()
+
+
+def map_section(run: _Run, result: dict) -> None:
+  """The per-location map fit: memory at ``--map_counts`` images and speed (``--map_fit``)."""
+  if run.cfg.map_fit:
+    result['maps'] = bench_maps.run_section(counts=run.cfg.map_counts, log=run.log)
+
+
+SECTIONS = (
+  extraction_section,
+  torch_section,
+  versus_section,
+  kernel_section,
+  sweep_section,
+  host_section,
+  pipeline_section,
+  pipelines_section,
+  estimate_section,
+  predict_section,
+  predict_maps_section,
+  density_section,
+  map_section,
+)
+
+
+def run_benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict:
+  """Runs every enabled section of the benchmark once; returns the JSON-able result."""
+  _check_config(cfg)
+  start = time.perf_counter()
+  run = _setup(cfg, log)
+  result = _empty_result(cfg)
+  for section in SECTIONS:
+    section(run, result)
   result['machine']['load_average_end'] = measure.load_average()
   result['peak_host_memory_mb'] = measure.peak_host_memory_mb()
   result['wall_s'] = time.perf_counter() - start
   return result
-
-
-def _predict_maps(cfg, image_size: int, batch: int, variables, num_workers: int, log) -> dict:
-  """The predict throughput with --maps_dir beside the plain rate (same files and batch)."""
-  log(f'predict --maps_dir: {cfg.predict_images} PNG files, batch {batch} ...')
-  row = measure.bench_predict_maps(
-    cfg.arch,
-    image_size,
-    batch,
-    variables,
-    n_images=cfg.predict_images,
-    side=cfg.host_image_side,
-    num_workers=num_workers,
-    seed=cfg.seed,
-  )
-  log(f'  {row["maps_images_per_s"]:.2f} img/s with maps, {row["images_per_s"]:.2f} without')
-  return row

@@ -24,7 +24,7 @@ LITE_STD = (128.0 / 255.0,) * 3
 Size = Union[int, Sequence[int]]
 
 
-def _output_size(size: Size) -> tuple[int, int]:
+def output_size(size: Size) -> tuple[int, int]:
   """Returns (height, width) from an int or a (height, width) pair."""
   if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
     out = (int(size), int(size))
@@ -40,7 +40,7 @@ def _output_size(size: Size) -> tuple[int, int]:
   return out
 
 
-def _source_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def source_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Indices and weights of the two source samples for each output sample.
 
   Half-pixel centres: output sample ``d`` sits at source coordinate
@@ -80,11 +80,11 @@ def resize_bilinear(image: np.ndarray, size: Size) -> np.ndarray:
     raise ValueError(f"image must be non-empty, got shape {image.shape}")
   if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
     raise ValueError(f"image must have a real dtype, got {image.dtype}")
-  out_h, out_w = _output_size(size)
+  out_h, out_w = output_size(size)
   in_h, in_w = image.shape[:2]
 
-  y0, y1, wy = _source_taps(out_h, in_h)
-  x0, x1, wx = _source_taps(out_w, in_w)
+  y0, y1, wy = source_taps(out_h, in_h)
+  x0, x1, wx = source_taps(out_w, in_w)
   # Separable: rows first, then columns. Weights broadcast over the channel axis.
   extra = (1,) * (image.ndim - 2)
   wy = wy.astype(np.float32).reshape((out_h, 1) + extra)

@@ -2,7 +2,7 @@
 
 ``python -m jax_gad.fit --maps`` calls :func:`calibrate`: one pass over the
 training images accumulates the per-location statistics of every calibration
-fold and of all images together (:func:`jax_gad.maps.pipeline.fit_folds`:
+fold and of all images together (:func:`fit_states`:
 constant memory in the number of images); a second pass scores every training
 image with the fold that did not see it. From those out-of-fold maps of
 normal images come
@@ -35,7 +35,7 @@ from typing import NamedTuple, Sequence
 import jax
 import numpy as np
 
-from jax_gad import files
+from jax_gad import features, files
 from jax_gad.maps import fit as mfit
 from jax_gad.maps import overlay as moverlay
 from jax_gad.maps import pipeline as mp
@@ -115,6 +115,17 @@ def out_of_fold_maps(
   return out
 
 
+def fit_states(
+  extractor, source, fold_indices, *, preprocess, settings, num_workers=2, progress=None
+) -> list[list[mfit.MapState]]:
+  """Per fold of ``fold_indices``, its per-location Gaussians (one pass over ``source``)."""
+  part, per_fold = mp.fold_parts(len(source), fold_indices)
+  stats = mp.stream_parts(
+    extractor, source, part, preprocess=preprocess, num_workers=num_workers, progress=progress
+  )
+  return mp.finalize_folds(stats, per_fold, settings)
+
+
 def calibrate(
   extractor,
   source,
@@ -129,7 +140,7 @@ def calibrate(
   """Per-location Gaussians on all of ``source``, pixel threshold and colour scale out of fold.
 
   Args:
-    extractor: a :class:`jax_gad.maps.pipeline.MapExtractor` of ``settings``' levels.
+    extractor: a :class:`jax_gad.features.MapExtractor` of ``settings``' levels.
     source: the training split (normal images).
     fold_indices: per calibration fold, the training indices it fits on (each
       image held out by exactly one fold, as KFold's).
@@ -145,7 +156,7 @@ def calibrate(
   n = len(source)
   fold_indices = [np.asarray(f, np.int64) for f in fold_indices]
   held_out_fold(n, fold_indices)  # checked before any work
-  states = mp.fit_folds(
+  states = fit_states(
     extractor,
     source,
     fold_indices + [np.arange(n)],
@@ -211,7 +222,7 @@ class MapScorer:
   def __init__(self, module, variables, *, image_size, states, settings, batch_size, mesh=None):
     self.settings = settings
     self.states = tuple(states)
-    self.extractor = mp.MapExtractor(
+    self.extractor = features.MapExtractor(
       module,
       variables,
       image_size=image_size,

@@ -83,11 +83,11 @@ def render(
     title: figure title.
     predicted: (H, W) bool predicted mask (magenta contour) or None.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # here: keeps matplotlib (heavy) out of --help; loaded to draw
 
   matplotlib.use('Agg', force=False)
-  from matplotlib import cm, colors  # local, like pyplot: kept out of --help
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import cm, colors  # here: after choosing the Agg backend
+  from matplotlib import pyplot as plt  # here: after choosing the Agg backend
 
   image = np.asarray(image)
   amap = np.asarray(amap, np.float32)

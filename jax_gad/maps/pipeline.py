@@ -1,11 +1,16 @@
-"""Anomaly maps for a category: stream training batches into per-fold fits, score the test split.
+"""Anomaly maps of a category: training batches streamed into per-fold fits, test maps, metrics.
 
-The unpooled level maps are never cached or stacked: :class:`MapExtractor`
-runs the backbone on a global batch (sharded over the devices, as
-:class:`jax_gad.features.LevelExtractor`) and returns the chosen levels'
-maps on the device, where :func:`fit_folds` adds them to per-location
-statistics at once. Memory is therefore the statistics plus one batch,
-whatever the number of training images.
+The path of an image, as for the pooled features: a worker thread decodes and
+resizes it (:func:`jax_gad.data.pipeline.prefetch_batches`);
+:class:`jax_gad.features.MapExtractor` runs the backbone on a global batch
+(sharded over the devices) and returns the chosen levels' unpooled maps on the
+device, where :func:`stream_parts` adds them to per-location statistics at once
+(:mod:`jax_gad.maps.fit`). The maps are never cached or stacked: memory is the
+statistics plus one batch, whatever the number of training images.
+:func:`score_folds` turns each test batch into one combined, blurred map per
+fold (:mod:`jax_gad.maps.postprocess`), :func:`evaluate_category` scores them
+against the masks (:mod:`jax_gad.maps.metrics`) and :mod:`jax_gad.maps.report`
+writes the tables and files.
 
 Folds: every training image belongs to the fitting part of some folds. The
 images with the same fold membership form a *part* (for 5-fold KFold, the 5
@@ -16,10 +21,10 @@ pass over the training images serves every fold.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-import os
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from jax_gad import features, files, metrics, report
+from jax_gad import features, metrics
 from jax_gad.data import pipeline as data_pipeline
 from jax_gad.maps import fit as mfit
 from jax_gad.maps import metrics as mmetrics
@@ -69,67 +74,10 @@ class MapSettings(NamedTuple):
   sigma: float = postprocess.DEFAULT_SIGMA
 
 
-@functools.partial(jax.jit, static_argnames=('module', 'levels', 'channels', 'mesh'))
-def _level_maps(variables, images, *, module, levels, channels, mesh):
-  maps = module.apply(variables, images)
-  out = []
-  for i, level in enumerate(levels):
-    m = maps[level].astype(jnp.float32)
-    if channels is not None and channels[i] is not None:
-      m = m[..., jnp.asarray(channels[i])]
-    out.append(m)
-  # Stay sharded over the batch: the statistics are reduced on the devices.
-  return jax.lax.with_sharding_constraint(tuple(out), NamedSharding(mesh, P(mesh.axis_names[0])))
-
-
 @functools.partial(jax.jit, static_argnames='mesh')
 def _replicated(x, *, mesh):
   """``x`` replicated on every device, so every process (multi-host) can read it."""
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
-
-
-class MapExtractor(features.LevelExtractor):
-  """A :class:`~jax_gad.features.LevelExtractor` returning unpooled float32 level maps.
-
-  Calling it on a global batch returns one ``(batch_size, h_l, w_l, C_l)``
-  array per level, left sharded over the batch axis on the devices.
-  """
-
-  def __init__(
-    self,
-    module,
-    variables,
-    *,
-    image_size: int,
-    levels: Sequence[int],
-    channels: Sequence | None = None,
-    mesh=None,
-    batch_size: int = 8,
-  ):
-    super().__init__(
-      module, variables, image_size=image_size, levels=levels, mesh=mesh, batch_size=batch_size
-    )
-    if channels is not None:
-      if len(channels) != len(self.levels):
-        raise ValueError(
-          f'channels must give one entry per level ({len(self.levels)}), got {len(channels)}.'
-        )
-      channels = tuple(None if c is None else tuple(int(i) for i in c) for c in channels)
-    self.channels = channels
-
-  def _lower(self, spec):
-    return _level_maps.lower(
-      self.variables,
-      spec,
-      module=self.module,
-      levels=self.levels,
-      channels=self.channels,
-      mesh=self.mesh,
-    )
-
-  def map_shapes(self) -> list[tuple[int, int, int]]:
-    """(h, w, C) of each returned level map."""
-    return [tuple(int(s) for s in o.shape[1:]) for o in self.compiled.out_info]
 
 
 def channel_subsets(widths: Sequence[int], k: int | None, seed: int = 0) -> tuple | None:
@@ -150,6 +98,14 @@ def _batches(extractor, source, preprocess, num_workers):
   )
 
 
+def _count(pending, progress) -> None:
+  """Waits for a batch's statistics, then reports its images to ``progress`` (if any)."""
+  if pending is not None:
+    jax.block_until_ready(pending[1])
+    if progress is not None:
+      progress(pending[0])
+
+
 def fold_parts(n_train: int, fold_indices: Sequence[np.ndarray]) -> tuple[np.ndarray, list]:
   """(part of each training image, per fold the parts it fits on); part -1 = used by no fold."""
   member = np.zeros((n_train, len(fold_indices)), bool)
@@ -163,66 +119,86 @@ def fold_parts(n_train: int, fold_indices: Sequence[np.ndarray]) -> tuple[np.nda
   return part, per_fold
 
 
-def fit_folds(
-  extractor: MapExtractor,
+def stream_parts(
+  extractor: features.MapExtractor,
   source,
-  fold_indices: Sequence[np.ndarray],
+  part: np.ndarray,
   *,
   preprocess,
-  settings: MapSettings,
   num_workers: int = 2,
   progress=None,
-) -> list[list[mfit.MapState]]:
-  """Streams the training images once and fits per-location Gaussians for every fold.
+) -> list[list]:
+  """Streams the training images once into per-location statistics of each part.
 
   Args:
-    extractor: a :class:`MapExtractor`.
+    extractor: a :class:`~jax_gad.features.MapExtractor`.
     source: the training split (sequence of ``{'image': uint8}``).
-    fold_indices: per fold, the training indices it fits on.
+    part: per training image, its part (:func:`fold_parts`; -1: used by no fold).
     preprocess: ``f(image) -> float32 (S, S, 3)``.
-    settings: :class:`MapSettings`.
     num_workers: decoding threads.
-    progress: optional callable(n_images) after each batch.
+    progress: optional callable(n_images) once a batch's statistics are computed.
 
   Returns:
-    ``states[fold][level_position]``: a :class:`~jax_gad.maps.fit.MapState`.
+    ``stats[part][level_position]``: streaming statistics (:func:`jax_gad.maps.fit.accumulate`).
   """
   n = len(source)
-  part, per_fold = fold_parts(n, fold_indices)
   shapes = extractor.map_shapes()
-  n_parts = int(part.max()) + 1
-  stats = [[None] * len(shapes) for _ in range(n_parts)]
+  stats = [[None] * len(shapes) for _ in range(int(part.max()) + 1)]
   batch = extractor.batch_size
   batches = _batches(extractor, source, preprocess, num_workers)
+  pending = None  # (images, statistics) of the previous batch, counted once computed
   try:
     for b, local in enumerate(batches):
       maps = extractor(extractor.device_batch(local))
       index = b * batch + np.arange(batch)
       owner = np.where(index < n, part[np.minimum(index, n - 1)], -1)
+      # Batch b's maps are queued; wait for b - 1's statistics (before they are donated to
+      # b's), so that the count follows the devices.
+      _count(pending, progress)
+      touched = [maps]
       for p in np.unique(owner[owner >= 0]):
         mask = jnp.asarray(owner == p)
         for i, m in enumerate(maps):
           if stats[p][i] is None:
             stats[p][i] = mfit.empty(shapes[i])
           stats[p][i] = mfit.accumulate(stats[p][i], m, mask)
-      if progress is not None:
-        progress(int(min(batch, n - b * batch)))
+        touched.append(list(stats[p]))
+      pending = (int(min(batch, n - b * batch)), touched)
+    _count(pending, progress)
   finally:
     batches.close()
+  return stats
+
+
+def finalize_folds(
+  stats: Sequence[Sequence], per_fold: Sequence[Sequence[int]], settings: MapSettings, progress=None
+) -> list[list[mfit.MapState]]:
+  """Per fold, the merge of its parts' statistics, finalized into per-location Gaussians.
+
+  Args:
+    stats: from :func:`stream_parts`.
+    per_fold: per fold, the parts it fits on (:func:`fold_parts`).
+    settings: :class:`MapSettings` (shrinkage, ridge).
+    progress: optional callable(1) once a fold's Gaussians are computed.
+
+  Returns:
+    ``states[fold][level_position]``: a :class:`~jax_gad.maps.fit.MapState`.
+  """
   states = []
   for parts in per_fold:
     fold_states = []
-    for i in range(len(shapes)):
+    for i in range(len(stats[parts[0]])):
       total = None
       for p in parts:
         total = stats[p][i] if total is None else mfit.merge(total, stats[p][i])
       fold_states.append(mfit.finalize(total, settings.shrinkage, settings.ridge))
     states.append(fold_states)
+    _count((1, fold_states), progress)
   return states
 
 
 def score_folds(
-  extractor: MapExtractor,
+  extractor: features.MapExtractor,
   source,
   states: Sequence[Sequence[mfit.MapState]],
   *,
@@ -273,7 +249,7 @@ class FoldMaps(NamedTuple):
 
 
 def evaluate_category(
-  category: str, maps: np.ndarray, folds: Sequence[int], source, image_auroc_fn
+  category: str, maps: np.ndarray, folds: Sequence[int], source, image_auroc_fn, progress=None
 ) -> tuple[list[FoldMaps], list, list]:
   """Metrics of each fold's maps against the test masks, at the original image sizes.
 
@@ -283,6 +259,7 @@ def evaluate_category(
     folds: the fold numbers of ``maps``' first axis.
     source: the test split (``image``, ``mask``, ``label`` per item).
     image_auroc_fn: ``f(scores, labels) -> float`` (jax_gad.metrics.auroc).
+    progress: optional callable(1) after each fold's metrics.
 
   Returns:
     (one :class:`FoldMaps` per fold, the test masks, the original sizes).
@@ -307,105 +284,71 @@ def evaluate_category(
       pix, aupro = result.pixel_auroc, result.aupro
     out.append(FoldMaps(category, int(fold), float(image_auroc_fn(scores, labels)), pix, aupro))
     del full
+    if progress is not None:
+      progress(1)
   return out, masks, sizes
 
 
-def overlay_paths(category: str, source, per_type: int = 2) -> list[str]:
-  """Workdir-relative paths of the overlays :func:`write_overlays` writes for ``source``."""
-  chosen = moverlay.select(list(source.defect_types), per_type)
-  return [
-    os.path.join('overlays', category, moverlay.file_name(i, source.file_names[i])) for i in chosen
-  ]
+# ---------------------------------------------------------------------------
+# One category of a `jax_gad.main --maps` run
+# ---------------------------------------------------------------------------
 
 
-def write_overlays(
-  folder: str,
-  category: str,
-  source,
-  maps_fold: np.ndarray,
-  sizes,
-  masks,
-  fold: int,
-  scale: tuple,
-  per_type: int = 2,
-) -> None:
-  """Overlay PNGs of the documented subset (:func:`jax_gad.maps.overlay.select`) for one fold.
+def settings_for(
+  arch: str,
+  levels: Sequence[int],
+  k_channels: int | None,
+  rule: str,
+  sigma: float,
+  ridge: float = DEFAULT_RIDGE,
+) -> MapSettings:
+  """The map settings of a run: default levels for ``arch``, channel subsets drawn once."""
+  levels = tuple(levels) or default_map_levels(arch)
+  widths = efficientnet.level_widths(arch)
+  channels = channel_subsets([widths[l] for l in levels], k_channels)
+  ridge = mfit.check_ridge(ridge)
+  return MapSettings(levels=levels, channels=channels, ridge=ridge, rule=rule, sigma=sigma)
 
-  ``scale``: (vmin, vmax) of the heat maps, from normal images (:func:`normal_scale`).
+
+class MapRun(NamedTuple):
+  """How a run computes its maps, the same for every category (:func:`prepare`).
+
+  Attributes:
+    extractor: the :class:`~jax_gad.features.MapExtractor` of the settings' levels.
+    preprocess: ``f(uint8 image) -> float32 (S, S, 3)`` network input.
+    settings: :class:`MapSettings`.
+    num_workers: decoding threads.
+    keep_all_folds: keep every fold's maps (``--save_maps``), else only the first
+      fold's (what the overlays draw).
   """
-  chosen = moverlay.select(list(source.defect_types), per_type)
-  if not chosen:
-    return
-  vmin, vmax = scale
-  sub = os.path.join(folder, 'overlays', category)
-  os.makedirs(sub, exist_ok=True)
-  full = postprocess.to_original(maps_fold[chosen], [sizes[i] for i in chosen])
-  for j, i in enumerate(chosen):
-    name = moverlay.file_name(i, source.file_names[i])
-    title = f'{category} / {source.defect_types[i]} (fold {fold}), max {float(full[j].max()):.2f}'
-    moverlay.write_overlay(
-      os.path.join(sub, name),
-      source[i]['image'],
-      full[j],
-      masks[i],
-      vmin=vmin,
-      vmax=vmax,
-      title=title,
-    )
+
+  extractor: features.MapExtractor
+  preprocess: Callable
+  settings: MapSettings
+  num_workers: int = 2
+  keep_all_folds: bool = True
 
 
-def save_maps(folder: str, category: str, maps: np.ndarray, folds: Sequence[int], source) -> str:
-  """Writes ``maps_<category>.npz``: one (n_test, S, S) float32 array per fold + names, labels."""
-  path = os.path.join(folder, f'maps_{category}.npz')
-  arrays = {f'fold_{f}': maps[k] for k, f in enumerate(folds)}
-  arrays['file_names'] = np.asarray(source.file_names)
-  arrays['labels'] = np.asarray(source.labels)
-  files.atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
-  return path
-
-
-def summarize(runs: Sequence[FoldMaps]) -> list[dict]:
-  """Per category and overall: mean ± SEM (x100) over folds of the three map metrics."""
-  rows = []
-  categories = sorted({r.category for r in runs})
-  for name, sel in [(c, [r for r in runs if r.category == c]) for c in categories] + [
-    ('mean', list(runs))
-  ]:
-    row = {'category': name}
-    for field in ('image_auroc', 'pixel_auroc', 'aupro'):
-      values = [100 * getattr(r, field) for r in sel if getattr(r, field) is not None]
-      if values:
-        row[f'{field}_mean'], row[f'{field}_sem'] = metrics.mean_sem(values)
-      else:
-        row[f'{field}_mean'] = row[f'{field}_sem'] = None
-    rows.append(row)
-  return rows
-
-
-def _cell(mean, sem) -> str:
-  return 'no masks' if mean is None else report.fmt_cell(mean, sem)
-
-
-def table_markdown(rows: Sequence[dict], pooled: dict | None = None) -> str:
-  """Markdown: per category, image AUROC (pooled Sum, map max), pixel AUROC, AUPRO."""
-  lines = [
-    '| Category | Image AUROC (pooled) | Image AUROC (map max) | Pixel AUROC | AUPRO |',
-    '|---|---|---|---|---|',
-  ]
-  for row in rows:
-    pooled_cell = (pooled or {}).get(row['category'], '-')
-    lines.append(
-      f"| {row['category']} | {pooled_cell} | "
-      f"{_cell(row['image_auroc_mean'], row['image_auroc_sem'])} | "
-      f"{_cell(row['pixel_auroc_mean'], row['pixel_auroc_sem'])} | "
-      f"{_cell(row['aupro_mean'], row['aupro_sem'])} |"
-    )
-  return '\n'.join(lines) + '\n'
-
-
-# ---------------------------------------------------------------------------
-# One run of `jax_gad.main --maps`: per category, the document, the files
-# ---------------------------------------------------------------------------
+def prepare(
+  settings: MapSettings,
+  pooled: features.LevelExtractor,
+  mean: Sequence[float],
+  std: Sequence[float],
+  num_workers: int = 2,
+  keep_all_folds: bool = True,
+) -> MapRun:
+  """A :class:`MapRun` on the backbone, mesh, input size and batch of the ``pooled`` extractor."""
+  extractor = features.MapExtractor(
+    pooled.module,
+    pooled.variables,
+    image_size=pooled.image_size,
+    levels=settings.levels,
+    channels=settings.channels,
+    mesh=pooled.mesh,
+    batch_size=pooled.batch_size,
+  )
+  preprocess = data_pipeline.image_preprocessor(pooled.image_size, mean, std)
+  return MapRun(extractor, preprocess, settings, num_workers, keep_all_folds)
 
 
 class _Subset:
@@ -455,124 +398,82 @@ class CategoryMaps(NamedTuple):
   scale: tuple  # (vmin, vmax) of the first fold's overlays, from its held-out training images
 
 
+@contextlib.contextmanager
+def _progress_bar(total: int, desc: str, unit: str):
+  """A :class:`~jax_gad.features.ProgressBar` on process 0 (None elsewhere), closed at the end.
+
+  Like the pooled extraction's bars, it starts its clock after the first step,
+  whose compilation would inflate the ETA.
+  """
+  if jax.process_index() != 0:
+    yield None
+    return
+  bar = features.ProgressBar(total, desc, unit)
+  try:
+    yield bar
+  finally:
+    bar.close()
+
+
 def run_category(
   category: str,
   train,
   test,
   fold_indices: Sequence[np.ndarray],
   folds: Sequence[int],
-  *,
-  module,
-  variables,
-  arch: str,
-  image_size: int,
-  mean,
-  std,
-  settings: MapSettings,
-  mesh,
-  batch_size: int,
-  num_workers: int,
-  keep_all_folds: bool = True,
+  run: MapRun,
 ) -> CategoryMaps:
   """Per-location fits streamed over the training batches, test maps and their metrics.
 
-  With ``keep_all_folds=False`` the result keeps only the first fold's maps
-  (what the overlays use), not every fold's (what ``--save_maps`` writes).
+  Progress bars count the training images streamed (one pass serves every
+  fold), the folds whose Gaussians are computed, the test images scored
+  (every fold scores each batch) and the folds whose metrics are computed.
+  Each starts its clock after its first step (which compiles).
+
+  Args:
+    category: name.
+    train: the training split (``image`` per item).
+    test: the test split (``image``, ``mask``, ``label`` per item).
+    fold_indices: per evaluated fold, the training indices it fits on.
+    folds: the fold numbers of ``fold_indices``.
+    run: the run's :class:`MapRun`.
   """
-  extractor = MapExtractor(
-    module,
-    variables,
-    image_size=image_size,
-    levels=settings.levels,
-    channels=settings.channels,
-    mesh=mesh,
-    batch_size=batch_size,
-  )
-  preprocess = data_pipeline.image_preprocessor(image_size, mean, std)
-  states = fit_folds(
-    extractor,
-    train,
-    fold_indices,
-    preprocess=preprocess,
-    settings=settings,
-    num_workers=num_workers,
-  )
-  maps = score_folds(
-    extractor, test, states, preprocess=preprocess, settings=settings, num_workers=num_workers
-  )
+  ex, settings = run.extractor, run.settings
+  ex.compile()
+  part, per_fold = fold_parts(len(train), fold_indices)
+  with _progress_bar(len(train), f'{category}/maps fit ({len(folds)} folds)', 'img') as bar:
+    stats = stream_parts(
+      ex,
+      train,
+      part,
+      preprocess=run.preprocess,
+      num_workers=run.num_workers,
+      progress=bar and bar.update,
+    )
+  with _progress_bar(len(folds), f'{category}/maps Gaussians', 'fold') as bar:
+    states = finalize_folds(stats, per_fold, settings, progress=bar and bar.update)
+  del stats
+  with _progress_bar(len(test), f'{category}/maps test', 'img') as bar:
+    maps = score_folds(
+      ex,
+      test,
+      states,
+      preprocess=run.preprocess,
+      settings=settings,
+      num_workers=run.num_workers,
+      progress=bar and bar.update,
+    )
   scale = normal_scale(
-    extractor, train, fold_indices[0], states[0], preprocess=preprocess, settings=settings
+    ex, train, fold_indices[0], states[0], preprocess=run.preprocess, settings=settings
   )
   del states
-  runs, masks, sizes = evaluate_category(category, maps, folds, test, metrics.auroc)
+  with _progress_bar(len(folds), f'{category}/maps metrics', 'fold') as bar:
+    runs, masks, sizes = evaluate_category(
+      category, maps, folds, test, metrics.auroc, progress=bar and bar.update
+    )
   has_masks = runs[0].pixel_auroc is not None
   if not has_masks:
     logging.warning("category %s has no defect masks: map metrics are image-level only.", category)
-  if not keep_all_folds:
+  if not run.keep_all_folds:
     maps = maps[:1].copy()  # a copy, so that the other folds' memory is freed
   return CategoryMaps(runs, maps, test, masks, sizes, has_masks, scale)
-
-
-def settings_for(
-  arch: str,
-  levels: Sequence[int],
-  k_channels: int | None,
-  rule: str,
-  sigma: float,
-  ridge: float = DEFAULT_RIDGE,
-) -> MapSettings:
-  """The map settings of a run: default levels for ``arch``, channel subsets drawn once."""
-  levels = tuple(levels) or default_map_levels(arch)
-  widths = efficientnet.level_widths(arch)
-  channels = channel_subsets([widths[l] for l in levels], k_channels)
-  ridge = mfit.check_ridge(ridge)
-  return MapSettings(levels=levels, channels=channels, ridge=ridge, rule=rule, sigma=sigma)
-
-
-def document(settings: MapSettings, k_channels: int | None, outputs: dict) -> dict:
-  """The ``maps`` entry of results.json."""
-  runs = [r for out in outputs.values() for r in out.runs]
-  return {
-    "levels": list(settings.levels),
-    "channels": k_channels,
-    "combine": settings.rule,
-    "sigma": settings.sigma,
-    "ridge": settings.ridge,
-    "fpr_limit": mmetrics.DEFAULT_FPR_LIMIT,
-    "runs": [r._asdict() for r in runs],
-    "per_category": summarize(runs),
-    "no_masks": sorted(c for c, out in outputs.items() if not out.has_masks),
-    "overlays": {c: overlay_paths(c, out.test) for c, out in outputs.items()},
-  }
-
-
-def _pooled_cells(doc) -> dict:
-  """Sum-row Mahalanobis cells of the pooled tables, per category and overall."""
-  cells = {}
-  for row in doc["per_category"]:
-    if row["level"] == report.SUM and "mahalanobis_mean" in row:
-      cells[row["category"]] = report.fmt_cell(row["mahalanobis_mean"], row["mahalanobis_sem"])
-  for row in doc["table1"]:
-    if row["level"] == report.SUM and "mahalanobis_mean" in row:
-      cells["mean"] = report.fmt_cell(row["mahalanobis_mean"], row["mahalanobis_sem"])
-  return cells
-
-
-def table(doc) -> str:
-  """The per-category maps table (markdown) of a results document with ``maps``."""
-  text = table_markdown(doc["maps"]["per_category"], _pooled_cells(doc))
-  if doc["maps"]["no_masks"]:
-    text += "\nNo defect masks (image metrics only): " + ", ".join(doc["maps"]["no_masks"]) + "\n"
-  return text
-
-
-def write_outputs(
-  folder: str, doc: dict, outputs: dict, folds: Sequence[int], save_raw: bool
-) -> None:
-  """Overlays (first evaluated fold), raw maps if asked, and the maps table."""
-  for c, out in outputs.items():
-    write_overlays(folder, c, out.test, out.maps[0], out.sizes, out.masks, folds[0], out.scale)
-    if save_raw:
-      save_maps(folder, c, out.maps, folds, out.test)
-  files.atomic_write(os.path.join(folder, "maps.md"), table(doc))
-  files.atomic_write(os.path.join(folder, "maps.csv"), report.csv_text(doc["maps"]["per_category"]))

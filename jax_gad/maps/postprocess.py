@@ -110,12 +110,12 @@ def resize(maps, size: int | Sequence[int]) -> jax.Array:
   maps = jnp.asarray(maps)
   if maps.ndim != 3:
     raise ValueError(f'maps must be (N, H, W), got shape {tuple(maps.shape)}.')
-  out_h, out_w = preprocess._output_size(size)  # pylint: disable=protected-access
+  out_h, out_w = preprocess.output_size(size)
   return _resize_jit(maps, (out_h, out_w))
 
 
 def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
-  i0, i1, w1 = preprocess._source_taps(n_out, n_in)  # pylint: disable=protected-access
+  i0, i1, w1 = preprocess.source_taps(n_out, n_in)
   m = np.zeros((n_out, n_in), np.float64)
   rows = np.arange(n_out)
   np.add.at(m, (rows, i0), 1.0 - w1)

@@ -597,7 +597,7 @@ class EfficientNet(nn.Module):
         "x must be an NHWC batch of shape (N, H, W, 3); got shape "
         f"{getattr(x, 'shape', type(x).__name__)}"
       )
-    if min(x.shape[:3]) < 1:
+    if any(d < 1 for d in x.shape[:3]):  # each on its own: a symbolic batch (jax.export)
       raise ValueError(f"x must have non-empty N, H and W; got shape {x.shape}")
     act, dt, impl = _activation(spec.family), jnp.dtype(self.dtype), self.depthwise
     stem, head = _stem_head_filters(spec)
