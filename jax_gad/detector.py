@@ -51,6 +51,8 @@ from typing import Any, NamedTuple, Sequence
 import flax.struct
 import numpy as np
 
+from jax_gad import config
+
 FORMAT_NAME = "jax_gad.detector"
 FORMAT_VERSION = 1
 DEFAULT_SIGMAS = tuple(range(1, 9))
@@ -106,13 +108,13 @@ class Detector:
   image_size: int = flax.struct.field(pytree_node=False, default=0)
   mean: tuple = flax.struct.field(pytree_node=False, default=())
   std: tuple = flax.struct.field(pytree_node=False, default=())
-  dtype: str = flax.struct.field(pytree_node=False, default="float32")
+  dtype: str = flax.struct.field(pytree_node=False, default=config.Backbone.dtype)
   levels: tuple = flax.struct.field(pytree_node=False, default=())
   reduction: Any = flax.struct.field(pytree_node=False, default=None)
   aggregation: str = flax.struct.field(pytree_node=False, default="mean")
   threshold: float = flax.struct.field(pytree_node=False, default=math.inf)
-  target_fpr: float = flax.struct.field(pytree_node=False, default=0.01)
-  n_folds: int = flax.struct.field(pytree_node=False, default=5)
+  target_fpr: float = flax.struct.field(pytree_node=False, default=config.Calibration.target_fpr)
+  n_folds: int = flax.struct.field(pytree_node=False, default=config.Calibration.calibration_folds)
   sigmas: tuple = flax.struct.field(pytree_node=False, default=DEFAULT_SIGMAS)
   sigma_thresholds: tuple = flax.struct.field(pytree_node=False, default=())
   info: Any = flax.struct.field(pytree_node=False, default=None)
@@ -284,12 +286,10 @@ def calibrated_threshold(scores, target_fpr: float) -> float:
 
 
 def check_target_fpr(target_fpr) -> float:
-  if (
-    isinstance(target_fpr, bool)
-    or not isinstance(target_fpr, (int, float, np.floating))
-    or not 0.0 < float(target_fpr) < 1.0
-  ):
-    raise ValueError(f"--target_fpr must be a false-positive rate in (0, 1), got {target_fpr!r}")
+  """``target_fpr`` as a float, by the rule of ``--target_fpr`` (ValueError naming it)."""
+  if isinstance(target_fpr, np.floating):
+    target_fpr = float(target_fpr)
+  config.check_field("target_fpr", target_fpr, config.options(config.Calibration)["target_fpr"])
   return float(target_fpr)
 
 
@@ -310,8 +310,8 @@ def fit_features(
   features: Sequence[np.ndarray],
   *,
   levels: Sequence[int],
-  target_fpr=0.01,
-  n_folds: int = 5,
+  target_fpr=config.Calibration.target_fpr,
+  n_folds: int = config.Calibration.calibration_folds,
   reduction=None,
   sigmas=DEFAULT_SIGMAS,
   **identity,
@@ -358,45 +358,30 @@ def fit_features(
   )
 
 
-def map_settings(
-  arch: str,
-  *,
-  levels: Sequence[int] = (),
-  ridge: float | None = None,
-  sigma: float = 4.0,
-  combine: str = "mean",
-  channels: int | None = None,
-):
-  """Checked ``jax_gad.maps.pipeline.MapSettings`` of ``fit --maps``, from its flags' values.
+def map_settings(arch: str, maps: config.Maps | None = None):
+  """Checked ``jax_gad.maps.pipeline.MapSettings`` of ``fit --maps``, from its config section.
 
-  ``levels`` empty: the arch's default map levels; ``ridge`` None: the default
-  ridge. ValueError (naming the flag) for a bad value.
+  ``maps``: the levels, channels, combine rule, blur sigma and ridge
+  (:class:`jax_gad.config.Maps`; None: its defaults). Empty ``map_levels``:
+  the arch's default map levels. ValueError (naming the flag) for a bad value.
   """
   from jax_gad.maps import pipeline as mp
-  from jax_gad.maps import postprocess
-  from jax_gad.models import efficientnet
 
-  bad = [l for l in levels if not 0 <= int(l) < efficientnet.NUM_LEVELS]
-  if bad or len(set(levels)) != len(levels):
-    raise ValueError(
-      f"--map_levels must be distinct levels in 0..{efficientnet.NUM_LEVELS - 1}, "
-      f"got {list(levels)}"
-    )
-  if channels is not None and (isinstance(channels, bool) or int(channels) < 1):
-    raise ValueError(f"--map_channels must be a positive int, got {channels!r}")
-  if combine not in postprocess.COMBINE_RULES:
-    rules = list(postprocess.COMBINE_RULES)
-    raise ValueError(f"--map_combine must be one of {rules}, got {combine!r}")
-  if not float(sigma) >= 0:
-    raise ValueError(f"--map_sigma must be >= 0, got {sigma!r}")
-  ridge = mp.DEFAULT_RIDGE if ridge is None else ridge
-  try:
-    return mp.settings_for(arch, levels, channels, combine, float(sigma), ridge)
-  except ValueError as err:
-    raise ValueError(f"--map_ridge: {err}") from None
+  maps = config.Maps() if maps is None else maps
+  config.validate(maps)
+  return mp.settings_for(
+    arch, maps.map_levels, maps.map_channels, maps.map_combine, maps.map_sigma, maps.map_ridge
+  )
 
 
-def fit_maps(detector: Detector, train, settings, *, batch_size: int = 16, num_workers: int = 2):
+def fit_maps(
+  detector: Detector,
+  train,
+  settings,
+  *,
+  batch_size: int = config.Backbone.batch_size,
+  num_workers: int | None = config.Backbone.num_workers,
+):
   """``detector`` plus per-location Gaussians (``settings``, :func:`map_settings`) on ``train``.
 
   Uses the detector's backbone. The pixel threshold (at
@@ -424,7 +409,7 @@ def fit_maps(detector: Detector, train, settings, *, batch_size: int = 16, num_w
     preprocess=pipeline.image_preprocessor(detector.image_size, detector.mean, detector.std),
     settings=settings,
     target_fpr=detector.target_fpr,
-    num_workers=num_workers,
+    num_workers=config.worker_count(num_workers),
   )
   return detector.replace(
     map_states=model.states,
@@ -440,7 +425,11 @@ def fit_maps(detector: Detector, train, settings, *, batch_size: int = 16, num_w
 
 
 def load_backbone(
-  arch: str, checkpoint=None, checkpoint_dir="checkpoints", dtype="float32", depthwise=None
+  arch: str,
+  checkpoint=None,
+  checkpoint_dir=config.Backbone.checkpoint_dir,
+  dtype=config.Backbone.dtype,
+  depthwise=None,
 ):
   """(Backbone, checkpoint metadata, sha256) for an arch: an explicit file or the default one."""
   import jax.numpy as jnp
@@ -468,7 +457,7 @@ def load_backbone(
   else:
     path = checkpoint_lib.ensure_checkpoint(arch, checkpoint_dir)
   variables, meta = checkpoint_lib.load_checkpoint(path, arch=arch)
-  dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+  dt = jnp.dtype(dtype)
   module = efficientnet.create(arch, depthwise=depthwise, dtype=dt)
   return Backbone(module, variables, os.path.abspath(path)), meta, files.sha256(path)
 
@@ -638,7 +627,7 @@ def _read_maps(arrays: dict, header: dict) -> dict:
 def attach_backbone(
   detector: Detector,
   checkpoint=None,
-  checkpoint_dir="checkpoints",
+  checkpoint_dir=config.Backbone.checkpoint_dir,
   depthwise=None,
   where: str = "detector",
 ) -> Detector:
@@ -656,7 +645,9 @@ def attach_backbone(
   return detector.replace(backbone=backbone)
 
 
-def load_detector(path, checkpoint=None, checkpoint_dir="checkpoints", depthwise=None) -> Detector:
+def load_detector(
+  path, checkpoint=None, checkpoint_dir=config.Backbone.checkpoint_dir, depthwise=None
+) -> Detector:
   """Reads a detector file and attaches its backbone (checked by sha256).
 
   Args:

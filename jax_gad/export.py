@@ -28,10 +28,11 @@ import os
 import shutil
 import sys
 
+from absl import app
 import numpy as np
 
+from jax_gad import cli, config, console, export_loader, files
 from jax_gad import detector as detector_lib
-from jax_gad import export_loader, files
 
 FORMAT_NAME = "jax_gad.export"
 FORMAT_VERSION = 1
@@ -174,65 +175,52 @@ def write(det: detector_lib.Detector, output, detector_sha256: str = "") -> dict
   return written
 
 
-def command(detector, output, checkpoint=None, checkpoint_dir="checkpoints") -> dict:
+def command(cfg: config.Export) -> dict:
   """What ``python -m jax_gad.export`` does, every check before any work; returns the manifest."""
-  if not detector:
-    raise ValueError("--detector is required (the file written by jax_gad.fit)")
-  output = check_output(output)
+  config.validate(cfg.exporting)
+  detector, b = cfg.exporting.detector, cfg.backbone
+  output = check_output(cfg.exporting.output)
   det = detector_lib.read_detector(detector)
   det = detector_lib.attach_backbone(
-    det, checkpoint, checkpoint_dir, where=f"--detector={detector}"
+    det, b.checkpoint, b.checkpoint_dir, where=f"--detector={detector}"
   )
   return write(det, output, files.sha256(os.path.expanduser(os.fspath(detector))))
 
 
-SHARED_FLAGS = ("checkpoint", "checkpoint_dir")
-OWN_FLAGS = ("detector", "output")
-
-
-def _define_flags() -> None:
-  """This command's own flags; defined only when the command runs (absl flags are global)."""
-  from jax_gad import cli
-
-  cli.DEFINE_path("detector", None, "The detector file written by jax_gad.fit.")
-  cli.DEFINE_path("output", None, "The folder to write (absent or empty).")
-  cli.show_in_help(SHARED_FLAGS + OWN_FLAGS)
-
-
 def main(argv) -> int:
   """The export command (after flag parsing); returns the exit status."""
-  from absl import app
-
-  from jax_gad import cli, console
-
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.quiet_third_party_logs()
-  v = cli.values(SHARED_FLAGS + OWN_FLAGS)
+  cfg = cli.build(config.Export)
   try:
-    written = command(**v)
+    written = command(cfg)
   except (ValueError, OSError, MemoryError) as e:
     print(f"jax_gad.export: error: {e}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:
     print("jax_gad.export: interrupted; nothing written", file=sys.stderr)
     return 130
-  size = os.path.getsize(os.path.join(v["output"], PROGRAM))
+  out = os.path.abspath(cfg.exporting.output)
+  size = os.path.getsize(os.path.join(out, PROGRAM))
   print(
     f"exported {written['arch']} ({written['input']['shape'][1]} px, levels "
     f"{written['levels']}, threshold {written['threshold']:.4f}) for {written['platforms'][0]}: "
     f"{size / 2**20:.1f} MiB program"
   )
-  out = os.path.abspath(v["output"])
   print(f"wrote {out}; score with: python {os.path.join(out, LOADER)} {out} images.npy")
   return 0
 
 
 def run() -> None:
   """Console-script entry point (``jax-gad-export``)."""
-  from absl import app
-
-  _define_flags()
+  cli.define(config.Exporting)  # this command's own flags: defined only when it runs
+  cli.show_in_help(
+    config.Export,
+    exclude=tuple(
+      n for n in config.options(config.Backbone) if n not in ("checkpoint", "checkpoint_dir")
+    ),
+  )
   app.run(lambda argv: sys.exit(main(argv)))
 
 

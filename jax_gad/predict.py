@@ -28,13 +28,20 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import itertools
 import os
 import sys
 from typing import NamedTuple
 
+from absl import app
 import numpy as np
+import tqdm.auto
 
+from jax_gad import cli, config, console, files, metrics
+from jax_gad import detector as detector_lib
 from jax_gad.data import folder as folder_lib
+from jax_gad.data import pipeline
+from jax_gad.maps import deploy
 
 CHUNK = 256  # images scored and written per step (bounded memory)
 
@@ -138,12 +145,12 @@ def predict(
   inputs: Inputs,
   output: str,
   *,
-  on_error: str = "fail",
-  sigma: int | None = None,
-  batch_size: int = 16,
-  num_workers: int | None = None,
+  on_error: str = config.Scoring.on_error,
+  sigma: int | None = config.Scoring.sigma,
+  batch_size: int = config.Backbone.batch_size,
+  num_workers: int | None = config.Backbone.num_workers,
   progress: bool = True,
-  maps_dir: str | None = None,
+  maps_dir: str | None = config.Scoring.maps_dir,
 ) -> Prediction:
   """Scores every input and writes the CSV atomically (nothing is written on failure).
 
@@ -155,12 +162,6 @@ def predict(
   pooled features are scored and written chunk by chunk (``CHUNK`` images),
   so memory does not grow with the number of images.
   """
-  import itertools
-
-  from jax_gad import files
-  from jax_gad.data import pipeline
-  from jax_gad.maps import deploy
-
   if on_error not in ("skip", "fail"):
     raise ValueError(f"--on_error must be skip or fail, got {on_error!r}")
   threshold = detector.threshold_for(sigma)
@@ -174,9 +175,7 @@ def predict(
   extractor.compile()  # before the bar, so that its rate and ETA do not count compilation
   bar = None
   if progress:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=n, desc="predict", unit="img")
+    bar = tqdm.auto.tqdm(total=n, desc="predict", unit="img")
 
   def write(f):
     text = io.TextIOWrapper(f, encoding="utf-8", newline="")
@@ -193,7 +192,7 @@ def predict(
       batch_size=bs,
       image_shape=(detector.image_size, detector.image_size, 3),
       rows=extractor.local_rows,
-      num_workers=num_workers or os.cpu_count() or 2,
+      num_workers=config.worker_count(num_workers),
     )
     decoded = maps.tee(batches)
     try:
@@ -235,74 +234,47 @@ def predict(
   return Prediction(inputs.paths, total, total > threshold, dict(source.errors), inputs.labels)
 
 
-SHARED_FLAGS = ("checkpoint", "checkpoint_dir", "batch_size", "num_workers", "depthwise")
-OWN_FLAGS = ("detector", "input", "output", "on_error", "sigma", "maps_dir")
-
-
-def command(
-  detector,
-  input,
-  output,
-  on_error="fail",
-  sigma=None,
-  checkpoint=None,
-  checkpoint_dir="checkpoints",
-  batch_size=16,
-  num_workers=None,
-  depthwise=None,
-  progress=True,
-  maps_dir=None,
-):
+def command(cfg: config.Predict, progress: bool = True):
   """What ``python -m jax_gad.predict`` does, with every check before any work.
 
   Returns:
     (the loaded detector, :class:`Prediction`).
   """
-  from jax_gad import detector as detector_lib
-
-  if not detector:
-    raise ValueError("--detector is required (the file written by jax_gad.fit)")
-  if not output:
-    raise ValueError("--output is required (the CSV file to write)")
-  output = os.path.expanduser(os.fspath(output))
-  if os.path.isdir(output):
-    raise ValueError(f"--output={output} is a folder; give a file name")
-  if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
-    raise ValueError(f"--output={output}: its folder does not exist")
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"--batch_size must be a positive integer, got {batch_size!r}")
-  inputs = find_inputs(os.fspath(input) if input else input)
-  det = detector_lib.read_detector(detector)
-  det.threshold_for(sigma)  # checks --sigma before any work
-  if maps_dir:
-    maps_dir = os.path.expanduser(os.fspath(maps_dir))
+  config.validate(cfg)
+  sc, b = cfg.scoring, cfg.backbone
+  if os.path.isdir(sc.output):
+    raise ValueError(f"--output={sc.output} is a folder; give a file name")
+  if not os.path.isdir(os.path.dirname(os.path.abspath(sc.output))):
+    raise ValueError(f"--output={sc.output}: its folder does not exist")
+  inputs = find_inputs(sc.input)
+  det = detector_lib.read_detector(sc.detector)
+  det.threshold_for(sc.sigma)  # checks --sigma before any work
+  if sc.maps_dir:
     if not det.has_maps:
       raise ValueError(
-        f"--maps_dir: detector {detector} holds no map statistics; fit it again with "
+        f"--maps_dir: detector {sc.detector} holds no map statistics; fit it again with "
         "`python -m jax_gad.fit ... --maps`"
       )
-    if os.path.exists(maps_dir) and not os.path.isdir(maps_dir):
-      raise ValueError(f"--maps_dir={maps_dir} is a file; give a folder")
+    if os.path.exists(sc.maps_dir) and not os.path.isdir(sc.maps_dir):
+      raise ValueError(f"--maps_dir={sc.maps_dir} is a file; give a folder")
   det = detector_lib.attach_backbone(
-    det, checkpoint, checkpoint_dir, depthwise, where=f"detector {detector}"
+    det, b.checkpoint, b.checkpoint_dir, b.depthwise_impl, where=f"detector {sc.detector}"
   )
   return det, predict(
     det,
     inputs,
-    output,
-    on_error=on_error,
-    sigma=sigma,
-    batch_size=batch_size,
-    num_workers=num_workers,
+    sc.output,
+    on_error=sc.on_error,
+    sigma=sc.sigma,
+    batch_size=b.batch_size,
+    num_workers=b.num_workers,
     progress=progress,
-    maps_dir=maps_dir or None,
+    maps_dir=sc.maps_dir or None,
   )
 
 
 def summary(det, result: Prediction, sigma=None) -> list:
   """The lines the command prints: counts, and AUROC / TPR / FPR for an MVTec test folder."""
-  from jax_gad import metrics
-
   n_ok = int(np.isfinite(result.total).sum())
   lines = [
     f"scored {n_ok} images ({len(result.errors)} skipped with errors); "
@@ -321,66 +293,30 @@ def summary(det, result: Prediction, sigma=None) -> list:
   return lines
 
 
-def _define_flags() -> None:
-  """This command's own flags; defined only when the command runs (absl flags are global)."""
-  from absl import flags
-
-  from jax_gad import cli
-
-  cli.DEFINE_path("detector", None, "The detector file written by jax_gad.fit.")
-  cli.DEFINE_path("input", None, "An image, a folder (searched recursively) or a glob pattern.")
-  cli.DEFINE_path("output", None, "The CSV file to write (atomically).")
-  flags.DEFINE_enum(
-    "on_error",
-    "fail",
-    ["fail", "skip"],
-    "fail: stop at the first unreadable image, writing nothing; skip: list it "
-    "in the CSV with its error and go on.",
-  )
-  flags.DEFINE_integer(
-    "sigma",
-    None,
-    "Decide at the chi-squared n-sigma threshold (1..8) instead of the calibrated one.",
-  )
-  cli.DEFINE_path(
-    "maps_dir",
-    None,
-    "Also write each image's anomaly map (<path relative to --input>.npy) and overlay (.png) "
-    "here; needs a detector fitted with --maps (docs/maps.md).",
-  )
-  cli.show_in_help(SHARED_FLAGS + OWN_FLAGS)
-
-
 def main(argv) -> int:
   """The predict command (after flag parsing); returns the exit status."""
-  from absl import app
-
-  from jax_gad import cli, console
-
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.quiet_third_party_logs()
-  v = cli.values(SHARED_FLAGS + OWN_FLAGS)
-  v["depthwise"] = None if v["depthwise"] == "auto" else v["depthwise"]
+  cfg = cli.build(config.Predict)
   try:
-    det, result = command(**v)
+    det, result = command(cfg)
   except (ValueError, OSError, MemoryError) as e:
     print(f"jax_gad.predict: error: {e}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:
     print("jax_gad.predict: interrupted; nothing written", file=sys.stderr)
     return 130
-  for line in summary(det, result, v["sigma"]):
+  for line in summary(det, result, cfg.scoring.sigma):
     print(line)
-  print(f"wrote {os.path.abspath(v['output'])}")
+  print(f"wrote {os.path.abspath(cfg.scoring.output)}")
   return 0
 
 
 def run() -> None:
   """Console-script entry point (``jax-gad-predict``)."""
-  from absl import app
-
-  _define_flags()
+  cli.define(config.Scoring)  # this command's own flags: defined only when it runs
+  cli.show_in_help(config.Predict, exclude=("arch", "image_size", "dtype", "cache_dir"))
   app.run(lambda argv: sys.exit(main(argv)))
 
 

@@ -189,7 +189,7 @@ def report(
 
 
 def write_reports(
-  workdir: str, doc: dict, results: dict, distances: Sequence[str], plots: bool = True
+  workdir: str, doc: dict, results: dict, distances: Sequence[str], *, plots: bool
 ) -> None:
   """Writes results.json, the tables and (optionally) the plots into ``workdir``.
 

@@ -52,8 +52,8 @@ def test_dataset_names_agree_with_the_data_package():
 
 
 def test_configs_built_in_python_expand_home_too():
-  from jax_gad import main
+  from jax_gad import config
 
-  cfg = main.config(workdir="~/runs/x", cache_dir="~/c")
-  assert cfg.workdir == os.path.join(os.path.expanduser("~"), "runs/x")
-  assert cfg.cache_dir == os.path.join(os.path.expanduser("~"), "c")
+  cfg = config.from_flat(config.Experiment, dict(workdir="~/runs/x", cache_dir="~/c"))
+  assert cfg.protocol.workdir == os.path.join(os.path.expanduser("~"), "runs/x")
+  assert cfg.backbone.cache_dir == os.path.join(os.path.expanduser("~"), "c")

@@ -15,9 +15,8 @@ from sklearn.model_selection import KFold
 
 import jax_gad
 from jax_gad import checkpoint as ckpt
-from jax_gad import data
+from jax_gad import config, data, fitting
 from jax_gad import detector as detector_lib
-from jax_gad import fit as fit_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,16 +50,21 @@ def raw(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(raw, checkpoint, tmp_path_factory):
   tfds_dir = tmp_path_factory.mktemp("tfds")
-  det = jax_gad.fit(
-    CATEGORY,
-    dataset="folder",
-    data_dir=raw,
-    tfds_dir=tfds_dir,
-    arch=ARCH,
-    checkpoint=checkpoint,
-    image_size=SIZE,
-    levels=LEVELS,
-    batch_size=8,
+  det = jax_gad.fit_detector(
+    config.from_flat(
+      config.Fit,
+      dict(
+        category=CATEGORY,
+        dataset="folder",
+        data_dir=raw,
+        tfds_dir=tfds_dir,
+        arch=ARCH,
+        checkpoint=checkpoint,
+        image_size=SIZE,
+        levels=LEVELS,
+        batch_size=8,
+      ),
+    ),
     progress=False,
   )
   return det, tfds_dir
@@ -162,17 +166,22 @@ def test_save_load_scores_identical(fitted, raw, checkpoint, tmp_path):
 
 def test_reduction_round_trip(fitted, raw, checkpoint, tmp_path):
   det, tfds_dir = fitted
-  npca = jax_gad.fit(
-    CATEGORY,
-    dataset="folder",
-    data_dir=raw,
-    tfds_dir=tfds_dir,
-    arch=ARCH,
-    checkpoint=checkpoint,
-    image_size=SIZE,
-    levels=(6, 8),
-    npca=0.9,
-    batch_size=8,
+  npca = jax_gad.fit_detector(
+    config.from_flat(
+      config.Fit,
+      dict(
+        category=CATEGORY,
+        dataset="folder",
+        data_dir=raw,
+        tfds_dir=tfds_dir,
+        arch=ARCH,
+        checkpoint=checkpoint,
+        image_size=SIZE,
+        levels=(6, 8),
+        npca=0.9,
+        batch_size=8,
+      ),
+    ),
     progress=False,
   )
   assert npca.reduction == {"mode": "npca", "threshold": 0.9}
@@ -312,15 +321,20 @@ def test_detector_for_another_checkpoint_refused(fitted, checkpoint, tmp_path):
 def test_fit_bad_target_fpr_writes_nothing(fpr, raw, checkpoint, tmp_path):
   out = tmp_path / "det.jgd"
   with pytest.raises(ValueError, match="--target_fpr") as err:
-    fit_module.command(
-      out,
-      CATEGORY,
-      dataset="folder",
-      data_dir=raw,
-      arch=ARCH,
-      checkpoint=checkpoint,
-      target_fpr=fpr,
-      tfds_dir=tmp_path / "tfds",
+    fitting.fit_and_save(
+      config.from_flat(
+        config.Fit,
+        dict(
+          output=out,
+          category=CATEGORY,
+          dataset="folder",
+          data_dir=raw,
+          arch=ARCH,
+          checkpoint=checkpoint,
+          target_fpr=fpr,
+          tfds_dir=tmp_path / "tfds",
+        ),
+      )
     )
   assert "\n" not in str(err.value)
   assert not out.exists() and not (tmp_path / "tfds").exists()
@@ -330,14 +344,19 @@ def test_fit_category_without_train_good(tmp_path, checkpoint):
   (tmp_path / "raw" / "thing" / "train" / "ok").mkdir(parents=True)
   out = tmp_path / "det.jgd"
   with pytest.raises(ValueError, match="train/good"):
-    fit_module.command(
-      out,
-      "thing",
-      dataset="folder",
-      data_dir=tmp_path / "raw",
-      arch=ARCH,
-      checkpoint=checkpoint,
-      tfds_dir=tmp_path / "tfds",
+    fitting.fit_and_save(
+      config.from_flat(
+        config.Fit,
+        dict(
+          output=out,
+          category="thing",
+          dataset="folder",
+          data_dir=tmp_path / "raw",
+          arch=ARCH,
+          checkpoint=checkpoint,
+          tfds_dir=tmp_path / "tfds",
+        ),
+      )
     )
   assert not out.exists()
 

@@ -14,9 +14,8 @@ import pytest
 
 import jax_gad
 from jax_gad import checkpoint as ckpt
-from jax_gad import data, export, export_loader, files, predict
+from jax_gad import config, data, export, export_loader, files, fitting, predict
 from jax_gad import detector as detector_lib
-from jax_gad import fit as fit_module
 from jax_gad.data import pipeline, preprocess
 
 ARCH = "efficientnet-lite0"
@@ -35,19 +34,25 @@ def fitted(tmp_path_factory, checkpoint):
   """A detector fitted on the synthetic set's texture category, saved as the fit command does."""
   work = tmp_path_factory.mktemp("fit")
   det_path = work / "det.jgd"
-  fit_module.command(
-    det_path,
-    "texture",
+  options = dict(
+    output=str(det_path),
+    category="texture",
     dataset="synthetic_ad",
-    tfds_dir=work / "tfds",
+    tfds_dir=str(work / "tfds"),
     arch=ARCH,
     checkpoint=checkpoint,
     image_size=SIZE,
     levels=LEVELS,
     batch_size=8,
-    progress=False,
   )
+  fitting.fit_and_save(config.from_flat(config.Fit, options), progress=False)
   return det_path, work / "tfds"
+
+
+def _export(detector, output, checkpoint):
+  """export.command as the CLI runs it."""
+  options = dict(detector=str(detector), output=str(output), checkpoint=str(checkpoint))
+  return export.command(config.from_flat(config.Export, options))
 
 
 def _resized(image):
@@ -133,9 +138,14 @@ def test_export_scores_like_predict_without_jax_gad(
   for i, image in enumerate(images):
     Image.fromarray(image).save(folder / f"{i:02d}.png")
   csv_path = tmp_path / "scores.csv"
-  det, _ = predict.command(
-    detector_path, folder, csv_path, checkpoint=checkpoint, batch_size=8, progress=False
+  options = dict(
+    detector=str(detector_path),
+    input=str(folder),
+    output=str(csv_path),
+    checkpoint=checkpoint,
+    batch_size=8,
   )
+  det, _ = predict.command(config.from_flat(config.Predict, options), progress=False)
   with open(csv_path, newline="") as f:
     rows = sorted(csv.DictReader(f), key=lambda r: r["path"])
   total = np.array([float(r["total"]) for r in rows])
@@ -230,7 +240,7 @@ def test_loader_refuses_a_changed_file(exported, tmp_path, name):
 def test_refuses_a_folder_that_is_not_empty(fitted, checkpoint, tmp_path):
   (tmp_path / "old.txt").write_text("keep")
   with pytest.raises(ValueError, match="is a folder that is not empty") as err:
-    export.command(fitted[0], tmp_path, checkpoint=checkpoint)
+    _export(fitted[0], tmp_path, checkpoint)
   assert f"--output={tmp_path}" in str(err.value)
   assert os.listdir(tmp_path) == ["old.txt"]
 
@@ -238,19 +248,19 @@ def test_refuses_a_folder_that_is_not_empty(fitted, checkpoint, tmp_path):
 def test_refuses_a_file_as_output(fitted, checkpoint, tmp_path):
   (tmp_path / "f").write_text("keep")
   with pytest.raises(ValueError, match="is a file"):
-    export.command(fitted[0], tmp_path / "f", checkpoint=checkpoint)
+    _export(fitted[0], tmp_path / "f", checkpoint)
   assert (tmp_path / "f").read_text() == "keep"
 
 
 def test_missing_or_changed_checkpoint_refused(fitted, checkpoint, tmp_path):
   with pytest.raises(ValueError, match="does not exist") as err:
-    export.command(fitted[0], tmp_path / "a", checkpoint=tmp_path / "none.msgpack")
+    _export(fitted[0], tmp_path / "a", tmp_path / "none.msgpack")
   assert f"--checkpoint={tmp_path / 'none.msgpack'}" in str(err.value)
   variables, meta = ckpt.load_checkpoint(checkpoint, arch=ARCH)
   other = tmp_path / "other.msgpack"
   ckpt.save_checkpoint(other, variables, dict(meta, source="a different conversion"))
   with pytest.raises(ValueError, match="sha256") as err:
-    export.command(fitted[0], tmp_path / "b", checkpoint=other)
+    _export(fitted[0], tmp_path / "b", other)
   assert f"--detector={fitted[0]}" in str(err.value) and str(other) in str(err.value)
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

@@ -18,7 +18,7 @@ from PIL import Image
 import pytest
 
 from jax_gad import checkpoint as ckpt
-from jax_gad import files, main, protocol
+from jax_gad import config, experiment, files, main, protocol
 
 ARCH = "efficientnet-lite0"
 SIZE = 32  # the smallest input the tests use: the protocol is under test, not the network
@@ -51,7 +51,7 @@ def _config(tmp_path, data, weights, **kw):
     folds=(0,),
   )
   base.update(kw)
-  return main.config(**base)
+  return config.from_flat(config.Experiment, base)
 
 
 def _runs(doc):
@@ -64,7 +64,7 @@ def _runs(doc):
 
 
 def test_results_record_the_checkpoint_sha256_data_counts_and_versions(tmp_path, mvtec, checkpoint):
-  doc = main.run(_config(tmp_path, mvtec, checkpoint))
+  doc = experiment.run(_config(tmp_path, mvtec, checkpoint))
   assert doc["config"]["checkpoint_sha256"] == files.sha256(checkpoint)
   assert doc["data"]["bottle"]["train"] == 10
   assert doc["data"]["bottle"]["test_good"] == 4 and doc["data"]["bottle"]["test_defect"] == 6
@@ -82,12 +82,12 @@ def test_changed_weights_stop_the_run_before_anything_is_written(tmp_path, mvtec
   blob[at + 8 : at + 12] = np.float32(7.0).tobytes()  # one float inside the stem kernel
   bad.write_bytes(bytes(blob))
   with pytest.raises(ValueError, match=f"{bad}.*checksum"):
-    main.run(_config(tmp_path, mvtec, str(bad)))
+    experiment.run(_config(tmp_path, mvtec, str(bad)))
   assert not (tmp_path / "work").exists()
 
 
 def test_single_fold_tables_show_no_sem(tmp_path, mvtec, checkpoint):
-  main.run(_config(tmp_path, mvtec, checkpoint, distances=("l2",), levels=(7,)))
+  experiment.run(_config(tmp_path, mvtec, checkpoint, distances=("l2",), levels=(7,)))
   table = (tmp_path / "work" / "table1.md").read_text()
   assert "±" not in table
   doc = json.loads((tmp_path / "work" / "results.json").read_text())
@@ -101,7 +101,7 @@ def test_degenerate_features_are_warned_about_and_recorded(tmp_path, checkpoint)
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(root / "bottle/train/good" / name)
   cfg = _config(tmp_path, str(root), checkpoint, levels=(0, 8), distances=("mahalanobis",))
   with pytest.warns(protocol.DegenerateFeaturesWarning, match="bottle, fold 0, level 0"):
-    doc = main.run(cfg)
+    doc = experiment.run(cfg)
   assert {(w["category"], w["fold"], w["level"]) for w in doc["warnings"]} == {
     ("bottle", 0, 0),
     ("bottle", 0, 8),
@@ -121,7 +121,7 @@ _KEYED = dict(levels=(3, 7), distances=("mahalanobis",))
 def filled_cache(tmp_path_factory, mvtec, checkpoint):
   """A cache holding the features of the base configuration."""
   tmp = tmp_path_factory.mktemp("filled")
-  main.run(_config(tmp, mvtec, checkpoint, cache_dir=str(tmp / "cache"), **_KEYED))
+  experiment.run(_config(tmp, mvtec, checkpoint, cache_dir=str(tmp / "cache"), **_KEYED))
   return tmp / "cache"
 
 
@@ -156,10 +156,10 @@ def test_each_cache_key_field_misses_the_cache_and_matches_an_uncached_run(
   before = set(os.listdir(cache))
   opts = dict(_KEYED, **_changed(field, tmp_path, checkpoint))
   weights = opts.pop("checkpoint", checkpoint)
-  cached = main.run(_config(tmp_path, mvtec, weights, cache_dir=str(cache), **opts))
+  cached = experiment.run(_config(tmp_path, mvtec, weights, cache_dir=str(cache), **opts))
   # A miss computes and stores new entries: train and test, each .npz + .json.
   assert len(set(os.listdir(cache)) - before) == 4, field
-  uncached = main.run(_config(tmp_path, mvtec, weights, workdir=str(tmp_path / "w2"), **opts))
+  uncached = experiment.run(_config(tmp_path, mvtec, weights, workdir=str(tmp_path / "w2"), **opts))
   assert _runs(cached) == _runs(uncached)
 
 
@@ -170,9 +170,9 @@ def test_each_cache_key_field_misses_the_cache_and_matches_an_uncached_run(
 
 def test_rerun_with_other_settings_leaves_no_file_of_the_earlier_run(tmp_path, checkpoint):
   data = write_mvtec(tmp_path / "two")
-  main.run(_config(tmp_path, data, checkpoint, categories=("bottle", "grid"), plots=True))
+  experiment.run(_config(tmp_path, data, checkpoint, categories=("bottle", "grid"), plots=True))
   assert (tmp_path / "work" / "roc_grid.png").exists()
-  main.run(_config(tmp_path, data, checkpoint, categories=("bottle",), plots=True))
+  experiment.run(_config(tmp_path, data, checkpoint, categories=("bottle",), plots=True))
   names = set(os.listdir(tmp_path / "work"))
   assert "roc_grid.png" not in names and "roc_bottle.png" in names
   assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
@@ -182,17 +182,18 @@ def test_a_folder_that_is_not_a_run_is_not_replaced(tmp_path, mvtec, checkpoint)
   (tmp_path / "work").mkdir()
   (tmp_path / "work" / "thesis.tex").write_text("precious")
   with pytest.raises(ValueError, match="not a jax_gad run"):
-    main.run(_config(tmp_path, mvtec, checkpoint))
+    experiment.run(_config(tmp_path, mvtec, checkpoint))
   assert (tmp_path / "work" / "thesis.tex").read_text() == "precious"
 
 
 _RUN = """
 import sys
 sys.path.insert(0, {tests!r})
-from jax_gad import main
-doc = main.run(main.config(workdir={workdir!r}, dataset="mvtec_ad", data_dir={data!r},
-    tfds_dir={tfds!r}, arch="efficientnet-lite0", checkpoint={ckpt!r}, image_size=32,
-    batch_size=8, cache_dir=None, plots=True, categories={categories!r}, folds=(0, 1)))
+from jax_gad import config, experiment
+doc = experiment.run(config.from_flat(config.Experiment, dict(workdir={workdir!r},
+    dataset="mvtec_ad", data_dir={data!r}, tfds_dir={tfds!r}, arch="efficientnet-lite0",
+    checkpoint={ckpt!r}, image_size=32,
+    batch_size=8, cache_dir=None, plots=True, categories={categories!r}, folds=(0, 1))))
 """
 
 
@@ -295,14 +296,14 @@ def _fault(kind, tmp_path, mvtec):
 def test_read_only_folders_are_refused_up_front(tmp_path, mvtec, checkpoint):
   overrides, message = _fault("tfds not writable", tmp_path, mvtec)
   with pytest.raises(ValueError, match=message):
-    main.run(_config(tmp_path, mvtec, checkpoint, **overrides))
+    experiment.run(_config(tmp_path, mvtec, checkpoint, **overrides))
 
 
 @pytest.mark.parametrize("kind", ["workdir not creatable", "tfds not creatable"])
 def test_folders_that_cannot_be_made_are_refused_up_front(kind, tmp_path, mvtec, checkpoint):
   overrides, message = _fault(kind, tmp_path, mvtec)
   with pytest.raises(ValueError, match=message):
-    main.run(_config(tmp_path, mvtec, checkpoint, **overrides))
+    experiment.run(_config(tmp_path, mvtec, checkpoint, **overrides))
 
 
 @pytest.mark.parametrize(
@@ -323,12 +324,12 @@ def test_bad_setup_is_refused_before_extraction(kind, tmp_path, mvtec, checkpoin
   monkeypatch.setattr(pipeline, "pooled_features", no_extraction)
   overrides, message = _fault(kind, tmp_path, mvtec)
   with pytest.raises(ValueError, match=message):
-    main.run(_config(tmp_path, mvtec, checkpoint, **overrides))
+    experiment.run(_config(tmp_path, mvtec, checkpoint, **overrides))
   assert not (tmp_path / "work").exists()
 
 
 def test_oversized_batch_is_capped_and_said(tmp_path, mvtec, checkpoint, caplog):
-  doc = main.run(_config(tmp_path, mvtec, checkpoint, batch_size=100000))
+  doc = experiment.run(_config(tmp_path, mvtec, checkpoint, batch_size=100000))
   assert doc["config"]["batch_size"] == 10  # the largest split
   assert "--batch_size=100000 is larger than the largest split" in caplog.text
 
@@ -341,7 +342,7 @@ def test_out_of_memory_names_the_flags_to_lower(tmp_path, mvtec, checkpoint, mon
 
   monkeypatch.setattr(pipeline, "pooled_features", exhausted)
   with pytest.raises(MemoryError, match="--image_size=32 with --batch_size=8: lower --batch_size"):
-    main.run(_config(tmp_path, mvtec, checkpoint))
+    experiment.run(_config(tmp_path, mvtec, checkpoint))
   assert not (tmp_path / "work").exists()
 
 
@@ -369,7 +370,7 @@ def test_write_failure_in_the_workdir_names_the_users_folder(
 
   monkeypatch.setattr(report.files, "atomic_write", fail_on_results)
   with pytest.raises(OSError) as err:
-    main.run(_config(tmp_path, mvtec, checkpoint))
+    experiment.run(_config(tmp_path, mvtec, checkpoint))
   assert str(tmp_path / "work" / "results.json") in str(err.value)
   assert ".tmp-" not in str(err.value)
   assert not (tmp_path / "work").exists()
@@ -379,9 +380,8 @@ def test_ctrl_c_ends_with_one_line_and_status_130(monkeypatch, capsys):
   def interrupted(cfg):
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(main, "run", interrupted)
+  monkeypatch.setattr(experiment, "run", interrupted)
   monkeypatch.setattr(main.cli, "initialize_multihost", lambda: None)
-  monkeypatch.setattr(main, "config", lambda: None)
   with pytest.raises(SystemExit) as exit_:
     main.main(["main"])
   assert exit_.value.code == 130

@@ -11,7 +11,7 @@ import pytest
 from references import independent_aurocs
 
 from jax_gad import checkpoint as ckpt
-from jax_gad import data, main
+from jax_gad import config, data, experiment
 from jax_gad.models import efficientnet
 
 ARCH = "efficientnet-lite0"
@@ -44,12 +44,12 @@ def _config(tmp_path, mvtec, checkpoint_path, **kw):
     categories=("bottle", "grid"),
   )
   base.update(kw)
-  return main.config(**base)
+  return config.from_flat(config.Experiment, base)
 
 
 def test_results_equal_independent_computation(tmp_path, mvtec, checkpoint):
   cfg = _config(tmp_path, mvtec, checkpoint, plots=True)
-  doc = main.run(cfg)
+  doc = experiment.run(cfg)
   on_disk = json.loads((tmp_path / "work" / "results.json").read_text())
   assert on_disk == doc
   for name in (
@@ -69,7 +69,7 @@ def test_results_equal_independent_computation(tmp_path, mvtec, checkpoint):
   for category in ("bottle", "grid"):
     pooled = {}
     for split in ("train", "test"):
-      src = data.load("mvtec_ad", category, split, data_dir=mvtec, tfds_dir=cfg.tfds_dir)
+      src = data.load("mvtec_ad", category, split, data_dir=mvtec, tfds_dir=cfg.data.tfds_dir)
       pooled[split] = extract_features(
         model,
         variables,
@@ -95,7 +95,7 @@ def test_results_equal_independent_computation(tmp_path, mvtec, checkpoint):
 
 def test_same_command_twice_gives_identical_results(tmp_path, mvtec, checkpoint):
   # No cache: both runs compute every feature from scratch.
-  first = main.run(
+  first = experiment.run(
     _config(
       tmp_path,
       mvtec,
@@ -106,7 +106,7 @@ def test_same_command_twice_gives_identical_results(tmp_path, mvtec, checkpoint)
       npca=0.99,
     )
   )
-  second = main.run(
+  second = experiment.run(
     _config(
       tmp_path,
       mvtec,
@@ -193,7 +193,7 @@ def test_bad_input_clear_error_and_no_partial_files(kind, tmp_path, mvtec, check
   overrides, message = _break(kind, tmp_path, mvtec)
   cfg = _config(tmp_path, mvtec, checkpoint, **overrides)
   with pytest.raises((ValueError, FileNotFoundError)) as err:
-    main.run(cfg)
+    experiment.run(cfg)
   assert message in str(err.value)
   work = tmp_path / "work"
   assert not work.is_dir() or not os.listdir(work)
@@ -266,11 +266,11 @@ def test_density_end_to_end_same_command_twice_identical(
     seed=3,
   )
   # The Gaussian fills the feature cache; the density change only refits.
-  main.run(_config(tmp_path, mvtec, checkpoint, **common))
+  experiment.run(_config(tmp_path, mvtec, checkpoint, **common))
   cached = _files(tmp_path / "cache")
   assert cached
   work = tmp_path / "work"
-  doc = main.run(_config(tmp_path, mvtec, checkpoint, density=density, **common, **settings))
+  doc = experiment.run(_config(tmp_path, mvtec, checkpoint, density=density, **common, **settings))
   assert _files(tmp_path / "cache") == cached
   first = (work / "results.json").read_bytes()
   assert doc["config"]["density"]["name"] == density
@@ -290,10 +290,10 @@ def test_density_end_to_end_same_command_twice_identical(
     assert all(1 <= f["info"]["epochs"] <= 3 for f in fits)
     assert all(math.isfinite(f["info"]["held_out_nll"]) for f in fits)
   # The same command again (same workdir, replaced whole): byte-identical results.json.
-  main.run(_config(tmp_path, mvtec, checkpoint, density=density, **common, **settings))
+  experiment.run(_config(tmp_path, mvtec, checkpoint, density=density, **common, **settings))
   assert (work / "results.json").read_bytes() == first
   # Another seed is another fit.
-  other = main.run(
+  other = experiment.run(
     _config(tmp_path, mvtec, checkpoint, density=density, **{**common, "seed": 4}, **settings)
   )
   assert other["config"]["density"]["seed"] == 4
@@ -302,8 +302,10 @@ def test_density_end_to_end_same_command_twice_identical(
 def test_density_gaussian_leaves_results_json_as_without_densities(tmp_path, mvtec, checkpoint):
   """--density=gaussian: no density entry in results.json, the same runs as the default."""
   common = dict(categories=("bottle",), levels=(0, 8), folds=(0,))
-  default = main.run(_config(tmp_path, mvtec, checkpoint, **common))
-  explicit = main.run(_config(tmp_path, mvtec, checkpoint, density="gaussian", seed=9, **common))
+  default = experiment.run(_config(tmp_path, mvtec, checkpoint, **common))
+  explicit = experiment.run(
+    _config(tmp_path, mvtec, checkpoint, density="gaussian", seed=9, **common)
+  )
   assert "density" not in default["config"] and "seed" not in default["config"]
   assert "fits" not in default  # the Gaussian does not describe its fits
   assert default == explicit

@@ -12,8 +12,7 @@ import pytest
 from references import independent_aurocs
 
 from jax_gad import checkpoint as ckpt
-from jax_gad import data, main, predict, protocol
-from jax_gad import fit as fit_module
+from jax_gad import config, data, experiment, fitting, predict, protocol
 from jax_gad.models import efficientnet
 
 ARCH = "efficientnet-lite0"
@@ -56,7 +55,7 @@ def _config(tmp_path, raw, checkpoint, **kw):
     distances=("mahalanobis", "l2", "sed"),
   )
   base.update(kw)
-  return main.config(**base)
+  return config.from_flat(config.Experiment, base)
 
 
 def _pooled(raw, tfds_dir, checkpoint):
@@ -76,12 +75,12 @@ def test_main_on_folder_equals_independent_auroc(tmp_path, checkpoint):
   raw = _raw(tmp_path / "raw")
   levels = (3, 6, 8)  # a subset keeps the test short; the protocol is the same for every level
   cfg = _config(tmp_path, raw, checkpoint, levels=levels)
-  doc = main.run(cfg)
+  doc = experiment.run(cfg)
   assert doc["data"][CATEGORY]["train"] == 10
   assert doc["data"][CATEGORY]["test_good"] == 4 and doc["data"][CATEGORY]["test_defect"] == 4
   assert doc["data"][CATEGORY]["has_masks"] is False
   assert set(doc["versions"]) >= {"jax_gad", "jax", "flax"}
-  pooled = _pooled(raw, cfg.tfds_dir, checkpoint)
+  pooled = _pooled(raw, cfg.data.tfds_dir, checkpoint)
   train = [pooled["train"][l] for l in levels]
   test = [pooled["test"][l] for l in levels]
   for fold, idx in enumerate(data.folds(10)):
@@ -100,12 +99,12 @@ def test_main_on_folder_equals_independent_auroc(tmp_path, checkpoint):
 def test_main_without_categories_for_folder(tmp_path, checkpoint):
   cfg = _config(tmp_path, tmp_path, checkpoint, categories=())
   with pytest.raises(ValueError, match="--categories is required"):
-    main.run(cfg)
+    experiment.run(cfg)
 
 
 def test_changed_raw_folder_changes_the_next_run(tmp_path, checkpoint):
   raw = _raw(tmp_path / "raw")
-  run = lambda: main.run(_config(tmp_path, raw, checkpoint))
+  run = lambda: experiment.run(_config(tmp_path, raw, checkpoint))
   first = run()["data"][CATEGORY]
   cat = raw / CATEGORY
   rng = np.random.default_rng(9)
@@ -135,21 +134,28 @@ def test_fit_predict_scores_equal_mains_fit_on_all_training_images(tmp_path, che
   raw = _raw(tmp_path / "raw")
   tfds_dir = tmp_path / "tfds"
   det_path = tmp_path / "det.jgd"
-  fit_module.command(
-    det_path,
-    CATEGORY,
-    dataset="folder",
-    data_dir=raw,
-    tfds_dir=tfds_dir,
-    arch=ARCH,
-    checkpoint=checkpoint,
-    image_size=SIZE,
-    batch_size=8,
+  fitting.fit_and_save(
+    config.from_flat(
+      config.Fit,
+      dict(
+        output=det_path,
+        category=CATEGORY,
+        dataset="folder",
+        data_dir=raw,
+        tfds_dir=tfds_dir,
+        arch=ARCH,
+        checkpoint=checkpoint,
+        image_size=SIZE,
+        batch_size=8,
+      ),
+    ),
     progress=False,
   )
   out = tmp_path / "scores.csv"
+  options = dict(detector=det_path, input=raw / CATEGORY / "test", output=out)
   predict.command(
-    det_path, raw / CATEGORY / "test", out, checkpoint=checkpoint, batch_size=8, progress=False
+    config.from_flat(config.Predict, dict(options, checkpoint=checkpoint, batch_size=8)),
+    progress=False,
   )
   with open(out, newline="") as f:
     rows = {r["path"]: float(r["total"]) for r in csv.DictReader(f)}

@@ -9,9 +9,8 @@ from PIL import Image
 import pytest
 
 from jax_gad import checkpoint as ckpt
-from jax_gad import data, features, main, predict
+from jax_gad import config, data, features, fitting, predict
 from jax_gad import detector as detector_lib
-from jax_gad import fit as fit_module
 from jax_gad.data import pipeline as data_pipeline
 from jax_gad.data import synthetic_ad
 from jax_gad.maps import deploy, overlay, postprocess
@@ -40,13 +39,18 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, checkpoint):
-  """A synthetic 'object' category as a folder, fitted with --maps through fit.command."""
+  """A synthetic 'object' category as a folder, fitted with --maps as the fit command does."""
   root = tmp_path_factory.mktemp("raw")
   write_synthetic_mvtec(root, "object", "nut", n_train=20, n_test=12, size=SIZE)
   work = tmp_path_factory.mktemp("work")
-  det = fit_module.command(
-    work / "det.jgd",
-    "nut",
+  det = fitting.fit_and_save(_fit_config(root, work, checkpoint), progress=False)
+  return root, work, det
+
+
+def _fit_config(root, work, checkpoint, **overrides):
+  options = dict(
+    output=work / "det.jgd",
+    category="nut",
     dataset="folder",
     data_dir=root,
     arch=ARCH,
@@ -55,10 +59,15 @@ def fitted(tmp_path_factory, checkpoint):
     levels=(4, 5),
     batch_size=8,
     tfds_dir=work / "tfds",
-    progress=False,
     **MAP_OPTIONS,
   )
-  return root, work, det
+  return config.from_flat(config.Fit, {**options, **overrides})
+
+
+def _predict(detector, input, output, checkpoint, **options):
+  """predict.command as the CLI runs it."""
+  options = dict(detector=detector, input=input, output=output, checkpoint=checkpoint, **options)
+  return predict.command(config.from_flat(config.Predict, options), progress=False)
 
 
 def _rows(path):
@@ -70,14 +79,8 @@ def test_predict_maps_match_main_on_all_training_images(fitted, checkpoint, tmp_
   root, work, det = fitted
   test_dir = root / "nut" / "test"
   maps_dir = tmp_path / "maps"
-  predict.command(
-    work / "det.jgd",
-    test_dir,
-    tmp_path / "scores.csv",
-    checkpoint=checkpoint,
-    batch_size=8,
-    progress=False,
-    maps_dir=maps_dir,
+  _predict(
+    work / "det.jgd", test_dir, tmp_path / "scores.csv", checkpoint, batch_size=8, maps_dir=maps_dir
   )
   rows = _rows(tmp_path / "scores.csv")
   test = data.load("folder", "nut", "test", data_dir=root, tfds_dir=work / "tfds")
@@ -163,62 +166,63 @@ def test_maps_dir_refused_without_map_statistics(fitted, checkpoint, tmp_path):
   det.replace(map_states=(), map_settings=None).save(plain)
   assert not detector_lib.read_detector(plain).has_maps
   with pytest.raises(ValueError, match=r"--maps_dir: detector .* no map statistics.*--maps"):
-    predict.command(
-      plain,
-      root / "nut" / "test",
-      tmp_path / "s.csv",
-      checkpoint=checkpoint,
-      progress=False,
-      maps_dir=tmp_path / "maps",
+    _predict(
+      plain, root / "nut" / "test", tmp_path / "s.csv", checkpoint, maps_dir=tmp_path / "maps"
     )
   assert not (tmp_path / "s.csv").exists() and not (tmp_path / "maps").exists()
   a_file = tmp_path / "file"
   a_file.write_text("x")
   with pytest.raises(ValueError, match="--maps_dir=.* is a file"):
-    predict.command(
-      work / "det.jgd",
-      root / "nut" / "test",
-      tmp_path / "s.csv",
-      checkpoint=checkpoint,
-      progress=False,
-      maps_dir=a_file,
+    _predict(
+      work / "det.jgd", root / "nut" / "test", tmp_path / "s.csv", checkpoint, maps_dir=a_file
     )
 
 
 def test_predict_without_maps_dir_has_no_map_columns(fitted, checkpoint, tmp_path):
   root, work, _ = fitted
-  predict.command(
-    work / "det.jgd",
-    root / "nut" / "test" / "good",
-    tmp_path / "s.csv",
-    checkpoint=checkpoint,
-    progress=False,
-  )
+  _predict(work / "det.jgd", root / "nut" / "test" / "good", tmp_path / "s.csv", checkpoint)
   assert "map_max" not in _rows(tmp_path / "s.csv")[0]
 
 
 @pytest.mark.parametrize(
   "options, message",
   [
-    ({"levels": (2, 9)}, "--map_levels"),
-    ({"levels": (2, 2)}, "--map_levels"),
-    ({"ridge": -0.1}, "--map_ridge"),
-    ({"combine": "max"}, "--map_combine"),
-    ({"sigma": -1.0}, "--map_sigma"),
-    ({"channels": 0}, "--map_channels"),
+    ({"map_levels": (2, 9)}, "--map_levels"),
+    ({"map_levels": (2, 2)}, "--map_levels"),
+    ({"map_ridge": -0.1}, "--map_ridge"),
+    ({"map_combine": "max"}, "--map_combine"),
+    ({"map_sigma": -1.0}, "--map_sigma"),
+    ({"map_channels": 0}, "--map_channels"),
   ],
 )
 def test_map_settings_refuse_bad_values(options, message):
   with pytest.raises(ValueError, match=message):
-    detector_lib.map_settings(ARCH, **options)
+    detector_lib.map_settings(ARCH, config.Maps(maps=True, **options))
 
 
 def test_map_settings_defaults():
   s = detector_lib.map_settings(ARCH)
-  assert s.levels == mp.default_map_levels(ARCH) and s.ridge == mp.DEFAULT_RIDGE
+  assert s.levels == mp.default_map_levels(ARCH) and s.ridge == 0.01  # PaDiM's ridge
+  assert s.ridge == config.Maps.map_ridge and s.sigma == config.Maps.map_sigma
   assert deploy.settings_from_json(deploy.settings_to_json(s)) == s
-  s = detector_lib.map_settings(ARCH, channels=8, ridge=0.5)
+  s = detector_lib.map_settings(ARCH, config.Maps(maps=True, map_channels=8, map_ridge=0.5))
   assert deploy.settings_from_json(deploy.settings_to_json(s)) == s and s.ridge == 0.5
+  assert [len(c) for c in s.channels] == [8] * len(s.levels)
+
+
+@pytest.mark.parametrize("options", [{"maps": True, "save_maps": True}, {"save_maps": True}])
+def test_fit_refuses_save_maps_before_any_work(tmp_path, options):
+  """--save_maps is main's: fit refuses it (with or without --maps), reading nothing."""
+  cfg = _fit_config(tmp_path / "absent", tmp_path, tmp_path / "absent.msgpack", **options)
+  with pytest.raises(ValueError, match="--save_maps is jax_gad.main's"):
+    fitting.fit_and_save(cfg, progress=False)
+  assert not (tmp_path / "det.jgd").exists()
+
+
+def test_fit_checks_map_options_before_any_work(tmp_path):
+  cfg = _fit_config(tmp_path / "absent", tmp_path, tmp_path / "absent.msgpack", map_ridge=-1.0)
+  with pytest.raises(ValueError, match="--map_ridge must be at least 0.0, got -1.0"):
+    fitting.fit_and_save(cfg, progress=False)
 
 
 def test_pixel_threshold_is_the_inverted_cdf_quantile():
@@ -322,12 +326,11 @@ def test_maps_dir_with_an_unreadable_image_skipped(fitted, checkpoint, tmp_path)
   good = root / "nut" / "test" / "good" / "000.png"
   (folder / "a" / "ok.png").write_bytes(good.read_bytes())
   (folder / "a" / "bad.png").write_bytes(b"not a png")
-  predict.command(
+  _predict(
     work / "det.jgd",
     folder,
     tmp_path / "s.csv",
-    checkpoint=checkpoint,
-    progress=False,
+    checkpoint,
     on_error="skip",
     maps_dir=tmp_path / "maps",
   )
@@ -345,9 +348,11 @@ def test_predict_maps_take_refuses_missing_maps():
 
 
 def test_main_refuses_a_negative_map_ridge(tmp_path):
-  cfg = main.config(workdir=str(tmp_path / "w"), maps=True, map_ridge=-0.5)
-  with pytest.raises(ValueError, match="--map_ridge must be >= 0, got -0.5"):
-    main._validate(cfg)
+  cfg = config.from_flat(
+    config.Experiment, dict(workdir=str(tmp_path / "w"), maps=True, map_ridge=-0.5)
+  )
+  with pytest.raises(ValueError, match="--map_ridge must be at least 0.0, got -0.5"):
+    config.validate(cfg)
 
 
 def test_normal_scale_needs_held_out_images():
@@ -378,3 +383,27 @@ def test_normal_scale_is_the_held_out_training_maps_percentiles(fitted):
   dists = [np.asarray(mfit.score(st, m)) for st, m in zip(states, whole(images))]
   maps = np.asarray(postprocess.combine(dists, SIZE))
   assert got == pytest.approx(tuple(np.percentile(maps, [1.0, 99.9])), rel=1e-5)
+
+
+def _help(module):
+  import subprocess
+  import sys
+
+  proc = subprocess.run(
+    [sys.executable, "-m", module, "--help"],
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode in (0, 1), proc.stderr[-2000:]  # absl: usage, then status 1
+  return proc.stdout + proc.stderr
+
+
+def test_help_lists_the_map_flags_of_fit_and_predict():
+  """fit --help: main's map flags less --save_maps (refused); predict --help: --maps_dir."""
+  text = _help("jax_gad.fit")
+  for name in ("[no]maps", "map_levels", "map_ridge", "map_sigma", "map_combine", "map_channels"):
+    assert f"  --{name}:" in text, name
+  assert "save_maps" not in text
+  assert "  --maps_dir:" in _help("jax_gad.predict")

@@ -10,7 +10,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from jax_gad import checkpoint as ckpt
-from jax_gad import data, features, gaussian, main
+from jax_gad import config, data, experiment, features, gaussian
 from jax_gad.data import preprocess
 from jax_gad.maps import pipeline as mp
 from jax_gad.maps import report as maps_report
@@ -41,25 +41,28 @@ def test_fold_parts_cover_each_fold_once():
 
 
 def test_main_maps_equal_independent_computation(tmp_path, mvtec, checkpoint):
-  cfg = main.config(
-    workdir=str(tmp_path / "work"),
-    dataset="mvtec_ad",
-    data_dir=mvtec,
-    tfds_dir=str(tmp_path / "tfds"),
-    arch=ARCH,
-    checkpoint=checkpoint,
-    image_size=SIZE,
-    batch_size=4,
-    cache_dir=None,
-    plots=False,
-    categories=("bottle",),
-    folds=(0, 3),
-    distances=("mahalanobis",),
-    maps=True,
-    save_maps=True,
-    map_levels=LEVELS,
+  cfg = config.from_flat(
+    config.Experiment,
+    dict(
+      workdir=str(tmp_path / "work"),
+      dataset="mvtec_ad",
+      data_dir=mvtec,
+      tfds_dir=str(tmp_path / "tfds"),
+      arch=ARCH,
+      checkpoint=checkpoint,
+      image_size=SIZE,
+      batch_size=4,
+      cache_dir=None,
+      plots=False,
+      categories=("bottle",),
+      folds=(0, 3),
+      distances=("mahalanobis",),
+      maps=True,
+      save_maps=True,
+      map_levels=LEVELS,
+    ),
   )
-  doc = main.run(cfg)
+  doc = experiment.run(cfg)
   work = tmp_path / "work"
   assert json.loads((work / "results.json").read_text()) == doc
   assert (work / "maps.md").exists() and (work / "maps.csv").exists()
@@ -75,7 +78,7 @@ def test_main_maps_equal_independent_computation(tmp_path, mvtec, checkpoint):
   variables, meta = ckpt.load_checkpoint(checkpoint, arch=ARCH)
   model = efficientnet.create(ARCH)
   splits = {
-    s: data.load("mvtec_ad", "bottle", s, data_dir=mvtec, tfds_dir=cfg.tfds_dir)
+    s: data.load("mvtec_ad", "bottle", s, data_dir=mvtec, tfds_dir=cfg.data.tfds_dir)
     for s in ("train", "test")
   }
   levels = {}
@@ -131,9 +134,11 @@ def test_category_without_masks_reports_image_metrics_only():
 
 
 def test_save_maps_needs_maps(tmp_path):
-  cfg = main.config(workdir=str(tmp_path / "w"), save_maps=True, maps=False)
+  cfg = config.from_flat(
+    config.Experiment, dict(workdir=str(tmp_path / "w"), save_maps=True, maps=False)
+  )
   with pytest.raises(ValueError, match="--save_maps needs --maps"):
-    main.run(cfg)
+    experiment.run(cfg)
 
 
 def test_map_extractor_returns_unpooled_levels(checkpoint):
@@ -155,22 +160,25 @@ def test_map_extractor_returns_unpooled_levels(checkpoint):
 
 def test_synthetic_set_end_to_end_writes_pixel_metrics_and_overlays(tmp_path, checkpoint, capfd):
   """The demo's dataset (small inputs): pixel AUROC and AUPRO computed and written."""
-  cfg = main.config(
-    workdir=str(tmp_path / "work"),
-    dataset="synthetic_ad",
-    tfds_dir=str(tmp_path / "tfds"),
-    arch=ARCH,
-    checkpoint=checkpoint,
-    image_size=SIZE,
-    batch_size=8,
-    cache_dir=None,
-    plots=False,
-    categories=("texture",),
-    folds=(0,),
-    distances=("mahalanobis",),
-    maps=True,
+  cfg = config.from_flat(
+    config.Experiment,
+    dict(
+      workdir=str(tmp_path / "work"),
+      dataset="synthetic_ad",
+      tfds_dir=str(tmp_path / "tfds"),
+      arch=ARCH,
+      checkpoint=checkpoint,
+      image_size=SIZE,
+      batch_size=8,
+      cache_dir=None,
+      plots=False,
+      categories=("texture",),
+      folds=(0,),
+      distances=("mahalanobis",),
+      maps=True,
+    ),
   )
-  doc = main.run(cfg)
+  doc = experiment.run(cfg)
   (run,) = doc["maps"]["runs"]
   assert run["category"] == "texture" and run["fold"] == 0
   for name in ("image_auroc", "pixel_auroc", "aupro"):

@@ -188,7 +188,8 @@ _MAY_IMPORT = {
   "report": {"protocol", "metrics", "files"},
   "models": set(),
   "torch_pickle": set(),
-  "convert": {"models", "torch_pickle", "files", "checkpoint", "cli", "console"},
+  "config": {"models", "densities"},
+  "convert": {"models", "torch_pickle", "files", "checkpoint", "cli", "config", "console"},
   "checkpoint": {"models", "files", "convert"},
   "features": set(),
   "feature_cache": {"files"},
@@ -203,10 +204,11 @@ _MAY_IMPORT = {
     "models",
     "data",
     "maps",
+    "config",
   },
   "maps": {"maps", "gaussian", "metrics", "files", "features", "data", "models", "report"},
   "export_loader": set(),  # copied into every export as load.py: it must stand alone
-  "export": {"detector", "gaussian", "pca", "files", "export_loader", "cli", "console"},
+  "export": {"detector", "gaussian", "pca", "files", "export_loader", "cli", "config", "console"},
 }
 
 

@@ -14,8 +14,7 @@ import tqdm.auto
 
 import jax_gad
 from jax_gad import checkpoint as ckpt
-from jax_gad import features, metrics, predict
-from jax_gad import fit as fit_module
+from jax_gad import config, features, fitting, metrics, predict
 
 ARCH = "efficientnet-lite0"
 SIZE = 64
@@ -45,17 +44,22 @@ def setup(tmp_path_factory, checkpoint):
   shutil.rmtree(root / CATEGORY / "ground_truth")
   work = tmp_path_factory.mktemp("work")
   det_path = work / "det.jgd"
-  fit_module.command(
-    det_path,
-    CATEGORY,
-    dataset="folder",
-    data_dir=root,
-    arch=ARCH,
-    checkpoint=checkpoint,
-    image_size=SIZE,
-    levels=LEVELS,
-    batch_size=8,
-    tfds_dir=work / "tfds",
+  fitting.fit_and_save(
+    config.from_flat(
+      config.Fit,
+      dict(
+        output=det_path,
+        category=CATEGORY,
+        dataset="folder",
+        data_dir=root,
+        arch=ARCH,
+        checkpoint=checkpoint,
+        image_size=SIZE,
+        levels=LEVELS,
+        batch_size=8,
+        tfds_dir=work / "tfds",
+      ),
+    ),
     progress=False,
   )
   return root, det_path
@@ -68,7 +72,8 @@ def _rows(path):
 
 def _predict(checkpoint, **kw):
   """predict.command as the CLI runs it; returns the lines the CLI prints."""
-  det, result = predict.command(checkpoint=checkpoint, batch_size=8, progress=False, **kw)
+  cfg = config.from_flat(config.Predict, dict(checkpoint=checkpoint, batch_size=8, **kw))
+  det, result = predict.command(cfg, progress=False)
   return predict.summary(det, result, kw.get("sigma"))
 
 
@@ -82,6 +87,7 @@ def test_predict_folder_equals_in_memory_scores(setup, checkpoint, tmp_path):
   assert [r["path"] for r in rows] == paths
   assert list(rows[0]) == ["path"] + [f"level_{l}" for l in LEVELS] + ["total", "decision", "error"]
   det = jax_gad.load_detector(det_path, checkpoint=checkpoint)
+  assert not det.has_maps  # fitted without --maps: no map statistics
   images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
   ref = det.score(images)
   got_levels = np.array([[float(r[f"level_{l}"]) for l in LEVELS] for r in rows])
@@ -219,12 +225,9 @@ def test_progress_bar_starts_after_the_compile(setup, checkpoint, tmp_path, monk
 
   monkeypatch.setattr(features.LevelExtractor, "compile", compile_and_record)
   monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+  options = dict(detector=det_path, input=root / CATEGORY / "test", output=tmp_path / "s.csv")
   predict.command(
-    checkpoint=checkpoint,
-    batch_size=8,
-    detector=det_path,
-    input=root / CATEGORY / "test",
-    output=tmp_path / "scores.csv",
+    config.from_flat(config.Predict, dict(options, checkpoint=checkpoint, batch_size=8)),
     progress=True,
   )
   assert events == ["compile", "bar"]

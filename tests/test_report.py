@@ -23,7 +23,7 @@ def test_write_reports(tmp_path):
   doc = report.report(
     config={"x": 1}, results=results, levels=[0, 1, 2], distances=["l2", "mahalanobis"]
   )
-  report.write_reports(str(tmp_path), doc, results, ["l2", "mahalanobis"])
+  report.write_reports(str(tmp_path), doc, results, ["l2", "mahalanobis"], plots=True)
   names = set(os.listdir(tmp_path))
   assert {
     "results.json",

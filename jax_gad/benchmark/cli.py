@@ -1,8 +1,10 @@
 """The benchmark's command line: ``python -m jax_gad.benchmark [--flags] [--json=FILE]``.
 
 The defaults of every flag are those of :class:`jax_gad.benchmark.run.Config`;
-``--arch``, ``--image_size``, ``--num_workers`` and the
-multi-host flags are jax_gad's shared flags (:mod:`jax_gad.cli`).
+the options it shares with jax_gad's commands (``run.SHARED_OPTIONS``: ``--arch``,
+``--image_size``, ``--num_workers``, ``--seed``) and the
+multi-host flags are the shared flags of :mod:`jax_gad.cli`, whose defaults and
+rules are :mod:`jax_gad.config`'s.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ import sys
 
 from absl import app, flags
 
-from jax_gad import cli
+from jax_gad import cli, config
 from jax_gad.benchmark.run import Config
 
 _D = Config()
 _ON_OFF = ['auto', 'on', 'off']
 
 cli.DEFINE_int_list('batch_sizes', list(_D.batch_sizes), 1, 1 << 16, 'Global batch sizes.')
-cli.DEFINE_enum_list('dtypes', list(_D.dtypes), ['float32', 'bfloat16'], 'Backbone dtypes.')
+cli.DEFINE_enum_list('dtypes', list(_D.dtypes), config.DTYPES, 'Backbone dtypes.')
 cli.DEFINE_enum_list(
   'depthwise_impls',
   list(_D.depthwise_impls),
@@ -169,8 +171,7 @@ FLAGS = flags.FLAGS
 
 def config(**overrides) -> Config:
   """A benchmark :class:`Config` from the flags, with ``overrides`` on top."""
-  v = cli.values(Config._fields, overrides)
-  return Config(**v)
+  return Config(**{**cli.values(Config._fields), **overrides})
 
 
 def main(argv) -> None:
@@ -195,5 +196,5 @@ def main(argv) -> None:
 
 def run() -> None:
   """Console-script entry point (``jax-gad-benchmark``)."""
-  cli.show_in_help(Config._fields + cli.MULTIHOST_FLAGS + ('json',))
+  cli.show_in_help(extra=Config._fields + cli.MULTIHOST_FLAGS + ('json',))
   app.run(main)

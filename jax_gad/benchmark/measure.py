@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_gad import config, features, gaussian
 from jax_gad import detector as detector_lib
-from jax_gad import features, gaussian
 from jax_gad.models import efficientnet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -209,7 +209,7 @@ class Setup(NamedTuple):
   arch: str
   image_size: int
   batch_size: int
-  dtype: str = 'float32'
+  dtype: str = config.Backbone.dtype
   depthwise: str | None = None  # None: the backend's default
 
   def extractor(self, variables, mesh=None) -> features.LevelExtractor:

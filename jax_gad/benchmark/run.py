@@ -8,7 +8,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 
-from jax_gad import features
+from jax_gad import config, features
 from jax_gad.benchmark import densities as density_bench
 from jax_gad.benchmark import maps as bench_maps
 from jax_gad.benchmark import measure
@@ -16,13 +16,15 @@ from jax_gad.benchmark.estimate import estimate_protocol
 from jax_gad.models import efficientnet
 
 SCHEMA = 'jax_gad.benchmark/1'
+# The options the benchmark shares with jax_gad's commands (jax_gad.config; same flags).
+SHARED_OPTIONS = ('arch', 'image_size', 'num_workers', 'seed')
 
 
 class Config(NamedTuple):
   """Benchmark settings (the command-line flags)."""
 
-  arch: str = 'efficientnet-b4'
-  image_size: int | None = None  # None: native resolution of arch
+  arch: str = config.Backbone.arch
+  image_size: int | None = config.Backbone.image_size  # None: native resolution of arch
   batch_sizes: tuple[int, ...] = (8,)
   dtypes: tuple[str, ...] = ('float32', 'bfloat16')
   depthwise_impls: tuple[str, ...] = ('default',)
@@ -46,8 +48,8 @@ class Config(NamedTuple):
   predict_images: int = 0  # 0: skip the predict throughput / latency run (files on disk)
   pipeline_archs: tuple[str, ...] = ()  # more archs for the pipeline run, each per batch size
   versus_rounds: int = 0  # >0: jax_gad vs torch float32, alternating, this many rounds
-  num_workers: int | None = None  # None: os.cpu_count()
-  seed: int = 0
+  num_workers: int | None = config.Backbone.num_workers  # None: os.cpu_count()
+  seed: int = config.Density.seed
   map_fit: bool = False  # the anomaly-map section (jax_gad.benchmark.maps)
   map_counts: tuple[int, ...] = (100, 1000)
   # Density fit times (jax_gad.benchmark.densities): optional, off by default (minutes).
@@ -61,10 +63,9 @@ class Config(NamedTuple):
 
 
 def _check_config(cfg: Config) -> None:
-  if cfg.arch not in efficientnet.ARCHS:
-    raise ValueError(f'arch must be one of {sorted(efficientnet.ARCHS)}, got {cfg.arch!r}')
-  if cfg.image_size is not None and cfg.image_size < 16:
-    raise ValueError(f'image_size must be >= 16 (or None: native), got {cfg.image_size}')
+  shared = {**config.options(config.Backbone), **config.options(config.Density)}
+  for name in SHARED_OPTIONS:  # the rules of jax_gad's shared options
+    config.check_field(name, getattr(cfg, name), shared[name])
   for name in (
     'batch_sizes',
     'sweep_d',
@@ -104,8 +105,6 @@ def _check_config(cfg: Config) -> None:
       raise ValueError(f'{name} must be >= 1, got {getattr(cfg, name)}')
   if cfg.kernel_n_fit < 5:
     raise ValueError(f'kernel_n_fit must be >= 5 (5 folds, 2 rows per fit), got {cfg.kernel_n_fit}')
-  if cfg.num_workers is not None and cfg.num_workers < 1:
-    raise ValueError(f'num_workers must be >= 1, got {cfg.num_workers}')
   if cfg.predict_images < 0:
     raise ValueError(f'predict_images must be >= 0, got {cfg.predict_images}')
   if cfg.pipeline_images < 0:
@@ -158,7 +157,7 @@ def _setup(cfg: Config, log: Callable[[str], None]) -> _Run:
   return _Run(
     cfg=cfg,
     image_size=cfg.image_size or efficientnet.native_resolution(cfg.arch),
-    num_workers=cfg.num_workers or os.cpu_count() or 2,
+    num_workers=config.worker_count(cfg.num_workers),
     depthwise=list(dict.fromkeys(depthwise)),
     mesh=features.make_mesh(),
     variables=efficientnet.init(cfg.arch, jax.random.key(cfg.seed)),

@@ -44,9 +44,6 @@ from jax_gad.models import efficientnet
 # (the same stages: 1/8 and 1/16 of the input), not measured on MVTec AD.
 DEFAULT_MAP_LEVELS = {'efficientnet-lite0': (3, 4, 5), 'efficientnet-b4': (3, 4, 5)}
 FALLBACK_MAP_LEVELS = (3, 4, 5)
-# Added to every per-location covariance after Ledoit-Wolf shrinkage (PaDiM: 0.01 I); bounds the
-# distance where the training features barely vary (a flat background). docs/maps.md.
-DEFAULT_RIDGE = 0.01
 
 
 def default_map_levels(arch: str) -> tuple[int, ...]:
@@ -300,9 +297,14 @@ def settings_for(
   k_channels: int | None,
   rule: str,
   sigma: float,
-  ridge: float = DEFAULT_RIDGE,
+  ridge: float,
 ) -> MapSettings:
-  """The map settings of a run: default levels for ``arch``, channel subsets drawn once."""
+  """The map settings of a run: default levels for ``arch``, channel subsets drawn once.
+
+  ``ridge`` is added to every per-location covariance after the Ledoit-Wolf
+  shrinkage (``--map_ridge``, whose default is PaDiM's 0.01); it bounds the
+  distance where the training features barely vary (a flat background).
+  """
   levels = tuple(levels) or default_map_levels(arch)
   widths = efficientnet.level_widths(arch)
   channels = channel_subsets([widths[l] for l in levels], k_channels)

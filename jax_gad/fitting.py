@@ -1,0 +1,113 @@
+"""A detector for one category: what ``python -m jax_gad.fit`` runs.
+
+The densities of every level are fitted on every training image (no folds);
+the calibrated threshold comes from k-fold out-of-fold scores of those same
+images (``calibration_folds``) at ``target_fpr``; see :mod:`jax_gad.detector`
+and docs/own-images.md. No defect image is needed. With ``--maps`` the
+detector also holds anomaly-map statistics (docs/maps.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax_gad
+from jax_gad import config, data, detector, features, protocol
+from jax_gad.data import pipeline
+
+
+def fit(cfg: config.Fit, progress: bool = True) -> detector.Detector:
+  """Fits a :class:`jax_gad.detector.Detector` on a category's training split.
+
+  Args:
+    cfg: the data (``cfg.data``; its ``categories`` are not used), the backbone,
+      the levels and reduction, ``cfg.calibration`` (the category, the
+      target false-positive rate and the k of the out-of-fold calibration)
+      and ``cfg.maps``: with ``maps``, also per-location Gaussians of the
+      map levels, a pixel threshold and an overlay colour scale
+      (:func:`jax_gad.detector.fit_maps`; ``save_maps`` is refused: it is
+      main's).
+    progress: show progress bars.
+
+  Returns:
+    The fitted detector, with its backbone attached (``Detector.score`` works).
+
+  Raises:
+    ValueError: bad options or data (one line naming the culprit), before any work.
+  """
+  if cfg.maps.save_maps:
+    raise ValueError(
+      "--save_maps is jax_gad.main's; fit --maps stores the map statistics in the detector "
+      "and `jax_gad.predict --maps_dir` writes the maps"
+    )
+  config.validate(cfg)
+  r = protocol.reduction_from(cfg.levels.pca, cfg.levels.npca)
+  map_settings = detector.map_settings(cfg.backbone.arch, cfg.maps) if cfg.maps.maps else None
+  d, b, cal = cfg.data, cfg.backbone, cfg.calibration
+  train = data.load(d.dataset, cal.category, "train", data_dir=d.data_dir, tfds_dir=d.tfds_dir)
+  needed = max(cal.calibration_folds, 3)
+  if len(train) < needed:
+    raise ValueError(
+      f"{d.dataset} category {cal.category!r} has {len(train)} training images; "
+      f"calibrating with {cal.calibration_folds} folds needs at least {needed}"
+    )
+  backbone, meta, sha = detector.load_backbone(
+    b.arch, b.checkpoint, b.checkpoint_dir, b.dtype, b.depthwise_impl
+  )
+  size = int(b.image_size or meta["resolution"])
+  extractor = features.LevelExtractor(
+    backbone.module,
+    backbone.variables,
+    image_size=size,
+    levels=cfg.levels.levels,
+    batch_size=min(b.batch_size, len(train)),
+  )
+  feats = pipeline.pooled_features(
+    extractor,
+    train,
+    image_size=size,
+    mean=meta["mean"],
+    std=meta["std"],
+    num_workers=b.workers,
+    progress=progress,
+    desc=f"{cal.category}/train",
+  )
+  info = {
+    "dataset": d.dataset,
+    "category": cal.category,
+    "n_train": len(train),
+    "data_fingerprint": train.fingerprint,
+    "checkpoint": backbone.path,
+    "versions": jax_gad.versions(),
+  }
+  det = detector.fit_features(
+    feats,
+    levels=cfg.levels.levels,
+    target_fpr=cal.target_fpr,
+    n_folds=cal.calibration_folds,
+    reduction=None if r is None else r._asdict(),
+    arch=b.arch,
+    checkpoint_sha256=sha,
+    image_size=size,
+    mean=tuple(float(v) for v in meta["mean"]),
+    std=tuple(float(v) for v in meta["std"]),
+    dtype=b.dtype,
+    info=info,
+  ).replace(backbone=backbone)
+  if map_settings is not None:
+    det = detector.fit_maps(
+      det, train, map_settings, batch_size=b.batch_size, num_workers=b.num_workers
+    )
+  return det
+
+
+def fit_and_save(cfg: config.Fit, progress: bool = True) -> detector.Detector:
+  """Checks the output path, fits (:func:`fit`) and saves the detector atomically."""
+  output = cfg.calibration.output
+  if not output:
+    raise ValueError("--output is required (the detector file to write)")
+  if os.path.isdir(output):
+    raise ValueError(f"--output={output} is a folder; give a file name")
+  det = fit(cfg, progress=progress)
+  det.save(output)
+  return det
