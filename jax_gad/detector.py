@@ -12,10 +12,17 @@ the Mahalanobis distance at level ``l``) and the decision thresholds:
   random_state=0)); each image is scored by a detector fitted on the other
   folds ("out of fold"), and the threshold is the out-of-fold score quantile at
   the target false-positive rate ``a`` (``target_fpr``): with the n scores
-  sorted ascending, ``s_(m)`` with ``m = ceil(n (1 - a))`` (numpy's
-  ``quantile(..., method='inverted_cdf')``). An image is flagged when its
-  total score is strictly above the threshold, so on the out-of-fold scores the
-  false-positive rate is at most ``a`` (0 when ``n a < 1``).
+  sorted ascending, ``s_(m)`` with ``m = max(1, ceil(n (1 - a)))``, the
+  product ``n (1 - a)`` taken less ``1e-12`` so that a product that is an
+  integer up to floating-point rounding gives that integer. This is not
+  always numpy's ``quantile(..., method='inverted_cdf')``, which takes the
+  ceiling of the product as it comes out: for n = 25, a = 0.44 the product is
+  14.000000000000002, numpy takes ``s_(15)``, this takes ``s_(14)``. An image is
+  flagged when its total score is strictly above the threshold, so on the
+  out-of-fold scores the false-positive rate is at most ``a``. The FPR on
+  those scores moves in steps of ``1 / n``: with fewer than ``1 / a``
+  training images the threshold is the highest out-of-fold score and ``a``
+  cannot be resolved; :func:`fit_features` warns (and records it).
 * ``sigma_thresholds``: the poster's chi-squared thresholds, per level the
   distance with the n-sigma tail mass of a ``k_l``-dimensional Gaussian
   (``jax_gad.metrics.sigma_threshold``) for n in ``sigmas``; the threshold of
@@ -33,12 +40,21 @@ The detector's own pieces (Gaussians, projections, thresholds) are a pytree
 stay in the checkpoint file, identified by sha256, and are attached when the
 detector is fitted or loaded.
 
-File format (``Detector.save`` / :func:`load_detector`): one JSON header
-line (format name ``jax_gad.detector``, ``format_version``, the sha256 and
-length of the payload, and every non-array field), a newline, then the
-payload: the arrays as msgpack (``flax.serialization``, plain numbers and
-arrays only). Nothing in the file can run code when loaded (no pickle); a
-truncated, altered, foreign or other-version file is refused naming the file.
+File format (``Detector.save`` / :func:`load_detector`), version 2: one
+JSON header line (format name ``jax_gad.detector``, ``format_version``, the
+payload's length, every non-array field, and ``content_sha256``), a newline,
+then the payload: the arrays as msgpack (``flax.serialization``, plain numbers
+and arrays only). ``content_sha256`` covers the whole content: the header's
+other fields (as canonical JSON: sorted keys, no spaces) and the payload, so
+an edited threshold is refused like a flipped payload byte. After the checksum
+the header's fields are checked against each other and against the arrays
+(:func:`check_detector`: levels against the state widths of the arch,
+image_size, mean / std, a finite threshold that is the calibrated quantile of
+the stored out-of-fold scores, target_fpr in (0, 1), ...) and, when the
+backbone is attached, against the checkpoint (arch, mean / std), all before
+anything is compiled. Nothing in the file can run code when loaded (no
+pickle); a truncated, altered, foreign or other-version file (version 1 had
+no checksum over its header: fit it again) is refused naming the file.
 """
 
 from __future__ import annotations
@@ -47,6 +63,7 @@ import json
 import math
 import os
 from typing import Any, NamedTuple, Sequence
+import warnings
 
 import flax.struct
 import numpy as np
@@ -54,7 +71,7 @@ import numpy as np
 from jax_gad import config
 
 FORMAT_NAME = "jax_gad.detector"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content_sha256 covers the header too
 DEFAULT_SIGMAS = tuple(range(1, 9))
 _MAX_HEADER = 1 << 20
 
@@ -279,7 +296,7 @@ def score_features(detector: Detector, features: Sequence[np.ndarray]) -> Scores
 
 
 def calibrated_threshold(scores, target_fpr: float) -> float:
-  """The ``ceil(n (1 - a))``-th smallest score (numpy ``inverted_cdf`` quantile)."""
+  """The ``max(1, ceil(n (1 - a) - 1e-12))``-th smallest score (module docstring)."""
   s = np.sort(np.asarray(scores, np.float64))
   m = math.ceil(len(s) * (1.0 - target_fpr) - 1e-12)
   return float(s[max(m, 1) - 1])
@@ -304,6 +321,48 @@ def out_of_fold_scores(features: Sequence[np.ndarray], n_folds: int, reduction=N
     states, projections = _fit_levels([f[fit_idx] for f in features], reduction)
     oof[held] = _score_levels(states, projections, [f[held] for f in features]).total
   return oof
+
+
+class FitWarning(UserWarning):
+  """A fit that runs but whose threshold or scores mean little (in ``info["warnings"]``)."""
+
+
+def min_images(target_fpr: float) -> int:
+  """The fewest training images whose out-of-fold FPR can resolve ``target_fpr`` (``1 / a``)."""
+  return math.ceil(1.0 / target_fpr - 1e-9)
+
+
+def fit_warnings(features, levels, target_fpr: float, threshold: float) -> list:
+  """What makes a fit meaningless, one line each: too few images, constant features, a 0 threshold.
+
+  * fewer than ``1 / target_fpr`` images: the out-of-fold FPR moves in steps of
+    ``1 / n`` and the threshold is the highest out-of-fold score;
+  * a level whose training features all have zero variance (the check
+    ``jax_gad.main`` applies per fold: ``gaussian.has_no_variance``);
+  * a calibrated threshold of 0 (or below): every out-of-fold score is 0.
+  """
+  from jax_gad import gaussian
+
+  n = len(features[0])
+  notes = []
+  if n < min_images(target_fpr):
+    notes.append(
+      f"{n} training images: the out-of-fold FPR moves in steps of 1/{n}, so "
+      f"--target_fpr={target_fpr} cannot be resolved (the threshold is the highest "
+      f"out-of-fold score); need at least {min_images(target_fpr)}"
+    )
+  for level, x in zip(levels, features):
+    if gaussian.has_no_variance(x):
+      notes.append(
+        f"level {level}: every training feature has zero variance (identical images or only "
+        "dead channels); its distances carry no information"
+      )
+  if not threshold > 0:
+    notes.append(
+      f"the calibrated threshold is {threshold!r}: every out-of-fold score is 0, so every "
+      "image that differs at all from the training images is flagged"
+    )
+  return notes
 
 
 def fit_features(
@@ -338,6 +397,11 @@ def fit_features(
     reduction = {"mode": str(reduction["mode"]), "threshold": float(reduction["threshold"])}
   states, projections = _fit_levels(features, reduction)
   oof = out_of_fold_scores(features, n_folds, reduction)
+  threshold = calibrated_threshold(oof, target_fpr)
+  notes = fit_warnings(features, levels, target_fpr, threshold)
+  for note in notes:
+    warnings.warn(note, FitWarning, stacklevel=2)
+  identity["info"] = {**(identity.get("info") or {}), "warnings": notes}
   widths = [int(s.mean.shape[0]) for s in states]
   sigma_thresholds = tuple(
     tuple(float(t) for t in np.atleast_1d(metrics.sigma_threshold(np.asarray(sigmas, float), k)))
@@ -349,7 +413,7 @@ def fit_features(
     calibration_scores=oof,
     levels=tuple(int(l) for l in levels),
     reduction=reduction,
-    threshold=calibrated_threshold(oof, target_fpr),
+    threshold=threshold,
     target_fpr=target_fpr,
     n_folds=n_folds,
     sigmas=tuple(int(s) for s in sigmas),
@@ -511,27 +575,72 @@ def save_detector(detector: Detector, path) -> None:
   from jax_gad import files
 
   payload = flax.serialization.msgpack_serialize(_arrays(detector))
-  header = {
-    "format": FORMAT_NAME,
-    "format_version": FORMAT_VERSION,
-    "payload_sha256": _sha256(payload),
-    "payload_bytes": len(payload),
-  }
-  for name in _HEADER_FIELDS:
-    header[name] = getattr(detector, name)
+  header = {name: getattr(detector, name) for name in _HEADER_FIELDS}
   if detector.map_states:
-    for name in _MAP_HEADER_FIELDS:
-      header[name] = getattr(detector, name)
-  line = json.dumps(header, sort_keys=True, allow_nan=False).encode("utf-8")
+    header.update({name: getattr(detector, name) for name in _MAP_HEADER_FIELDS})
   path = os.path.expanduser(os.fspath(path))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  files.atomic_write(path, line + b"\n" + payload)
+  files.atomic_write(path, encode(header, payload))
+
+
+def _canonical(header: dict) -> bytes:
+  return json.dumps(header, sort_keys=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+def encode(fields: dict, payload: bytes) -> bytes:
+  """The file's bytes for header ``fields`` and ``payload``, with format, length and checksum."""
+  header = dict(fields)
+  header.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, payload_bytes=len(payload))
+  header.pop("content_sha256", None)
+  header["content_sha256"] = _sha256(_canonical(header) + b"\n" + payload)
+  return _canonical(header) + b"\n" + payload
 
 
 def _sha256(data: bytes) -> str:
   import hashlib
 
   return hashlib.sha256(data).hexdigest()
+
+
+def _read_header(path: str, blob: bytes) -> tuple[dict, bytes]:
+  """(header, payload) of a detector file's bytes, checked: format, version, length, checksum."""
+  bad = f"{path}: not a jax_gad detector file"
+  newline = blob.find(b"\n", 0, _MAX_HEADER)
+  if newline < 0:
+    raise ValueError(f"{bad} (no header line)")
+  try:
+    header = json.loads(blob[:newline].decode("utf-8"))
+  except (UnicodeDecodeError, ValueError):
+    raise ValueError(f"{bad} (header is not JSON)") from None
+  if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+    raise ValueError(
+      f"{bad} (format {header.get('format') if isinstance(header, dict) else None!r}"
+      f", expected {FORMAT_NAME!r})"
+    )
+  version = header.get("format_version")
+  if version != FORMAT_VERSION:
+    why = " (version 1 has no checksum over its header)" if version == 1 else ""
+    raise ValueError(
+      f"{path}: detector format_version {version!r}{why}; this jax_gad reads version "
+      f"{FORMAT_VERSION}: fit the detector again"
+    )
+  payload = blob[newline + 1 :]
+  if len(payload) != header.get("payload_bytes"):
+    raise ValueError(
+      f"{path}: detector file is truncated or padded ({len(payload)} payload "
+      f"bytes, the header says {header.get('payload_bytes')})"
+    )
+  claimed = header.pop("content_sha256", None)
+  try:
+    actual = _sha256(_canonical(header) + b"\n" + payload)
+  except ValueError:  # NaN or inf in the header: not what save writes
+    actual = None
+  if actual != claimed:
+    raise ValueError(
+      f"{path}: detector file is corrupt or was edited (content sha256 of the header and "
+      "payload differs from the header's content_sha256)"
+    )
+  return header, payload
 
 
 def read_detector(path) -> Detector:
@@ -548,36 +657,11 @@ def read_detector(path) -> Detector:
       blob = f.read()
   except FileNotFoundError:
     raise ValueError(f"--detector={path} does not exist") from None
-  bad = f"{path}: not a jax_gad detector file"
-  newline = blob.find(b"\n", 0, _MAX_HEADER)
-  if newline < 0:
-    raise ValueError(f"{bad} (no header line)")
-  try:
-    header = json.loads(blob[:newline].decode("utf-8"))
-  except (UnicodeDecodeError, ValueError):
-    raise ValueError(f"{bad} (header is not JSON)") from None
-  if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-    raise ValueError(
-      f"{bad} (format {header.get('format') if isinstance(header, dict) else None!r}"
-      f", expected {FORMAT_NAME!r})"
-    )
-  if header.get("format_version") != FORMAT_VERSION:
-    raise ValueError(
-      f"{path}: detector format_version {header.get('format_version')!r}; this "
-      f"jax_gad reads version {FORMAT_VERSION}: fit the detector again"
-    )
-  payload = blob[newline + 1 :]
-  if len(payload) != header.get("payload_bytes"):
-    raise ValueError(
-      f"{path}: detector file is truncated or padded ({len(payload)} payload "
-      f"bytes, the header says {header.get('payload_bytes')})"
-    )
-  if _sha256(payload) != header.get("payload_sha256"):
-    raise ValueError(f"{path}: detector file is corrupt (payload sha256 differs from the header)")
+  header, payload = _read_header(path, blob)
   try:
     arrays = flax.serialization.msgpack_restore(payload)
     states, projections = [], []
-    for i in range(len(header["levels"])):
+    for i in range(len(arrays["levels"])):
       entry = arrays["levels"][str(i)]
       states.append(
         gaussian.GaussianState(
@@ -592,18 +676,145 @@ def read_detector(path) -> Detector:
         else None
       )
     fields = {name: header[name] for name in _HEADER_FIELDS}
+    for name in ("mean", "std", "levels", "sigmas"):
+      fields[name] = tuple(fields[name])
+    fields["sigma_thresholds"] = tuple(tuple(r) for r in fields["sigma_thresholds"])
     fields.update(_read_maps(arrays, header))
   except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f"{bad} (missing or malformed field: {e})") from None
-  for name in ("mean", "std", "levels", "sigmas"):
-    fields[name] = tuple(fields[name])
-  fields["sigma_thresholds"] = tuple(tuple(r) for r in fields["sigma_thresholds"])
-  return Detector(
+    raise ValueError(
+      f"{path}: not a jax_gad detector file (missing or malformed field: {e})"
+    ) from None
+  det = Detector(
     states=tuple(states),
     projections=tuple(projections),
     calibration_scores=np.asarray(arrays["calibration_scores"]),
     **fields,
   )
+  check_detector(det, where=path)
+  return det
+
+
+def _number(value, integer: bool = False) -> bool:
+  kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+  return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_identity(det: Detector, bad) -> None:
+  """The backbone fields: arch, image_size, mean / std, dtype."""
+  from jax_gad.models import efficientnet
+
+  if not isinstance(det.arch, str) or det.arch not in efficientnet.ARCHS:
+    bad("arch", f"{det.arch!r} is not one of {', '.join(efficientnet.ARCHS)}")
+  if not _number(det.image_size, integer=True) or det.image_size < 16:
+    bad("image_size", f"{det.image_size!r} is not an integer >= 16")
+  for name in ("mean", "std"):
+    values = getattr(det, name)
+    if len(values) != 3 or not all(_number(v) for v in values):
+      bad(name, f"{list(values)!r} is not 3 finite numbers (one per RGB channel)")
+  if not all(v > 0 for v in det.std):
+    bad("std", f"{list(det.std)!r} has a value <= 0")
+  if det.dtype not in ("float32", "bfloat16"):
+    bad("dtype", f"{det.dtype!r} is not float32 or bfloat16")
+
+
+def _check_levels(det: Detector, bad) -> None:
+  """Levels against the arrays: one state per level, widths those of the arch's level maps."""
+  from jax_gad.models import efficientnet
+
+  levels = det.levels
+  if (
+    not levels
+    or not all(_number(l, integer=True) and 0 <= l < efficientnet.NUM_LEVELS for l in levels)
+    or len(set(levels)) != len(levels)
+  ):
+    bad("levels", f"{list(levels)!r} is not a list of distinct level indices 0..8")
+  if len(det.states) != len(levels) or len(det.projections) != len(levels):
+    bad("levels", f"{len(levels)} levels but the arrays hold {len(det.states)}")
+  widths = efficientnet.level_widths(det.arch)
+  if (det.reduction is None) != all(p is None for p in det.projections):
+    bad("reduction", f"{det.reduction!r} does not match the arrays' projections")
+  for level, state, projection in zip(levels, det.states, det.projections):
+    width = np.shape(state.mean)[0] if np.ndim(state.mean) == 1 else None
+    expected = widths[level] if projection is None else np.shape(projection.components)[0]
+    if projection is not None and np.shape(projection.mean) != (widths[level],):
+      bad(
+        "levels",
+        f"level {level} has {widths[level]} channels in {det.arch}, but its "
+        f"projection is for {np.shape(projection.mean)[0]}",
+      )
+    if width != expected or np.shape(state.factor) != (expected, expected):
+      bad(
+        "levels",
+        f"level {level} has {expected} features in {det.arch}, but its fitted state has {width}",
+      )
+
+
+def _check_calibration(det: Detector, bad) -> None:
+  """threshold, target_fpr, n_folds, sigmas and their thresholds, the out-of-fold scores."""
+  if det.aggregation != "mean":
+    bad("aggregation", f"{det.aggregation!r} is not 'mean'")
+  if det.reduction is not None and (
+    not isinstance(det.reduction, dict)
+    or det.reduction.get("mode") not in ("pca", "npca")
+    or not _number(det.reduction.get("threshold"))
+    or not 0 < det.reduction["threshold"] < 1
+  ):
+    bad(
+      "reduction", f"{det.reduction!r} is not {{'mode': 'pca' | 'npca', 'threshold': t in (0, 1)}}"
+    )
+  if not _number(det.target_fpr) or not 0 < det.target_fpr < 1:
+    bad("target_fpr", f"{det.target_fpr!r} is not in (0, 1)")
+  if not _number(det.threshold):
+    bad("threshold", f"{det.threshold!r} is not a finite number")
+  if not _number(det.n_folds, integer=True) or det.n_folds < 2:
+    bad("n_folds", f"{det.n_folds!r} is not an integer >= 2")
+  scores = np.asarray(det.calibration_scores)
+  if scores.ndim != 1 or len(scores) < det.n_folds or not np.all(np.isfinite(scores)):
+    bad("calibration_scores", f"shape {scores.shape} is not n >= {det.n_folds} finite scores")
+  expected = calibrated_threshold(scores, det.target_fpr)
+  if det.threshold != expected:
+    bad(
+      "threshold",
+      f"{det.threshold!r} is not the target_fpr={det.target_fpr} quantile "
+      f"{expected!r} of the {len(scores)} stored out-of-fold scores",
+    )
+  n_train = det.info.get("n_train") if isinstance(det.info, dict) else None
+  if n_train is not None and n_train != len(scores):
+    bad("info", f"n_train {n_train!r} differs from the {len(scores)} out-of-fold scores")
+  sigmas, rows = det.sigmas, det.sigma_thresholds
+  if not sigmas or not all(_number(v, integer=True) and v > 0 for v in sigmas):
+    bad("sigmas", f"{list(sigmas)!r} is not a list of positive integers")
+  if len(rows) != len(det.levels) or any(
+    len(r) != len(sigmas) or not all(_number(v) for v in r) for r in rows
+  ):
+    bad("sigma_thresholds", f"expected {len(det.levels)} rows of {len(sigmas)} finite numbers")
+
+
+def check_detector(det: Detector, where: str = "detector") -> None:
+  """Checks the header's fields against each other and against the arrays (module docstring).
+
+  Raises:
+    ValueError: one line naming ``where``, the field and the numbers.
+  """
+
+  def bad(field, what):
+    raise ValueError(f"{where}: header field {field!r}: {what}")
+
+  _check_identity(det, bad)
+  _check_levels(det, bad)
+  _check_calibration(det, bad)
+
+
+def check_backbone(det: Detector, meta: dict, path: str, where: str = "detector") -> None:
+  """The detector's arch and mean / std against the checkpoint's metadata (before compiling)."""
+  if meta.get("arch", det.arch) != det.arch:
+    raise ValueError(f"{where} is for {det.arch}, but {path} holds {meta['arch']} weights")
+  for name in ("mean", "std"):
+    if name in meta and tuple(float(v) for v in meta[name]) != tuple(getattr(det, name)):
+      raise ValueError(
+        f"{where}: header field {name!r} is {list(getattr(det, name))}, but the checkpoint "
+        f"{path} normalises with {name} {[float(v) for v in meta[name]]}"
+      )
 
 
 def _read_maps(arrays: dict, header: dict) -> dict:
@@ -641,7 +852,7 @@ def attach_backbone(
       f"{detector.checkpoint_sha256[:16]}..., but {backbone.path} has sha256 {sha[:16]}...: "
       "pass the matching --checkpoint or fit the detector again"
     )
-  del meta
+  check_backbone(detector, meta, backbone.path, where)
   return detector.replace(backbone=backbone)
 
 

@@ -25,7 +25,17 @@ import numpy as np
 from tqdm import tqdm
 
 import jax_gad
-from jax_gad import config, data, detector, feature_cache, features, files, protocol, report
+from jax_gad import (
+  config,
+  data,
+  densities,
+  detector,
+  feature_cache,
+  features,
+  files,
+  protocol,
+  report,
+)
 from jax_gad.data import pipeline
 from jax_gad.maps import pipeline as map_pipeline
 from jax_gad.maps import report as maps_report
@@ -97,12 +107,37 @@ def _check_folders(cfg: config.Experiment) -> None:
   )
   for flag, folder in (("cache_dir", cache_dir), ("tfds_dir", tfds_dir)):
     check_folder(flag, folder)
+  _check_not_an_input(cfg, tfds_dir)
   workdir_parent = os.path.dirname(os.path.abspath(cfg.protocol.workdir))
   for folder in (workdir_parent, cache_dir, cfg.backbone.checkpoint_dir):
     if folder:
       files.remove_stale_temporaries(folder)
   if not cfg.backbone.checkpoint:
     check_folder("checkpoint_dir", cfg.backbone.checkpoint_dir)
+
+
+def _check_not_an_input(cfg: config.Experiment, tfds_dir: str) -> None:
+  """The workdir is replaced whole: it may not be, or hold, anything the run reads."""
+  d, b = cfg.data, cfg.backbone
+  categories = cfg.data.categories
+  files.check_not_an_input(
+    "workdir",
+    cfg.protocol.workdir,
+    [
+      (f"category folder {c} of --data_dir", os.path.join(os.fspath(d.data_dir), c))
+      for c in (categories if d.data_dir else ())
+    ],
+    kept=[
+      (f"--{flag}", path)
+      for flag, path in (
+        ("data_dir", d.data_dir),
+        ("checkpoint", b.checkpoint),
+        ("checkpoint_dir", b.checkpoint_dir),
+        ("cache_dir", b.cache_dir),
+        ("tfds_dir", tfds_dir),
+      )
+    ],
+  )
 
 
 def check_splits(category: str, train, test) -> None:
@@ -238,21 +273,33 @@ class Evaluation(NamedTuple):
   map_outputs: dict
 
 
+def map_settings_of(cfg: config.Experiment):
+  """The map settings of a ``--maps`` run (levels and channel subsets checked), else None."""
+  m = cfg.maps
+  if not m.maps:
+    return None
+  return map_pipeline.settings_for(
+    cfg.backbone.arch, m.map_levels, m.map_channels, m.map_combine, m.map_sigma, m.map_ridge
+  )
+
+
+def check_fits(cfg: config.Experiment, splits: dict, density_config) -> None:
+  """What the fits need of the data, before any feature is extracted; notes on the masks."""
+  for c, (train, test) in splits.items():
+    rows = min(len(data.folds(len(train))[k]) for k in cfg.protocol.folds)
+    densities.check_rows(density_config, rows, f"of a {c} fold")
+    for line in test.mask_warnings():  # also recorded in results.json
+      logging.warning("%s", line)
+
+
 def evaluate(cfg: config.Experiment, ex: Extraction, splits: dict, fitting) -> Evaluation:
   """Every category's folds and levels (and maps with --maps); ``fitting``: (reduction, config)."""
   reduction, density_config = fitting
   levels, folds = list(cfg.levels.levels), cfg.protocol.folds
   maps = cfg.maps
-  map_settings = map_run = None
+  map_settings = map_settings_of(cfg)
+  map_run = None
   if maps.maps:
-    map_settings = map_pipeline.settings_for(
-      cfg.backbone.arch,
-      maps.map_levels,
-      maps.map_channels,
-      maps.map_combine,
-      maps.map_sigma,
-      maps.map_ridge,
-    )
     map_run = map_pipeline.prepare(
       map_settings,
       ex.extractor,
@@ -363,11 +410,13 @@ def run(cfg: config.Experiment) -> dict:
   (docs/outputs.md).
   """
   fitting = check(cfg)
+  map_settings_of(cfg)  # bad map settings stop the run before any work
   categories = cfg.data.categories or tuple(data.CATEGORIES[cfg.data.dataset])
   _check_folders(cfg)
   b = cfg.backbone
   loaded = detector.load_backbone(b.arch, b.checkpoint, b.checkpoint_dir, b.dtype, b.depthwise_impl)
   splits = open_splits(cfg.data, categories)
+  check_fits(cfg, splits, fitting[1])
   ex = prepare_extraction(b, loaded, splits)
   evaluation = evaluate(cfg, ex, splits, fitting)
   doc = report.report(
@@ -378,6 +427,11 @@ def run(cfg: config.Experiment) -> dict:
     data=data_document(splits),
     versions=jax_gad.versions(),
   )
+  doc["warnings"] += [
+    {"category": c, "split": "test", "message": line}
+    for c, (_, test) in splits.items()
+    for line in test.mask_warnings()
+  ]
   if cfg.maps.maps:
     doc["maps"] = maps_report.document(
       evaluation.map_settings, cfg.maps.map_channels, evaluation.map_outputs

@@ -180,6 +180,7 @@ def command(cfg: config.Export) -> dict:
   config.validate(cfg.exporting)
   detector, b = cfg.exporting.detector, cfg.backbone
   output = check_output(cfg.exporting.output)
+  files.remove_stale_temporaries_beside(output)  # of exports killed while writing here
   det = detector_lib.read_detector(detector)
   det = detector_lib.attach_backbone(
     det, b.checkpoint, b.checkpoint_dir, where=f"--detector={detector}"

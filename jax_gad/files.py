@@ -141,6 +141,52 @@ def remove_stale_temporaries(folder: str | os.PathLike, min_age_s: float = 60.0)
   return removed
 
 
+def remove_stale_temporaries_beside(path: str | os.PathLike) -> list[str]:
+  """:func:`remove_stale_temporaries` in the folder a command writes ``path`` into."""
+  return remove_stale_temporaries(os.path.dirname(os.path.abspath(os.fspath(path))))
+
+
+def _real(path) -> str:
+  return os.path.realpath(os.path.expanduser(os.fspath(path)))
+
+
+def _inside(path: str, folder: str) -> bool:
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_not_an_input(flag: str, output, inputs, *, kept=()) -> None:
+  """Refuses an output that would overwrite one of the command's own inputs.
+
+  Paths are compared after resolving symlinks (``os.path.realpath``), so a
+  link to an input, or the same file by another name, counts as that input.
+
+  Args:
+    flag: the output's flag name, for the message (``output``, ``workdir``).
+    output: the path the command will write.
+    inputs: ``(what, path)`` pairs: files the command reads, or folders whose
+      content it reads (nothing may be written inside those); None paths skipped.
+    kept: for an output folder that is replaced whole, ``(what, path)`` pairs
+      that must not lie inside it (or be it); ``inputs`` are checked so too.
+
+  Raises:
+    ValueError: one line naming the flag, the output and the input.
+  """
+  out = _real(output)
+  for what, path in list(inputs) + [(w, p) for w, p in kept]:
+    if path is None or path == "":
+      continue
+    real = _real(path)
+    if out == real:
+      raise ValueError(f"--{flag}={output} is {what} {path}: writing it would destroy an input")
+    if (what, path) in kept:
+      if _inside(real, out):
+        raise ValueError(
+          f"--{flag}={output} holds {what} {path}; the folder is replaced whole: choose another"
+        )
+    elif os.path.isdir(real) and _inside(out, real):
+      raise ValueError(f"--{flag}={output} lies inside {what} {path}: write it elsewhere")
+
+
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from absl import app
 
@@ -27,10 +28,13 @@ def main(argv) -> int:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.quiet_third_party_logs()
   from jax_gad import fitting  # imports TFDS: kept out of --help
+  from jax_gad.detector import FitWarning
 
   cfg = cli.build(config.Fit)
   try:
-    det = fitting.fit_and_save(cfg)
+    with warnings.catch_warnings():  # said below, once, as lines of this command
+      warnings.simplefilter("ignore", FitWarning)
+      det = fitting.fit_and_save(cfg)
   except (ValueError, OSError, MemoryError) as e:
     print(f"jax_gad.fit: error: {e}", file=sys.stderr)
     return 1
@@ -51,6 +55,8 @@ def main(argv) -> int:
       f"pixel threshold {det.map_threshold:.4f}, colour scale {det.map_scale[0]:.3f}.."
       f"{det.map_scale[1]:.3f} (out-of-fold maps of the training images)"
     )
+  for note in det.info.get("warnings", []):
+    print(f"jax_gad.fit: warning: {note}", file=sys.stderr)
   print(f"wrote {os.path.abspath(cfg.calibration.output)}")
   return 0
 

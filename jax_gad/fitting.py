@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 import jax_gad
-from jax_gad import config, data, detector, features, protocol
+from jax_gad import config, data, detector, features, files, protocol
 from jax_gad.data import pipeline
 
 
@@ -101,6 +101,14 @@ def fit(cfg: config.Fit, progress: bool = True) -> detector.Detector:
   return det
 
 
+def fit_inputs(cfg: config.Fit) -> list:
+  """(what, path) of what a fit reads: the checkpoint file and the raw category folder."""
+  b, data_dir = cfg.backbone, cfg.data.data_dir
+  default = os.path.join(os.fspath(b.checkpoint_dir), f"{b.arch}.msgpack")
+  raw = os.path.join(os.fspath(data_dir), cfg.calibration.category) if data_dir else None
+  return [("the checkpoint", b.checkpoint or default), ("the training data", raw)]
+
+
 def fit_and_save(cfg: config.Fit, progress: bool = True) -> detector.Detector:
   """Checks the output path, fits (:func:`fit`) and saves the detector atomically."""
   output = cfg.calibration.output
@@ -108,6 +116,8 @@ def fit_and_save(cfg: config.Fit, progress: bool = True) -> detector.Detector:
     raise ValueError("--output is required (the detector file to write)")
   if os.path.isdir(output):
     raise ValueError(f"--output={output} is a folder; give a file name")
+  files.check_not_an_input("output", output, fit_inputs(cfg))
+  files.remove_stale_temporaries_beside(output)
   det = fit(cfg, progress=progress)
   det.save(output)
   return det

@@ -80,6 +80,11 @@ class Moments(NamedTuple):
   fourth: Array
 
 
+def has_no_variance(x) -> bool:
+  """True when every column of the rows ``x`` (n, D) is constant: the fit carries no information."""
+  return not np.any(np.ptp(np.asarray(x), axis=0) > 0)
+
+
 class GaussianState(NamedTuple):
   """A fitted Gaussian of width ``D``.
 

@@ -257,6 +257,14 @@ def command(cfg: config.Predict, progress: bool = True):
       )
     if os.path.exists(sc.maps_dir) and not os.path.isdir(sc.maps_dir):
       raise ValueError(f"--maps_dir={sc.maps_dir} is a file; give a folder")
+  weights = b.checkpoint or os.path.join(os.fspath(b.checkpoint_dir), f"{det.arch}.msgpack")
+  files.check_not_an_input(
+    "output",
+    sc.output,
+    [("the detector", sc.detector), ("the checkpoint", weights)]
+    + [("the input image", p) for p in inputs.paths],
+  )
+  files.remove_stale_temporaries_beside(sc.output)
   det = detector_lib.attach_backbone(
     det, b.checkpoint, b.checkpoint_dir, b.depthwise_impl, where=f"detector {sc.detector}"
   )
@@ -279,6 +287,9 @@ def summary(det, result: Prediction, sigma=None) -> list:
   lines = [
     f"scored {n_ok} images ({len(result.errors)} skipped with errors); "
     f"{int(result.flagged.sum())} anomalous at threshold {det.threshold_for(sigma):.4f}"
+  ]
+  lines += [
+    f"the detector was fitted with a warning: {w}" for w in (det.info or {}).get("warnings", [])
   ]
   if result.labels is not None:
     ok = np.isfinite(result.total)

@@ -26,7 +26,7 @@ import warnings
 
 import numpy as np
 
-from jax_gad import metrics, pca
+from jax_gad import gaussian, metrics, pca
 
 SUM = "sum"
 
@@ -232,7 +232,7 @@ def evaluate_category(
       if model.describe is not None:
         fits.append(Fit(category, fold, int(level), model.describe(state)))
       try:
-        if not np.any(np.ptp(np.asarray(x_train), axis=0) > 0):
+        if gaussian.has_no_variance(x_train):
           note = Degenerate(
             category,
             fold,

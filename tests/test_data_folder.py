@@ -402,3 +402,55 @@ def test_synthetic_without_test_images(tmp_path):
   assert len(data.Split.from_builder(builder, "train")) == 3
   with pytest.raises(ValueError, match="no test images"):
     data.Split.from_builder(builder, "test")
+
+
+def test_fingerprint_sees_a_rewritten_image_of_the_same_size(tmp_path):
+  write_folder(tmp_path / "raw")
+  before = folder.raw_fingerprint(folder.scan(tmp_path / "raw", CATEGORY))
+  path = tmp_path / "raw" / CATEGORY / "train" / "good" / "00.png"
+  blob = bytearray(path.read_bytes())
+  blob[-20] ^= 0xFF  # same size, other bytes
+  st = path.stat()
+  path.write_bytes(bytes(blob))
+  os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # written 5 s later
+  assert path.stat().st_size == st.st_size
+  after = folder.raw_fingerprint(folder.scan(tmp_path / "raw", CATEGORY))
+  assert after != before
+
+
+def test_fingerprint_sees_another_folder_with_the_same_files_and_times(tmp_path):
+  import shutil
+
+  write_folder(tmp_path / "a")
+  shutil.copytree(tmp_path / "a", tmp_path / "b", copy_function=shutil.copy2)  # cp -p
+  fa = folder.raw_fingerprint(folder.scan(tmp_path / "a", CATEGORY))
+  fb = folder.raw_fingerprint(folder.scan(tmp_path / "b", CATEGORY))
+  assert fa != fb
+  # The same folder through a symlink is the same raw data.
+  (tmp_path / "link").symlink_to(tmp_path / "a")
+  assert folder.raw_fingerprint(folder.scan(tmp_path / "link", CATEGORY)) == fa
+
+
+@pytest.mark.parametrize(
+  "values,notes",
+  [
+    ([0, 255], []),
+    ([0, 1], []),  # binary: 0 and the mask's maximum
+    ([0, 3, 255], ["non_binary"]),
+    ([0, 0], ["empty"]),
+  ],
+)
+def test_mask_notes_rule(values, notes):
+  assert folder.mask_notes(np.asarray(values, np.uint8).reshape(1, -1)) == notes
+
+
+def test_32_bit_integer_pixels_are_16_bit_only_in_a_png():
+  # Older Pillow opens 16-bit gray PNG as mode "I"; in a TIFF "I" is 32-bit and is refused.
+  values = np.array([[0, 257, 65535]], np.int32)
+  image = Image.fromarray(values)
+  assert image.mode == "I"
+  image.format = "PNG"
+  np.testing.assert_array_equal(folder.to_rgb8(image, "x.png")[..., 0], [[0, 1, 255]])
+  image.format = "TIFF"
+  with pytest.raises(ValueError, match=r"x.tif has 32-bit integer pixels \(mode 'I'\)"):
+    folder.to_rgb8(image, "x.tif")

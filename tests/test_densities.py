@@ -178,6 +178,55 @@ def test_gmm_components_without_rows_stay_finite():
   assert np.all(np.isfinite(np.asarray(gmm.score(state, x + 0.5))))
 
 
+def test_gmm_components_without_rows_keep_a_positive_weight():
+  # N_k = sum_i r_ik + 10 eps: a component that gets no rows keeps a tiny positive weight
+  # (log w_k finite), so it can pick rows up again.
+  x = np.repeat(np.array([[0.0, 1.0], [3.0, -1.0]], np.float32), 5, axis=0)
+  state = gmm.fit(gmm.GMMConfig(n_components=4), x, jax.random.key(0))
+  w = np.asarray(state.weights)
+  assert np.sum(w < 1e-3) == 2  # two components without rows, as the test above says
+  assert np.all(w > 0) and np.all(np.isfinite(np.log(w)))
+
+
+def test_gmm_weighted_ledoit_wolf_uses_kish_effective_size():
+  # Equal responsibilities (0.5 for every row) weigh nothing: the weighted Ledoit-Wolf
+  # coefficient must be scikit-learn's on the unweighted rows. Kish's effective size is
+  # (sum r)^2 / sum r^2 = n here; N_k = n / 2 in its place gives another coefficient.
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(30, 6)) @ rng.normal(size=(6, 6))
+  resp = np.full(30, 0.5)
+  with jax.enable_x64(True):
+    mean = jnp.asarray(x.mean(axis=0))
+    cov, shrink = gmm._weighted_cov(
+      jnp.asarray(x), jnp.asarray(resp), mean, jnp.asarray(resp.sum()), 'ledoit_wolf'
+    )
+  ref_cov, ref_shrink = sk_ledoit_wolf(x)
+  assert 0.05 < ref_shrink < 0.95  # a coefficient that n changes
+  np.testing.assert_allclose(float(shrink), ref_shrink, rtol=1e-8)
+  np.testing.assert_allclose(np.asarray(cov), ref_cov, rtol=1e-8, atol=1e-12)
+
+
+def test_gmm_convergence_is_on_the_size_of_the_change():
+  # With Ledoit-Wolf covariances EM's log-likelihood may drop; EM stops when it changes by
+  # less than tol either way, not at the first drop. The trajectory comes from fits of
+  # 1, 2, ... iterations (tol=0): iteration t compares the log-likelihoods after t-1 and t-2.
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(40, 6)).astype(np.float32) * rng.uniform(0.5, 3, 6).astype(np.float32)
+  tol, key = 1e-3, jax.random.key(3)
+  config = gmm.GMMConfig(n_components=2, tol=tol, max_iter=100)
+  state = gmm.fit(config, x, key)
+  n = int(state.n_iter)
+  ll = {
+    t: float(gmm.fit(gmm.GMMConfig(n_components=2, tol=0.0, max_iter=t), x, key).log_likelihood)
+    for t in range(1, n)
+  }
+  drops = [t for t in range(2, n) if ll[t] - ll[t - 1] < -tol]
+  assert drops, 'the case under test: the log-likelihood drops by more than tol before the end'
+  assert bool(state.converged) and n < 100
+  assert abs(ll[n - 1] - ll[n - 2]) < tol
+  assert all(abs(ll[t - 1] - ll[t - 2]) >= tol for t in range(3, n))
+
+
 @pytest.mark.parametrize('value', [0, -2, (2, 0), (), 1.5, True])
 def test_gmm_rejects_non_positive_components(value):
   with pytest.raises(ValueError, match='n_components'):
@@ -332,3 +381,57 @@ def test_flow_non_finite_loss_names_epoch_and_level():
 def test_flow_config_rejects_bad_values(field, value):
   with pytest.raises(ValueError, match=f'FlowConfig.{field}'):
     flow.FlowConfig(**{field: value})
+
+
+def _held_out(x, key, config):
+  """The held-out rows of flow.fit(config, x, key): the split the fit draws from its key."""
+  n = len(x)
+  n_val = min(max(1, int(round(config.val_fraction * n))), n - 1)
+  k_split = jax.random.split(key, 3)[0]
+  return x[np.asarray(jax.random.permutation(k_split, n))[:n_val]]
+
+
+def test_flow_early_stopping_counts_ties_as_no_improvement():
+  # A learning rate far below float32 resolution: the parameters, hence the held-out loss,
+  # never change. Epoch 1 improves on +inf; each later epoch ties, which is no improvement,
+  # so training stops after exactly 1 + patience epochs.
+  x = np.asarray(make_moons(80, noise=0.1, random_state=3)[0], np.float32)
+  config = flow.FlowConfig(
+    n_layers=2, hidden=8, epochs=30, batch_size=32, learning_rate=1e-30, patience=4
+  )
+  state = flow.fit(config, x, jax.random.key(0))
+  assert int(state.epochs) == 1 + config.patience
+
+
+def test_flow_keeps_the_parameters_of_the_best_held_out_epoch():
+  # Small data, a large learning rate and little patience: training stops early, after
+  # epochs that were worse than the best. The state's held-out NLL (the best one seen) must
+  # be that of the parameters it returns, recomputed on the held-out rows.
+  x = np.asarray(make_moons(120, noise=0.1, random_state=4)[0], np.float32)
+  config = flow.FlowConfig(
+    n_layers=4, hidden=32, epochs=200, batch_size=16, learning_rate=3e-2, patience=3
+  )
+  key = jax.random.key(1)
+  state = flow.fit(config, x, key)
+  assert int(state.epochs) < config.epochs  # stopped early: the last epoch is not the best
+  nll = -float(np.mean(np.asarray(flow.log_prob(state, _held_out(x, key, config)), np.float64)))
+  np.testing.assert_allclose(float(state.held_out_nll), nll, rtol=1e-4, atol=1e-4)
+
+
+def test_flow_held_out_nll_is_in_raw_units():
+  # Rows 10x off unit scale (sum log std = D log 10 > 0): the held-out NLL in raw units is
+  # the standardised one plus sum log std, i.e. minus the mean log-density of those rows.
+  x = np.asarray(make_moons(80, noise=0.1, random_state=5)[0], np.float32) * 10.0
+  config = flow.FlowConfig(n_layers=2, hidden=8, epochs=3, batch_size=32, learning_rate=1e-30)
+  key = jax.random.key(2)
+  state = flow.fit(config, x, key)
+  nll = -float(np.mean(np.asarray(flow.log_prob(state, _held_out(x, key, config)), np.float64)))
+  assert nll > 0  # in standardised units it would be about 2.8 less per dimension
+  np.testing.assert_allclose(float(state.held_out_nll), nll, rtol=1e-4)
+
+
+def test_gmm_components_up_to_the_rows_of_a_fit():
+  densities.check_rows(gmm.GMMConfig(n_components=(2, 8)), 8)  # one row per component: fine
+  with pytest.raises(ValueError, match=r'--gmm_components=2,9: \[9\] exceed the 8 training rows'):
+    densities.check_rows(gmm.GMMConfig(n_components=(2, 9)), 8)
+  densities.check_rows(flow.FlowConfig(), 2)  # no components: nothing to check

@@ -1,6 +1,7 @@
 """Tests for jax_gad.detector / jax_gad.fit: fit, calibration, save/load, refusals."""
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -386,3 +387,134 @@ def test_fit_cli_exit_code_and_one_line_error(tmp_path, raw, checkpoint):
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1].startswith("jax_gad.fit: error: --target_fpr")
   assert not out.exists()
+
+
+# --- calibration and decision rules ------------------------------------------------
+
+
+def _small_detector(n=40, target_fpr=0.05, levels=(2, 4), reduction=None, seed=0):
+  """A detector fitted on random features of the lite0 widths of ``levels`` (no backbone)."""
+  from jax_gad.models import efficientnet
+
+  rng = np.random.default_rng(seed)
+  widths = efficientnet.level_widths(ARCH)
+  feats = [rng.normal(size=(n, widths[l])) @ rng.normal(size=(widths[l],) * 2) for l in levels]
+  return detector_lib.fit_features(
+    feats,
+    levels=levels,
+    target_fpr=target_fpr,
+    reduction=reduction,
+    arch=ARCH,
+    checkpoint_sha256="0" * 64,
+    image_size=SIZE,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    info={"n_train": n},
+  )
+
+
+def test_decide_is_strictly_above_the_threshold():
+  det = _small_detector(n=40, target_fpr=0.05)
+  assert not det.decide(np.array([det.threshold]))[0]
+  assert det.decide(np.array([np.nextafter(det.threshold, np.inf)]))[0]
+  # On the out-of-fold scores the FPR is at most the target: 2 of 40 here (3 with >=).
+  assert det.decide(det.calibration_scores).sum() == 2
+
+
+def test_calibrated_threshold_is_the_exact_ceil_rank():
+  # Independent: the rank ceil(n (1 - a)) in exact rational arithmetic.
+  from fractions import Fraction
+
+  numpy_differs = []
+  for n in range(1, 201):
+    scores = np.arange(1.0, n + 1.0)[::-1].copy()  # unsorted input
+    for a in [round(0.01 * i, 2) for i in range(1, 51)] + [0.001, 0.005, 0.025, 0.075]:
+      rank = max(1, math.ceil(n * (1 - Fraction(str(a)))))
+      assert detector_lib.calibrated_threshold(scores, a) == rank, (n, a)
+      if np.quantile(scores, 1 - a, method="inverted_cdf") != rank:
+        numpy_differs.append((n, a))
+  # What the module docstring says: numpy's inverted_cdf is one rank off for some (n, a).
+  assert (25, 0.44) in numpy_differs
+
+
+def test_fit_honours_calibration_folds(raw, checkpoint, tmp_path, monkeypatch):
+  from jax_gad.data import pipeline
+
+  rng = np.random.default_rng(0)
+  fake = {}
+
+  def pooled(extractor, split, **kwargs):  # features without extraction: the folds are under test
+    fake["feats"] = [rng.normal(size=(len(split), 6)) for _ in extractor.levels]
+    return fake["feats"]
+
+  monkeypatch.setattr(pipeline, "pooled_features", pooled)
+  options = dict(
+    category=CATEGORY,
+    dataset="folder",
+    data_dir=str(raw),
+    tfds_dir=str(tmp_path / "tfds"),
+    arch=ARCH,
+    checkpoint=checkpoint,
+    image_size=SIZE,
+    levels=(2, 8),
+    calibration_folds=3,
+  )
+  det = jax_gad.fit_detector(config.from_flat(config.Fit, options), progress=False)
+  assert det.n_folds == 3
+  three = detector_lib.out_of_fold_scores(fake["feats"], 3)
+  np.testing.assert_array_equal(det.calibration_scores, three)
+  assert not np.allclose(three, detector_lib.out_of_fold_scores(fake["feats"], 5))
+
+
+def _bad_fields(det):
+  """(changes, expected message) per check of check_detector."""
+  bad_scores = np.asarray(det.calibration_scores).copy()
+  bad_scores[0] = np.nan
+  return [
+    (dict(arch="resnet50"), "'arch': 'resnet50' is not one of"),
+    (dict(image_size=8), "'image_size': 8 is not an integer >= 16"),
+    (dict(image_size=64.5), "'image_size': 64.5 is not an integer"),
+    (dict(mean=(0.5, 0.5)), "'mean': [0.5, 0.5] is not 3 finite numbers"),
+    (dict(std=(0.2, 0.0, 0.2)), "'std': [0.2, 0.0, 0.2] has a value <= 0"),
+    (dict(dtype="float16"), "'dtype': 'float16' is not float32 or bfloat16"),
+    (dict(levels=(2, 2)), "'levels': [2, 2] is not a list of distinct level indices"),
+    (dict(levels=(2, 9)), "'levels': [2, 9] is not a list of distinct level indices"),
+    (dict(levels=(2,)), "'levels': 1 levels but the arrays hold 2"),
+    (dict(levels=(4, 2)), "'levels': level 4 has 80 features in efficientnet-lite0, but its "),
+    (dict(reduction={"mode": "pca", "threshold": 0.5}), "'reduction': {'mode': 'pca'"),
+    (dict(aggregation="max"), "'aggregation': 'max' is not 'mean'"),
+    (dict(target_fpr=1.5), "'target_fpr': 1.5 is not in (0, 1)"),
+    (dict(threshold=float("inf")), "'threshold': inf is not a finite number"),
+    (dict(threshold=det.threshold + 1.0), "is not the target_fpr=0.05 quantile"),
+    (dict(n_folds=1), "'n_folds': 1 is not an integer >= 2"),
+    (dict(calibration_scores=bad_scores), "'calibration_scores': shape (40,) is not n >= 5"),
+    (dict(info={"n_train": 39}), "'info': n_train 39 differs from the 40 out-of-fold scores"),
+    (dict(sigmas=()), "'sigmas': [] is not a list of positive integers"),
+    (dict(sigma_thresholds=((1.0,),) * 2), "'sigma_thresholds': expected 2 rows of 8"),
+  ]
+
+
+def test_every_header_check_names_the_field():
+  det = _small_detector()
+  detector_lib.check_detector(det, where="d.jgd")  # a consistent detector passes
+  for changes, message in _bad_fields(det):
+    with pytest.raises(ValueError) as err:
+      detector_lib.check_detector(det.replace(**changes), where="d.jgd")
+    assert str(err.value).startswith("d.jgd: header field ") and message in str(err.value), changes
+  # With PCA, a projection fitted on another level's width is caught too.
+  pca = _small_detector(reduction={"mode": "pca", "threshold": 0.9})
+  detector_lib.check_detector(pca, where="d.jgd")
+  with pytest.raises(ValueError, match=r"level 4 has 80 channels .* projection is for 24"):
+    detector_lib.check_detector(pca.replace(levels=(4, 2)), where="d.jgd")
+  with pytest.raises(ValueError, match=r"'reduction': None does not match"):
+    detector_lib.check_detector(pca.replace(reduction=None), where="d.jgd")
+
+
+def test_header_checked_against_the_checkpoint():
+  det = _small_detector()
+  meta = {"arch": ARCH, "mean": det.mean, "std": det.std}
+  detector_lib.check_backbone(det, meta, "w.msgpack", "d.jgd")
+  with pytest.raises(ValueError, match=r"d.jgd is for efficientnet-lite0, but w.msgpack holds"):
+    detector_lib.check_backbone(det, dict(meta, arch="efficientnet-b0"), "w.msgpack", "d.jgd")
+  with pytest.raises(ValueError, match=r"d.jgd: header field 'std' is .* the checkpoint w.msgpack"):
+    detector_lib.check_backbone(det, dict(meta, std=(0.5, 0.5, 0.5)), "w.msgpack", "d.jgd")

@@ -78,7 +78,12 @@ def detector_path(fitted, checkpoint, images):
   det = jax_gad.load_detector(fitted[0], checkpoint=checkpoint)
   total = np.sort(det.score(list(images)).total)
   path = fitted[0].parent / "det_mid.jgd"
-  det.replace(threshold=float((total[3] + total[4]) / 2)).save(path)
+  # The file's header is checked against its stored out-of-fold scores: scale those so
+  # that their calibrated quantile is the moved threshold.
+  scores = np.asarray(det.calibration_scores) * ((total[3] + total[4]) / 2 / det.threshold)
+  threshold = detector_lib.calibrated_threshold(scores, det.target_fpr)
+  assert total[3] < threshold < total[4]
+  det.replace(calibration_scores=scores, threshold=threshold).save(path)
   return path
 
 

@@ -38,3 +38,35 @@ def test_failure_leaves_old_file_and_no_temporary(tmp_path, monkeypatch, where):
     files.atomic_write(target, data)
   assert target.read_text() == "old"
   assert os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_replace_dir_without_an_atomic_exchange_keeps_the_new_folder(tmp_path, monkeypatch):
+  # Where renameat2(RENAME_EXCHANGE) is missing (not Linux), two renames do the swap.
+  monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+  path, new = tmp_path / "work", tmp_path / "new"
+  path.mkdir()
+  (path / "old.txt").write_text("old")
+  new.mkdir()
+  (new / "results.json").write_text("new")
+  files.replace_dir(new, path)
+  assert sorted(os.listdir(path)) == ["results.json"]
+  assert (path / "results.json").read_text() == "new"
+  assert sorted(os.listdir(tmp_path)) == ["work"]  # the old content is gone, nothing left over
+
+
+def test_outputs_that_are_inputs_are_refused(tmp_path):
+  image = tmp_path / "a.png"
+  image.write_bytes(b"x")
+  data = tmp_path / "data"
+  data.mkdir()
+  (tmp_path / "alias.png").symlink_to(image)
+  check = files.check_not_an_input
+  with pytest.raises(ValueError, match=r"--output=.*alias.png is the input image .*a.png"):
+    check("output", tmp_path / "alias.png", [("the input image", image)])
+  with pytest.raises(ValueError, match=r"lies inside the data"):
+    check("output", data / "sub" / "x.csv", [("the data", data)])
+  with pytest.raises(ValueError, match=r"--workdir=.* holds --data_dir"):
+    check("workdir", tmp_path, [], kept=[("--data_dir", data)])
+  # Beside an input, or a kept folder that holds the output: fine.
+  check("output", tmp_path / "scores.csv", [("the input image", image), ("the data", data)])
+  check("workdir", data / "run", [], kept=[("--cache_dir", tmp_path)])

@@ -7,6 +7,7 @@ naming the culprit with nothing written, or a complete, correct run.
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from PIL import Image
 import pytest
 
 from jax_gad import checkpoint as ckpt
-from jax_gad import config, experiment, files, main, protocol
+from jax_gad import config, data, experiment, files, main, protocol
 
 ARCH = "efficientnet-lite0"
 SIZE = 32  # the smallest input the tests use: the protocol is under test, not the network
@@ -52,6 +53,22 @@ def _config(tmp_path, data, weights, **kw):
   )
   base.update(kw)
   return config.from_flat(config.Experiment, base)
+
+
+def _fit(output, category, progress=False, **options):
+  """fit.command's old keyword form, as the CLI runs it now (a config.Fit)."""
+  from jax_gad import fitting
+
+  options = dict(options, output=str(output), category=category)
+  return fitting.fit_and_save(config.from_flat(config.Fit, options), progress=progress)
+
+
+def _predict(detector, input, output, progress=False, **options):
+  """predict.command's old keyword form, as the CLI runs it now (a config.Predict)."""
+  from jax_gad import predict
+
+  options = dict(options, detector=str(detector), input=str(input), output=str(output))
+  return predict.command(config.from_flat(config.Predict, options), progress=progress)
 
 
 def _runs(doc):
@@ -406,3 +423,303 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
   removed = files.remove_stale_temporaries(tmp_path)
   assert sorted(removed) == sorted([str(stale), str(stale_dir)])
   assert live.exists() and recent.exists()
+
+
+# ---------------------------------------------------------------------------
+# Trust: one case per kind of silent fault (detector header, overwriting an
+# input, stale temporaries, image formats, masks, too few images, identical
+# images, settings known to fail before extraction)
+# ---------------------------------------------------------------------------
+
+
+def _dead_pid():
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  return dead.pid
+
+
+def _plant_stale(folder, name="x"):
+  """A temporary of a writer that died an hour ago; returns its path."""
+  stale = folder / f".tmp-{_dead_pid()}-abc-{name}"
+  stale.write_text("half")
+  old = time.time() - 3600
+  os.utime(stale, (old, old))
+  return stale
+
+
+@pytest.fixture(scope="module")
+def fitted_file(tmp_path_factory, mvtec, checkpoint):
+  """A detector fitted by the fit command into a folder holding a dead writer's temporary."""
+  out = tmp_path_factory.mktemp("detector")
+  stale = _plant_stale(out, "det.jgd")
+  det = _fit(
+    str(out / "det.jgd"),
+    "bottle",
+    dataset="mvtec_ad",
+    data_dir=mvtec,
+    tfds_dir=str(tmp_path_factory.mktemp("tfds")),
+    arch=ARCH,
+    checkpoint=checkpoint,
+    image_size=SIZE,
+    levels=(6, 8),
+    batch_size=8,
+    progress=False,
+  )
+  return out / "det.jgd", det, stale
+
+
+def _resigned(path, tmp_path, **changes):
+  """The detector file with header fields changed and the checksum made to match."""
+  from jax_gad import detector as detector_lib
+
+  head, payload = path.read_bytes().split(b"\n", 1)
+  header = json.loads(head)
+  header.update(changes)
+  out = tmp_path / "edited.jgd"
+  out.write_bytes(detector_lib.encode(header, payload))
+  return out
+
+
+def test_1_detector_header_is_under_the_checksum_and_checked(fitted_file, checkpoint, tmp_path):
+  from jax_gad import detector as detector_lib
+
+  path, det, _ = fitted_file
+  head, payload = path.read_bytes().split(b"\n", 1)
+  # One edited byte of the header, checksum untouched: refused like a flipped payload byte.
+  for field in ("threshold", "image_size", "mean"):
+    header = json.loads(head)
+    header[field] = header[field] + 1 if field != "mean" else [0.9, 0.9, 0.9]
+    edited = tmp_path / f"{field}.jgd"
+    edited.write_bytes(
+      json.dumps(header, sort_keys=True, separators=(",", ":")).encode() + b"\n" + payload
+    )
+    with pytest.raises(ValueError, match=r"corrupt or was edited") as err:
+      detector_lib.read_detector(edited)
+    assert str(edited) in str(err.value)
+  # Re-signed (a consistent checksum), the header is still checked against itself and the arrays.
+  cases = {
+    "levels": (dict(levels=[8, 6]), r"header field 'levels': level 8 has 1280 features"),
+    "threshold": (
+      dict(threshold=det.threshold * 5),
+      r"header field 'threshold': .* is not the target_fpr=0.01 quantile",
+    ),
+    "image_size": (dict(image_size=8), r"header field 'image_size': 8 is not an integer >= 16"),
+    "mean": (dict(mean=[0.5, 0.5]), r"header field 'mean': \[0.5, 0.5\] is not 3 finite"),
+    "target_fpr": (dict(target_fpr=1.5), r"header field 'target_fpr': 1.5 is not in \(0, 1\)"),
+    "threshold type": (
+      dict(threshold="18.26"),
+      r"header field 'threshold': '18.26' is not a finite",
+    ),
+  }
+  for name, (changes, message) in cases.items():
+    edited = _resigned(path, tmp_path, **changes)
+    with pytest.raises(ValueError, match=message) as err:
+      detector_lib.read_detector(edited)
+    assert str(edited) in str(err.value), name
+  # mean / std against the checkpoint: a consistent file whose normalisation is not the weights'.
+  h = json.loads(head)
+  edited = _resigned(path, tmp_path, mean=[m + 0.1 for m in h["mean"]])
+  with pytest.raises(ValueError, match=r"header field 'mean' is .* but the checkpoint"):
+    jax_gad_load(edited, checkpoint)
+  # Version 1 (no checksum over its header) is refused, saying why.
+  v1 = tmp_path / "v1.jgd"
+  h1 = dict(json.loads(head), format_version=1)
+  v1.write_bytes(json.dumps(h1).encode() + b"\n" + payload)
+  with pytest.raises(
+    ValueError, match=r"format_version 1 \(version 1 has no checksum over its header\)"
+  ):
+    detector_lib.read_detector(v1)
+
+
+def jax_gad_load(path, weights):
+  import jax_gad
+
+  return jax_gad.load_detector(path, checkpoint=weights)
+
+
+def test_2_no_command_writes_over_its_inputs(fitted_file, mvtec, checkpoint, tmp_path):
+
+  path, _, _ = fitted_file
+  image = os.path.join(mvtec, "bottle", "test", "good", "000.png")
+  before = {p: open(p, "rb").read() for p in (image, str(path))}
+  link = tmp_path / "link.jgd"
+  link.symlink_to(path)
+  for output, expect in (
+    (image, "is the input image"),
+    (str(path), "is the detector"),
+    (str(link), "is the detector"),  # a symlink to it
+    (checkpoint, "is the checkpoint"),
+  ):
+    with pytest.raises(ValueError, match=f"--output=.* {expect}"):
+      _predict(str(path), os.path.join(mvtec, "bottle", "test"), output, checkpoint=checkpoint)
+  for p, content in before.items():
+    assert open(p, "rb").read() == content
+  for output, expect in (
+    (checkpoint, "is the checkpoint"),
+    (os.path.join(mvtec, "bottle", "train", "good", "det.png"), "lies inside the training data"),
+  ):
+    with pytest.raises(ValueError, match=expect):
+      _fit(output, "bottle", dataset="mvtec_ad", data_dir=mvtec, checkpoint=checkpoint)
+  # main replaces its workdir whole: a workdir holding the data is refused before any work.
+  data_copy = tmp_path / "run" / "data"
+  shutil.copytree(mvtec, data_copy)
+  (tmp_path / "run" / "results.json").write_text("{}")  # looks like an earlier run
+  with pytest.raises(ValueError, match=r"--workdir=.* holds --data_dir"):
+    experiment.run(_config(tmp_path, str(data_copy), checkpoint, workdir=str(tmp_path / "run")))
+  assert (data_copy / "bottle" / "train" / "good" / "000.png").exists()
+
+
+def test_3_every_command_removes_stale_temporaries(fitted_file, mvtec, checkpoint, tmp_path):
+  from jax_gad.benchmark import report as bench_report
+
+  path, _, stale_of_fit = fitted_file
+  assert not stale_of_fit.exists() and path.exists()  # fit cleaned its output folder
+  stale = _plant_stale(tmp_path, "scores.csv")
+  _predict(
+    str(path),
+    os.path.join(mvtec, "bottle", "test", "good"),
+    str(tmp_path / "scores.csv"),
+    checkpoint=checkpoint,
+    progress=False,
+  )
+  assert not stale.exists() and (tmp_path / "scores.csv").exists()
+  stale = _plant_stale(tmp_path, "bench.json")
+  bench_report.write_json(str(tmp_path / "bench.json"), {"a": 1})
+  assert not stale.exists()
+
+
+def _png16_rgb(array):
+  """A 16-bit RGB PNG written by hand (PIL cannot write one)."""
+  import struct
+  import zlib
+
+  h, w, _ = array.shape
+  raw = b"".join(b"\x00" + array[i].astype(">u2").tobytes() for i in range(h))
+
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+  ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+  return (
+    b"\x89PNG\r\n\x1a\n"
+    + chunk(b"IHDR", ihdr)
+    + chunk(b"IDAT", zlib.compress(raw))
+    + chunk(b"IEND", b"")
+  )
+
+
+def test_4_image_formats_32_bit_and_float_refused_16_bit_colour_scaled(tmp_path):
+  from jax_gad import predict
+  from jax_gad.data import folder
+
+  eight_bit = np.random.default_rng(0).integers(0, 256, (8, 8)).astype(np.int32)
+  for mode, array in (("I", eight_bit), ("F", eight_bit.astype(np.float32))):
+    path = tmp_path / f"{mode}.tif"
+    Image.fromarray(array).save(path)
+    kind = "32-bit integer" if mode == "I" else "floating-point"
+    with pytest.raises(ValueError, match=f"{path} has {kind} pixels \\(mode '{mode}'\\)"):
+      predict.read_image(str(path))
+    with pytest.raises(ValueError, match=f"mode '{mode}'"):
+      folder.read_image(path)
+  # 16-bit colour: each channel's high byte (within one grey level of round(v * 255 / 65535)).
+  rgb16 = np.random.default_rng(1).integers(0, 65536, (5, 7, 3)).astype(np.uint16)
+  png = tmp_path / "rgb16.png"
+  png.write_bytes(_png16_rgb(rgb16))
+  got = predict.read_image(str(png))
+  np.testing.assert_array_equal(got, (rgb16 >> 8).astype(np.uint8))
+  assert np.abs(got.astype(int) - np.round(rgb16.astype(np.float64) * 255 / 65535)).max() <= 1
+  # 16-bit gray stays scaled over the full range.
+  gray16 = np.array([[0, 257, 65535, 32768]], np.uint16)
+  Image.fromarray(gray16).save(tmp_path / "g16.png")
+  np.testing.assert_array_equal(
+    predict.read_image(str(tmp_path / "g16.png"))[..., 0], [[0, 1, 255, 128]]
+  )
+
+
+def test_5_odd_masks_are_warned_about_and_recorded(tmp_path, checkpoint):
+  root = write_mvtec(tmp_path / "masks", categories=(("bottle", "rgb"),))
+  gt = tmp_path / "masks" / "bottle" / "ground_truth"
+  soft = np.asarray(Image.open(gt / "crack" / "000_mask.png")).copy()
+  soft[0, :4] = [1, 2, 3, 4]  # JPEG-like edges
+  Image.fromarray(soft).save(gt / "crack" / "000_mask.png")
+  Image.fromarray(np.zeros_like(soft)).save(gt / "hole" / "001_mask.png")
+  test = data.load("mvtec_ad", "bottle", "test", data_dir=root, tfds_dir=str(tmp_path / "tfds"))
+  assert test.mask_notes == {"non_binary": ["test/crack/000.png"], "empty": ["test/hole/001.png"]}
+  # The rule: non-zero is defect, so the soft edge pixels count as defect.
+  crack = test[test.file_names.index("test/crack/000.png")]["mask"]
+  assert (crack[0, :4] == 255).all()
+  doc = experiment.run(_config(tmp_path, root, checkpoint, levels=(8,), distances=("mahalanobis",)))
+  messages = [w["message"] for w in doc["warnings"]]
+  assert any(
+    "1 mask(s) with values other than 0 and the maximum" in m and "crack/000" in m for m in messages
+  )
+  assert any("1 defect image(s) whose mask is all zero" in m and "hole/001" in m for m in messages)
+
+
+def test_6_too_few_images_for_the_target_fpr_is_warned_and_recorded(fitted_file, capsys):
+  from jax_gad import detector as detector_lib
+
+  rng = np.random.default_rng(0)
+  with pytest.warns(detector_lib.FitWarning) as caught:
+    det = detector_lib.fit_features(
+      [rng.normal(size=(3, 4))], levels=(8,), target_fpr=0.01, n_folds=3
+    )
+  expect = (
+    "3 training images: the out-of-fold FPR moves in steps of 1/3, so --target_fpr=0.01 cannot "
+    "be resolved (the threshold is the highest out-of-fold score); need at least 100"
+  )
+  assert expect in [str(w.message) for w in caught] and expect in det.info["warnings"]
+  # The same warning is saved in the file fitted by the command (10 images) and said by predict.
+  path, _, _ = fitted_file
+  saved = detector_lib.read_detector(path)
+  assert any(
+    w.startswith("10 training images") and "need at least 100" in w for w in saved.info["warnings"]
+  )
+  from jax_gad import predict
+
+  empty = predict.Prediction([], np.zeros(0), np.zeros(0, bool), {}, None)
+  assert any("need at least 100" in line for line in predict.summary(saved, empty))
+  # Enough images: no warning.
+  det = detector_lib.fit_features(
+    [rng.normal(size=(100, 4))], levels=(8,), target_fpr=0.01, n_folds=5
+  )
+  assert det.info["warnings"] == []
+
+
+def test_7_identical_training_images_warn_and_flag_the_zero_threshold():
+  from jax_gad import detector as detector_lib
+
+  same = np.tile(np.arange(6, dtype=np.float32), (120, 1))
+  with pytest.warns(detector_lib.FitWarning):
+    det = detector_lib.fit_features([same, same[:, :3]], levels=(4, 8), target_fpr=0.05)
+  notes = det.info["warnings"]
+  assert (
+    "level 4: every training feature has zero variance (identical images or only dead "
+    "channels); its distances carry no information" in notes
+  )
+  assert any(n.startswith("level 8: every training feature has zero variance") for n in notes)
+  assert det.threshold == 0.0
+  assert any(n.startswith("the calibrated threshold is 0.0") for n in notes)
+
+
+def test_8_settings_known_to_fail_are_refused_before_extraction(
+  tmp_path, mvtec, checkpoint, monkeypatch
+):
+  from jax_gad.data import pipeline
+
+  def no_extraction(*args, **kwargs):
+    raise AssertionError("features were extracted before the check")
+
+  monkeypatch.setattr(pipeline, "pooled_features", no_extraction)
+  # 10 training images: a fold fits on 8 rows.
+  cfg = _config(tmp_path, mvtec, checkpoint, density="gmm", gmm_components=(2, 64))
+  with pytest.raises(
+    ValueError, match=r"--gmm_components=2,64: \[64\] exceed the 8 training rows of a bottle fold"
+  ):
+    experiment.run(cfg)
+  cfg = _config(tmp_path, mvtec, checkpoint, maps=True, map_levels=(3, 5), map_channels=100000)
+  with pytest.raises(
+    ValueError, match=r"--map_channels=100000 exceeds the 40 channels of map level 3"
+  ):
+    experiment.run(cfg)
+  assert not (tmp_path / "work").exists()

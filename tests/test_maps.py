@@ -263,3 +263,71 @@ def test_write_overlay_png(tmp_path):
     assert png.format == 'PNG' and png.size[0] > 100
   with pytest.raises(ValueError, match='agree'):
     overlay.render(image, amap[:5], None, vmin=0, vmax=1)
+
+
+def _biased_cov(x):
+  """The empirical covariance (divided by n), as Ledoit-Wolf's shrinkage target is built on."""
+  x = np.asarray(x, np.float64)
+  z = x - x.mean(axis=0)
+  return z.T @ z / len(x)
+
+
+def _fallback_maps():
+  """(train, test) maps whose location (0, 1) makes the Cholesky route fail, so that every
+  location is refitted by the eigendecomposition route; (0, 0) is rank-deficient (3 rows, 3
+  channels) and needs the ridge to be invertible."""
+  rng = np.random.default_rng(3)
+  train = np.zeros((3, 1, 2, 3), np.float32)
+  train[:, 0, 0] = rng.normal(size=(3, 3))
+  train[:, 0, 1] = np.outer(rng.normal(size=3), [1e5, -1e5, 3e4])  # rank 1, huge scale
+  test = rng.normal(size=(4, 1, 2, 3)).astype(np.float32)
+  return train, test
+
+
+def test_eigendecomposition_fallback_keeps_the_ridge():
+  train, test = _fallback_maps()
+  stats = mfit.accumulate(mfit.empty(train.shape[1:], jnp.float32), jnp.asarray(train))
+  value, ridge = jnp.float32(0.0), jnp.float32(1.0)
+  _, ok = mfit._finalize_fast_jit(stats, 'fixed', value, ridge)
+  assert not bool(np.all(ok))  # the fallback route runs
+  state = mfit.finalize(stats, shrinkage=0.0, ridge=1.0)
+  cov = _biased_cov(train[:, 0, 0]) + np.eye(3)
+  z = test[:, 0, 0].astype(np.float64) - train[:, 0, 0].mean(axis=0)
+  expected = np.sqrt(np.einsum('ni,ij,nj->n', z, np.linalg.inv(cov), z))
+  np.testing.assert_allclose(np.asarray(mfit.score(state, test))[:, 0, 0], expected, rtol=1e-3)
+
+
+@pytest.mark.parametrize('seed', [0, 7, 10])
+def test_cholesky_route_rejects_rounding_size_pivots(seed):
+  # 3 rows in 3 channels: a singular covariance (rank 2) whose float32 Cholesky factorisation
+  # completes with a rounding-size last pivot (seeds chosen so; asserted below). No
+  # shrinkage, no ridge: the distances of new points must be the pseudo-inverse ones (null
+  # space ignored, as scikit-learn's), not those of the rounding-size pivot (100x larger).
+  rng = np.random.default_rng(seed)
+  train = rng.normal(size=(3, 1, 1, 3)).astype(np.float32)
+  test = rng.normal(size=(5, 1, 1, 3)).astype(np.float32)
+  stats = mfit.accumulate(mfit.empty(train.shape[1:], jnp.float32), jnp.asarray(train))
+  cov, _, _ = gaussian._shrunk_covariance(
+    jax.tree_util.tree_map(lambda a: a[0, 0], stats), 'fixed', jnp.float32(0.0)
+  )
+  pivots = np.diagonal(np.asarray(jnp.linalg.cholesky(cov, symmetrize_input=False)))
+  cutoff = 3 * np.finfo(np.float32).eps * float(np.max(np.diagonal(np.asarray(cov))))
+  assert np.all(np.isfinite(pivots)) and pivots.min() ** 2 <= cutoff  # the case under test
+  got = np.asarray(mfit.score(mfit.fit(train, shrinkage=0.0), test))[:, 0, 0]
+  x = train[:, 0, 0].astype(np.float64)
+  w, v = np.linalg.eigh(_biased_cov(x))
+  keep = w > 3 * np.finfo(np.float32).eps * w.max()
+  pinv = (v[:, keep] / w[keep]) @ v[:, keep].T
+  z = test[:, 0, 0].astype(np.float64) - x.mean(axis=0)
+  expected = np.sqrt(np.einsum('ni,ij,nj->n', z, pinv, z))
+  np.testing.assert_allclose(got, expected, rtol=1e-2, atol=1e-3)
+
+
+def test_map_channels_up_to_the_narrowest_map_level():
+  from jax_gad.maps import pipeline
+
+  # efficientnet-lite0 levels 3 and 5 have 40 and 112 channels.
+  settings = pipeline.settings_for('efficientnet-lite0', (3, 5), 40, 'mean', 4.0)
+  assert [len(c) for c in settings.channels] == [40, 40]
+  with pytest.raises(ValueError, match=r'--map_channels=41 exceeds the 40 channels of map level 3'):
+    pipeline.settings_for('efficientnet-lite0', (5, 3), 41, 'mean', 4.0)

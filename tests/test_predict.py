@@ -207,6 +207,49 @@ def test_cli_exit_code_in_a_subprocess(setup, checkpoint, tmp_path):
   assert not (tmp_path / "o.csv").exists()
 
 
+def test_a_score_equal_to_the_threshold_is_normal(setup, checkpoint, tmp_path):
+  # The decision is "strictly above the threshold": put the threshold exactly on one image's
+  # score (the CSV's repr round-trips the float) and score the same images again.
+  root, det_path = setup
+  det = jax_gad.load_detector(det_path, checkpoint=checkpoint)
+  inputs = predict.find_inputs(str(root / CATEGORY / "test"))
+  first = predict.predict(det, inputs, str(tmp_path / "a.csv"), batch_size=8, progress=False)
+  totals = [float(r["total"]) for r in _rows(tmp_path / "a.csv")]
+  assert totals == list(first.total)
+  k = int(np.argsort(totals)[len(totals) // 2])
+  at = det.replace(threshold=totals[k])
+  again = predict.predict(at, inputs, str(tmp_path / "b.csv"), batch_size=8, progress=False)
+  rows = _rows(tmp_path / "b.csv")
+  assert float(rows[k]["total"]) == totals[k]
+  assert rows[k]["decision"] == "normal" and not again.flagged[k]
+  expect = ["anomalous" if t > totals[k] else "normal" for t in totals]
+  assert [r["decision"] for r in rows] == expect and expect.count("anomalous") > 0
+
+
+def test_labels_need_good_and_at_least_one_other_sub_folder(tmp_path):
+  for layout, labelled in ((("good",), False), (("crack",), False), (("good", "crack"), True)):
+    root = tmp_path / "_".join(layout)
+    for sub in layout:
+      (root / sub).mkdir(parents=True)
+      Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / sub / "0.png")
+    inputs = predict.find_inputs(str(root))
+    assert (inputs.labels is not None) == labelled, layout
+    if labelled:
+      assert inputs.labels == [int("/crack/" in p) for p in inputs.paths]
+
+
+def test_on_error_skip_records_os_errors(tmp_path):
+  # A dangling symlink: open() raises FileNotFoundError (an OSError, not a ValueError).
+  (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+  source = predict._ImageFiles([str(tmp_path / "gone.png")], skip=True, image_size=8)
+  example = source[0]
+  assert example["image"].shape == (8, 8, 3) and not example["image"].any()
+  assert str(tmp_path / "gone.png") in source.errors[0]
+  strict = predict._ImageFiles([str(tmp_path / "gone.png")], skip=False, image_size=8)
+  with pytest.raises(ValueError, match="gone.png"):
+    strict[0]
+
+
 def test_progress_bar_starts_after_the_compile(setup, checkpoint, tmp_path, monkeypatch):
   # The bar's clock starts when it is made; a compile after that would count in its rate and ETA.
   root, det_path = setup

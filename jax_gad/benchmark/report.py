@@ -356,5 +356,6 @@ def write_json(path: str, result: dict) -> None:
   """Writes ``result`` as JSON atomically (temporary file + ``os.replace``)."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
+  files.remove_stale_temporaries(directory)  # of earlier runs killed while writing here
   data = json.dumps(result, indent=1, sort_keys=True, allow_nan=False).encode('utf-8')
   files.atomic_write(path, data)

@@ -91,7 +91,12 @@ class SplitRecorder:
     self.labels: list[int] = []
     self.defect_types: list[str] = []
     self.stored_sha256: list[str] = []
+    self.mask_notes: dict[str, list[str]] = {}
     self._content = hashlib.sha256()
+
+  def note(self, kind: str, file_name: str) -> None:
+    """Records something odd about an example's mask (``'non_binary'``, ``'empty'``)."""
+    self.mask_notes.setdefault(kind, []).append(file_name)
 
   def add(
     self,
@@ -124,6 +129,7 @@ class SplitRecorder:
       "defect_types": list(self.defect_types),
       "stored_sha256": list(self.stored_sha256),
       "content_sha256": self._content.hexdigest(),
+      "mask_notes": {k: list(v) for k, v in sorted(self.mask_notes.items())},
     }
 
 
@@ -131,6 +137,23 @@ def store_split_metadata(info: tfds.core.DatasetInfo, split: str, recorder: Spli
   """Puts a finished split's record into ``info.metadata`` (saved with the dataset)."""
   info.metadata["format"] = METADATA_FORMAT
   info.metadata.setdefault("splits", {})[split] = recorder.as_metadata()
+
+
+MASK_NOTES = {
+  "non_binary": "mask(s) with values other than 0 and the maximum (every non-zero pixel counts "
+  "as defect)",
+  "empty": "defect image(s) whose mask is all zero (their pixels count as normal in the pixel "
+  "AUROC and AUPRO)",
+}
+
+
+def mask_warnings(where: str, notes: dict) -> list[str]:
+  """One line per kind of odd mask in ``notes`` (``{kind: [file names]}``), naming a few files."""
+  lines = []
+  for kind, names in sorted(notes.items()):
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    lines.append(f"{where}: {len(names)} {MASK_NOTES.get(kind, kind)}: {shown}")
+  return lines
 
 
 def shard_files(data_dir) -> list[str]:

@@ -25,11 +25,23 @@ the stored RGB uint8 image:
 * 16-bit gray: scaled linearly from the full 16-bit range to 8 bits,
   ``round(v * 255 / 65535)`` (no contrast stretch; 12-bit data stored in 16
   bits looks dark, as it does in an image viewer).
-* Anything else (CMYK, float, 16-bit colour, ...) is refused with a message
-  naming the file. Empty or undecodable files are refused naming the file.
+* 16-bit colour (RGB PNG or TIFF): accepted; the decoder (Pillow) keeps the
+  high byte of each channel, ``v // 256`` (within one grey level of the
+  16-bit gray rule).
+* 32-bit integer and floating-point pixels (TIFF modes ``I`` and ``F``) are
+  refused with a message naming the file and the mode: their value range is
+  not known (a 32-bit TIFF often holds 8-bit values), so no scaling is safe.
+  CMYK and other modes are refused the same way. Empty or undecodable files
+  are refused naming the file.
 
-Masks: any of those formats; non-zero pixels are defect (stored as 255). A
-mask whose size differs from its image is refused naming both files.
+Masks: any of those formats; a pixel is defect when its value is non-zero
+(stored as 255), normal when it is 0. A mask whose size differs from its
+image is refused naming both files. Two kinds of mask are kept but recorded
+(``Split.mask_notes``, warned about and written to results.json by
+``jax_gad.main``): a mask that is not binary (values other than 0 and its
+maximum, e.g. the soft edges JPEG leaves: every non-zero pixel still counts
+as defect), and a defect image's mask that is all zero (its pixels count as
+normal in the pixel AUROC and AUPRO).
 
 Prepared data is keyed on the raw folder: the builder config's name is
 ``<category>-<16 hex digits of the raw fingerprint>`` (see
@@ -277,18 +289,20 @@ def to_rgb8(image: Image.Image, path) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
   if mode in ("L", "1", "P", "RGBA", "LA", "PA", "La"):
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
-  if mode.startswith("I;16") or mode == "I":
+  # 16-bit gray; older Pillow opens 16-bit gray PNG as "I" (PNG has no 32-bit pixels).
+  if mode.startswith("I;16") or (mode == "I" and image.format == "PNG"):
     values = np.asarray(image).astype(np.int64)
-    if values.size and (values.min() < 0 or values.max() > 65535):
-      raise ValueError(
-        f"image file {os.fspath(path)} has 32-bit integer pixels outside "
-        "0..65535; expected 8-bit or 16-bit images"
-      )
     gray = ((values * 255 + 32767) // 65535).astype(np.uint8)
     return np.repeat(gray[..., None], 3, axis=-1)
+  if mode.startswith(("I", "F")):
+    kind = "32-bit integer" if mode.startswith("I") else "floating-point"
+    raise ValueError(
+      f"image file {os.fspath(path)} has {kind} pixels (mode {mode!r}); 32-bit integer and "
+      "float images are refused (their value range is unknown): save it as 8-bit or 16-bit"
+    )
   raise ValueError(
     f"image file {os.fspath(path)} has unsupported pixel format {mode!r}; expected 8-bit "
-    "gray, RGB or RGBA, or 16-bit gray"
+    "gray, RGB or RGBA, or 16-bit gray or RGB"
   )
 
 
@@ -308,10 +322,24 @@ def read_image(path: Path, formats=IMAGE_FORMATS) -> tuple[bytes, bytes, tuple[i
   return data, common.encode_png(to_rgb8(image, path), compress_level=1), size
 
 
+def mask_notes(values: np.ndarray) -> list[str]:
+  """What is odd about a mask's pixel values: ``'non_binary'``, ``'empty'`` (both, one or none).
+
+  ``non_binary``: values other than 0 and the mask's maximum; ``empty``: all zero.
+  """
+  top = int(values.max()) if values.size else 0
+  notes = []
+  if np.any((values != 0) & (values != top)):
+    notes.append("non_binary")
+  if top == 0:
+    notes.append("empty")
+  return notes
+
+
 def read_mask(
   path: Path, image_path: Path, size: tuple[int, int], formats=IMAGE_FORMATS
-) -> tuple[bytes, bytes]:
-  """Reads a mask file; returns (raw bytes, single-channel 0/255 PNG bytes)."""
+) -> tuple[bytes, bytes, list]:
+  """Reads a mask file; returns (raw bytes, single-channel 0/255 PNG bytes, :func:`mask_notes`)."""
   data = Path(path).read_bytes()
   mask = open_image_file(data, path, formats)
   if (mask.height, mask.width) != size:
@@ -325,9 +353,10 @@ def read_mask(
     values = np.asarray(mask)
   else:
     raise ValueError(f"mask file {path} has unsupported pixel format {mask.mode!r}")
+  notes = mask_notes(values)
   if mask.format == "PNG" and mask.mode == "L" and np.isin(values, (0, 255)).all():
-    return data, data  # already binary 0/255: stored unchanged
-  return data, common.encode_png(np.where(values > 0, 255, 0).astype(np.uint8))
+    return data, data, notes  # already binary 0/255: stored unchanged
+  return data, common.encode_png(np.where(values > 0, 255, 0).astype(np.uint8)), notes
 
 
 @dataclasses.dataclass
@@ -355,8 +384,11 @@ def make_config(config_cls, layout: Layout, category: str, description: str = ""
 class Folder(common.IntegrityMixin, tfds.core.GeneratorBasedBuilder):
   """An MVTec-shaped folder of one category (see the module docstring)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: any category name, masks optional."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "First release: any category name, masks optional.",
+    "1.1.0": "Records masks that are not binary or all zero (mask_notes).",
+  }
   BUILDER_CONFIG_CLASS = FolderConfig
   # How this builder scans (subclasses narrow it, e.g. MVTec AD: PNG only, masks required).
   EXTENSIONS: tuple[str, ...] = IMAGE_EXTENSIONS
@@ -423,7 +455,9 @@ class Folder(common.IntegrityMixin, tfds.core.GeneratorBasedBuilder):
           empty_masks[size] = common.encode_png(np.zeros(size, np.uint8))
         mask_png = empty_masks[size]
       else:
-        mask_data, mask_png = read_mask(src.mask_path, src.image_path, size, self.FORMATS)
+        mask_data, mask_png, notes = read_mask(src.mask_path, src.image_path, size, self.FORMATS)
+        for note in notes:
+          recorder.note(note, src.file_name)
       content = common.sha256(
         common.sha256(image_data).encode() + common.sha256(mask_data).encode()
       )

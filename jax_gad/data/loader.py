@@ -117,6 +117,9 @@ class Split(collections.abc.Sequence):
     counts: ``{'good': n_good, 'defect': n_defect}``.
     has_masks: whether masks mark the defects (False for a folder category
       without ``ground_truth/``: every mask is all zero then).
+    mask_notes: ``{'non_binary' | 'empty': [file names]}``, masks recorded as
+      odd when the split was prepared (``jax_gad.data.folder.mask_notes``);
+      :meth:`mask_warnings` says them in lines.
     prepared_dir: the prepared TFDS folder ('' for in-memory splits).
     raw_dir: the raw category folder it was built from ('' if generated).
 
@@ -141,6 +144,7 @@ class Split(collections.abc.Sequence):
     prepared_dir: str = "",
     raw_dir: str = "",
     damaged=None,
+    mask_notes=None,
   ):
     self._source = source
     self.dataset = dataset
@@ -155,6 +159,12 @@ class Split(collections.abc.Sequence):
     self.raw_dir = raw_dir
     self._stored_sha256 = None if stored_sha256 is None else list(stored_sha256)
     self._damaged = damaged
+    self.mask_notes = dict(mask_notes or {})
+
+  def mask_warnings(self) -> list[str]:
+    """One line per kind of odd mask (not binary; all zero on a defect image), naming files."""
+    where = f"{self.dataset} {self.category}/{self.split}"
+    return common.mask_warnings(where, self.mask_notes)
 
   @property
   def counts(self) -> dict:
@@ -235,6 +245,7 @@ class Split(collections.abc.Sequence):
       prepared_dir=os.fspath(builder.data_dir),
       raw_dir=raw_dir,
       damaged=lambda what: _damaged(builder, what),
+      mask_notes=record.get("mask_notes"),
     )
 
   def __len__(self) -> int:

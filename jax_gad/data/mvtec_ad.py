@@ -142,10 +142,11 @@ class MvtecAd(folder.Folder):
   fingerprint>`` so that the prepared data always matches the raw folder.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
     "1.0.0": "First release: images (3 channels), masks (0/255), labels, "
     "defect types and file names in the protocol's sorted order.",
+    "1.1.0": "Records masks that are not binary or all zero (mask_notes).",
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = _DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIG_CLASS = MvtecAdConfig

@@ -195,6 +195,25 @@ def fit_batches(density: Density, config, batches) -> Any:
   return stream.finalize(config, stats)
 
 
+def check_rows(config, n_rows: int, where: str = "") -> None:
+  """Refuses, before any feature is extracted, a config with more components than fit rows.
+
+  Args:
+    config: a density config; only one with ``n_components`` (the GMM) is checked.
+    n_rows: the fewest training rows any fit will see (a fold's fit part).
+    where: what the rows are, for the message (e.g. ``"bottle, fold 0"``).
+  """
+  ks = getattr(config, "n_components", None)
+  if ks is None:
+    return
+  too_many = [k for k in ks if k > n_rows]
+  if too_many:
+    raise ValueError(
+      f"--gmm_components={','.join(str(k) for k in ks)}: {too_many} exceed the {n_rows} training "
+      f"rows {where or 'of a fit'} (each component needs at least one row); give at most {n_rows}"
+    )
+
+
 _BUILTIN = ('gaussian', 'gmm', 'flow')
 
 for _module in _BUILTIN:

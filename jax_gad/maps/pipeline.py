@@ -304,9 +304,20 @@ def settings_for(
   ``ridge`` is added to every per-location covariance after the Ledoit-Wolf
   shrinkage (``--map_ridge``, whose default is PaDiM's 0.01); it bounds the
   distance where the training features barely vary (a flat background).
+
+  Raises:
+    ValueError: ``k_channels`` above the width of a map level (refused, not
+      silently capped, so results.json never records a number that was not used).
   """
   levels = tuple(levels) or default_map_levels(arch)
   widths = efficientnet.level_widths(arch)
+  narrow = min(levels, key=lambda l: widths[l])
+  if k_channels is not None and k_channels > widths[narrow]:
+    raise ValueError(
+      f"--map_channels={k_channels} exceeds the {widths[narrow]} channels of map level {narrow} "
+      f"({arch} map levels {list(levels)} have {[widths[l] for l in levels]} channels): give at "
+      f"most {widths[narrow]}, or leave it out to keep every channel"
+    )
   channels = channel_subsets([widths[l] for l in levels], k_channels)
   ridge = mfit.check_ridge(ridge)
   return MapSettings(levels=levels, channels=channels, ridge=ridge, rule=rule, sigma=sigma)
