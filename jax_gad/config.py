@@ -3,7 +3,7 @@
 An option is a field of a frozen dataclass *section*, named after the stage
 that consumes it (:class:`Data`, :class:`Backbone`, :class:`Levels`,
 :class:`Density`, :class:`Maps`, :class:`Protocol`, :class:`Calibration`,
-:class:`Scoring`, :class:`Conversion`, :class:`MultiHost`); a command's config
+:class:`Scoring`, :class:`Plots`, :class:`Conversion`, :class:`MultiHost`); a command's config
 (:class:`Experiment`, :class:`Fit`, :class:`Predict`, :class:`Convert`) holds
 the sections it needs and is passed down whole. The field's name is the flag's
 name: :mod:`jax_gad.cli` generates the absl flags from these fields (so no
@@ -249,6 +249,11 @@ class Backbone(_Section):
   cache_dir: str = path(
     "~/.cache/jax_gad/features", "Feature cache folder ('' disables the cache)."
   )
+  compile_cache: str = path(
+    "~/.cache/jax_gad/xla",
+    "Folder of JAX's persistent compilation cache: programs compiled once are loaded by later "
+    "runs instead of compiled again ('' disables it; docs/own-images.md).",
+  )
 
   @property
   def depthwise_impl(self) -> str | None:
@@ -455,7 +460,6 @@ class Protocol(_Section):
     "for the Gaussian; nll for gmm and flow).",
     allow_empty=True,
   )
-  plots: bool = boolean(True, "Write ROC and per-level plots (PNG).")
 
   def check(self) -> None:
     if not self.workdir:
@@ -514,6 +518,17 @@ class Scoring(_Section):
       raise ValueError("--detector is required (the file written by jax_gad.fit)")
     if not self.output:
       raise ValueError("--output is required (the CSV file to write)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plots(_Section):
+  """Whether a command writes its PNG plots (main, fit and predict share the option)."""
+
+  plots: bool = boolean(
+    True,
+    "Write the plots (PNG): main the ROC and per-level plots; fit and predict the score "
+    "histogram beside --output (<output without extension>_histogram.png).",
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -587,6 +602,7 @@ class Experiment:
   density: Density = Density()
   maps: Maps = Maps()
   protocol: Protocol = Protocol()
+  plots: Plots = Plots()
 
   @property
   def distances(self) -> tuple:
@@ -613,6 +629,7 @@ class Fit:
   levels: Levels = Levels()
   calibration: Calibration = Calibration()
   maps: Maps = Maps()
+  plots: Plots = Plots()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -621,6 +638,7 @@ class Predict:
 
   scoring: Scoring = Scoring()
   backbone: Backbone = Backbone()
+  plots: Plots = Plots()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -251,17 +251,17 @@ def pooled_features(cfg: config.Experiment, ex: Extraction, split, category: str
 
   if ex.cache is None:
     return compute()
-  key = {
-    "dataset": cfg.data.dataset,
-    "category": category,
-    "split": name,
-    "data": split.fingerprint,
-    "checkpoint_sha256": ex.sha256,
-    "arch": cfg.backbone.arch,
-    "image_size": ex.image_size,
-    "dtype": cfg.backbone.dtype,
-    "depthwise": ex.depthwise,
-  }
+  key = feature_cache.pooled_key(  # the entry jax_gad.fit reads and writes too
+    cfg.data.dataset,
+    category,
+    name,
+    split.fingerprint,
+    ex.sha256,
+    cfg.backbone.arch,
+    ex.image_size,
+    cfg.backbone.dtype,
+    ex.depthwise,
+  )
   return ex.cache.get_or_compute(key, compute)
 
 
@@ -394,7 +394,7 @@ def write(cfg: config.Experiment, doc: dict, evaluation: Evaluation) -> None:
       maps_report.write_outputs(
         folder, doc, evaluation.map_outputs, cfg.protocol.folds, cfg.maps.save_maps
       )
-    report.write_reports(folder, doc, evaluation.results, cfg.distances, plots=cfg.protocol.plots)
+    report.write_reports(folder, doc, evaluation.results, cfg.distances, plots=cfg.plots.plots)
 
   files.write_dir(cfg.protocol.workdir, fill)
 

@@ -64,6 +64,48 @@ def cache_key(key_fields: Mapping[str, Any]) -> str:
   return hashlib.sha256(_canonical_json(_normalise_fields(key_fields)).encode('ascii')).hexdigest()
 
 
+def pooled_key(
+  dataset: str,
+  category: str,
+  split: str,
+  fingerprint: str,
+  checkpoint_sha256: str,
+  arch: str,
+  image_size: int,
+  dtype: str,
+  depthwise: str,
+) -> dict:
+  """The key fields of one split's pooled features of every level (0-8).
+
+  ``jax_gad.main`` and ``jax_gad.fit`` both store and look up that entry, so
+  either reuses what the other extracted for the same data and weights.
+
+  Args:
+    dataset, category, split: which images ('train' / 'test').
+    fingerprint: the split's content fingerprint (``Split.fingerprint``).
+    checkpoint_sha256, arch, image_size, dtype: the backbone and its input.
+    depthwise: the resolved depthwise implementation ('shift' or 'xla').
+  """
+  return {
+    'dataset': dataset,
+    'category': category,
+    'split': split,
+    'data': fingerprint,
+    'checkpoint_sha256': checkpoint_sha256,
+    'arch': arch,
+    'image_size': image_size,
+    'dtype': dtype,
+    'depthwise': depthwise,
+  }
+
+
+def describe(path: str, hit: bool) -> str:
+  """One console line after a lookup of the entry at ``path``: read (``hit``) or stored."""
+  if hit:
+    return f'features from cache {path} (extracted by an earlier run; nothing computed)'
+  return f'features extracted and stored in cache {path}'
+
+
 class FeatureCache:
   """Directory of extracted features keyed by the fields that determine them.
 

@@ -6,7 +6,10 @@ r"""Fits a detector on ALL training images of one category and saves it.
 Flags -> :class:`jax_gad.config.Fit` -> :func:`jax_gad.fitting.fit_and_save`
 -> a summary printed. The calibrated threshold comes from k-fold out-of-fold
 scores of the training images (``--calibration_folds``) at ``--target_fpr``;
-see docs/own-images.md. No defect image is needed. With ``--maps`` the
+see docs/own-images.md. No defect image is needed. The training features come
+through ``--cache_dir`` (main's entries: a fit after a main run on the same data
+and weights extracts nothing); with ``--plots`` (default) the histogram of the
+out-of-fold scores is written to ``<output without extension>_histogram.png``. With ``--maps`` the
 detector also holds anomaly-map statistics for ``jax_gad.predict --maps_dir``
 (docs/maps.md).
 """
@@ -19,7 +22,7 @@ import warnings
 
 from absl import app
 
-from jax_gad import cli, config, console
+from jax_gad import cli, compile_cache, config, console
 
 
 def main(argv) -> int:
@@ -27,11 +30,12 @@ def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.quiet_third_party_logs()
-  from jax_gad import fitting  # imports TFDS: kept out of --help
+  from jax_gad import fitting, operating_point  # imports TFDS: kept out of --help
   from jax_gad.detector import FitWarning
 
   cfg = cli.build(config.Fit)
   try:
+    compiled = compile_cache.enable(cfg.backbone.compile_cache)
     with warnings.catch_warnings():  # said below, once, as lines of this command
       warnings.simplefilter("ignore", FitWarning)
       det = fitting.fit_and_save(cfg)
@@ -58,16 +62,21 @@ def main(argv) -> int:
   for note in det.info.get("warnings", []):
     print(f"jax_gad.fit: warning: {note}", file=sys.stderr)
   print(f"wrote {os.path.abspath(cfg.calibration.output)}")
+  if cfg.plots.plots:
+    histogram = operating_point.histogram_path(cfg.calibration.output)
+    print(f"wrote {os.path.abspath(histogram)}")
+  print(compiled.summary())
   return 0
 
 
 def run() -> None:
   """Console-script entry point (``jax-gad-fit``)."""
   cli.define(config.Calibration)  # this command's own flags: defined only when it runs
+  cli.define(config.Plots)
   # main's section, less --save_maps: defined outside this module so that --help lists only
   # the flags show_in_help names.
   cli.define(config.Maps, module_name=cli.__name__)
-  cli.show_in_help(config.Fit, exclude=("categories", "cache_dir", "save_maps"))
+  cli.show_in_help(config.Fit, exclude=("categories", "save_maps"))
   app.run(lambda argv: sys.exit(main(argv)))
 
 

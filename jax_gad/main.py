@@ -15,11 +15,12 @@ import sys
 
 from absl import app
 
-from jax_gad import cli, config, console
+from jax_gad import cli, compile_cache, config, console
 
 # This command's own sections (the shared ones are jax_gad.cli's).
 cli.define(config.Maps)
 cli.define(config.Protocol)
+cli.define(config.Plots)
 
 
 def main(argv):
@@ -31,6 +32,7 @@ def main(argv):
   try:
     cli.initialize_multihost()
     cfg = cli.build(config.Experiment)
+    compiled = compile_cache.enable(cfg.backbone.compile_cache)
     doc = experiment.run(cfg)
   except (ValueError, OSError, ImportError, MemoryError) as e:  # bad input: say what, no traceback
     sys.exit(f"jax_gad.main: error: {e}")
@@ -39,6 +41,7 @@ def main(argv):
     sys.exit(130)
   print(experiment.summary(cfg, doc))
   print(f"Wrote results.json, tables and plots to {os.path.abspath(cfg.protocol.workdir)}")
+  print(compiled.summary())
 
 
 def run_cli():

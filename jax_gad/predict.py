@@ -4,11 +4,13 @@ r"""Scores images with a saved detector and writes one CSV row per image.
 
 PATH is an image file, a folder (searched recursively for .png .jpg .jpeg
 .bmp .tif .tiff files, sorted by path) or a glob pattern (``**`` recursive).
-Columns: ``path, level_<l> ... (one per level), total, decision, error``;
-``decision`` is ``anomalous`` when the total score is strictly above the
-detector's calibrated threshold (or ``--sigma``'s chi-squared threshold),
-else ``normal``; ``error`` for an image that could not be read with
-``--on_error=skip`` (its message is in ``error``; it is never dropped). With
+Columns (:mod:`jax_gad.operating_point`): ``path, level_<l> ... (one per
+level), total, decision, threshold``, then ``label, defect_type`` for a
+labelled folder (below), then ``error``; ``decision`` is ``anomalous`` when
+the total score is strictly above ``threshold`` (the detector's calibrated
+threshold, or ``--sigma``'s chi-squared threshold), else ``normal``;
+``error`` for an image that could not be read with ``--on_error=skip`` (its
+message is in ``error``; it is never dropped). With
 ``--on_error=fail`` (default) the first unreadable image stops the run and no
 output is written. The CSV is written atomically. With ``--maps_dir=DIR`` (a
 detector fitted with ``--maps``) every image also gets ``DIR/<path relative to
@@ -18,9 +20,12 @@ CSV the columns ``map_max, map_file`` (docs/maps.md).
 
 Images are read and scored in chunks (memory does not grow with the number of
 images), decoded and resized by worker threads while the device computes. If
-PATH is a folder in the MVTec test layout (sub-folders ``good`` and at least
-one defect folder), the labels come from the folder names and the image AUROC
-and the TPR / FPR at the threshold are printed.
+PATH is a labelled folder, in the MVTec test layout (every image in a
+sub-folder, ``good`` and at least one defect folder), the labels come from the
+folder names and the image AUROC, the TPR / FPR at the threshold and the rate
+per folder (FPR of ``good``, TPR of each defect type) are printed. With
+``--plots`` (default) the histogram of the scores, with the threshold, is
+written to ``<output without extension>_histogram.png``.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from absl import app
 import numpy as np
 import tqdm.auto
 
-from jax_gad import cli, config, console, files, metrics
+from jax_gad import cli, compile_cache, config, console, files, metrics, operating_point, report
 from jax_gad import detector as detector_lib
 from jax_gad.data import folder as folder_lib
 from jax_gad.data import pipeline
@@ -47,11 +52,12 @@ CHUNK = 256  # images scored and written per step (bounded memory)
 
 
 class Inputs(NamedTuple):
-  """The images to score: absolute paths, labels if PATH is an MVTec test folder, and the
-  folder the paths are relative to in --maps_dir (PATH itself if a folder)."""
+  """The images to score: absolute paths, labels and defect types if PATH is labelled, and
+  the folder the paths are relative to in --maps_dir (PATH itself if a folder)."""
 
   paths: list
   labels: list | None
+  defect_types: list | None = None
   root: str | None = None
 
 
@@ -75,28 +81,30 @@ def find_inputs(pattern: str) -> Inputs:
         f"--input={pattern}: the folder holds no images ({', '.join(exts)}, searched recursively)"
       )
     found = sorted(os.path.abspath(p) for p in found)
-    return Inputs(found, _mvtec_labels(os.path.abspath(path), found), os.path.abspath(path))
+    types = _folder_types(os.path.abspath(path), found)
+    labels = None if types is None else [int(t != "good") for t in types]
+    return Inputs(found, labels, types, os.path.abspath(path))
   if os.path.isfile(path):
-    return Inputs([os.path.abspath(path)], None, os.path.dirname(os.path.abspath(path)))
+    return Inputs([os.path.abspath(path)], None, root=os.path.dirname(os.path.abspath(path)))
   if glob.has_magic(path):
     found = sorted(os.path.abspath(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p))
     if not found:
       raise ValueError(f"--input={pattern}: the pattern matches no files")
-    return Inputs(found, None, os.path.commonpath([os.path.dirname(p) for p in found]))
+    return Inputs(found, None, root=os.path.commonpath([os.path.dirname(p) for p in found]))
   raise ValueError(f"--input={pattern} does not exist (expected an image, a folder or a glob)")
 
 
-def _mvtec_labels(root: str, paths: list) -> list | None:
-  """Labels from ``root/<good or defect>/<image>`` if that is the layout, else None."""
-  subs = set()
+def _folder_types(root: str, paths: list) -> list | None:
+  """Defect types from ``root/<good or defect type>/<image>`` if that is the layout, else None."""
+  types = []
   for p in paths:
     rel = os.path.relpath(p, root).split(os.sep)
     if len(rel) != 2:
       return None
-    subs.add(rel[0])
-  if "good" not in subs or len(subs) < 2:
+    types.append(rel[0])
+  if "good" not in types or len(set(types)) < 2:
     return None
-  return [int(os.path.relpath(p, root).split(os.sep)[0] != "good") for p in paths]
+  return types
 
 
 def read_image(path: str) -> np.ndarray:
@@ -130,6 +138,11 @@ class _ImageFiles:
       return {"image": self._blank}
 
 
+def _truth(inputs: Inputs, k: int) -> tuple:
+  """``(label, defect_type)`` of input ``k`` for the CSV, or ``()`` when the input has none."""
+  return () if inputs.defect_types is None else (inputs.labels[k], inputs.defect_types[k])
+
+
 class Prediction(NamedTuple):
   """What :func:`predict` found: total scores (NaN for errors), decisions, errors, labels."""
 
@@ -138,6 +151,9 @@ class Prediction(NamedTuple):
   flagged: np.ndarray
   errors: dict
   labels: list | None
+  defect_types: list | None = None
+  threshold: float = float("nan")
+  histogram: str | None = None  # the histogram PNG's path, when written
 
 
 def predict(
@@ -181,9 +197,7 @@ def predict(
     text = io.TextIOWrapper(f, encoding="utf-8", newline="")
     writer = csv.writer(text)
     writer.writerow(
-      ["path"]
-      + [f"level_{l}" for l in detector.levels]
-      + ["total", "decision", "error"]
+      operating_point.csv_header(detector.levels, inputs.defect_types is not None)
       + list(maps.columns)
     )
     batches = pipeline.prefetch_batches(
@@ -203,21 +217,19 @@ def predict(
         chunk_maps = maps.take(count)
         for i in range(count):
           k = start + i
-          path = inputs.paths[k]
-          if k in source.errors:
-            row = [path] + [""] * len(detector.levels) + ["", "error", source.errors[k]]
-            writer.writerow(row + maps.blank())
-            continue
-          total[k] = scores.total[i]
+          ok = k not in source.errors
+          if ok:
+            total[k] = scores.total[i]
           writer.writerow(
-            [path]
-            + [repr(float(v)) for v in scores.per_level[i]]
-            + [
-              repr(float(scores.total[i])),
-              "anomalous" if scores.total[i] > threshold else "normal",
-              "",
-            ]
-            + maps.cells(path, chunk_maps, i)
+            operating_point.csv_row(
+              inputs.paths[k],
+              len(detector.levels),
+              threshold,
+              scores=(scores.per_level[i], scores.total[i]) if ok else None,
+              error=source.errors.get(k, ""),
+              truth=_truth(inputs, k),
+            )
+            + (maps.cells(inputs.paths[k], chunk_maps, i) if ok else maps.blank())
           )
         if bar is not None:
           bar.update(count)
@@ -231,11 +243,23 @@ def predict(
   finally:
     if bar is not None:
       bar.close()
-  return Prediction(inputs.paths, total, total > threshold, dict(source.errors), inputs.labels)
+  return Prediction(
+    inputs.paths,
+    total,
+    total > threshold,
+    dict(source.errors),
+    inputs.labels,
+    inputs.defect_types,
+    threshold,
+  )
 
 
 def command(cfg: config.Predict, progress: bool = True):
   """What ``python -m jax_gad.predict`` does, with every check before any work.
+
+  With ``cfg.plots.plots``, also writes the score histogram (good vs defect
+  where the input gives labels, the threshold as a line) to
+  :func:`jax_gad.operating_point.histogram_path` of the output.
 
   Returns:
     (the loaded detector, :class:`Prediction`).
@@ -258,17 +282,16 @@ def command(cfg: config.Predict, progress: bool = True):
     if os.path.exists(sc.maps_dir) and not os.path.isdir(sc.maps_dir):
       raise ValueError(f"--maps_dir={sc.maps_dir} is a file; give a folder")
   weights = b.checkpoint or os.path.join(os.fspath(b.checkpoint_dir), f"{det.arch}.msgpack")
-  files.check_not_an_input(
-    "output",
-    sc.output,
-    [("the detector", sc.detector), ("the checkpoint", weights)]
-    + [("the input image", p) for p in inputs.paths],
-  )
+  read = [("the detector", sc.detector), ("the checkpoint", weights)]
+  read += [("the input image", p) for p in inputs.paths]
+  files.check_not_an_input("output", sc.output, read)
+  if cfg.plots.plots:
+    operating_point.check_histogram_path(sc.output, read)
   files.remove_stale_temporaries_beside(sc.output)
   det = detector_lib.attach_backbone(
     det, b.checkpoint, b.checkpoint_dir, b.depthwise_impl, where=f"detector {sc.detector}"
   )
-  return det, predict(
+  result = predict(
     det,
     inputs,
     sc.output,
@@ -279,6 +302,18 @@ def command(cfg: config.Predict, progress: bool = True):
     progress=progress,
     maps_dir=sc.maps_dir or None,
   )
+  if cfg.plots.plots and np.isfinite(result.total).any():  # no histogram of nothing
+    result = result._replace(histogram=write_histogram(result, sc.output))
+  return det, result
+
+
+def write_histogram(result: Prediction, output) -> str:
+  """Writes the scores' histogram beside ``output`` (atomically); returns its path."""
+  hist = operating_point.histogram(result.total, result.threshold, result.labels)
+  n = int(np.isfinite(result.total).sum())
+  path = operating_point.histogram_path(output)
+  files.atomic_write(path, report.score_histogram_png(hist, f"predict: scores of {n} images"))
+  return path
 
 
 def summary(det, result: Prediction, sigma=None) -> list:
@@ -301,6 +336,9 @@ def summary(det, result: Prediction, sigma=None) -> list:
         f"TPR {flagged[y == 1].mean():.3f}, FPR {flagged[y == 0].mean():.3f} "
         "at the threshold"
       )
+  if result.defect_types is not None:
+    found = operating_point.rates(result.total, result.threshold, result.defect_types)
+    lines += operating_point.rate_lines(found, result.threshold)
   return lines
 
 
@@ -311,6 +349,7 @@ def main(argv) -> int:
   console.quiet_third_party_logs()
   cfg = cli.build(config.Predict)
   try:
+    compiled = compile_cache.enable(cfg.backbone.compile_cache)
     det, result = command(cfg)
   except (ValueError, OSError, MemoryError) as e:
     print(f"jax_gad.predict: error: {e}", file=sys.stderr)
@@ -321,12 +360,16 @@ def main(argv) -> int:
   for line in summary(det, result, cfg.scoring.sigma):
     print(line)
   print(f"wrote {os.path.abspath(cfg.scoring.output)}")
+  if result.histogram:
+    print(f"wrote {os.path.abspath(result.histogram)}")
+  print(compiled.summary())
   return 0
 
 
 def run() -> None:
   """Console-script entry point (``jax-gad-predict``)."""
   cli.define(config.Scoring)  # this command's own flags: defined only when it runs
+  cli.define(config.Plots)
   cli.show_in_help(config.Predict, exclude=("arch", "image_size", "dtype", "cache_dir"))
   app.run(lambda argv: sys.exit(main(argv)))
 

@@ -143,6 +143,54 @@ def _plot_levels(table1: list[dict], distances: Sequence[str]) -> bytes:
   return buf.getvalue()
 
 
+# The score histogram's figure: size in pixels (at HISTOGRAM_DPI) and the axes' box in figure
+# fractions (left, bottom, width, height), fixed so that a score maps to a known pixel column.
+HISTOGRAM_SIZE = (640, 400)
+HISTOGRAM_DPI = 100
+HISTOGRAM_AXES = (0.1, 0.13, 0.86, 0.77)
+HISTOGRAM_COLORS = {"good": "#1f77b4", "defect": "#ff7f0e", "scores": "#7f7f7f"}
+THRESHOLD_COLOR = "#d62728"
+
+
+def score_histogram_png(hist, title: str, names: dict | None = None) -> bytes:
+  """The score histogram as a PNG: one filled series per group, the threshold a vertical line.
+
+  Args:
+    hist: a :class:`jax_gad.operating_point.Histogram` (``edges``, ``counts``, ``threshold``).
+    title: the figure's title.
+    names: legend names of the series (default: their keys, with their counts).
+
+  The x axis spans exactly ``hist.edges[0] .. hist.edges[-1]`` inside the axes
+  box :data:`HISTOGRAM_AXES`; the threshold is drawn in :data:`THRESHOLD_COLOR`.
+  """
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  w, h = HISTOGRAM_SIZE
+  fig = plt.figure(figsize=(w / HISTOGRAM_DPI, h / HISTOGRAM_DPI), dpi=HISTOGRAM_DPI)
+  ax = fig.add_axes(HISTOGRAM_AXES)
+  for name, counts in hist.counts.items():
+    label = (names or {}).get(name, name)
+    ax.stairs(
+      counts,
+      hist.edges,
+      fill=True,
+      alpha=0.5,
+      color=HISTOGRAM_COLORS.get(name),
+      label=f"{label} ({int(np.sum(counts))})",
+    )
+  ax.axvline(hist.threshold, color=THRESHOLD_COLOR, lw=2, label=f"threshold {hist.threshold:.4g}")
+  ax.set_xlim(hist.edges[0], hist.edges[-1])
+  ax.set(xlabel="total score", ylabel="images", title=title)
+  ax.legend(fontsize=8)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=HISTOGRAM_DPI, metadata={"Software": None})
+  plt.close(fig)
+  return buf.getvalue()
+
+
 def report(
   *,
   config: dict,

@@ -62,3 +62,24 @@ def test_bench_predict_maps_tiny_and_reported():
   text = report.format_report(result)
   assert "Predict with `--maps_dir` (efficientnet-b0 32px" in text
   assert "img/s without maps (batch 2)" in text
+
+
+def test_predict_calls_time_fresh_processes_and_the_warm_one_loads(tmp_path):
+  from jax_gad import checkpoint as ckpt
+  from jax_gad.benchmark import predict_calls
+
+  ckpt.ensure_checkpoint("efficientnet-lite0", str(tmp_path))
+  row = predict_calls.measure_predict_calls(
+    "efficientnet-lite0", str(tmp_path), n_images=4, repeats=1, image_size=64, levels=(8,)
+  )  # small: what is tested is the procedure, not the times
+  for name in ("one", "many"):
+    r = row[name]
+    assert len(r["first_all"]) == len(r["second_all"]) == 1
+    assert r["first_s"] == r["first_all"][0] > 0 and r["second_s"] > 0
+    assert r["second_loaded"] >= 1  # at least the extractor came from the cache
+  text = predict_calls.format_predict_calls({"predict_calls": row})
+  assert predict_calls.format_predict_calls({"predict_calls": None}) is None
+  assert f"1 image {row['one']['first_s']:.1f} s first call" in text
+  assert row["image_size"] == 64 and len(row["one"]["second_cpu"]) == 1
+  assert f"4 images {row['many']['first_s']:.1f} s first" in text
+  assert f"{row['one']['second_loaded']} programs loaded" in text

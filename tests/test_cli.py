@@ -13,12 +13,20 @@ def test_path_parser_expands_home_for_every_path_flag():
   assert cli.PathParser().parse("") == ""
   shared = flags.FLAGS.flags_by_module_dict()["jax_gad.cli"]
   paths = {f.name for f in shared if isinstance(f.parser, cli.PathParser)}
-  assert paths == {"data_dir", "tfds_dir", "checkpoint", "checkpoint_dir", "cache_dir"}
+  assert paths == {
+    "data_dir",
+    "tfds_dir",
+    "checkpoint",
+    "checkpoint_dir",
+    "cache_dir",
+    "compile_cache",
+  }
   from jax_gad import main  # noqa: F401  (defines --workdir)
 
   assert isinstance(flags.FLAGS["workdir"].parser, cli.PathParser)
   # The default of a path flag is parsed too: no literal '~' survives.
   assert "~" not in flags.FLAGS["cache_dir"].default
+  assert "~" not in flags.FLAGS["compile_cache"].default
 
 
 @pytest.mark.parametrize(

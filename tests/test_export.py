@@ -44,6 +44,7 @@ def fitted(tmp_path_factory, checkpoint):
     image_size=SIZE,
     levels=LEVELS,
     batch_size=8,
+    cache_dir="",  # no feature cache under ~
   )
   fitting.fit_and_save(config.from_flat(config.Fit, options), progress=False)
   return det_path, work / "tfds"

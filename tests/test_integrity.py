@@ -463,6 +463,7 @@ def fitted_file(tmp_path_factory, mvtec, checkpoint):
     image_size=SIZE,
     levels=(6, 8),
     batch_size=8,
+    cache_dir="",
     progress=False,
   )
   return out / "det.jgd", det, stale

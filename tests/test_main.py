@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from fakes import extract_features, write_mvtec
+import numpy as np
 import pytest
 from references import independent_aurocs
 
@@ -310,3 +311,63 @@ def test_density_gaussian_leaves_results_json_as_without_densities(tmp_path, mvt
   assert "fits" not in default  # the Gaussian does not describe its fits
   assert default == explicit
   assert default["config"]["distances"] == ["l2", "sed", "mahalanobis"]
+
+
+def test_fit_reads_the_feature_cache_main_wrote(tmp_path, mvtec, checkpoint, monkeypatch, capsys):
+  from jax_gad import fitting
+  from jax_gad.data import pipeline
+
+  cache = tmp_path / "cache"
+  experiment.run(
+    _config(tmp_path, mvtec, checkpoint, categories=("bottle",), folds=(0,), plots=False)
+  )
+  fit_args = dict(
+    category="bottle",
+    dataset="mvtec_ad",
+    data_dir=mvtec,
+    tfds_dir=str(tmp_path / "tfds"),
+    arch=ARCH,
+    checkpoint=checkpoint,
+    image_size=SIZE,
+    levels=(2, 5, 8),
+    batch_size=8,
+  )
+
+  def fit_cfg(cache_dir):
+    return config.from_flat(config.Fit, dict(fit_args, cache_dir=cache_dir))
+
+  plain = fitting.fit(fit_cfg(""), progress=False)
+
+  def no_extraction(*args, **kwargs):
+    raise AssertionError("fit extracted features although main had cached them")
+
+  with monkeypatch.context() as m:
+    m.setattr(pipeline, "pooled_features", no_extraction)
+    cached = fitting.fit(fit_cfg(str(cache)), progress=True)
+  assert "features from cache " + str(cache) in capsys.readouterr().out
+  plain.save(tmp_path / "plain.jgd")
+  cached.save(tmp_path / "cached.jgd")
+  assert (tmp_path / "plain.jgd").read_bytes() == (tmp_path / "cached.jgd").read_bytes()
+
+  # A cache without main's entry: fit extracts every level, stores them and says so.
+  fresh = tmp_path / "fresh"
+  again = fitting.fit(fit_cfg(str(fresh)), progress=True)
+  assert "features extracted and stored in cache " + str(fresh) in capsys.readouterr().out
+  again.save(tmp_path / "again.jgd")
+  assert (tmp_path / "again.jgd").read_bytes() == (tmp_path / "plain.jgd").read_bytes()
+  (entry,) = [p for p in os.listdir(fresh) if p.endswith(".npz")]
+  assert entry in os.listdir(cache)  # the same key as main's entry
+  with np.load(fresh / entry) as stored:
+    assert len(stored.files) == efficientnet.NUM_LEVELS
+
+
+def test_fit_refuses_a_cache_dir_that_is_a_file(tmp_path, mvtec, checkpoint):
+  from jax_gad import fitting
+
+  (tmp_path / "f").write_text("x")
+  cfg = config.from_flat(
+    config.Fit,
+    dict(category="bottle", dataset="mvtec_ad", data_dir=mvtec, cache_dir=str(tmp_path / "f")),
+  )
+  with pytest.raises(ValueError, match=r"--cache_dir=.*/f is a file"):
+    fitting.fit(cfg)

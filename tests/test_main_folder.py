@@ -147,6 +147,7 @@ def test_fit_predict_scores_equal_mains_fit_on_all_training_images(tmp_path, che
         checkpoint=checkpoint,
         image_size=SIZE,
         batch_size=8,
+        cache_dir="",
       ),
     ),
     progress=False,

@@ -193,6 +193,8 @@ _MAY_IMPORT = {
   "checkpoint": {"models", "files", "convert"},
   "features": set(),
   "feature_cache": {"files"},
+  "compile_cache": set(),
+  "operating_point": {"files"},
   "data": {"data"},
   "detector": {
     "gaussian",

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import tqdm.auto
 
 import jax_gad
 from jax_gad import checkpoint as ckpt
-from jax_gad import config, features, fitting, metrics, predict
+from jax_gad import config, features, fitting, metrics, predict, report
 
 ARCH = "efficientnet-lite0"
 SIZE = 64
@@ -58,6 +59,7 @@ def setup(tmp_path_factory, checkpoint):
         levels=LEVELS,
         batch_size=8,
         tfds_dir=work / "tfds",
+        cache_dir="",
       ),
     ),
     progress=False,
@@ -85,7 +87,14 @@ def test_predict_folder_equals_in_memory_scores(setup, checkpoint, tmp_path):
   rows = _rows(out)
   paths = sorted(str(p) for p in test_dir.rglob("*.png"))
   assert [r["path"] for r in rows] == paths
-  assert list(rows[0]) == ["path"] + [f"level_{l}" for l in LEVELS] + ["total", "decision", "error"]
+  assert list(rows[0]) == ["path"] + [f"level_{l}" for l in LEVELS] + [
+    "total",
+    "decision",
+    "threshold",
+    "label",
+    "defect_type",
+    "error",
+  ]
   det = jax_gad.load_detector(det_path, checkpoint=checkpoint)
   assert not det.has_maps  # fitted without --maps: no map statistics
   images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
@@ -109,6 +118,7 @@ def test_predict_single_file_and_glob(setup, checkpoint, tmp_path):
   one = root / CATEGORY / "test" / "crack" / "001.png"
   _predict(checkpoint, detector=det_path, input=one, output=tmp_path / "a.csv")
   assert [r["path"] for r in _rows(tmp_path / "a.csv")] == [str(one)]
+  assert "label" not in _rows(tmp_path / "a.csv")[0]  # one file: no folder labels
   pattern = str(root / CATEGORY / "test" / "**" / "00[01].png")
   _predict(checkpoint, detector=det_path, input=pattern, output=tmp_path / "b.csv")
   rows = _rows(tmp_path / "b.csv")
@@ -205,6 +215,171 @@ def test_cli_exit_code_in_a_subprocess(setup, checkpoint, tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith("jax_gad.predict: error:")
   assert "does not exist" in proc.stderr
   assert not (tmp_path / "o.csv").exists()
+
+
+def test_operating_point_columns_summary_and_histogram(setup, checkpoint, tmp_path):
+  root, det_path = setup
+  det = jax_gad.load_detector(det_path, checkpoint=checkpoint)
+  out = tmp_path / "s.csv"
+  printed = _predict(checkpoint, detector=det_path, input=root / CATEGORY / "test", output=out)
+  rows = _rows(out)
+  folders = np.array([os.path.basename(os.path.dirname(r["path"])) for r in rows])
+  assert set(folders) == {"good", "burr", "crack"}
+  assert [r["defect_type"] for r in rows] == list(folders)
+  assert [int(r["label"]) for r in rows] == [int(f != "good") for f in folders]
+  assert {float(r["threshold"]) for r in rows} == {det.threshold}
+  # TPR per defect type and FPR, recomputed with numpy from the CSV alone.
+  total = np.array([float(r["total"]) for r in rows])
+  threshold = float(rows[0]["threshold"])
+  for name in np.unique(folders):
+    chosen = total[folders == name]
+    flagged = int(np.sum(chosen > threshold))
+    what = "FPR" if name == "good" else "TPR"
+    pattern = (
+      rf"^  {name} +{what} {flagged / len(chosen):.3f}  \({flagged} of {len(chosen)} flagged\)$"
+    )
+    assert any(re.match(pattern, line) for line in printed), (pattern, printed)
+  png = tmp_path / "s_histogram.png"
+  assert Image.open(png).format == "PNG" and Image.open(png).size == report.HISTOGRAM_SIZE
+  fitted = det_path.parent / "det_histogram.png"  # fit's: the out-of-fold scores
+  assert Image.open(fitted).format == "PNG" and Image.open(fitted).size == report.HISTOGRAM_SIZE
+  # --sigma: the threshold column is the one the decision used.
+  _predict(checkpoint, detector=det_path, input=root / CATEGORY / "test", output=out, sigma=3)
+  assert {float(r["threshold"]) for r in _rows(out)} == {det.threshold_for(3)}
+  # plots=False: no histogram.
+  png.unlink()
+  _predict(checkpoint, detector=det_path, input=root / CATEGORY / "test", output=out, plots=False)
+  assert not png.exists()
+
+
+def _cli_predict(det_path, image, checkpoint, out, cache, env):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jax_gad.predict",
+      f"--detector={det_path}",
+      f"--input={image}",
+      f"--output={out}",
+      f"--checkpoint={checkpoint}",
+      f"--compile_cache={cache}",
+      "--noplots",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def _counts(stdout):
+  m = re.search(r"compile cache .*: (\d+) programs loaded, (\d+) compiled \((\d+) stored\)", stdout)
+  assert m, stdout
+  return tuple(int(g) for g in m.groups())
+
+
+def test_compile_cache_second_process_loads_and_empty_flag_writes_nothing(
+  setup, checkpoint, tmp_path
+):
+  root, det_path = setup
+  image = root / CATEGORY / "test" / "good" / "000.png"
+  env = dict(
+    os.environ,
+    PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    HOME=str(tmp_path / "home"),  # where the default folder would be
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "from_env"),  # '' must win over JAX's variable
+  )
+  cache = tmp_path / "xla"
+  loaded, compiled, stored = _counts(
+    _cli_predict(det_path, image, checkpoint, tmp_path / "1.csv", cache, env)
+  )
+  entries = sorted(n for n in os.listdir(cache) if n.endswith("-cache"))
+  assert loaded == 0 and stored == len(entries) > 0 and compiled >= stored
+  assert any(n.startswith("jit__pooled_levels") for n in entries)  # the extractor is stored
+  loaded, compiled, stored = _counts(
+    _cli_predict(det_path, image, checkpoint, tmp_path / "2.csv", cache, env)
+  )
+  assert loaded == len(entries) and stored == 0
+  assert sorted(n for n in os.listdir(cache) if n.endswith("-cache")) == entries
+  assert (tmp_path / "1.csv").read_bytes() == (tmp_path / "2.csv").read_bytes()
+  stdout = _cli_predict(det_path, image, checkpoint, tmp_path / "3.csv", "", env)
+  assert "compile cache off" in stdout
+  assert not (tmp_path / "from_env").exists()
+  assert not (tmp_path / "home" / ".cache" / "jax_gad" / "xla").exists()
+  assert (tmp_path / "3.csv").read_bytes() == (tmp_path / "1.csv").read_bytes()
+
+
+def test_fit_without_plots_writes_no_histogram(setup, checkpoint, tmp_path):
+  root, _ = setup
+  fitting.fit_and_save(
+    config.from_flat(
+      config.Fit,
+      dict(
+        output=tmp_path / "d.jgd",
+        category=CATEGORY,
+        plots=False,
+        dataset="folder",
+        data_dir=root,
+        arch=ARCH,
+        checkpoint=checkpoint,
+        image_size=SIZE,
+        levels=(8,),
+        batch_size=8,
+        tfds_dir=tmp_path / "tfds",
+        cache_dir="",
+      ),
+    ),
+    progress=False,
+  )
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jgd", "tfds"]
+
+
+def test_a_histogram_that_would_overwrite_an_input_image_is_refused(setup, checkpoint, tmp_path):
+  root, det_path = setup
+  folder = tmp_path / "in"
+  folder.mkdir()
+  image = folder / "s_histogram.png"  # an input image where predict would put its histogram
+  shutil.copy(root / CATEGORY / "test" / "good" / "000.png", image)
+  before = image.read_bytes()
+  with pytest.raises(ValueError) as err:
+    _predict(checkpoint, detector=det_path, input=folder, output=folder / "s.csv")
+  message = str(err.value)
+  assert "\n" not in message and "the input image" in message and str(image) in message
+  assert f"--output={folder / 's.csv'}" in message and "--noplots" in message
+  assert not (folder / "s.csv").exists() and image.read_bytes() == before
+  # --noplots: no histogram, so the same image is scored and left as it was.
+  _predict(checkpoint, detector=det_path, input=folder, output=folder / "s.csv", plots=False)
+  assert [r["path"] for r in _rows(folder / "s.csv")] == [str(image)]
+  assert image.read_bytes() == before
+
+
+def test_fit_refuses_a_histogram_that_is_its_checkpoint(setup, checkpoint, tmp_path):
+  root, _ = setup
+  weights = tmp_path / "d_histogram.png"  # the checkpoint, by a name fit's histogram would take
+  weights.symlink_to(checkpoint)
+  before = weights.read_bytes()
+  options = dict(
+    output=tmp_path / "d.jgd",
+    category=CATEGORY,
+    dataset="folder",
+    data_dir=root,
+    arch=ARCH,
+    checkpoint=weights,
+    image_size=SIZE,
+    levels=(8,),
+    batch_size=8,
+    tfds_dir=tmp_path / "tfds",
+    cache_dir="",
+  )
+  with pytest.raises(
+    ValueError, match=r"is the checkpoint .*the histogram of --output=.*--noplots"
+  ):
+    fitting.fit_and_save(config.from_flat(config.Fit, options), progress=False)
+  assert not (tmp_path / "d.jgd").exists() and weights.read_bytes() == before
+  fitting.fit_and_save(config.from_flat(config.Fit, dict(options, plots=False)), progress=False)
+  assert (tmp_path / "d.jgd").exists() and weights.read_bytes() == before
 
 
 def test_a_score_equal_to_the_threshold_is_normal(setup, checkpoint, tmp_path):

@@ -58,6 +58,7 @@ def _option_defaults() -> dict:
     config.Protocol,
     config.Calibration,
     config.Scoring,
+    config.Plots,
     config.Conversion,
     config.MultiHost,
   ):

@@ -79,6 +79,11 @@ JSON fields (``--json=FILE``, written atomically):
   threads while the device computes (fastest float32 extraction row):
   ``batch_size``, ``dtype``, ``depthwise``, ``wall_s``, ``images_per_s``,
   ``device_only_images_per_s``, ``other_cpu``.
+``predict_calls``: null, or (``--predict_calls=N``) whole ``python -m
+  jax_gad.predict`` processes on synthetic PNGs with the real ``--arch``
+  weights, 1 image and N images, each first with an empty and then with a
+  warm compile cache, best of ``--repeats``
+  (:func:`jax_gad.benchmark.predict_calls.measure_predict_calls` lists the fields).
 ``pipelines``: one row per (architecture of ``--pipeline_archs``, batch size),
   at ``--image_size`` or else each architecture's native input size: the
   ``pipeline`` fields plus ``arch`` and ``image_size``; empty when not requested.

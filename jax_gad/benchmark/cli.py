@@ -107,6 +107,14 @@ flags.DEFINE_integer(
   'run (0: skip).',
   lower_bound=0,
 )
+flags.DEFINE_integer(
+  'predict_calls',
+  _D.predict_calls,
+  'Time `python -m jax_gad.predict` processes (a real --arch checkpoint in --checkpoint_dir, '
+  'synthetic PNGs): 1 image and this many, each with an empty and then a warm compile cache, '
+  'best of --repeats (0: skip).',
+  lower_bound=0,
+)
 cli.DEFINE_unique_list(
   'pipeline_archs',
   list(_D.pipeline_archs),

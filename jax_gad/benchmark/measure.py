@@ -751,11 +751,11 @@ def bench_predict_maps(
     det = detector_lib.fit_maps(
       det, fit_images, settings, batch_size=batch_size, num_workers=num_workers
     )
-    inputs = predict.Inputs(paths, None, tmp)
+    inputs = predict.Inputs(paths, None, root=tmp)
     rates = {}
     for key, maps_dir in (('images_per_s', None), ('maps_images_per_s', os.path.join(tmp, 'm'))):
       kwargs = {'batch_size': batch_size, 'num_workers': num_workers, 'progress': False}
-      first = predict.Inputs(paths[:batch_size], None, tmp)
+      first = predict.Inputs(paths[:batch_size], None, root=tmp)
       predict.predict(det, first, os.path.join(tmp, 's.csv'), maps_dir=maps_dir, **kwargs)
       t0 = time.perf_counter()
       predict.predict(det, inputs, os.path.join(tmp, 's.csv'), maps_dir=maps_dir, **kwargs)

@@ -9,6 +9,7 @@ from typing import Sequence
 from jax_gad import files
 from jax_gad.benchmark import densities as density_section
 from jax_gad.benchmark import maps as maps_section
+from jax_gad.benchmark import predict_calls
 
 
 def _f(value, fmt='{:.2f}', none='-'):
@@ -332,6 +333,7 @@ SECTIONS = (
   format_pipeline,
   format_predict,
   format_predict_maps,
+  predict_calls.format_predict_calls,
   format_pipelines,
   format_estimate,
   format_maps,

@@ -46,6 +46,8 @@ class Config(NamedTuple):
   host_image_side: int = 1024
   pipeline_images: int = 32  # 0: skip the decode + extract pipeline run
   predict_images: int = 0  # 0: skip the predict throughput / latency run (files on disk)
+  predict_calls: int = 0  # 0: skip; else images of the many-image predict process timing
+  checkpoint_dir: str = config.Backbone.checkpoint_dir  # real weights of --arch for predict_calls
   pipeline_archs: tuple[str, ...] = ()  # more archs for the pipeline run, each per batch size
   versus_rounds: int = 0  # >0: jax_gad vs torch float32, alternating, this many rounds
   num_workers: int | None = config.Backbone.num_workers  # None: os.cpu_count()
@@ -105,6 +107,8 @@ def _check_config(cfg: Config) -> None:
       raise ValueError(f'{name} must be >= 1, got {getattr(cfg, name)}')
   if cfg.kernel_n_fit < 5:
     raise ValueError(f'kernel_n_fit must be >= 5 (5 folds, 2 rows per fit), got {cfg.kernel_n_fit}')
+  if cfg.predict_calls < 0:
+    raise ValueError(f'predict_calls must be >= 0, got {cfg.predict_calls}')
   if cfg.predict_images < 0:
     raise ValueError(f'predict_images must be >= 0, got {cfg.predict_images}')
   if cfg.pipeline_images < 0:
@@ -187,6 +191,7 @@ def _empty_result(cfg: Config) -> dict:
     'pipeline': None,
     'predict': None,
     'predict_maps': None,
+    'predict_calls': None,
     'maps': None,
     'pipelines': [],
     'versus': None,
@@ -454,6 +459,23 @@ def predict_maps_section(run: _Run, result: dict) -> None:
   run.log(f'  {row["maps_images_per_s"]:.2f} img/s with maps, {row["images_per_s"]:.2f} without')
 
 
+def predict_calls_section(run: _Run, result: dict) -> None:
+  """Whole ``predict`` processes, empty then warm compile cache (``--predict_calls``)."""
+  cfg = run.cfg
+  if not cfg.predict_calls:
+    return
+  from jax_gad.benchmark import predict_calls
+
+  run.log(f'predict processes: 1 and {cfg.predict_calls} images, empty then warm compile cache')
+  result['predict_calls'] = predict_calls.measure_predict_calls(
+    cfg.arch,
+    cfg.checkpoint_dir,
+    n_images=cfg.predict_calls,
+    repeats=cfg.repeats,
+    image_size=cfg.image_size,
+  )
+
+
 def density_section(run: _Run, result: dict) -> None:
   """Fit times of every density model per level width (``--density_bench``)."""
   cfg = run.cfg
@@ -494,6 +516,7 @@ SECTIONS = (
   estimate_section,
   predict_section,
   predict_maps_section,
+  predict_calls_section,
   density_section,
   map_section,
 )
