@@ -405,8 +405,10 @@ class Maps(_Section):
 
   maps: bool = boolean(
     False,
-    "Also compute anomaly maps (per-location Gaussians on the unpooled --map_levels): pixel "
-    "AUROC and AUPRO per category and fold, and overlay PNGs (docs/maps.md).",
+    "Also compute anomaly maps (per-location Gaussians on the unpooled --map_levels). main: "
+    "pixel AUROC and AUPRO per category and fold, and overlay PNGs; fit: the statistics, a "
+    "pixel threshold and an overlay colour scale, stored in the detector for "
+    "`jax_gad.predict --maps_dir` (docs/maps.md).",
   )
   map_levels: tuple = int_list(
     (),
@@ -427,6 +429,12 @@ class Maps(_Section):
   map_sigma: float = real(4.0, "With --maps: Gaussian blur sigma in network-input pixels.", low=0.0)
   map_combine: str = enum(
     "mean", ("mean", "chi"), "With --maps: how level maps are combined (docs/maps.md)."
+  )
+  map_ridge: float = real(
+    0.01,
+    "With --maps: added to every per-location covariance (times I) after Ledoit-Wolf "
+    "shrinkage (PaDiM's 0.01; docs/maps.md).",
+    low=0.0,
   )
 
   def check(self) -> None:
@@ -497,6 +505,12 @@ class Scoring(_Section):
   sigma: int | None = integer(
     None,
     "Decide at the chi-squared n-sigma threshold (1..8) instead of the calibrated one.",
+  )
+  maps_dir: str | None = path(
+    None,
+    "Also write each image's anomaly map (<path relative to --input>.npy) and overlay (.png) "
+    "here, and the CSV columns map_max, map_file; needs a detector fitted with --maps "
+    "(docs/maps.md).",
   )
 
   def check(self) -> None:
@@ -614,6 +628,7 @@ class Fit:
   backbone: Backbone = Backbone()
   levels: Levels = Levels()
   calibration: Calibration = Calibration()
+  maps: Maps = Maps()
   plots: Plots = Plots()
 
 

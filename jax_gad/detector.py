@@ -29,6 +29,12 @@ the Mahalanobis distance at level ``l``) and the decision thresholds:
   the total score at n sigma is their mean over levels (the same aggregation
   as the scores).
 
+With maps (``python -m jax_gad.fit --maps``, :func:`fit_maps`) it also holds
+per-location Gaussians of the unpooled ``map_levels``, the pixel threshold
+and the overlay colour scale, both from out-of-fold maps of the training
+images (:mod:`jax_gad.maps.deploy`); ``python -m jax_gad.predict --maps_dir``
+then writes an anomaly map per image.
+
 The detector's own pieces (Gaussians, projections, thresholds) are a pytree
 (``flax.struct.dataclass``); the backbone weights are not part of it: they
 stay in the checkpoint file, identified by sha256, and are attached when the
@@ -66,7 +72,7 @@ import jax
 import numpy as np
 
 from jax_gad import backbone as backbone_lib
-from jax_gad import config, densities, files, gaussian, metrics, pca, protocol
+from jax_gad import config, densities, features, files, gaussian, metrics, pca, protocol
 from jax_gad.models import efficientnet
 
 FORMAT_NAME = "jax_gad.detector"
@@ -100,6 +106,11 @@ class Detector:
     sigmas, sigma_thresholds: chi-squared thresholds, (L, len(sigmas)) per
       level; ``total_sigma_thresholds`` their mean over levels.
     info: provenance (dataset, category, data fingerprint, counts, versions).
+    map_states: per map level, a ``jax_gad.maps.fit.MapState`` (empty: no maps).
+    map_settings: the maps' levels, channels, shrinkage, ridge, combine rule and
+      blur sigma (``jax_gad.maps.deploy.settings_to_json``), or None.
+    map_threshold: calibrated pixel threshold of the maps.
+    map_scale: (vmin, vmax) colour scale of the overlays, from normal images.
     backbone: the attached ``jax_gad.backbone.Backbone`` (not saved; None until attached).
   """
 
@@ -121,12 +132,39 @@ class Detector:
   sigmas: tuple = flax.struct.field(pytree_node=False, default=DEFAULT_SIGMAS)
   sigma_thresholds: tuple = flax.struct.field(pytree_node=False, default=())
   info: Any = flax.struct.field(pytree_node=False, default=None)
+  map_states: tuple = ()
+  map_settings: Any = flax.struct.field(pytree_node=False, default=None)
+  map_threshold: float = flax.struct.field(pytree_node=False, default=math.inf)
+  map_scale: tuple = flax.struct.field(pytree_node=False, default=())
   backbone: Any = flax.struct.field(pytree_node=False, default=None)
 
   @property
   def total_sigma_thresholds(self) -> tuple:
     return tuple(
       float(np.mean([row[i] for row in self.sigma_thresholds])) for i in range(len(self.sigmas))
+    )
+
+  @property
+  def has_maps(self) -> bool:
+    """Whether the detector holds per-location statistics (fitted with --maps)."""
+    return len(self.map_states) > 0
+
+  def map_scorer(self, batch_size: int = 8, mesh=None):
+    """A ``jax_gad.maps.deploy.MapScorer`` for this detector's map statistics."""
+    from jax_gad.maps import deploy  # local: the maps import the data package (TFDS)
+
+    if not self.has_maps:
+      raise ValueError("this detector holds no map statistics: fit it again with --maps")
+    if self.backbone is None:
+      raise ValueError("this detector has no backbone attached; load it with load_detector")
+    return deploy.MapScorer(
+      self.backbone.module,
+      self.backbone.variables,
+      image_size=self.image_size,
+      states=self.map_states,
+      settings=deploy.settings_from_json(self.map_settings),
+      batch_size=batch_size,
+      mesh=mesh,
     )
 
   def score_features(self, features: Sequence[np.ndarray]) -> Scores:
@@ -370,6 +408,66 @@ def fit_features(
   )
 
 
+def map_settings(arch: str, maps: config.Maps | None = None):
+  """Checked ``jax_gad.maps.pipeline.MapSettings`` of ``fit --maps``, from its config section.
+
+  ``maps``: the levels, channels, combine rule, blur sigma and ridge
+  (:class:`jax_gad.config.Maps`; None: its defaults). Empty ``map_levels``:
+  the arch's default map levels. ValueError (naming the flag) for a bad value.
+  """
+  from jax_gad.maps import pipeline as mp  # local: the maps import the data package (TFDS)
+
+  maps = config.Maps() if maps is None else maps
+  config.validate(maps)
+  return mp.settings_for(
+    arch, maps.map_levels, maps.map_channels, maps.map_combine, maps.map_sigma, maps.map_ridge
+  )
+
+
+def fit_maps(
+  detector: Detector,
+  train,
+  settings,
+  *,
+  batch_size: int = config.Backbone.batch_size,
+  num_workers: int | None = config.Backbone.num_workers,
+):
+  """``detector`` plus per-location Gaussians (``settings``, :func:`map_settings`) on ``train``.
+
+  Uses the detector's backbone. The pixel threshold (at
+  ``detector.target_fpr``) and the colour scale come from out-of-fold maps
+  over the detector's calibration folds (:func:`jax_gad.maps.deploy.calibrate`).
+  """
+  from jax_gad.data import pipeline  # local: the data package imports TFDS (kept out of --help)
+  from jax_gad.maps import deploy  # local: the maps import the data package (TFDS) too
+
+  if detector.backbone is None:
+    raise ValueError("fit_maps needs the detector's backbone attached")
+  extractor = features.MapExtractor(
+    detector.backbone.module,
+    detector.backbone.variables,
+    image_size=detector.image_size,
+    levels=settings.levels,
+    channels=settings.channels,
+    batch_size=min(batch_size, len(train)),
+  )
+  model = deploy.calibrate(
+    extractor,
+    train,
+    protocol.folds(len(train), detector.n_folds),
+    preprocess=pipeline.image_preprocessor(detector.image_size, detector.mean, detector.std),
+    settings=settings,
+    target_fpr=detector.target_fpr,
+    num_workers=config.worker_count(num_workers),
+  )
+  return detector.replace(
+    map_states=model.states,
+    map_settings=deploy.settings_to_json(settings),
+    map_threshold=model.threshold,
+    map_scale=model.scale,
+  )
+
+
 # ---------------------------------------------------------------------------
 # Saving and loading
 # ---------------------------------------------------------------------------
@@ -383,6 +481,11 @@ def _arrays(detector: Detector) -> dict:
       entry["projection_mean"] = np.asarray(projection.mean)
       entry["projection_components"] = np.asarray(projection.components)
     out["levels"][str(i)] = entry
+  if detector.map_states:
+    out["maps"] = {
+      str(i): {k: np.asarray(v) for k, v in state._asdict().items()}
+      for i, state in enumerate(detector.map_states)
+    }
   return out
 
 
@@ -403,12 +506,16 @@ _HEADER_FIELDS = (
   "sigma_thresholds",
   "info",
 )
+# Written only by a detector fitted with maps; absent from the others' headers.
+_MAP_HEADER_FIELDS = ("map_settings", "map_threshold", "map_scale")
 
 
 def save_detector(detector: Detector, path) -> None:
   """Writes ``detector`` to ``path`` atomically; the folder is created if missing."""
   payload = flax.serialization.msgpack_serialize(_arrays(detector))
   header = {name: getattr(detector, name) for name in _HEADER_FIELDS}
+  if detector.map_states:
+    header.update({name: getattr(detector, name) for name in _MAP_HEADER_FIELDS})
   path = os.path.expanduser(os.fspath(path))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   files.atomic_write(path, encode(header, payload))
@@ -504,6 +611,7 @@ def read_detector(path) -> Detector:
     for name in ("mean", "std", "levels", "sigmas"):
       fields[name] = tuple(fields[name])
     fields["sigma_thresholds"] = tuple(tuple(r) for r in fields["sigma_thresholds"])
+    fields.update(_read_maps(arrays, header))
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(
       f"{path}: not a jax_gad detector file (missing or malformed field: {e})"
@@ -635,6 +743,24 @@ def check_backbone(det: Detector, meta: dict, path: str, where: str = "detector"
         f"{where}: header field {name!r} is {list(getattr(det, name))}, but the checkpoint "
         f"{path} normalises with {name} {[float(v) for v in meta[name]]}"
       )
+
+
+def _read_maps(arrays: dict, header: dict) -> dict:
+  """The map fields of a file's arrays and header ({} for a detector fitted without maps)."""
+  if "maps" not in arrays:
+    return {}
+  from jax_gad.maps import fit as mfit  # local: only files with maps need them
+
+  states = tuple(
+    mfit.MapState(**{k: np.asarray(arrays["maps"][str(i)][k]) for k in mfit.MapState._fields})
+    for i in range(len(header["map_settings"]["levels"]))
+  )
+  return {
+    "map_states": states,
+    "map_settings": header["map_settings"],
+    "map_threshold": float(header["map_threshold"]),
+    "map_scale": tuple(float(v) for v in header["map_scale"]),
+  }
 
 
 def attach_backbone(

@@ -277,7 +277,7 @@ def map_settings_of(cfg: config.Experiment):
   if not m.maps:
     return None
   return map_pipeline.settings_for(
-    cfg.backbone.arch, m.map_levels, m.map_channels, m.map_combine, m.map_sigma
+    cfg.backbone.arch, m.map_levels, m.map_channels, m.map_combine, m.map_sigma, m.map_ridge
   )
 
 

@@ -9,7 +9,9 @@ scores of the training images (``--calibration_folds``) at ``--target_fpr``;
 see docs/own-images.md. No defect image is needed. The training features come
 through ``--cache_dir`` (main's entries: a fit after a main run on the same data
 and weights extracts nothing); with ``--plots`` (default) the histogram of the
-out-of-fold scores is written to ``<output without extension>_histogram.png``.
+out-of-fold scores is written to ``<output without extension>_histogram.png``. With ``--maps`` the
+detector also holds anomaly-map statistics for ``jax_gad.predict --maps_dir``
+(docs/maps.md).
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def main(argv) -> int:
     f"calibrated threshold {det.threshold:.4f} at target FPR {det.target_fpr} "
     f"({det.n_folds}-fold out-of-fold scores); 3-sigma threshold {det.threshold_for(3):.4f}"
   )
+  if det.has_maps:
+    print(
+      f"maps: levels {det.map_settings['levels']}, ridge {det.map_settings['ridge']}, "
+      f"pixel threshold {det.map_threshold:.4f}, colour scale {det.map_scale[0]:.3f}.."
+      f"{det.map_scale[1]:.3f} (out-of-fold maps of the training images)"
+    )
   for note in det.info.get("warnings", []):
     print(f"jax_gad.fit: warning: {note}", file=sys.stderr)
   print(f"wrote {os.path.abspath(cfg.calibration.output)}")
@@ -65,7 +73,10 @@ def run() -> None:
   """Console-script entry point (``jax-gad-fit``)."""
   cli.define(config.Calibration)  # this command's own flags: defined only when it runs
   cli.define(config.Plots)
-  cli.show_in_help(config.Fit, exclude=("categories",))
+  # main's section, less --save_maps: defined outside this module so that --help lists only
+  # the flags show_in_help names.
+  cli.define(config.Maps, module_name=cli.__name__)
+  cli.show_in_help(config.Fit, exclude=("categories", "save_maps"))
   app.run(lambda argv: sys.exit(main(argv)))
 
 

@@ -3,7 +3,8 @@
 The densities of every level are fitted on every training image (no folds);
 the calibrated threshold comes from k-fold out-of-fold scores of those same
 images (``calibration_folds``) at ``target_fpr``; see :mod:`jax_gad.detector`
-and docs/own-images.md. No defect image is needed.
+and docs/own-images.md. No defect image is needed. With ``--maps`` the
+detector also holds anomaly-map statistics (docs/maps.md).
 
 The training features come through the feature cache (``cache_dir``), whose
 entries ``python -m jax_gad.main`` also writes (same key, every level): a fit
@@ -41,8 +42,12 @@ def fit(cfg: config.Fit, progress: bool = True) -> detector.Detector:
 
   Args:
     cfg: the data (``cfg.data``; its ``categories`` are not used), the backbone,
-      the levels and reduction, and ``cfg.calibration`` (the category, the
-      target false-positive rate and the k of the out-of-fold calibration).
+      the levels and reduction, ``cfg.calibration`` (the category, the
+      target false-positive rate and the k of the out-of-fold calibration)
+      and ``cfg.maps``: with ``maps``, also per-location Gaussians of the
+      map levels, a pixel threshold and an overlay colour scale
+      (:func:`jax_gad.detector.fit_maps`; ``save_maps`` is refused: it is
+      main's).
     progress: show progress bars, and say on the console where the features came from.
 
   Returns:
@@ -51,8 +56,14 @@ def fit(cfg: config.Fit, progress: bool = True) -> detector.Detector:
   Raises:
     ValueError: bad options or data (one line naming the culprit), before any work.
   """
+  if cfg.maps.save_maps:
+    raise ValueError(
+      "--save_maps is jax_gad.main's; fit --maps stores the map statistics in the detector "
+      "and `jax_gad.predict --maps_dir` writes the maps"
+    )
   config.validate(cfg)
   r = protocol.reduction_from(cfg.levels.pca, cfg.levels.npca)
+  map_settings = detector.map_settings(cfg.backbone.arch, cfg.maps) if cfg.maps.maps else None
   d, b, cal = cfg.data, cfg.backbone, cfg.calibration
   if b.cache_dir and os.path.exists(b.cache_dir) and not os.path.isdir(b.cache_dir):
     raise ValueError(f"--cache_dir={b.cache_dir} is a file; give a folder, or '' to disable")
@@ -89,8 +100,12 @@ def fit(cfg: config.Fit, progress: bool = True) -> detector.Detector:
     std=tuple(float(v) for v in meta["std"]),
     dtype=b.dtype,
     info=info,
-  )
-  return det.replace(backbone=backbone)
+  ).replace(backbone=backbone)
+  if map_settings is not None:
+    det = detector.fit_maps(
+      det, train, map_settings, batch_size=b.batch_size, num_workers=b.num_workers
+    )
+  return det
 
 
 def _extract(b: config.Backbone, loaded, train, levels, size: int, progress: bool) -> list:

@@ -12,7 +12,11 @@ threshold, or ``--sigma``'s chi-squared threshold), else ``normal``;
 ``error`` for an image that could not be read with ``--on_error=skip`` (its
 message is in ``error``; it is never dropped). With
 ``--on_error=fail`` (default) the first unreadable image stops the run and no
-output is written. The CSV is written atomically.
+output is written. The CSV is written atomically. With ``--maps_dir=DIR`` (a
+detector fitted with ``--maps``) every image also gets ``DIR/<path relative to
+--input>.npy`` (its float32 anomaly map at its own size) and ``.png`` (the
+overlay, with the predicted mask at the calibrated pixel threshold), and the
+CSV the columns ``map_max, map_file`` (docs/maps.md).
 
 Images are read and scored in chunks (memory does not grow with the number of
 images), decoded and resized by worker threads while the device computes. If
@@ -42,16 +46,19 @@ from jax_gad import cli, compile_cache, config, console, files, metrics, operati
 from jax_gad import detector as detector_lib
 from jax_gad.data import folder as folder_lib
 from jax_gad.data import pipeline
+from jax_gad.maps import deploy
 
 CHUNK = 256  # images scored and written per step (bounded memory)
 
 
 class Inputs(NamedTuple):
-  """The images to score: absolute paths, and labels and defect types if PATH is labelled."""
+  """The images to score: absolute paths, labels and defect types if PATH is labelled, and
+  the folder the paths are relative to in --maps_dir (PATH itself if a folder)."""
 
   paths: list
   labels: list | None
   defect_types: list | None = None
+  root: str | None = None
 
 
 def find_inputs(pattern: str) -> Inputs:
@@ -75,14 +82,15 @@ def find_inputs(pattern: str) -> Inputs:
       )
     found = sorted(os.path.abspath(p) for p in found)
     types = _folder_types(os.path.abspath(path), found)
-    return Inputs(found, None if types is None else [int(t != "good") for t in types], types)
+    labels = None if types is None else [int(t != "good") for t in types]
+    return Inputs(found, labels, types, os.path.abspath(path))
   if os.path.isfile(path):
-    return Inputs([os.path.abspath(path)], None)
+    return Inputs([os.path.abspath(path)], None, root=os.path.dirname(os.path.abspath(path)))
   if glob.has_magic(path):
     found = sorted(os.path.abspath(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p))
     if not found:
       raise ValueError(f"--input={pattern}: the pattern matches no files")
-    return Inputs(found, None)
+    return Inputs(found, None, root=os.path.commonpath([os.path.dirname(p) for p in found]))
   raise ValueError(f"--input={pattern} does not exist (expected an image, a folder or a glob)")
 
 
@@ -158,8 +166,12 @@ def predict(
   batch_size: int = config.Backbone.batch_size,
   num_workers: int | None = config.Backbone.num_workers,
   progress: bool = True,
+  maps_dir: str | None = config.Scoring.maps_dir,
 ) -> Prediction:
   """Scores every input and writes the CSV atomically (nothing is written on failure).
+
+  With ``maps_dir``: each image's map files, CSV columns ``map_max, map_file``
+  (:class:`jax_gad.maps.deploy.PredictMaps`).
 
   One decode pipeline (:func:`jax_gad.data.pipeline.prefetch_batches`) runs
   over all inputs, so decoding stays ahead of the device across chunks; the
@@ -175,6 +187,7 @@ def predict(
   chunk_batches = max(1, CHUNK // bs)
   source = _ImageFiles(inputs.paths, on_error == "skip", detector.image_size)
   total = np.full(n, np.nan)
+  maps = deploy.map_writer(detector, maps_dir, inputs.root, bs, read_image)
   extractor.compile()  # before the bar, so that its rate and ETA do not count compilation
   bar = None
   if progress:
@@ -183,7 +196,10 @@ def predict(
   def write(f):
     text = io.TextIOWrapper(f, encoding="utf-8", newline="")
     writer = csv.writer(text)
-    writer.writerow(operating_point.csv_header(detector.levels, inputs.defect_types is not None))
+    writer.writerow(
+      operating_point.csv_header(detector.levels, inputs.defect_types is not None)
+      + list(maps.columns)
+    )
     batches = pipeline.prefetch_batches(
       source,
       preprocess=pipeline.image_preprocessor(detector.image_size, detector.mean, detector.std),
@@ -192,11 +208,13 @@ def predict(
       rows=extractor.local_rows,
       num_workers=config.worker_count(num_workers),
     )
+    decoded = maps.tee(batches)
     try:
       for start in range(0, n, chunk_batches * bs):
         count = min(chunk_batches * bs, n - start)
-        feats = extractor.extract(itertools.islice(batches, -(-count // bs)), count, progress=False)
+        feats = extractor.extract(itertools.islice(decoded, -(-count // bs)), count, progress=False)
         scores = detector.score_features(feats)
+        chunk_maps = maps.take(count)
         for i in range(count):
           k = start + i
           ok = k not in source.errors
@@ -211,6 +229,7 @@ def predict(
               error=source.errors.get(k, ""),
               truth=_truth(inputs, k),
             )
+            + (maps.cells(inputs.paths[k], chunk_maps, i) if ok else maps.blank())
           )
         if bar is not None:
           bar.update(count)
@@ -254,6 +273,14 @@ def command(cfg: config.Predict, progress: bool = True):
   inputs = find_inputs(sc.input)
   det = detector_lib.read_detector(sc.detector)
   det.threshold_for(sc.sigma)  # checks --sigma before any work
+  if sc.maps_dir:
+    if not det.has_maps:
+      raise ValueError(
+        f"--maps_dir: detector {sc.detector} holds no map statistics; fit it again with "
+        "`python -m jax_gad.fit ... --maps`"
+      )
+    if os.path.exists(sc.maps_dir) and not os.path.isdir(sc.maps_dir):
+      raise ValueError(f"--maps_dir={sc.maps_dir} is a file; give a folder")
   weights = b.checkpoint or os.path.join(os.fspath(b.checkpoint_dir), f"{det.arch}.msgpack")
   read = [("the detector", sc.detector), ("the checkpoint", weights)]
   read += [("the input image", p) for p in inputs.paths]
@@ -273,6 +300,7 @@ def command(cfg: config.Predict, progress: bool = True):
     batch_size=b.batch_size,
     num_workers=b.num_workers,
     progress=progress,
+    maps_dir=sc.maps_dir or None,
   )
   if cfg.plots.plots and np.isfinite(result.total).any():  # no histogram of nothing
     result = result._replace(histogram=write_histogram(result, sc.output))

@@ -112,3 +112,30 @@ def pooled(
     desc=desc,
     preprocess=fn,
   )
+
+
+def write_synthetic_mvtec(
+  root, category, name=None, *, n_train, n_test, size=64, background="default"
+):
+  """Writes a generated synthetic_ad category in the MVTec layout under ``root/<name>``.
+
+  Returns:
+    The root path, as a string.
+  """
+  from jax_gad.data import synthetic_ad
+
+  name = name or category
+  splits = synthetic_ad.generate(
+    category, n_train=n_train, n_test=n_test, size=size, background=background
+  )
+  for split, items in splits.items():
+    for ex in items:
+      folder, defect, stem = ex["file_name"].removesuffix(".png").split("/")
+      path = os.path.join(root, name, folder, defect, f"{stem}.png")
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      Image.fromarray(ex["image"]).save(path)
+      if ex["label"]:
+        mask = os.path.join(root, name, "ground_truth", defect, f"{stem}_mask.png")
+        os.makedirs(os.path.dirname(mask), exist_ok=True)
+        Image.fromarray(ex["mask"]).save(mask)
+  return str(root)

@@ -50,11 +50,25 @@ def _minimal_result(row):
   }
 
 
+def test_bench_predict_maps_tiny_and_reported():
+  variables = efficientnet.init("efficientnet-b0", jax.random.key(0))
+  row = measure.bench_predict_maps(
+    "efficientnet-b0", 32, 2, variables, n_images=4, side=48, num_workers=2
+  )
+  assert row["n_images"] == 4 and row["batch_size"] == 2 and row["map_levels"]
+  assert row["images_per_s"] > 0 and row["maps_images_per_s"] > 0
+  result = _minimal_result(None)
+  result["predict_maps"] = row
+  text = report.format_report(result)
+  assert "Predict with `--maps_dir` (efficientnet-b0 32px" in text
+  assert "img/s without maps (batch 2)" in text
+
+
 def test_predict_calls_time_fresh_processes_and_the_warm_one_loads(tmp_path):
-  from jax_gad import checkpoint as ckpt
+  from jax_gad import backbone as backbone_lib
   from jax_gad.benchmark import predict_calls
 
-  ckpt.ensure_checkpoint("efficientnet-lite0", str(tmp_path))
+  backbone_lib.ensure_checkpoint("efficientnet-lite0", str(tmp_path))
   row = predict_calls.measure_predict_calls(
     "efficientnet-lite0", str(tmp_path), n_images=4, repeats=1, image_size=64, levels=(8,)
   )  # small: what is tested is the procedure, not the times

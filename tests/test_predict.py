@@ -96,6 +96,7 @@ def test_predict_folder_equals_in_memory_scores(setup, checkpoint, tmp_path):
     "error",
   ]
   det = jax_gad.load_detector(det_path, checkpoint=checkpoint)
+  assert not det.has_maps  # fitted without --maps: no map statistics
   images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
   ref = det.score(images)
   got_levels = np.array([[float(r[f"level_{l}"]) for l in LEVELS] for r in rows])

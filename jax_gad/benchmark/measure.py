@@ -689,6 +689,89 @@ def _predict_detector(setup: Setup, variables, pngs, num_workers: int):
   return det.replace(backbone=backbone_lib.Backbone(extractor.module, variables, ''))
 
 
+def bench_predict_maps(
+  arch: str,
+  image_size: int,
+  batch_size: int,
+  variables,
+  *,
+  n_images: int,
+  side: int,
+  num_workers: int,
+  seed: int = 0,
+) -> dict:
+  """Throughput of :func:`jax_gad.predict.predict` with ``maps_dir``, beside the plain rate.
+
+  As :func:`bench_predict` (PNG files, a detector fitted on 10 of them), but
+  the detector also holds map statistics of the arch's default map levels
+  (``jax_gad.detector.fit_maps``), and both runs are timed on the same files
+  after a compiling run: without maps, and with an anomaly map (``.npy``) and
+  an overlay (``.png``) written per image.
+
+  Returns:
+    ``n_images``, ``side``, ``image_size``, ``batch_size``, ``map_levels``,
+    ``images_per_s`` (plain) and ``maps_images_per_s``.
+  """
+  import tempfile
+
+  from jax_gad import detector as detector_lib
+  from jax_gad import predict
+  from jax_gad.data import pipeline
+
+  spec = efficientnet.ARCHS[arch]
+  module = efficientnet.create(arch)
+  with tempfile.TemporaryDirectory() as tmp:
+    paths = []
+    for i in range(n_images):
+      paths.append(os.path.join(tmp, f'{i:05d}.png'))
+      with open(paths[-1], 'wb') as f:
+        f.write(_test_png(side, seed + i))
+    fit_images = predict._ImageFiles(paths[: min(10, n_images)], False, image_size)
+    extractor = features.LevelExtractor(
+      module, variables, image_size=image_size, levels=_LEVELS, batch_size=batch_size
+    )
+    feats = pipeline.pooled_features(
+      extractor,
+      fit_images,
+      image_size=image_size,
+      mean=spec.mean,
+      std=spec.std,
+      num_workers=num_workers,
+      progress=False,
+    )
+    det = detector_lib.fit_features(
+      feats,
+      levels=_LEVELS,
+      n_folds=min(5, len(fit_images)),
+      arch=arch,
+      image_size=image_size,
+      mean=tuple(spec.mean),
+      std=tuple(spec.std),
+    ).replace(backbone=backbone_lib.Backbone(module, variables, ''))
+    settings = detector_lib.map_settings(arch)
+    det = detector_lib.fit_maps(
+      det, fit_images, settings, batch_size=batch_size, num_workers=num_workers
+    )
+    inputs = predict.Inputs(paths, None, root=tmp)
+    rates = {}
+    for key, maps_dir in (('images_per_s', None), ('maps_images_per_s', os.path.join(tmp, 'm'))):
+      kwargs = {'batch_size': batch_size, 'num_workers': num_workers, 'progress': False}
+      first = predict.Inputs(paths[:batch_size], None, root=tmp)
+      predict.predict(det, first, os.path.join(tmp, 's.csv'), maps_dir=maps_dir, **kwargs)
+      t0 = time.perf_counter()
+      predict.predict(det, inputs, os.path.join(tmp, 's.csv'), maps_dir=maps_dir, **kwargs)
+      rates[key] = n_images / (time.perf_counter() - t0)
+  return {
+    'arch': arch,
+    'n_images': n_images,
+    'side': side,
+    'image_size': image_size,
+    'batch_size': batch_size,
+    'map_levels': list(settings.levels),
+    **rates,
+  }
+
+
 def bench_predict(
   arch: str,
   image_size: int,

@@ -190,6 +190,7 @@ def _empty_result(cfg: Config) -> dict:
     'sweeps_other_cpu': None,
     'pipeline': None,
     'predict': None,
+    'predict_maps': None,
     'predict_calls': None,
     'maps': None,
     'pipelines': [],
@@ -436,6 +437,28 @@ def predict_section(run: _Run, result: dict) -> None:
   result['peak_host_memory_mb_after']['predict'] = measure.peak_host_memory_mb()
 
 
+def predict_maps_section(run: _Run, result: dict) -> None:
+  """``jax_gad.predict`` with ``--maps_dir`` beside the plain rate (``--predict_images``)."""
+  cfg = run.cfg
+  if not cfg.predict_images:
+    return
+  best = _best_float32(result)
+  batch = best['batch_size'] if best is not None else max(cfg.batch_sizes)
+  run.log(f'predict --maps_dir: {cfg.predict_images} PNG files, batch {batch} ...')
+  row = measure.bench_predict_maps(
+    cfg.arch,
+    run.image_size,
+    batch,
+    run.variables,
+    n_images=cfg.predict_images,
+    side=cfg.host_image_side,
+    num_workers=run.num_workers,
+    seed=cfg.seed,
+  )
+  result['predict_maps'] = row
+  run.log(f'  {row["maps_images_per_s"]:.2f} img/s with maps, {row["images_per_s"]:.2f} without')
+
+
 def predict_calls_section(run: _Run, result: dict) -> None:
   """Whole ``predict`` processes, empty then warm compile cache (``--predict_calls``)."""
   cfg = run.cfg
@@ -492,6 +515,7 @@ SECTIONS = (
   pipelines_section,
   estimate_section,
   predict_section,
+  predict_maps_section,
   predict_calls_section,
   density_section,
   map_section,

@@ -11,7 +11,9 @@ Two categories in the MVTec AD mould:
   left, with small jitter of position, rotation, size and lighting. Defects:
   ``color`` (a faint tinted patch), ``contamination`` (a small foreign blob),
   ``crack`` (a thin dark line on the face), ``deformed`` (the nut squashed
-  along one axis) and ``missing`` (a bite out of the rim).
+  along one axis) and ``missing`` (a bite out of the rim). ``background='flat'``
+  (in :func:`generate` and :func:`draw_example`, not in the TFDS dataset)
+  draws the same nuts smaller on one constant colour, without noise.
 
 Every image is drawn with numpy from its own random generator, seeded by
 (seed, category, split, defect type, index), so the dataset is reproducible
@@ -48,6 +50,12 @@ DEFAULT_SIZE = 192
 DEFAULT_SEED = 0
 
 _SPLIT_CODES = {"train": 0, "test": 1}
+
+# Background variants per category ('default': the images of the TFDS dataset). 'flat' puts a
+# smaller nut on one constant colour with no noise: features there have near-zero variance
+# across images, the case a per-location covariance needs a ridge for (docs/maps.md).
+BACKGROUNDS: dict[str, tuple[str, ...]] = {"texture": ("default",), "object": ("default", "flat")}
+FLAT_BACKGROUND = 0.94
 
 
 # ----------------------------------------------------------------------------
@@ -194,11 +202,19 @@ def _hexagon_radius(yy, xx, cy, cx, angle, squash=1.0, squash_angle=0.0) -> np.n
   return r
 
 
-def _nut(rng: np.random.Generator, drng: np.random.Generator, size: int, defect: str):
+def _nut(
+  rng: np.random.Generator,
+  drng: np.random.Generator,
+  size: int,
+  defect: str,
+  background: str = "dark",
+):
   yy, xx = _grid(size)
+  flat = background == "flat"
   cy = size / 2 + rng.normal(0.0, 1.5)
   cx = size / 2 + rng.normal(0.0, 1.5)
-  apothem = 0.34 * size * (1.0 + rng.normal(0.0, 0.01))
+  # The flat variant's nut is smaller, so that a wide band of constant background surrounds it.
+  apothem = (0.24 if flat else 0.34) * size * (1.0 + rng.normal(0.0, 0.01))
   angle = np.deg2rad(rng.normal(0.0, 4.0))
   light = np.deg2rad(225.0 + rng.normal(0.0, 5.0))
   mask = np.zeros((size, size), bool)
@@ -215,6 +231,8 @@ def _nut(rng: np.random.Generator, drng: np.random.Generator, size: int, defect:
   # Background: dark, with a faint vignette and sensor noise.
   bg = 0.13 + 0.03 * (1.0 - ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) / (0.5 * size**2))
   bg = bg[..., None] * np.array([0.95, 1.0, 1.08])
+  if flat:
+    bg = np.full_like(bg, FLAT_BACKGROUND)
 
   # Face: brushed steel, chamfered rim lit from `light`, threaded bore.
   brushed = ndimage.gaussian_filter(rng.standard_normal((size, size)), (0.6, 4.0))
@@ -278,15 +296,32 @@ def _nut(rng: np.random.Generator, drng: np.random.Generator, size: int, defect:
     mask = w > 0.3
 
   rgb = alpha[..., None] * face_rgb + (1.0 - alpha[..., None]) * bg
-  rgb = rgb + 0.01 * rng.standard_normal(rgb.shape)
+  noise = 0.01 * rng.standard_normal(rgb.shape)
+  # Flat: the sensor noise only on the nut, so the background is one constant colour.
+  rgb = rgb + (alpha[..., None] * noise if flat else noise)
   return rgb, mask
 
 
 _DRAW = {"texture": _fabric, "object": _nut}
 
 
+def _check_background(category: str, background: str) -> None:
+  if background not in BACKGROUNDS.get(category, ("default",)):
+    raise ValueError(
+      f"background={background!r} is not available for synthetic_ad category {category!r}; "
+      f"valid: {', '.join(BACKGROUNDS.get(category, ('default',)))}"
+    )
+
+
 def draw_example(
-  category: str, defect: str, seed: int, split: str, index: int, size: int, with_defect: bool = True
+  category: str,
+  defect: str,
+  seed: int,
+  split: str,
+  index: int,
+  size: int,
+  with_defect: bool = True,
+  background: str = "default",
 ):
   """Draws one example: (image uint8 (size, size, 3), mask uint8 (size, size) 0/255).
 
@@ -294,13 +329,17 @@ def draw_example(
   drawn from two independent random streams, both seeded by (seed, category,
   split, defect type, index). ``with_defect=False`` therefore renders the very
   same image without its defect (and an all-zero mask): the defect-free twin.
+  ``background='flat'`` (``object`` only, see :data:`BACKGROUNDS`) draws the
+  same nuts, smaller, on one constant colour.
   """
+  _check_background(category, background)
   defect_code = 0 if defect == "good" else 1 + SYNTHETIC_DEFECTS[category].index(defect)
   entropy = [seed, SYNTHETIC_CATEGORIES.index(category), _SPLIT_CODES[split], defect_code, index]
   base_seq, defect_seq = np.random.SeedSequence(entropy).spawn(2)
   drawn = defect if with_defect else "good"
+  extra = {} if background == "default" else {"background": background}
   rgb, mask = _DRAW[category](
-    np.random.default_rng(base_seq), np.random.default_rng(defect_seq), size, drawn
+    np.random.default_rng(base_seq), np.random.default_rng(defect_seq), size, drawn, **extra
   )
   if drawn == "good":
     mask = np.zeros((size, size), bool)
@@ -349,6 +388,7 @@ def generate(
   n_train: int = DEFAULT_N_TRAIN,
   n_test: int = DEFAULT_N_TEST,
   size: int = DEFAULT_SIZE,
+  background: str = "default",
 ) -> dict[str, list[dict]]:
   """Generates one category in memory.
 
@@ -358,6 +398,7 @@ def generate(
     n_train: number of (good) training images.
     n_test: number of test images; half (rounded up) are good.
     size: image side in pixels (>= 64; defects have absolute pixel sizes).
+    background: 'default', or 'flat' for ``object`` (:data:`BACKGROUNDS`).
 
   Returns:
     ``{'train': [...], 'test': [...]}``; each example is a dict with 'image'
@@ -365,13 +406,19 @@ def generate(
     'label' int (0 good, 1 defect), 'defect_type' str and 'file_name' str
     (e.g. 'test/crack/003.png'), in dataset order.
   """
-  return {s: list(_iter_split(category, s, seed, n_train, n_test, size)) for s in ("train", "test")}
+  _check_background(category, background)
+  return {
+    s: list(_iter_split(category, s, seed, n_train, n_test, size, background))
+    for s in ("train", "test")
+  }
 
 
-def _iter_split(category, split, seed, n_train, n_test, size) -> Iterator[dict]:
+def _iter_split(
+  category, split, seed, n_train, n_test, size, background="default"
+) -> Iterator[dict]:
   _check_args(category, seed, n_train, n_test, size)
   for defect, index in split_layout(category, split, n_train, n_test):
-    image, mask = draw_example(category, defect, seed, split, index, size)
+    image, mask = draw_example(category, defect, seed, split, index, size, background=background)
     yield {
       "image": image,
       "mask": mask,

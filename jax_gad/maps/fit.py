@@ -125,7 +125,8 @@ def _check_mask(mask, n: int):
   return jnp.asarray(mask)
 
 
-def _check_ridge(ridge) -> float:
+def check_ridge(ridge) -> float:
+  """``ridge`` as a float; ValueError unless it is a finite number >= 0."""
   if (
     isinstance(ridge, bool)
     or not isinstance(ridge, numbers.Real)
@@ -323,7 +324,7 @@ def finalize(stats: gaussian.Moments, shrinkage='ledoit_wolf', ridge: float = 0.
   """
   _check_stats(stats)
   mode, value = gaussian.check_shrinkage(shrinkage)
-  ridge = _check_ridge(ridge)
+  ridge = check_ridge(ridge)
   if float(jnp.min(stats.n)) < 2:
     raise ValueError(
       f'stats hold {float(jnp.min(stats.n)):g} image(s); at least 2 are needed to fit.'

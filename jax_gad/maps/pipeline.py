@@ -36,6 +36,7 @@ from jax_gad import features, metrics
 from jax_gad.data import pipeline as data_pipeline
 from jax_gad.maps import fit as mfit
 from jax_gad.maps import metrics as mmetrics
+from jax_gad.maps import overlay as moverlay
 from jax_gad.maps import postprocess
 from jax_gad.models import efficientnet
 
@@ -291,9 +292,18 @@ def evaluate_category(
 
 
 def settings_for(
-  arch: str, levels: Sequence[int], k_channels: int | None, rule: str, sigma: float
+  arch: str,
+  levels: Sequence[int],
+  k_channels: int | None,
+  rule: str,
+  sigma: float,
+  ridge: float,
 ) -> MapSettings:
   """The map settings of a run: default levels for ``arch``, channel subsets drawn once.
+
+  ``ridge`` is added to every per-location covariance after the Ledoit-Wolf
+  shrinkage (``--map_ridge``, whose default is PaDiM's 0.01); it bounds the
+  distance where the training features barely vary (a flat background).
 
   Raises:
     ValueError: ``k_channels`` above the width of a map level (refused, not
@@ -309,7 +319,8 @@ def settings_for(
       f"most {widths[narrow]}, or leave it out to keep every channel"
     )
   channels = channel_subsets([widths[l] for l in levels], k_channels)
-  return MapSettings(levels=levels, channels=channels, rule=rule, sigma=sigma)
+  ridge = mfit.check_ridge(ridge)
+  return MapSettings(levels=levels, channels=channels, ridge=ridge, rule=rule, sigma=sigma)
 
 
 class MapRun(NamedTuple):
@@ -353,6 +364,41 @@ def prepare(
   return MapRun(extractor, preprocess, settings, num_workers, keep_all_folds)
 
 
+class _Subset:
+  """The items ``indices`` of a source, as a source."""
+
+  def __init__(self, source, indices):
+    self.source, self.indices = source, [int(i) for i in indices]
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[self.indices[i]]
+
+
+def normal_scale(
+  extractor, train, fit_indices, fold_states, *, preprocess, settings, num_workers: int = 2
+) -> tuple[float, float]:
+  """Overlay colour scale of one fold: percentiles of its held-out training images' maps.
+
+  Those images are normal and unseen by the fold's fit, so the scale is that
+  of new normal images (:func:`jax_gad.maps.overlay.scaled`).
+  """
+  held = np.setdiff1d(np.arange(len(train)), np.asarray(fit_indices, np.int64))
+  if held.size == 0:
+    raise ValueError("the fold fits on every training image: no held-out image sets the scale")
+  maps = score_folds(
+    extractor,
+    _Subset(train, held),
+    [fold_states],
+    preprocess=preprocess,
+    settings=settings,
+    num_workers=num_workers,
+  )
+  return moverlay.color_scale(maps)
+
+
 class CategoryMaps(NamedTuple):
   """What :func:`run_category` computes for one category."""
 
@@ -362,6 +408,7 @@ class CategoryMaps(NamedTuple):
   masks: list
   sizes: list
   has_masks: bool
+  scale: tuple  # (vmin, vmax) of the first fold's overlays, from its held-out training images
 
 
 @contextlib.contextmanager
@@ -429,6 +476,9 @@ def run_category(
       num_workers=run.num_workers,
       progress=bar and bar.update,
     )
+  scale = normal_scale(
+    ex, train, fold_indices[0], states[0], preprocess=run.preprocess, settings=settings
+  )
   del states
   with _progress_bar(len(folds), f'{category}/maps metrics', 'fold') as bar:
     runs, masks, sizes = evaluate_category(
@@ -439,4 +489,4 @@ def run_category(
     logging.warning("category %s has no defect masks: map metrics are image-level only.", category)
   if not run.keep_all_folds:
     maps = maps[:1].copy()  # a copy, so that the other folds' memory is freed
-  return CategoryMaps(runs, maps, test, masks, sizes, has_masks)
+  return CategoryMaps(runs, maps, test, masks, sizes, has_masks, scale)

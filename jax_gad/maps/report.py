@@ -64,6 +64,7 @@ def document(settings, k_channels: int | None, outputs: dict) -> dict:
     'channels': k_channels,
     'combine': settings.rule,
     'sigma': settings.sigma,
+    'ridge': settings.ridge,
     'fpr_limit': mmetrics.DEFAULT_FPR_LIMIT,
     'runs': [r._asdict() for r in runs],
     'per_category': summarize(runs),
@@ -127,17 +128,17 @@ def write_overlays(folder: str, category: str, out, fold: int, per_type: int = 2
   chosen = moverlay.select(list(source.defect_types), per_type)
   if not chosen:
     return
-  full = postprocess.to_original(out.maps[0], out.sizes)  # once: the colour range needs them all
-  vmin, vmax = moverlay.color_range(full)
+  full = postprocess.to_original(out.maps[0][chosen], [out.sizes[i] for i in chosen])
+  vmin, vmax = out.scale  # from normal images (jax_gad.maps.pipeline.normal_scale)
   sub = os.path.join(folder, 'overlays', category)
   os.makedirs(sub, exist_ok=True)
-  for i in chosen:
+  for j, i in enumerate(chosen):
     name = moverlay.file_name(i, source.file_names[i])
-    title = f'{category} / {source.defect_types[i]} (fold {fold}), max {float(full[i].max()):.2f}'
+    title = f'{category} / {source.defect_types[i]} (fold {fold}), max {float(full[j].max()):.2f}'
     moverlay.write_overlay(
       os.path.join(sub, name),
       source[i]['image'],
-      full[i],
+      full[j],
       out.masks[i],
       vmin=vmin,
       vmax=vmax,
