@@ -461,6 +461,7 @@ def test_fit_honours_calibration_folds(raw, checkpoint, tmp_path, monkeypatch):
     image_size=SIZE,
     levels=(2, 8),
     calibration_folds=3,
+    cache_dir="",  # no feature cache: the features must be the fake ones above
   )
   det = jax_gad.fit_detector(config.from_flat(config.Fit, options), progress=False)
   assert det.n_folds == 3
