@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import os
 
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
 # Bound of the folder's size; least recently used entries are evicted beyond it (and the
 # bound is what makes JAX lock each entry's read and write: see the module docstring).
 MAX_BYTES = 2 * 1024**3
@@ -81,9 +84,6 @@ def enable(folder: str | None) -> Stats:
   Raises:
     ValueError: ``folder`` is a file or cannot be created (one line naming it).
   """
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache
-
   if folder:
     folder = _checked_folder(folder)
   compilation_cache.reset_cache()  # a later call takes effect even after a compilation

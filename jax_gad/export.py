@@ -29,9 +29,13 @@ import shutil
 import sys
 
 from absl import app
+import jax
+from jax import export as jax_export
+import jax.numpy as jnp
 import numpy as np
 
-from jax_gad import cli, config, console, export_loader, files
+import jax_gad
+from jax_gad import cli, config, console, export_loader, files, gaussian, pca
 from jax_gad import detector as detector_lib
 
 FORMAT_NAME = "jax_gad.export"
@@ -54,11 +58,6 @@ def scoring_function(det: detector_lib.Detector):
   size, unknown here). Everything the function needs is closed over as
   constants.
   """
-  import jax
-  import jax.numpy as jnp
-
-  from jax_gad import gaussian, pca
-
   if det.backbone is None:
     raise ValueError("the detector has no backbone attached (use detector.attach_backbone)")
   module = det.backbone.module
@@ -94,18 +93,13 @@ def export_program(det: detector_lib.Detector):
 
   Lowered for the platform this process runs on (``Exported.platforms``).
   """
-  import jax
-  from jax import export
-
-  (batch,) = export.symbolic_shape("n")
+  (batch,) = jax_export.symbolic_shape("n")
   spec = jax.ShapeDtypeStruct((batch, det.image_size, det.image_size, 3), np.uint8)
-  return export.export(jax.jit(scoring_function(det)))(spec)
+  return jax_export.export(jax.jit(scoring_function(det)))(spec)
 
 
 def manifest(det: detector_lib.Detector, program, digests: dict, detector_sha256: str) -> dict:
   """The manifest.json of an export: what the program expects, returns and was built from."""
-  import jax_gad
-
   size = int(det.image_size)
   return {
     "format": FORMAT_NAME,

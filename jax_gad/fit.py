@@ -23,6 +23,7 @@ import warnings
 from absl import app
 
 from jax_gad import cli, compile_cache, config, console
+from jax_gad.detector import FitWarning
 
 
 def main(argv) -> int:
@@ -31,7 +32,6 @@ def main(argv) -> int:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.quiet_third_party_logs()
   from jax_gad import fitting, operating_point  # imports TFDS: kept out of --help
-  from jax_gad.detector import FitWarning
 
   cfg = cli.build(config.Fit)
   try:

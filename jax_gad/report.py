@@ -73,10 +73,10 @@ def thresholds_markdown(rows: list[dict]) -> str:
 
 def _plot_roc(result_by_category: dict, distances: Sequence[str]) -> dict[str, bytes]:
   """One PNG per category: the Sum-score ROC curve of every fold and distance."""
-  import matplotlib
+  import matplotlib  # only plotting needs it: a slow import that --noplots never pays
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # after use('Agg'): no display needed
 
   pngs = {}
   for category, res in sorted(result_by_category.items()):
@@ -112,10 +112,10 @@ def _plot_roc(result_by_category: dict, distances: Sequence[str]) -> dict[str, b
 
 def _plot_levels(table1: list[dict], distances: Sequence[str]) -> bytes:
   """AUROC mean ± SEM per level and distance (Table 1 as a picture)."""
-  import matplotlib
+  import matplotlib  # only plotting needs it: a slow import that --noplots never pays
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # after use('Agg'): no display needed
 
   fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
   xs = np.arange(len(table1))
@@ -163,10 +163,10 @@ def score_histogram_png(hist, title: str, names: dict | None = None) -> bytes:
   The x axis spans exactly ``hist.edges[0] .. hist.edges[-1]`` inside the axes
   box :data:`HISTOGRAM_AXES`; the threshold is drawn in :data:`THRESHOLD_COLOR`.
   """
-  import matplotlib
+  import matplotlib  # only plotting needs it: a slow import that --noplots never pays
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # after use('Agg'): no display needed
 
   w, h = HISTOGRAM_SIZE
   fig = plt.figure(figsize=(w / HISTOGRAM_DPI, h / HISTOGRAM_DPI), dpi=HISTOGRAM_DPI)

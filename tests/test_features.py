@@ -52,7 +52,7 @@ def tiny_variables(seed=0):
 
 def random_variables(arch, seed=0):
   """Random EfficientNet variables with non-trivial BatchNorm statistics."""
-  from jax_gad.models import efficientnet  # pylint: disable=g-import-not-at-top
+  from jax_gad.models import efficientnet
 
   return efficientnet.init(arch, jax.random.key(seed))
 
@@ -353,8 +353,8 @@ ARCH = 'efficientnet-b0'
 
 def test_four_device_mesh_equals_single_device(tmp_path):
   """Acceptance 1: 4-device CPU mesh == 1 device, 7 images in batches of 4."""
-  from jax_gad.data.preprocess import prepare_image  # pylint: disable=g-import-not-at-top
-  from jax_gad.models import efficientnet  # pylint: disable=g-import-not-at-top
+  from jax_gad.data.preprocess import prepare_image
+  from jax_gad.models import efficientnet
 
   out = str(tmp_path / 'feats.npz')
   env = dict(
@@ -421,7 +421,7 @@ MULTIHOST_ARCH = 'efficientnet-lite0'
 
 def test_two_processes_on_localhost_return_full_features(tmp_path):
   """jax.distributed on CPU (gloo): 2 processes x 2 devices, full arrays on both."""
-  from jax_gad.models import efficientnet  # pylint: disable=g-import-not-at-top
+  from jax_gad.models import efficientnet
 
   out = str(tmp_path / 'proc')
   script = _PROCESS.format(

@@ -265,3 +265,38 @@ def test_the_package_imports_no_command_and_fit_is_a_plain_module():
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split("\n")[-3:-1] == ["[]", "True False"], proc.stdout
+
+
+def unexplained_local_imports(sources) -> list:
+  """Imports inside a function whose line carries no comment giving the reason."""
+  bad = []
+  for path, text in sources:
+    lines = text.splitlines()
+    for node in ast.walk(ast.parse(text)):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        for sub in ast.walk(node):
+          if isinstance(sub, (ast.Import, ast.ImportFrom)) and "#" not in lines[sub.lineno - 1]:
+            bad.append(f"{path}:{sub.lineno}: {lines[sub.lineno - 1].strip()}")
+  return bad
+
+
+def _texts(*folders):
+  for folder in folders:
+    for root, _, names in os.walk(os.path.join(REPO, folder)):
+      for name in sorted(names):
+        if name.endswith(".py"):
+          path = os.path.join(root, name)
+          with open(path, encoding="utf-8") as f:
+            yield os.path.relpath(path, REPO), f.read()
+
+
+def test_function_local_imports_say_why_and_no_pylint_comments():
+  sources = list(_texts("jax_gad"))
+  assert not unexplained_local_imports(sources), "\n".join(unexplained_local_imports(sources))
+  marker = "pylint" + ":"  # spelled apart so that this file does not match itself
+  found = [p for p, text in [*sources, *_texts("tests", "experiments")] if marker in text]
+  assert not found, found
+  # The check finds what it looks for.
+  assert unexplained_local_imports([("s.py", "def f():\n  import os\n")])
+  assert not unexplained_local_imports([("s.py", "def f():\n  import os  # why\n")])
+  assert not unexplained_local_imports([("s.py", "import os\n")])

@@ -13,9 +13,11 @@ import os
 import sys
 
 from absl import app, flags
+import jax
 
 from jax_gad import cli, config
-from jax_gad.benchmark.run import Config
+from jax_gad.benchmark.report import format_report, write_json
+from jax_gad.benchmark.run import Config, run_benchmark
 
 _D = Config()
 _ON_OFF = ['auto', 'on', 'off']
@@ -185,11 +187,6 @@ def config(**overrides) -> Config:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  import jax
-
-  from jax_gad.benchmark.report import format_report, write_json
-  from jax_gad.benchmark.run import run_benchmark
-
   try:
     cli.initialize_multihost()
     result = run_benchmark(config(), log=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -712,11 +712,8 @@ def bench_predict_maps(
     ``n_images``, ``side``, ``image_size``, ``batch_size``, ``map_levels``,
     ``images_per_s`` (plain) and ``maps_images_per_s``.
   """
-  import tempfile
-
-  from jax_gad import detector as detector_lib
-  from jax_gad import predict
-  from jax_gad.data import pipeline
+  from jax_gad import predict  # imports TFDS: only this section needs it
+  from jax_gad.data import pipeline  # imports TFDS: only this section needs it
 
   spec = efficientnet.ARCHS[arch]
   module = efficientnet.create(arch)

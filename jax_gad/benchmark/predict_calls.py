@@ -23,6 +23,10 @@ import sys
 import tempfile
 import time
 
+from PIL import Image
+
+from jax_gad import detector as detector_lib
+
 _SUMMARY = re.compile(r"compile cache .*: (\d+) programs loaded, (\d+) compiled")
 
 
@@ -49,8 +53,6 @@ def _run(args: list, env: dict) -> tuple[float, float, int, int]:
 
 def _write_category(root: str, category: str, n_train: int, n_test: int) -> None:
   """The synthetic category as PNG files: ``root/<category>/{train,test}/<folder>/NNN.png``."""
-  from PIL import Image
-
   from jax_gad.data import synthetic_ad  # imports TFDS: only this section needs it
 
   drawn = synthetic_ad.generate(category, n_train=n_train, n_test=n_test)
@@ -93,8 +95,6 @@ def measure_predict_calls(
     second call loaded from the cache / compiled, last repeat). ``image_size``
     is the detector's.
   """
-  from jax_gad import detector as detector_lib
-
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
   weights = f"--checkpoint_dir={os.path.abspath(checkpoint_dir)}"

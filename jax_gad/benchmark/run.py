@@ -11,7 +11,7 @@ import jax
 from jax_gad import config, features
 from jax_gad.benchmark import densities as density_bench
 from jax_gad.benchmark import maps as bench_maps
-from jax_gad.benchmark import measure
+from jax_gad.benchmark import measure, predict_calls
 from jax_gad.benchmark.estimate import estimate_protocol
 from jax_gad.models import efficientnet
 
@@ -464,8 +464,6 @@ def predict_calls_section(run: _Run, result: dict) -> None:
   cfg = run.cfg
   if not cfg.predict_calls:
     return
-  from jax_gad.benchmark import predict_calls
-
   run.log(f'predict processes: 1 and {cfg.predict_calls} images, empty then warm compile cache')
   result['predict_calls'] = predict_calls.measure_predict_calls(
     cfg.arch,
