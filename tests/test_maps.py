@@ -307,7 +307,7 @@ def test_cholesky_route_rejects_rounding_size_pivots(seed):
   train = rng.normal(size=(3, 1, 1, 3)).astype(np.float32)
   test = rng.normal(size=(5, 1, 1, 3)).astype(np.float32)
   stats = mfit.accumulate(mfit.empty(train.shape[1:], jnp.float32), jnp.asarray(train))
-  cov, _, _ = gaussian._shrunk_covariance(
+  cov, _, _ = gaussian.shrunk_covariance(
     jax.tree_util.tree_map(lambda a: a[0, 0], stats), 'fixed', jnp.float32(0.0)
   )
   pivots = np.diagonal(np.asarray(jnp.linalg.cholesky(cov, symmetrize_input=False)))
@@ -327,7 +327,7 @@ def test_map_channels_up_to_the_narrowest_map_level():
   from jax_gad.maps import pipeline
 
   # efficientnet-lite0 levels 3 and 5 have 40 and 112 channels.
-  settings = pipeline.settings_for('efficientnet-lite0', (3, 5), 40, 'mean', 4.0)
+  settings = pipeline.settings_for('efficientnet-lite0', (3, 5), 40, 'mean', 4.0, 0.01)
   assert [len(c) for c in settings.channels] == [40, 40]
   with pytest.raises(ValueError, match=r'--map_channels=41 exceeds the 40 channels of map level 3'):
-    pipeline.settings_for('efficientnet-lite0', (5, 3), 41, 'mean', 4.0)
+    pipeline.settings_for('efficientnet-lite0', (5, 3), 41, 'mean', 4.0, 0.01)
