@@ -713,38 +713,16 @@ def bench_predict_maps(
     ``images_per_s`` (plain) and ``maps_images_per_s``.
   """
   from jax_gad import predict  # imports TFDS: only this section needs it
-  from jax_gad.data import pipeline  # imports TFDS: only this section needs it
 
-  spec = efficientnet.ARCHS[arch]
-  module = efficientnet.create(arch)
   with tempfile.TemporaryDirectory() as tmp:
-    paths = []
-    for i in range(n_images):
-      paths.append(os.path.join(tmp, f'{i:05d}.png'))
-      with open(paths[-1], 'wb') as f:
-        f.write(_test_png(side, seed + i))
+    pngs = [_test_png(side, seed + i) for i in range(n_images)]
+    paths = [os.path.join(tmp, f'{i:05d}.png') for i in range(n_images)]
+    for path, png in zip(paths, pngs):
+      with open(path, 'wb') as f:
+        f.write(png)
     fit_images = predict._ImageFiles(paths[: min(10, n_images)], False, image_size)
-    extractor = features.LevelExtractor(
-      module, variables, image_size=image_size, levels=_LEVELS, batch_size=batch_size
-    )
-    feats = pipeline.pooled_features(
-      extractor,
-      fit_images,
-      image_size=image_size,
-      mean=spec.mean,
-      std=spec.std,
-      num_workers=num_workers,
-      progress=False,
-    )
-    det = detector_lib.fit_features(
-      feats,
-      levels=_LEVELS,
-      n_folds=min(5, len(fit_images)),
-      arch=arch,
-      image_size=image_size,
-      mean=tuple(spec.mean),
-      std=tuple(spec.std),
-    ).replace(backbone=backbone_lib.Backbone(module, variables, ''))
+    setup = Setup(arch, image_size, batch_size)
+    det = _predict_detector(setup, variables, pngs[: min(10, n_images)], num_workers)
     settings = detector_lib.map_settings(arch)
     det = detector_lib.fit_maps(
       det, fit_images, settings, batch_size=batch_size, num_workers=num_workers
