@@ -330,3 +330,15 @@ def test_command_line_error_is_one_line(tmp_path):
     f"jax_gad.export: error: --detector={tmp_path / 'none.jgd'} does not exist"
   )
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+  "options, message",
+  [
+    ({"output": "out"}, "--detector is required"),
+    ({"detector": "d.jgd"}, "--output is required"),
+  ],
+)
+def test_export_config_needs_a_detector_and_an_output(options, message):
+  with pytest.raises(ValueError, match=message):
+    export.command(config.from_flat(config.Export, options))
