@@ -101,7 +101,8 @@ def _positive(x):
 def test_import_does_not_import_torch_or_sklearn():
   code = (
     'import sys, jax_gad.benchmark; '
-    'bad = [m for m in ("torch", "sklearn", "tensorflow", "efficientnet_pytorch") '
+    'bad = [m for m in ("torch", "sklearn", "tensorflow", "efficientnet_pytorch", "onnx", '
+    '"onnxruntime", "openvino") '
     'if m in sys.modules]; assert not bad, bad'
   )
   proc = subprocess.run(
@@ -216,6 +217,7 @@ def test_cli_tiny_configuration_writes_documented_json(tmp_path):
     (['--nonsense=1'], 'nonsense'),
     (['--depthwise_impls=fast'], 'fast'),
     (['--num_processes=2'], 'go together'),
+    (['--engines_rounds=1', '--engines_archs=resnet'], "--engines_archs must be among"),
   ],
 )
 def test_cli_rejects_bad_flags(args, message):

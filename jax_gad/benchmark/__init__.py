@@ -1,7 +1,8 @@
 """Throughput benchmark: ``python -m jax_gad.benchmark [--flags] [--json=FILE]``.
 
 The package has one room per step: :mod:`.measure` times each stage,
-:mod:`.densities` and :mod:`.maps` the optional density and map sections,
+:mod:`.densities`, :mod:`.maps` and :mod:`.engines` the optional density,
+map and engine-comparison sections,
 :mod:`.estimate` turns the rates into a full-protocol estimate, :mod:`.run`
 holds the settings and runs each section (one small function per section,
 :data:`.run.SECTIONS`), :mod:`.report` formats each section's table (one
@@ -19,6 +20,10 @@ Measures, on whatever devices JAX sees:
   with ``--versus_rounds=R``, both timed batch by batch in alternation over R
   rounds, so that other processes' load falls on both alike (each turn runs
   one untimed batch first: the steady state is compared);
+* with ``--engines_rounds=R`` (:mod:`.engines`), for each of
+  ``--engines_archs``: jax_gad, ONNX Runtime, OpenVINO and PyTorch eager
+  extracting the 9 pooled levels with the same weights, checked against
+  PyTorch first, then timed in alternation over R rounds;
 * the Gaussian kernels per level width of the architecture: fit (mean,
   Ledoit-Wolf covariance, precision factor, std) on ``N`` rows and scoring of
   ``M`` rows with L2, SED and Mahalanobis, against scikit-learn's
@@ -32,10 +37,12 @@ Measures, on whatever devices JAX sees:
 * peak host memory (``ru_maxrss``) and device memory where JAX reports it.
 
 Random weights are used throughout (speed does not depend on the values), so
-no checkpoint is needed. torch and scikit-learn are imported lazily, only
-when their comparison runs. Accuracy studies (bfloat16 vs float32 features and
-AUROC with real weights, the calibrated threshold's false-positive rate) are
-scripts in ``experiments/`` (``feature_difference.py``, ``calibration_study.py``).
+no checkpoint is needed; the engines section alone uses the ImageNet weights
+that the Lite0-2 packages ship. torch, onnx, onnxruntime, openvino and
+scikit-learn are imported lazily, only when their comparison runs. Accuracy
+studies (bfloat16 vs float32 features and AUROC with real weights, the
+calibrated threshold's false-positive rate) are scripts in ``experiments/``
+(``feature_difference.py``, ``calibration_study.py``).
 
 JSON fields (``--json=FILE``, written atomically):
 
@@ -96,6 +103,26 @@ JSON fields (``--json=FILE``, written atomically):
   ``first_call_images_per_s``, ``torch_first_call_images_per_s`` (the untimed
   first batch of each turn), ``step_s_all``, ``torch_step_s_all``,
   ``first_step_s_all``, ``torch_first_step_s_all``).
+``engines``: null, or (``--engines_rounds`` > 0) one entry per architecture of
+  ``--engines_archs``, at ``--image_size`` or else its native size, the four
+  engines (``jax_gad``, ``onnxruntime``, ``openvino``, ``pytorch``) on the same
+  weights: ``arch``, ``image_size``, ``weights`` (``ImageNet (file)`` for
+  Lite0-2, else ``random (torch seed S...)``), ``rounds``, ``threads``
+  (``--torch_threads``, 0 = all cores), ``tolerance``, ``settings`` (per
+  engine: ``version`` (distribution -> version), ``precision``, ``layout``
+  and ``threads``, plus jax_gad's ``depthwise``, ``split_bytes`` and
+  ``devices``, ONNX Runtime's ``provider``, ``inter_op_threads``,
+  ``graph_optimization_level``, ``execution_mode`` and ``opset``, OpenVINO's
+  ``device``, ``INFERENCE_NUM_THREADS``, ``PERFORMANCE_HINT``,
+  ``INFERENCE_PRECISION_HINT``, ``compiled_precision`` (read back) and
+  ``shape``, PyTorch's ``mode``), ``max_rel_error`` (per engine but PyTorch:
+  the worst level's ``max |a - b| / max |b|`` against PyTorch over the batch
+  sizes), ``other_cpu`` (during the alternation) and ``rows`` (per batch
+  size: ``batch_size``, ``images_per_s``, ``first_call_images_per_s``,
+  ``step_s_all``, ``first_step_s_all`` and ``max_rel_error``, each a dict per
+  engine, and ``jax_gad_ratio`` (per other engine: the median over the
+  rounds of its step time / jax_gad's)). ``engines_skipped``: null, or why
+  the section did not run although asked for (a package not importable).
 ``estimate``: the full-protocol estimate: ``dataset``, ``categories``,
   ``folds``, ``levels``, ``distances``, ``images``, ``fits``, ``scorings``,
   ``images_per_s``, ``pipeline_images_per_s`` (used for the image part when
@@ -119,7 +146,7 @@ JSON fields (``--json=FILE``, written atomically):
   that comparison or part did not run.
 ``peak_host_memory_mb``: ``ru_maxrss`` of this process at the end, and
   ``peak_host_memory_mb_after`` per phase (``extraction``, ``torch``,
-  ``kernel``, ``sweeps``, ``predict``, ``densities``).
+  ``kernel``, ``sweeps``, ``predict``, ``densities``, ``engines``).
 ``wall_s``: total run time.
 """
 

@@ -130,6 +130,19 @@ flags.DEFINE_integer(
   'batch size (0: skip).',
   lower_bound=0,
 )
+flags.DEFINE_integer(
+  'engines_rounds',
+  _D.engines_rounds,
+  'Rounds of jax_gad vs ONNX Runtime, OpenVINO and PyTorch (float32, same weights, 9 pooled '
+  'levels, --torch_threads threads) timed in alternation at every batch size (0: skip).',
+  lower_bound=0,
+)
+cli.DEFINE_unique_list(
+  'engines_archs',
+  list(_D.engines_archs),
+  'Architectures of the --engines_rounds comparison, each at --image_size (default: its '
+  'native size).',
+)
 # --seed (inputs and random weights) is the shared flag of jax_gad.cli.
 flags.DEFINE_bool(
   'map_fit',

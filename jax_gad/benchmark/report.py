@@ -141,6 +141,74 @@ def format_versus(result: dict) -> str | None:
   return title + '\n' + _table(header, rows)
 
 
+_ENGINE_LABELS = {
+  'jax_gad': 'jax_gad (Flax)',
+  'onnxruntime': 'ONNX Runtime',
+  'openvino': 'OpenVINO',
+  'pytorch': 'PyTorch eager',
+}
+
+
+def _versions(s: dict) -> str:
+  return ', '.join(f'{name} {version or "?"}' for name, version in s['version'].items())
+
+
+def engine_settings_text(name: str, s: dict) -> str:
+  """One engine's settings in a few words (the JSON keeps them all)."""
+  if name == 'jax_gad':
+    extra = (
+      f'{s["devices"]} device, XLA CPU threads, depthwise {s["depthwise"]}, '
+      f'split_bytes {s["split_bytes"]}'
+    )
+  elif name == 'onnxruntime':
+    extra = (
+      f'{s["provider"]}, {s["threads"]} intra-op + {s["inter_op_threads"]} inter-op threads, '
+      f'{s["graph_optimization_level"]}, {s["execution_mode"]}, opset {s["opset"]}'
+    )
+  elif name == 'openvino':
+    extra = (
+      f'{s["device"]}, {s["INFERENCE_NUM_THREADS"]} threads, {s["PERFORMANCE_HINT"]} hint, '
+      f'{s["shape"]} shape'
+    )
+  else:
+    extra = f'{s["threads"]} threads, {s["mode"]}'
+  return f'{_versions(s)}; {extra}; {s["precision"]} {s["layout"]}'
+
+
+def _engines_table(e: dict) -> str:
+  rows_by_batch = e['rows']
+  header = ['engine', 'settings']
+  header += [f'batch {r["batch_size"]} img/s' for r in rows_by_batch]
+  header += [f'jax_gad / engine, batch {r["batch_size"]}' for r in rows_by_batch]
+  header += [f'batch {r["batch_size"]} first call img/s' for r in rows_by_batch]
+  rows = []
+  for name, settings in e['settings'].items():
+    row = [_ENGINE_LABELS.get(name, name), engine_settings_text(name, settings)]
+    row += [_f(r['images_per_s'][name]) for r in rows_by_batch]
+    row += [_f(r['jax_gad_ratio'].get(name), '{:.2f}x', '1') for r in rows_by_batch]
+    row += [_f(r['first_call_images_per_s'][name]) for r in rows_by_batch]
+    rows.append(row)
+  return _table(header, rows)
+
+
+def format_engines(result: dict) -> str | None:
+  """jax_gad against ONNX Runtime, OpenVINO and PyTorch, one table per architecture."""
+  if result.get('engines_skipped'):
+    return f'(engines comparison skipped: {result["engines_skipped"]})'
+  out = []
+  for e in result.get('engines') or []:
+    errors = ', '.join(f'{_ENGINE_LABELS[n]} {v:.1e}' for n, v in e['max_rel_error'].items())
+    out.append(
+      f'Engines, {e["arch"]} at {e["image_size"]}x{e["image_size"]}, weights {e["weights"]} '
+      '(the same on every engine), 9 levels pooled, float32, timed in alternation over '
+      f'{e["rounds"]} rounds with the engine order changing every round, each turn one untimed '
+      f'call then one timed (medians; jax_gad / engine: median of per-round ratios; other CPU '
+      f'{_pct(e["other_cpu"])}). Max |a - b| / max |b| against PyTorch: {errors}:\n'
+      + _engines_table(e)
+    )
+  return '\n\n'.join(out) if out else None
+
+
 def _kernel_row(first, width, r) -> list:
   return [
     first,
@@ -328,6 +396,7 @@ def format_densities(result: dict) -> str | None:
 SECTIONS = (
   format_extraction,
   format_versus,
+  format_engines,
   format_kernel,
   format_sweeps,
   format_pipeline,

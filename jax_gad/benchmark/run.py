@@ -10,8 +10,8 @@ import jax
 
 from jax_gad import config, features
 from jax_gad.benchmark import densities as density_bench
+from jax_gad.benchmark import engines, measure, predict_calls
 from jax_gad.benchmark import maps as bench_maps
-from jax_gad.benchmark import measure, predict_calls
 from jax_gad.benchmark.estimate import estimate_protocol
 from jax_gad.models import efficientnet
 
@@ -50,6 +50,9 @@ class Config(NamedTuple):
   checkpoint_dir: str = config.Backbone.checkpoint_dir  # real weights of --arch for predict_calls
   pipeline_archs: tuple[str, ...] = ()  # more archs for the pipeline run, each per batch size
   versus_rounds: int = 0  # >0: jax_gad vs torch float32, alternating, this many rounds
+  engines_rounds: int = 0  # >0: jax_gad vs ONNX Runtime, OpenVINO, PyTorch, this many rounds
+  # The engines section's architectures, each at --image_size or else its native size.
+  engines_archs: tuple[str, ...] = ('efficientnet-b4', 'efficientnet-lite0')
   num_workers: int | None = config.Backbone.num_workers  # None: os.cpu_count()
   seed: int = config.Density.seed
   map_fit: bool = False  # the anomaly-map section (jax_gad.benchmark.maps)
@@ -118,6 +121,13 @@ def _check_config(cfg: Config) -> None:
       raise ValueError(f'pipeline_archs must be among {sorted(efficientnet.ARCHS)}, got {arch!r}')
   if cfg.versus_rounds < 0:
     raise ValueError(f'versus_rounds must be >= 0, got {cfg.versus_rounds}')
+  if cfg.engines_rounds < 0:
+    raise ValueError(f'--engines_rounds must be >= 0 (0: skip), got {cfg.engines_rounds}')
+  for arch in cfg.engines_archs:
+    if arch not in efficientnet.ARCHS:
+      raise ValueError(f'--engines_archs must be among {sorted(efficientnet.ARCHS)}, got {arch!r}')
+  if cfg.engines_rounds and not cfg.engines_archs:
+    raise ValueError('--engines_archs must name an architecture when --engines_rounds > 0')
   if cfg.torch_threads < 0:
     raise ValueError(f'torch_threads must be >= 0 (0: cpu count), got {cfg.torch_threads}')
 
@@ -132,6 +142,7 @@ class _Run(NamedTuple):
   mesh: Any
   variables: Any  # random weights of cfg.arch
   torch_why: str | None  # why the torch reference does not run, or None
+  engines_why: str | None  # why the engines section cannot run (with --engines_rounds), or None
   sklearn_why: str | None  # why scikit-learn is not compared, or None
   log: Callable[[str], None]
 
@@ -146,6 +157,8 @@ def _skip_reason(setting: str, flag: str, why: str | None) -> str | None:
 
 
 def _setup(cfg: Config, log: Callable[[str], None]) -> _Run:
+  # First, before JAX starts its threads: importing openvino forks a telemetry process.
+  engines_why = engines.available() if cfg.engines_rounds else None
   torch_why = _skip_reason(cfg.torch_reference, 'torch_reference', None)
   if torch_why is None and efficientnet.ARCHS[cfg.arch].family != 'b':
     torch_why = f'efficientnet_pytorch has no {cfg.arch}'
@@ -166,6 +179,7 @@ def _setup(cfg: Config, log: Callable[[str], None]) -> _Run:
     mesh=features.make_mesh(),
     variables=efficientnet.init(cfg.arch, jax.random.key(cfg.seed)),
     torch_why=torch_why,
+    engines_why=engines_why,
     sklearn_why=sklearn_why,
     log=log,
   )
@@ -195,6 +209,8 @@ def _empty_result(cfg: Config) -> dict:
     'maps': None,
     'pipelines': [],
     'versus': None,
+    'engines': None,
+    'engines_skipped': None,
     'densities': None,
   }
 
@@ -279,6 +295,35 @@ def versus_section(run: _Run, result: dict) -> None:
       f'{r["torch_images_per_s"]:.2f} img/s, {r["speedup_vs_torch"]:.2f}x'
     )
   result['peak_host_memory_mb_after']['torch'] = measure.peak_host_memory_mb()
+
+
+def engines_section(run: _Run, result: dict) -> None:
+  """jax_gad, ONNX Runtime, OpenVINO and PyTorch on the same weights (``--engines_rounds``)."""
+  cfg = run.cfg
+  if not cfg.engines_rounds:
+    return
+  if run.engines_why is not None:
+    result['engines_skipped'] = run.engines_why
+    run.log(f'engines: skipped, {run.engines_why}')
+    return
+  threads = cfg.torch_threads or os.cpu_count() or 1
+  result['engines'] = []
+  for arch in cfg.engines_archs:
+    size = cfg.image_size or efficientnet.native_resolution(arch)
+    run.log(
+      f'engines: {arch} {size}px, jax_gad ({run.depthwise[0]}), ONNX Runtime, OpenVINO and '
+      f'PyTorch float32 ({threads} threads), batches {tuple(cfg.batch_sizes)}, '
+      f'{cfg.engines_rounds} alternating rounds ...'
+    )
+    setup = engines.ArchSetup(
+      arch, size, tuple(cfg.batch_sizes), cfg.engines_rounds, threads, run.depthwise[0], cfg.seed
+    )
+    section = engines.bench_arch(setup, log=run.log)
+    for r in section['rows']:
+      rates = ', '.join(f'{n} {v:.2f}' for n, v in r['images_per_s'].items())
+      run.log(f'  batch {r["batch_size"]}: img/s {rates}')
+    result['engines'].append(section)
+  result['peak_host_memory_mb_after']['engines'] = measure.peak_host_memory_mb()
 
 
 def kernel_section(run: _Run, result: dict) -> None:
@@ -506,6 +551,7 @@ SECTIONS = (
   extraction_section,
   torch_section,
   versus_section,
+  engines_section,
   kernel_section,
   sweep_section,
   host_section,
