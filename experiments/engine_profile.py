@@ -228,7 +228,9 @@ def profile_jax(inp: engines.Inputs, steps: int) -> tuple[float, dict]:
   skip = ('ThunkExecutor', 'end:', 'Threadpool', 'SlinkyThreadPool')
   for plane in data.planes:
     for line in plane.lines:
-      if 'XLAEigen' not in line.name:  # XLA's worker threads run the thunks
+      # XLA's threads run the thunks: its worker pool (tf_XLAEigen) and, for
+      # small programs, the client thread that started the call.
+      if not line.name.startswith('tf_XLA'):
         continue
       for event in line.events:
         if not event.name.startswith(skip):
