@@ -48,7 +48,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jax_gad import convert, features, files  # noqa: E402
+from jax_gad import convert, files  # noqa: E402
 from jax_gad.benchmark import engines  # noqa: E402
 from jax_gad.models import efficientnet  # noqa: E402
 
@@ -201,16 +201,31 @@ def _median_ms(step, steps: int, batch: int) -> float:
   return 1e3 * float(np.median(times)) / batch
 
 
+_NOT_THUNKS = ('ThunkExecutor', 'end:', 'Threadpool', 'SlinkyThreadPool')
+
+
+def thunk_totals(planes, instructions: dict, bodies: dict) -> collections.Counter:
+  """Nanoseconds per category of every thunk event in a trace's ``planes``.
+
+  XLA's threads run the thunks: its worker pool (``tf_XLAEigen/...``) and,
+  for small programs, the client thread that started the call
+  (``tf_XLAPjRtCpuClient/...``); the Python thread's events and XLA's own
+  wrappers around the thunks (:data:`_NOT_THUNKS`) are not counted.
+  """
+  totals = collections.Counter()
+  for plane in planes:
+    for line in plane.lines:
+      if not line.name.startswith('tf_XLA'):
+        continue
+      for event in line.events:
+        if not event.name.startswith(_NOT_THUNKS):
+          totals[jax_category(event.name, instructions, bodies)] += event.duration_ns
+  return totals
+
+
 def profile_jax(inp: engines.Inputs, steps: int) -> tuple[float, dict]:
   """Unprofiled ms per image and traced ms per image per category, for jax_gad."""
-  extractor = features.LevelExtractor(
-    efficientnet.create(inp.arch),
-    inp.variables,
-    image_size=inp.image_size,
-    levels=tuple(range(efficientnet.NUM_LEVELS)),
-    mesh=features.make_mesh(jax.local_devices()[:1]),
-    batch_size=inp.batch_size,
-  )
+  extractor = engines.jax_gad_extractor(inp)
   host = np.ascontiguousarray(inp.x.transpose(0, 2, 3, 1))
 
   def step():
@@ -218,39 +233,21 @@ def profile_jax(inp: engines.Inputs, steps: int) -> tuple[float, dict]:
 
   wall = _median_ms(step, steps, inp.batch_size)
   instructions, bodies = hlo_instructions(extractor.compiled.as_text())
-  totals = collections.Counter()
   with tempfile.TemporaryDirectory(prefix='jax_gad_profile_') as folder:
     with jax.profiler.trace(folder):
       for _ in range(steps):
         step()
     (path,) = glob.glob(os.path.join(folder, '**', '*.xplane.pb'), recursive=True)
     data = jax.profiler.ProfileData.from_file(path)
-  skip = ('ThunkExecutor', 'end:', 'Threadpool', 'SlinkyThreadPool')
-  for plane in data.planes:
-    for line in plane.lines:
-      # XLA's threads run the thunks: its worker pool (tf_XLAEigen) and, for
-      # small programs, the client thread that started the call.
-      if not line.name.startswith('tf_XLA'):
-        continue
-      for event in line.events:
-        if not event.name.startswith(skip):
-          totals[jax_category(event.name, instructions, bodies)] += event.duration_ns
+  totals = thunk_totals(data.planes, instructions, bodies)
   per_image = 1e-6 / (steps * inp.batch_size)
   return wall, {c: totals[c] * per_image for c in CATEGORIES}
 
 
 def profile_onnxruntime(inp: engines.Inputs, steps: int, folder: str) -> tuple[float, dict]:
   """Unprofiled ms per image and profiled ms per image per category, for ONNX Runtime."""
-  import onnxruntime as ort  # here: a reference engine, not a jax_gad dependency
-
   wall = _median_ms(engines.onnxruntime_engine(inp).step, steps, inp.batch_size)
-  options = ort.SessionOptions()
-  options.intra_op_num_threads = inp.threads
-  options.inter_op_num_threads = 1
-  options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-  options.enable_profiling = True
-  options.profile_file_prefix = os.path.join(folder, 'ort')
-  session = ort.InferenceSession(inp.onnx_path, options, providers=['CPUExecutionProvider'])
+  session = engines.onnxruntime_session(inp, profile_prefix=os.path.join(folder, 'ort'))
   for _ in range(steps):
     session.run(None, {'x': inp.x})
   with open(session.end_profiling()) as f:
@@ -270,16 +267,7 @@ def profile_openvino(inp: engines.Inputs, steps: int) -> tuple[float, dict]:
   import openvino as ov  # here: a reference engine, not a jax_gad dependency
 
   wall = _median_ms(engines.openvino_engine(inp).step, steps, inp.batch_size)
-  core = ov.Core()
-  model = core.read_model(inp.onnx_path)
-  model.reshape({0: list(inp.x.shape)})
-  config = {
-    'INFERENCE_NUM_THREADS': inp.threads,
-    'PERFORMANCE_HINT': 'LATENCY',
-    'INFERENCE_PRECISION_HINT': 'f32',
-    'PERF_COUNT': True,
-  }
-  request = core.compile_model(model, 'CPU', config).create_infer_request()
+  request = engines.openvino_compiled(inp, perf_count=True)[0].create_infer_request()
   totals = collections.Counter()
   request.infer({0: inp.x})
   for _ in range(steps):
@@ -356,7 +344,7 @@ def main(argv) -> int:
       args.image_size,
       args.batch_size,
       threads,
-      'shift',
+      efficientnet.default_depthwise(jax.default_backend()),
       module,
       variables,
       path,

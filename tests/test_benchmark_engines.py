@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jax_gad import benchmark, convert
-from jax_gad.benchmark import engines, report, run
+from jax_gad.benchmark import engines, measure, report, run
 from jax_gad.models import efficientnet
 
 REFERENCE_PACKAGES = ('torch', 'onnx', 'onnxruntime', 'openvino')
@@ -375,5 +375,5 @@ def test_section_is_skipped_with_the_reason_when_a_package_is_missing(monkeypatc
 
 
 def test_version_of_a_missing_distribution_is_none():
-  assert engines._version('numpy') == np.__version__
-  assert engines._version('no-such-distribution-jax-gad') is None
+  assert measure.optional_version('numpy') == np.__version__
+  assert measure.optional_version('no-such-distribution-jax-gad') is None

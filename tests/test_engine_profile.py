@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +81,27 @@ def test_every_thunk_kind_gets_its_category(ep):
   }
   for name, category in expected.items():
     assert ep.jax_category(name, instructions, bodies) == category, name
+
+
+def test_thunk_totals_count_xla_threads_only_and_skip_the_executor(ep):
+  instructions, bodies = ep.hlo_instructions(HLO)
+  event = types.SimpleNamespace
+  line = lambda name, *events: types.SimpleNamespace(name=name, events=events)
+  planes = [
+    types.SimpleNamespace(
+      lines=[
+        line(
+          'tf_XLAEigen/123', event(name='expand', duration_ns=5), event(name='taps', duration_ns=7)
+        ),
+        line('tf_XLAPjRtCpuClient/4', event(name='stem', duration_ns=3)),
+        line('tf_XLAPjRtCpuClient/4', event(name='ThunkExecutor::Execute', duration_ns=100)),
+        line('tf_XLAEigen/123', event(name='SlinkyThreadPool::Await', duration_ns=50)),
+        line('python', event(name='expand', duration_ns=1000)),
+      ]
+    )
+  ]
+  totals = ep.thunk_totals(planes, instructions, bodies)
+  assert totals == {ep.POINTWISE: 5, ep.DEPTHWISE: 7, ep.STEM: 3}
 
 
 def test_a_real_compiled_network_has_its_main_categories(ep):

@@ -37,7 +37,6 @@ follows every other one exactly once).
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import os
 import tempfile
 import time
@@ -73,13 +72,6 @@ def available() -> str | None:
     except ImportError:
       return f'{name} not importable (needed for {role})'
   return None
-
-
-def _version(dist: str) -> str | None:
-  try:
-    return importlib.metadata.version(dist)
-  except importlib.metadata.PackageNotFoundError:
-    return None
 
 
 class Engine(NamedTuple):
@@ -207,11 +199,10 @@ def export_onnx(module, batch_size: int, image_size: int, path: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def jax_gad_engine(inp: Inputs) -> Engine:
-  """:class:`LevelExtractor` on one device, compiled; a step includes both transfers."""
-  module = efficientnet.create(inp.arch, depthwise=inp.depthwise)
+def jax_gad_extractor(inp: Inputs) -> features.LevelExtractor:
+  """The compiled :class:`LevelExtractor` of all 9 levels on one device."""
   extractor = features.LevelExtractor(
-    module,
+    efficientnet.create(inp.arch, depthwise=inp.depthwise),
     inp.variables,
     image_size=inp.image_size,
     levels=tuple(range(efficientnet.NUM_LEVELS)),
@@ -219,13 +210,20 @@ def jax_gad_engine(inp: Inputs) -> Engine:
     batch_size=inp.batch_size,
   )
   extractor.compile()
+  return extractor
+
+
+def jax_gad_engine(inp: Inputs) -> Engine:
+  """:class:`LevelExtractor` on one device, compiled; a step includes both transfers."""
+  extractor = jax_gad_extractor(inp)
+  module = extractor.module
   host = np.ascontiguousarray(inp.x.transpose(0, 2, 3, 1))
 
   def step():
     return list(jax.device_get(extractor(extractor.device_batch(host))))
 
   settings = {
-    'version': {d: _version(d) for d in ('jax', 'jaxlib')},
+    'version': {d: measure.optional_version(d) for d in ('jax', 'jaxlib')},
     'threads': _THREADS_NOTE.format(os.cpu_count()),
     'precision': 'float32',
     'layout': 'NHWC',
@@ -236,8 +234,8 @@ def jax_gad_engine(inp: Inputs) -> Engine:
   return Engine(step, settings)
 
 
-def onnxruntime_engine(inp: Inputs) -> Engine:
-  """An ONNX Runtime session on the CPU execution provider."""
+def onnxruntime_session(inp: Inputs, profile_prefix: str | None = None):
+  """An ONNX Runtime session on the CPU execution provider; profiling when ``profile_prefix``."""
   import onnxruntime as ort  # here: a benchmark reference only
 
   options = ort.SessionOptions()
@@ -245,14 +243,26 @@ def onnxruntime_engine(inp: Inputs) -> Engine:
   options.inter_op_num_threads = 1
   options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
   options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-  session = ort.InferenceSession(inp.onnx_path, options, providers=['CPUExecutionProvider'])
+  if profile_prefix is not None:
+    options.enable_profiling = True
+    options.profile_file_prefix = profile_prefix
+  return ort.InferenceSession(inp.onnx_path, options, providers=['CPUExecutionProvider'])
+
+
+def onnxruntime_engine(inp: Inputs) -> Engine:
+  """An ONNX Runtime session on the CPU execution provider."""
+  session = onnxruntime_session(inp)
+  options = session.get_session_options()
   feed = {'x': inp.x}
 
   def step():
     return session.run(None, feed)
 
   settings = {
-    'version': {'onnxruntime': _version('onnxruntime'), 'onnx': _version('onnx')},
+    'version': {
+      'onnxruntime': measure.optional_version('onnxruntime'),
+      'onnx': measure.optional_version('onnx'),
+    },
     'provider': 'CPUExecutionProvider',
     'threads': inp.threads,
     'inter_op_threads': 1,
@@ -265,8 +275,9 @@ def onnxruntime_engine(inp: Inputs) -> Engine:
   return Engine(step, settings)
 
 
-def openvino_engine(inp: Inputs) -> Engine:
-  """The ONNX file compiled by OpenVINO for CPU at its static shape; one infer request."""
+def openvino_compiled(inp: Inputs, perf_count: bool = False):
+  """The ONNX file compiled by OpenVINO for CPU at its static shape; per-node times with
+  ``perf_count``. Returns ``(compiled model, config)``."""
   import openvino as ov  # here: a benchmark reference only
 
   core = ov.Core()
@@ -277,7 +288,13 @@ def openvino_engine(inp: Inputs) -> Engine:
     'PERFORMANCE_HINT': 'LATENCY',
     'INFERENCE_PRECISION_HINT': 'f32',
   }
-  compiled = core.compile_model(model, 'CPU', config)
+  extra = {'PERF_COUNT': True} if perf_count else {}
+  return core.compile_model(model, 'CPU', {**config, **extra}), config
+
+
+def openvino_engine(inp: Inputs) -> Engine:
+  """The ONNX file compiled by OpenVINO for CPU at its static shape; one infer request."""
+  compiled, config = openvino_compiled(inp)
   request = compiled.create_infer_request()
   outputs = list(compiled.outputs)
   feed = {0: inp.x}
@@ -287,7 +304,7 @@ def openvino_engine(inp: Inputs) -> Engine:
     return [np.array(result[o]) for o in outputs]
 
   settings = {
-    'version': {'openvino': _version('openvino')},
+    'version': {'openvino': measure.optional_version('openvino')},
     'device': 'CPU',
     **config,
     'compiled_precision': compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name(),
@@ -311,7 +328,10 @@ def pytorch_engine(inp: Inputs) -> Engine:
   family = efficientnet.ARCHS[inp.arch].family
   package = 'efficientnet-pytorch' if family == 'b' else 'efficientnet-lite-pytorch'
   settings = {
-    'version': {'torch': _version('torch'), package: _version(package)},
+    'version': {
+      'torch': measure.optional_version('torch'),
+      package: measure.optional_version(package),
+    },
     'threads': torch.get_num_threads(),
     'precision': 'float32',
     'layout': 'NCHW',

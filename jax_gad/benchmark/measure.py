@@ -102,7 +102,8 @@ def ratio(num, den):
   return float(num) / float(den)
 
 
-def _optional_version(module_name: str):
+def optional_version(module_name: str) -> str | None:
+  """The installed version of a module's distribution, or None when it is not installed."""
   dist = {'sklearn': 'scikit-learn'}.get(module_name, module_name)
   try:
     return importlib.metadata.version(dist)
@@ -155,14 +156,14 @@ def machine_info() -> dict:
     'cpu_count': os.cpu_count(),
     'python': platform.python_version(),
     'jax': jax.__version__,
-    'jaxlib': _optional_version('jaxlib'),
+    'jaxlib': optional_version('jaxlib'),
     'backend': jax.default_backend(),
     'device_kind': devices[0].device_kind,
     'device_count': jax.device_count(),
     'local_device_count': jax.local_device_count(),
     'process_count': jax.process_count(),
-    'torch': _optional_version('torch'),
-    'sklearn': _optional_version('sklearn'),
+    'torch': optional_version('torch'),
+    'sklearn': optional_version('sklearn'),
     'load_average_start': load_average(),
     'git_commit': _git_commit(),
   }
