@@ -328,6 +328,16 @@ def table(results: dict) -> str:
   return '\n'.join(rows)
 
 
+def idle_table(idle: dict) -> str:
+  """:func:`after_idle`'s medians as a markdown table, one row per engine."""
+  pauses = [p for p in next(iter(idle.values())) if p]
+  rows = ['| engine | back to back | ' + ' | '.join(f'after {p:g} s idle' for p in pauses) + ' |']
+  rows.append('|---|---|' + '---|' * len(pauses))
+  for name, row in idle.items():
+    rows.append(f'| {name} | ' + ' | '.join(f'{v:.1f}' for v in row.values()) + ' |')
+  return '\n'.join(rows)
+
+
 def main(argv) -> int:
   args = _args(argv)
   threads = len(os.sched_getaffinity(0))
@@ -357,14 +367,7 @@ def main(argv) -> int:
         f'{args.arch} at {args.image_size} px, batch {args.batch_size}, {threads} core(s): '
         f'median ms of one call, {args.steps} trials each, in random order\n'
       )
-      print(
-        '| engine | back to back | '
-        + ' | '.join(f'after {p:g} s idle' for p in args.after_idle)
-        + ' |\n|---|---|'
-        + '---|' * len(args.after_idle)
-      )
-      for n, row in idle.items():
-        print(f'| {n} | ' + ' | '.join(f'{v:.1f}' for v in row.values()) + ' |')
+      print(idle_table(idle))
       return 0
     results['jax_gad'] = profile_jax(inp, args.steps)
     results['onnxruntime'] = profile_onnxruntime(inp, args.steps, folder)

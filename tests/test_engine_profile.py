@@ -177,6 +177,13 @@ def test_after_idle_times_every_engine_after_every_pause(ep):
   for row in result.values():
     assert list(row) == [0.0, 0.001, 0.002] and all(v >= 0 for v in row.values())
   assert calls == {'a': 2 * 3 * 3, 'b': 2 * 3 * 3}  # each trial: one call back to back, one timed
+  text = ep.idle_table({'a': {0.0: 10.0, 0.2: 12.5}, 'b': {0.0: 8.0, 0.2: 8.25}})
+  assert text.splitlines() == [
+    '| engine | back to back | after 0.2 s idle |',
+    '|---|---|---|',
+    '| a | 10.0 | 12.5 |',
+    '| b | 8.0 | 8.2 |',
+  ]
 
 
 def _run(*args, timeout=600):
