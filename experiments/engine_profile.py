@@ -6,10 +6,10 @@ r"""Where the milliseconds go: jax_gad, ONNX Runtime and OpenVINO profiled per o
 The same weights on the three engines, as in the benchmark's engines section
 (``jax_gad.benchmark.engines``: a PyTorch model with random weights and
 BatchNorm statistics, or Lite's ImageNet weights, exported to ONNX and
-converted for jax_gad). For each engine the script times ``--steps``
-unprofiled calls (median), then profiles ``--steps`` more with the engine's
-own profiler and sums the time of its operations into the categories of
-:data:`CATEGORIES`:
+converted for jax_gad). The script times ``--steps`` rounds of unprofiled
+calls, the engines in alternation (medians), then profiles ``--steps`` calls
+of each with the engine's own profiler and sums the time of its operations
+into the categories of :data:`CATEGORIES`:
 
 * jax_gad: ``jax.profiler.trace`` with XLA's per-thunk annotations
   (``--xla_cpu_enable_xprof_traceme``); each thunk is matched to its
@@ -191,16 +191,6 @@ def node_category(name: str, op: str, shapes=()) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _median_ms(step, steps: int, batch: int) -> float:
-  step()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times)) / batch
-
-
 _NOT_THUNKS = ('ThunkExecutor', 'end:', 'Threadpool', 'SlinkyThreadPool')
 
 
@@ -223,15 +213,26 @@ def thunk_totals(planes, instructions: dict, bodies: dict) -> collections.Counte
   return totals
 
 
-def profile_jax(inp: engines.Inputs, steps: int) -> tuple[float, dict]:
-  """Unprofiled ms per image and traced ms per image per category, for jax_gad."""
+def unprofiled_ms(inp: engines.Inputs, names, rounds: int) -> dict:
+  """Median ms per image of each engine, the engines timed in alternation (as in the benchmark).
+
+  The machine's speed can drift between one engine's timing and the next's;
+  in alternation the drift falls on every engine alike.
+  """
+  built = {name: engines.BUILDERS[name](inp) for name in names}
+  times, _ = engines.alternate({inp.batch_size: {n: e.step for n, e in built.items()}}, rounds)
+  return {n: 1e3 * float(np.median(times[(inp.batch_size, n)])) / inp.batch_size for n in names}
+
+
+def profile_jax(inp: engines.Inputs, steps: int) -> dict:
+  """Traced ms per image per category, for jax_gad."""
   extractor = engines.jax_gad_extractor(inp)
   host = np.ascontiguousarray(inp.x.transpose(0, 2, 3, 1))
 
   def step():
     jax.device_get(extractor(extractor.device_batch(host)))
 
-  wall = _median_ms(step, steps, inp.batch_size)
+  step()
   instructions, bodies = hlo_instructions(extractor.compiled.as_text())
   with tempfile.TemporaryDirectory(prefix='jax_gad_profile_') as folder:
     with jax.profiler.trace(folder):
@@ -241,12 +242,11 @@ def profile_jax(inp: engines.Inputs, steps: int) -> tuple[float, dict]:
     data = jax.profiler.ProfileData.from_file(path)
   totals = thunk_totals(data.planes, instructions, bodies)
   per_image = 1e-6 / (steps * inp.batch_size)
-  return wall, {c: totals[c] * per_image for c in CATEGORIES}
+  return {c: totals[c] * per_image for c in CATEGORIES}
 
 
-def profile_onnxruntime(inp: engines.Inputs, steps: int, folder: str) -> tuple[float, dict]:
-  """Unprofiled ms per image and profiled ms per image per category, for ONNX Runtime."""
-  wall = _median_ms(engines.onnxruntime_engine(inp).step, steps, inp.batch_size)
+def profile_onnxruntime(inp: engines.Inputs, steps: int, folder: str) -> dict:
+  """Profiled ms per image per category, for ONNX Runtime."""
   session = engines.onnxruntime_session(inp, profile_prefix=os.path.join(folder, 'ort'))
   for _ in range(steps):
     session.run(None, {'x': inp.x})
@@ -259,14 +259,13 @@ def profile_onnxruntime(inp: engines.Inputs, steps: int, folder: str) -> tuple[f
       category = node_category(event['name'], event['args']['op_name'], shapes)
       totals[category] += event['dur']
   per_image = 1e-3 / (steps * inp.batch_size)
-  return wall, {c: totals[c] * per_image for c in CATEGORIES}
+  return {c: totals[c] * per_image for c in CATEGORIES}
 
 
-def profile_openvino(inp: engines.Inputs, steps: int) -> tuple[float, dict]:
-  """Unprofiled ms per image and per-node ms per image per category, for OpenVINO."""
+def profile_openvino(inp: engines.Inputs, steps: int) -> dict:
+  """Per-node ms per image per category, for OpenVINO."""
   import openvino as ov  # here: a reference engine, not a jax_gad dependency
 
-  wall = _median_ms(engines.openvino_engine(inp).step, steps, inp.batch_size)
   request = engines.openvino_compiled(inp, perf_count=True)[0].create_infer_request()
   totals = collections.Counter()
   request.infer({0: inp.x})
@@ -276,7 +275,7 @@ def profile_openvino(inp: engines.Inputs, steps: int) -> tuple[float, dict]:
       if info.status == ov.ProfilingInfo.Status.EXECUTED:  # fused nodes are not run
         totals[node_category(info.node_name, info.node_type)] += info.real_time.total_seconds()
   per_image = 1e3 / (steps * inp.batch_size)
-  return wall, {c: totals[c] * per_image for c in CATEGORIES}
+  return {c: totals[c] * per_image for c in CATEGORIES}
 
 
 def after_idle(steps: dict, pauses: tuple, repeats: int, seed: int = 0) -> dict:
@@ -369,13 +368,14 @@ def main(argv) -> int:
       )
       print(idle_table(idle))
       return 0
-    results['jax_gad'] = profile_jax(inp, args.steps)
-    results['onnxruntime'] = profile_onnxruntime(inp, args.steps, folder)
-    results['openvino'] = profile_openvino(inp, args.steps)
+    walls = unprofiled_ms(inp, ('jax_gad', 'onnxruntime', 'openvino'), args.steps)
+    results['jax_gad'] = walls['jax_gad'], profile_jax(inp, args.steps)
+    results['onnxruntime'] = walls['onnxruntime'], profile_onnxruntime(inp, args.steps, folder)
+    results['openvino'] = walls['openvino'], profile_openvino(inp, args.steps)
   print(
     f'{args.arch} at {args.image_size} px, batch {args.batch_size}, {threads} core(s), '
     f'weights {weights}; ms per image, each engine\'s category shares scaled to its '
-    f'unprofiled median of {args.steps} calls:\n'
+    f'unprofiled median of {args.steps} calls, the engines in alternation:\n'
   )
   print(table(results))
   if args.json:
